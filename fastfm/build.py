@@ -1,0 +1,104 @@
+"""Assembly shared by the entry points: data set, source density, path and model from a
+config or from a checkpoint's model.json, so train, sample, evaluate and export agree."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import fastfm
+from fastfm.checkpoint import CheckpointError, load_inference
+from fastfm.config import TrainConfig
+from fastfm.data import Dataset, get_dataset
+from fastfm.densities import Density, SampleDensity
+from fastfm.models import build_model
+from fastfm.paths import AffinePath, get_path
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; a CUDA request without CUDA is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def build_source(name: str, seed: int) -> Density | None:
+    """None (standard normal) for 'gaussian', else a data set as an interpolant's base density."""
+    if name == "gaussian":
+        return None
+    return SampleDensity(get_dataset(name, seed=seed + 7919))
+
+
+def path_from_meta(meta: dict[str, Any]) -> AffinePath:
+    p = dict(meta["path"])
+    return get_path(p.pop("name"), build_source(meta["source"], meta.get("seed", 0)), **p.get("args", {}))
+
+
+def model_config(cfg: TrainConfig, data: Dataset) -> dict[str, Any]:
+    """Model constructor config: MLP for vectors, UNet for images, then the user's model_args."""
+    name = cfg.model if cfg.model != "auto" else ("unet" if data.kind == "image" else "mlp")
+    classes = data.num_classes if cfg.class_cond else None
+    if cfg.class_cond and data.num_classes is None:
+        raise ValueError(f"--class-cond needs a labelled data set; {data.name!r} has no labels")
+    if name == "mlp":
+        dim = 1
+        for s in data.shape:
+            dim *= s
+        if data.kind != "vector" or cfg.superres:
+            raise ValueError(f"the mlp model takes vector data without superres; {data.name!r} is {data.kind} data of shape {data.shape}")
+        base = {"name": "mlp", "dim": dim, "num_classes": classes}
+    else:
+        if data.kind != "image":
+            raise ValueError(f"the unet model takes image data; {data.name!r} is {data.kind} data")
+        c, h, _ = data.shape
+        if cfg.superres and h % cfg.superres:
+            raise ValueError(f"superres factor {cfg.superres} does not divide the image size {h}")
+        base = {"name": "unet", "in_channels": c, "image_size": h, "num_classes": classes,
+                "low_res_channels": c if cfg.superres else None,
+                "model_channels": 32, "channel_mult": [1, 2, 2] if h >= 16 else [1, 2]}
+    return {**base, **cfg.model_args}
+
+
+def run_meta(cfg: TrainConfig, data: Dataset, model: nn.Module) -> dict[str, Any]:
+    """What sampling, evaluation and export need to rebuild the run (written as model.json)."""
+    return {
+        "fastfm_version": fastfm.__version__, "model": model.config,
+        "path": {"name": cfg.path, "args": cfg.path_args}, "source": cfg.source, "seed": cfg.seed,
+        "target": cfg.target, "superres": cfg.superres,
+        "data": {"name": cfg.data, "shape": list(data.shape), "kind": data.kind, "levels": data.levels,
+                 "num_classes": data.num_classes},
+    }
+
+
+@dataclass
+class LoadedRun:
+    """A trained model (EMA weights, eval mode) with the path and metadata it was trained with."""
+
+    model: nn.Module
+    path: AffinePath
+    meta: dict[str, Any]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.meta["data"]["shape"])
+
+
+def load_run(source: str | Path, device: torch.device | str = "cpu") -> LoadedRun:
+    """Rebuild model and path from a run directory, its ema.safetensors or a checkpoint.pt."""
+    weights, meta = load_inference(source)
+    missing = [k for k in ("model", "path", "source", "target", "data") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{source}: model metadata lacks {missing}")
+    model = build_model(meta["model"])
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"{source}: weights do not match the model config: {e}") from None
+    return LoadedRun(model.to(device).eval().requires_grad_(False), path_from_meta(meta), meta)

@@ -1,0 +1,96 @@
+"""Checkpoints: atomic writes, no arbitrary unpickling on load.
+
+A run directory holds
+  checkpoint.pt       full training state (torch.save of tensors and plain containers,
+                      loaded with weights_only=True)
+  ema.safetensors     EMA weights, for sampling and export
+  model.json          what is needed to rebuild model, path and data conventions
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT, EMA_WEIGHTS, META = "checkpoint.pt", "ema.safetensors", "model.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt or inconsistent."""
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file in the target directory, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_json(obj: Any, path: str | Path) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+    atomic_write(path, write)
+
+
+def save_training_state(state: dict, path: str | Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_training_state(path: str | Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {path}") from None
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt or unsafe file
+        raise CheckpointError(f"corrupt or unsafe checkpoint {path}: {e}") from None
+
+
+def save_inference(run_dir: str | Path, weights: dict[str, torch.Tensor], meta: dict) -> None:
+    """EMA weights as safetensors plus model.json; JSON is written last so a reader never sees new
+    metadata with old weights."""
+    run_dir = Path(run_dir)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+    atomic_write(run_dir / EMA_WEIGHTS, lambda tmp: save_file(tensors, tmp))
+    save_json(meta, run_dir / META)
+
+
+def load_inference(source: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(weights, meta) from a run directory, its ema.safetensors, or a checkpoint.pt."""
+    source = Path(source)
+    if source.is_dir():
+        source = source / EMA_WEIGHTS
+    if not source.exists():
+        raise CheckpointError(f"no checkpoint at {source}")
+    if source.suffix == ".pt":
+        state = load_training_state(source)
+        if "ema" not in state or "meta" not in state:
+            raise CheckpointError(f"{source} is not a fastfm training checkpoint (no 'ema'/'meta' entries)")
+        return state["ema"], state["meta"]
+    meta_path = source.parent / META
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{meta_path} is missing: it must sit beside {source.name}") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"corrupt {meta_path}: {e}") from None
+    try:
+        weights = load_file(str(source))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"corrupt weights file {source}: {e}") from None
+    return weights, meta

@@ -1,0 +1,74 @@
+"""Time and class embeddings shared by all velocity models."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class SinusoidalEmbedding(nn.Module):
+    """Transformer/ADM sinusoidal embedding of ``s = scale * t``.
+
+    ``emb(t) = [cos(s * w_0), ..., cos(s * w_{h-1}), sin(s * w_0), ..., sin(s * w_{h-1})]``
+    with ``w_i = max_period^(-i / h)`` and ``h = dim // 2`` (zero-padded when ``dim`` is odd).
+    Always computed in float32, with autocast disabled, so that bf16 does not destroy the
+    resolution of t near 0 and 1.
+    """
+
+    def __init__(self, dim: int, max_period: float = 10000.0, scale: float = 1000.0) -> None:
+        super().__init__()
+        if dim < 2:
+            raise ValueError(f"SinusoidalEmbedding needs dim >= 2, got {dim}")
+        self.dim = dim
+        self.max_period = max_period
+        self.scale = scale
+
+    def forward(self, t: Tensor) -> Tensor:
+        """Map times ``t`` of shape (B,) to float32 embeddings of shape (B, dim)."""
+        half = self.dim // 2
+        with torch.autocast(device_type=t.device.type, enabled=False):
+            freqs = torch.exp(
+                torch.arange(half, device=t.device, dtype=torch.float32)
+                * (-math.log(self.max_period) / half)
+            )
+            args = (t.to(torch.float32) * self.scale)[:, None] * freqs[None, :]
+            emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+            if self.dim % 2:
+                emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        return emb
+
+
+class ConditionEmbedding(nn.Module):
+    """Embedding of the conditioning ``(t, y)`` into one vector of size ``emb_dim``.
+
+    ``e = Linear(SiLU(Linear(sinusoidal(t)))) + E[y]``, where ``E`` is an
+    ``nn.Embedding(num_classes + 1, emb_dim)`` whose last row (index ``num_classes``) is the
+    NULL class used for classifier-free guidance; ``y=None`` means the NULL class.
+    """
+
+    def __init__(self, freq_dim: int, emb_dim: int, num_classes: int | None = None) -> None:
+        super().__init__()
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int or None, got {num_classes}")
+        self.num_classes = num_classes
+        self.sinusoidal = SinusoidalEmbedding(freq_dim)
+        self.time = nn.Sequential(
+            nn.Linear(freq_dim, emb_dim),
+            nn.SiLU(),
+            nn.Linear(emb_dim, emb_dim),
+        )
+        self.label = None if num_classes is None else nn.Embedding(num_classes + 1, emb_dim)
+
+    def forward(self, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """Return the (B, emb_dim) conditioning vector for times (B,) and labels (B,) or None."""
+        freqs = self.sinusoidal(t)
+        emb = self.time(freqs.to(self.time[0].weight.dtype))  # no-op unless weights are cast
+        if self.label is None:
+            if y is not None:
+                raise ValueError("class labels y were given to a model built with num_classes=None")
+            return emb
+        if y is None:
+            y = torch.full(t.shape, self.num_classes, dtype=torch.long, device=t.device)
+        return emb + self.label(y)

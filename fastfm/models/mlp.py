@@ -1,0 +1,59 @@
+"""Time-conditioned MLP velocity field for vector data of shape (B, dim)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fastfm.models.embeddings import ConditionEmbedding
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "silu": nn.SiLU,
+    "gelu": nn.GELU,
+    "relu": nn.ReLU,
+    "elu": nn.ELU,
+    "tanh": nn.Tanh,
+    "softplus": nn.Softplus,
+}
+
+
+class MLP(nn.Module):
+    """``v(x, t, y) = MLP([x, e(t, y)])`` with ``e`` from :class:`ConditionEmbedding`.
+
+    ``depth`` hidden layers of width ``hidden``; the conditioning vector (size ``time_dim``)
+    is concatenated to the input. With ``num_classes`` set, label ``num_classes`` (or
+    ``y=None``) is the NULL class for classifier-free guidance.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int = 256,
+        depth: int = 4,
+        time_dim: int = 64,
+        num_classes: int | None = None,
+        activation: str = "silu",
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
+        if min(dim, hidden, depth, time_dim) < 1:
+            raise ValueError("dim, hidden, depth and time_dim must be positive")
+        self.config = dict(
+            name="mlp", dim=dim, hidden=hidden, depth=depth, time_dim=time_dim,
+            num_classes=num_classes, activation=activation,
+        )
+        self.dim = dim
+        self.num_classes = num_classes
+        self.cond = ConditionEmbedding(time_dim, time_dim, num_classes)
+        act = ACTIVATIONS[activation]
+        layers: list[nn.Module] = [nn.Linear(dim + time_dim, hidden), act()]
+        for _ in range(depth - 1):
+            layers += [nn.Linear(hidden, hidden), act()]
+        layers.append(nn.Linear(hidden, dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """Velocity of shape (B, dim) at points x (B, dim), times t (B,), labels y (B,)."""
+        emb = self.cond(t, y)
+        return self.net(torch.cat([x, emb], dim=-1))

@@ -1,0 +1,221 @@
+"""Affine conditional probability paths (Lipman et al. 2022, Sec. 4; Albergo & Vanden-Eijnden 2022).
+
+    x_t = sigma_t x0 + alpha_t x1,    u_t = sigma'_t x0 + alpha'_t x1   (Theorem 3 velocity)
+
+t = 0 is the source (noise), t = 1 the data. A scheduler gives (alpha_t, sigma_t, alpha'_t,
+sigma'_t) per sample; one ``AffinePath`` turns them into x_t, the regression target and the
+conversions between prediction targets.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from fastfm.densities import Density, Gaussian, scaled
+
+TARGETS = ("velocity", "x1", "x0")
+_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """Per-sample schedule values at t, each of shape (B,), fp32."""
+
+    alpha_t: Tensor
+    sigma_t: Tensor
+    d_alpha_t: Tensor
+    d_sigma_t: Tensor
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """x_t = a x0 + b x1 and target = c x0 + d x1, per sample (B,) in fp32: all a path op needs."""
+
+    a: Tensor
+    b: Tensor
+    c: Tensor
+    d: Tensor
+
+
+@dataclass(frozen=True)
+class PathSample:
+    x_t: Tensor
+    target: Tensor
+    t: Tensor
+
+
+class Scheduler:
+    """Base class: subclasses implement ``__call__(t) -> SchedulerOutput`` and set ``config``."""
+
+    config: dict
+
+    def __call__(self, t: Tensor) -> SchedulerOutput:
+        raise NotImplementedError
+
+
+class CondOTScheduler(Scheduler):
+    """alpha_t = t, sigma_t = 1 - (1 - sigma_min) t; sigma_min = 0 is the linear interpolant."""
+
+    def __init__(self, sigma_min: float = 0.0) -> None:
+        if not 0.0 <= sigma_min < 1.0:
+            raise ValueError(f"sigma_min must be in [0, 1), got {sigma_min}")
+        self.sigma_min = sigma_min
+        self.config = {"name": "condot", "sigma_min": sigma_min}
+
+    def __call__(self, t: Tensor) -> SchedulerOutput:
+        one = torch.ones_like(t)
+        return SchedulerOutput(t, 1 - (1 - self.sigma_min) * t, one, -(1 - self.sigma_min) * one)
+
+
+class VPScheduler(Scheduler):
+    """VP diffusion: alpha_t = exp(-T(1-t)/2), T(s) = b_min s + (b_max - b_min) s^2/2, sigma_t = sqrt(1 - alpha_t^2).
+
+    alpha'_t = alpha_t beta(1-t)/2, sigma'_t = -alpha_t alpha'_t / sigma_t (sigma clamped at 1e-5 near t = 1).
+    """
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0) -> None:
+        if not 0 <= beta_min <= beta_max or beta_max <= 0:
+            raise ValueError(f"need 0 <= beta_min <= beta_max, beta_max > 0; got {beta_min}, {beta_max}")
+        self.beta_min, self.beta_max = beta_min, beta_max
+        self.config = {"name": "vp", "beta_min": beta_min, "beta_max": beta_max}
+
+    def __call__(self, t: Tensor) -> SchedulerOutput:
+        s = 1 - t
+        big_t = self.beta_min * s + 0.5 * (self.beta_max - self.beta_min) * s * s
+        beta = self.beta_min + s * (self.beta_max - self.beta_min)
+        alpha = torch.exp(-0.5 * big_t)
+        sigma = torch.sqrt(-torch.expm1(-big_t))
+        d_alpha = 0.5 * alpha * beta
+        return SchedulerOutput(alpha, sigma, d_alpha, -alpha * d_alpha / sigma.clamp_min(_EPS))
+
+
+class VEScheduler(Scheduler):
+    """VE diffusion: alpha_t = 1, sigma_t = s_min (s_max / s_min)^(1 - t); sigma'_t = -sigma_t log(s_max / s_min)."""
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0) -> None:
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.config = {"name": "ve", "sigma_min": sigma_min, "sigma_max": sigma_max}
+
+    def __call__(self, t: Tensor) -> SchedulerOutput:
+        log_ratio = math.log(self.sigma_max / self.sigma_min)
+        sigma = self.sigma_min * torch.exp((1 - t) * log_ratio)
+        return SchedulerOutput(torch.ones_like(t), sigma, torch.zeros_like(t), -log_ratio * sigma)
+
+
+class TrigScheduler(Scheduler):
+    """Trigonometric interpolant: alpha_t = sin(pi t / 2), sigma_t = cos(pi t / 2)."""
+
+    config = {"name": "trig"}
+
+    def __call__(self, t: Tensor) -> SchedulerOutput:
+        h = 0.5 * math.pi
+        return SchedulerOutput(torch.sin(h * t), torch.cos(h * t), h * torch.cos(h * t), -h * torch.sin(h * t))
+
+
+class AffineScheduler(Scheduler):
+    """User-given alpha(t), sigma(t) callables (elementwise in t); derivatives by forward-mode AD if not given."""
+
+    def __init__(self, alpha: Callable[[Tensor], Tensor], sigma: Callable[[Tensor], Tensor],
+                 d_alpha: Callable[[Tensor], Tensor] | None = None,
+                 d_sigma: Callable[[Tensor], Tensor] | None = None) -> None:
+        self.alpha, self.sigma, self.d_alpha, self.d_sigma = alpha, sigma, d_alpha, d_sigma
+        self.config = {"name": "affine"}
+
+    @staticmethod
+    def _value_and_derivative(f: Callable[[Tensor], Tensor], df: Callable[[Tensor], Tensor] | None,
+                              t: Tensor) -> tuple[Tensor, Tensor]:
+        if df is not None:
+            return f(t), df(t)
+        return torch.func.jvp(f, (t,), (torch.ones_like(t),))
+
+    def __call__(self, t: Tensor) -> SchedulerOutput:
+        alpha, d_alpha = self._value_and_derivative(self.alpha, self.d_alpha, t)
+        sigma, d_sigma = self._value_and_derivative(self.sigma, self.d_sigma, t)
+        return SchedulerOutput(alpha, sigma, d_alpha, d_sigma)
+
+
+def expand_like(c: Tensor, x: Tensor) -> Tensor:
+    """Reshape per-sample (B,) values to broadcast against x of shape (B, ...)."""
+    return c.reshape(c.shape[0], *([1] * (x.dim() - 1)))
+
+
+class AffinePath:
+    """x_t = sigma_t x0 + alpha_t x1 with x0 from ``source`` (N(0, I) unless an interpolant's base is given).
+
+    The prior at t = 0 is the law of sigma_0 x0 (alpha_0 x1 is neglected: exact for CondOT and the
+    interpolants, alpha_0 = 0.0066 for VP, the usual large-sigma_max approximation for VE).
+    """
+
+    def __init__(self, scheduler: Scheduler, source: Density | None = None) -> None:
+        self.scheduler = scheduler
+        self.source: Density = source if source is not None else Gaussian(1.0)
+        sigma0 = float(scheduler(torch.zeros(1)).sigma_t[0])
+        self.prior: Density = scaled(self.source, sigma0)
+
+    def coefficients(self, t: Tensor, target: str = "velocity") -> Coefficients:
+        """(a, b) = (sigma_t, alpha_t); (c, d) = (sigma'_t, alpha'_t) for velocity, (0, 1) for x1, (1, 0) for x0."""
+        s = self.scheduler(t.float())
+        if target == "velocity":
+            return Coefficients(s.sigma_t, s.alpha_t, s.d_sigma_t, s.d_alpha_t)
+        zero, one = torch.zeros_like(s.alpha_t), torch.ones_like(s.alpha_t)
+        if target == "x1":
+            return Coefficients(s.sigma_t, s.alpha_t, zero, one)
+        if target == "x0":
+            return Coefficients(s.sigma_t, s.alpha_t, one, zero)
+        raise ValueError(f"unknown prediction target {target!r}; choose one of {TARGETS}")
+
+    def sample(self, x0: Tensor, x1: Tensor, t: Tensor, target: str = "velocity") -> PathSample:
+        """x_t and the regression target for ``target`` (the Theorem 3 velocity u_t by default)."""
+        from fastfm.ops import affine_path
+
+        x_t, tgt = affine_path(x0, x1, self.coefficients(t, target))
+        return PathSample(x_t, tgt, t)
+
+    def to_velocity(self, pred: Tensor, x_t: Tensor, t: Tensor, target: str) -> Tensor:
+        """Closed-form conversion of an x1 or x0 prediction to the velocity.
+
+        x1-pred: v = (sigma'/sigma) x_t + (alpha' - sigma' alpha / sigma) x1_hat
+        x0-pred: v = (alpha'/alpha) x_t + (sigma' - alpha' sigma / alpha) x0_hat
+        (denominators clamped at 1e-5 where the path hits them, t = 1 resp. t = 0).
+        """
+        if target == "velocity":
+            return pred
+        s = self.scheduler(t.float())
+        if target == "x1":
+            sig = s.sigma_t.clamp_min(_EPS)
+            k_x, k_p = s.d_sigma_t / sig, s.d_alpha_t - s.d_sigma_t * s.alpha_t / sig
+        elif target == "x0":
+            alp = s.alpha_t.clamp_min(_EPS)
+            k_x, k_p = s.d_alpha_t / alp, s.d_sigma_t - s.d_alpha_t * s.sigma_t / alp
+        else:
+            raise ValueError(f"unknown prediction target {target!r}; choose one of {TARGETS}")
+        return expand_like(k_x, x_t) * x_t + expand_like(k_p, x_t) * pred
+
+    @property
+    def config(self) -> dict:
+        return dict(self.scheduler.config)
+
+
+PATHS = ("condot", "vp", "ve", "linear", "trig")
+
+
+def get_path(name: str, source: Density | None = None, **kwargs: float) -> AffinePath:
+    """Build a path by name: condot (sigma_min), vp (beta_min, beta_max), ve (sigma_min, sigma_max), linear, trig."""
+    factories: dict[str, Callable[..., Scheduler]] = {
+        "condot": CondOTScheduler, "vp": VPScheduler, "ve": VEScheduler,
+        "linear": lambda: CondOTScheduler(0.0), "trig": TrigScheduler,
+    }
+    if name not in factories:
+        raise ValueError(f"unknown path {name!r}; choose one of {PATHS}")
+    try:
+        scheduler = factories[name](**kwargs)
+    except TypeError as e:
+        raise ValueError(f"bad parameters for path {name!r}: {kwargs} ({e})") from None
+    return AffinePath(scheduler, source)

@@ -1,0 +1,141 @@
+"""ODE solvers over states that are a tensor or a tuple of tensors.
+
+Fixed-step explicit Runge-Kutta (Euler, midpoint, Heun, RK4) from one Butcher-tableau loop:
+no host syncs and no data-dependent control flow, so torch.compile and torch.export trace the
+whole unrolled solve. Adaptive dopri5 goes through torchdiffeq, for reference solves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence, Union
+
+import torch
+from torch import Tensor
+
+State = Union[Tensor, tuple[Tensor, ...]]
+Field = Callable[[Tensor, State], State]
+
+# (c, A, b): stage times, lower-triangular stage weights, output weights.
+TABLEAUS: dict[str, tuple[list[float], list[list[float]], list[float]]] = {
+    "euler": ([0.0], [[]], [1.0]),
+    "midpoint": ([0.0, 0.5], [[], [0.5]], [0.0, 1.0]),
+    "heun": ([0.0, 1.0], [[], [1.0]], [0.5, 0.5]),
+    "rk4": ([0.0, 0.5, 0.5, 1.0], [[], [0.5], [0.0, 0.5], [0.0, 0.0, 1.0]], [1 / 6, 1 / 3, 1 / 3, 1 / 6]),
+}
+ADAPTIVE = ("dopri5", "dopri8", "bosh3", "adaptive_heun")
+SOLVERS = tuple(TABLEAUS) + ADAPTIVE
+
+
+@dataclass
+class SolveResult:
+    """Final state, number of field evaluations, and (optionally) the state at every grid time."""
+
+    y: State
+    nfe: int
+    intermediates: State | None = None
+
+
+def _axpy(y: State, h: Tensor, terms: Sequence[tuple[float, State]]) -> State:
+    """y + h * sum_j w_j k_j, elementwise over tuple states; zero weights are skipped."""
+    def one(i: int | None) -> Tensor:
+        base = y if i is None else y[i]
+        acc = None
+        for w, k in terms:
+            if w != 0.0:
+                kk = k if i is None else k[i]
+                acc = w * kk if acc is None else acc + w * kk
+        return base if acc is None else base + h * acc
+    return one(None) if isinstance(y, Tensor) else tuple(one(i) for i in range(len(y)))
+
+
+def nfe_per_step(method: str) -> int:
+    """Field evaluations per step of a fixed-step method (stages with a used output)."""
+    if method not in TABLEAUS:
+        raise ValueError(f"unknown fixed-step solver {method!r}; choose one of {tuple(TABLEAUS)}")
+    return len(TABLEAUS[method][0])
+
+
+def time_grid(steps: int, t0: float = 0.0, t1: float = 1.0, device: torch.device | str | None = None) -> Tensor:
+    """Uniform fp32 grid of steps + 1 times from t0 to t1 (t1 < t0 integrates backwards)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return torch.linspace(t0, t1, steps + 1, device=device, dtype=torch.float32)
+
+
+def _stack(states: list[State]) -> State:
+    if isinstance(states[0], Tensor):
+        return torch.stack(states)
+    return tuple(torch.stack([s[i] for s in states]) for i in range(len(states[0])))
+
+
+def odeint_fixed(f: Field, y0: State, grid: Tensor, method: str = "midpoint",
+                 return_intermediates: bool = False) -> SolveResult:
+    """Integrate dy/dt = f(t, y) over ``grid`` (fp32, monotone) with an explicit RK tableau."""
+    c, a, b = TABLEAUS[method] if method in TABLEAUS else (None, None, None)
+    if c is None:
+        raise ValueError(f"unknown fixed-step solver {method!r}; choose one of {tuple(TABLEAUS)}")
+    y, states = y0, [y0]
+    for i in range(grid.shape[0] - 1):
+        t, h = grid[i], grid[i + 1] - grid[i]
+        ks: list[State] = []
+        for ci, ai in zip(c, a):
+            yi = _axpy(y, h, list(zip(ai, ks)))
+            ks.append(f(t + ci * h, yi))
+        y = _axpy(y, h, list(zip(b, ks)))
+        if return_intermediates:
+            states.append(y)
+    return SolveResult(y, (grid.shape[0] - 1) * len(c), _stack(states) if return_intermediates else None)
+
+
+def odeint_adaptive(f: Field, y0: State, grid: Tensor, method: str = "dopri5", rtol: float = 1e-5,
+                    atol: float = 1e-5, return_intermediates: bool = False) -> SolveResult:
+    """Adaptive reference solve (torchdiffeq), reporting the field evaluations it used."""
+    from torchdiffeq import odeint
+
+    nfe = 0
+
+    def counted(t: Tensor, y: State) -> State:
+        nonlocal nfe
+        nfe += 1
+        return f(t, y)
+
+    ys = odeint(counted, y0, grid, rtol=rtol, atol=atol, method=method)
+    final = ys[-1] if isinstance(ys, Tensor) else tuple(s[-1] for s in ys)
+    return SolveResult(final, nfe, ys if return_intermediates else None)
+
+
+def solve(f: Field, y0: State, method: str = "midpoint", steps: int = 32, grid: Tensor | None = None,
+          t0: float = 0.0, t1: float = 1.0, rtol: float = 1e-5, atol: float = 1e-5,
+          return_intermediates: bool = False) -> SolveResult:
+    """Solve from t0 to t1 on a uniform grid of ``steps`` steps, or on a user-given ``grid``.
+
+    Adaptive methods use the grid only for the times they report.
+    """
+    if method not in SOLVERS:
+        raise ValueError(f"unknown solver {method!r}; choose one of {SOLVERS}")
+    if grid is None:
+        grid = time_grid(steps if method in TABLEAUS else 1, t0, t1, device=_device(y0))
+    elif grid.dim() != 1 or grid.shape[0] < 2:
+        raise ValueError(f"time grid must be 1-D with at least 2 times, got shape {tuple(grid.shape)}")
+    grid = grid.to(torch.float32)
+    if method in TABLEAUS:
+        return odeint_fixed(f, y0, grid, method, return_intermediates)
+    return odeint_adaptive(f, y0, grid, method, rtol, atol, return_intermediates)
+
+
+def check_grid(grid: Sequence[float]) -> Tensor:
+    """Validate a user-given time grid (host-side, before solving): strictly monotone, within [0, 1]."""
+    g = torch.as_tensor(grid, dtype=torch.float32)
+    if g.dim() != 1 or g.numel() < 2:
+        raise ValueError(f"time grid must be 1-D with >= 2 times, got shape {tuple(g.shape)}")
+    d = g[1:] - g[:-1]
+    if not (bool((d > 0).all()) or bool((d < 0).all())):
+        raise ValueError(f"time grid must be strictly monotone, got {g.tolist()}")
+    if bool((g < 0).any()) or bool((g > 1).any()):
+        raise ValueError(f"time grid must lie in [0, 1], got {g.tolist()}")
+    return g
+
+
+def _device(y: State) -> torch.device:
+    return (y if isinstance(y, Tensor) else y[0]).device
