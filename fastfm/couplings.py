@@ -73,7 +73,23 @@ class IndependentCoupling:
         return x0, x1, y1
 
 
-class ExactOTCoupling:
+class _ReindexingCoupling:
+    """A coupling that re-pairs by an index: x0' = x0[idx], x1 and y1 unchanged."""
+
+    def assignment(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        x0: Tensor,
+        x1: Tensor,
+        y1: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        return x0[self.assignment(x0, x1, generator)], x1, y1
+
+
+class ExactOTCoupling(_ReindexingCoupling):
     """Minibatch exact OT: the permutation sigma minimising sum_j |x0_sigma(j) - x1_j|^2.
 
     For equal batch sizes with uniform weights the OT plan is a permutation
@@ -94,7 +110,7 @@ class ExactOTCoupling:
                 ) from e
         self.backend = backend
 
-    def assignment(self, x0: Tensor, x1: Tensor) -> Tensor:
+    def assignment(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Index tensor idx (on x0.device) such that x0[idx[j]] is paired with x1[j]."""
         _check_batch(x0, x1)
         cost = _sq_cost(x0, x1, torch.float64, torch.device("cpu")).numpy()
@@ -113,15 +129,6 @@ class ExactOTCoupling:
             plan = ot.emd(w, w, cost, numItermax=1_000_000)
             idx = torch.from_numpy(plan.argmax(axis=0))
         return idx.to(x0.device)
-
-    def __call__(
-        self,
-        x0: Tensor,
-        x1: Tensor,
-        y1: Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        return x0[self.assignment(x0, x1)], x1, y1
 
 
 def sinkhorn_log_plan(cost: Tensor, reg: float, n_iters: int) -> Tensor:
@@ -143,7 +150,7 @@ def sinkhorn_log_plan(cost: Tensor, reg: float, n_iters: int) -> Tensor:
     return k + u[:, None] + v[None, :]
 
 
-class SinkhornCoupling:
+class SinkhornCoupling(_ReindexingCoupling):
     """Entropic minibatch OT, sampled: for each x1_j draw i ~ P[:, j] / sum_i P[i, j].
 
     P is the Sinkhorn plan (see :func:`sinkhorn_log_plan`) solved in torch on the
@@ -168,17 +175,11 @@ class SinkhornCoupling:
             cost = cost / cost.max().clamp_min(torch.finfo(dtype).tiny)
         return sinkhorn_log_plan(cost, self.reg, self.n_iters)
 
-    def __call__(
-        self,
-        x0: Tensor,
-        x1: Tensor,
-        y1: Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
+    def assignment(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """idx_j ~ P[:, j] / sum_i P[i, j], drawn independently per j."""
         _check_batch(x0, x1)
-        probs = torch.softmax(self.log_plan(x0, x1), dim=0).T  # row j: P[:, j] / sum_i P[i, j]
-        idx = torch.multinomial(probs, 1, replacement=True, generator=generator).squeeze(1)
-        return x0[idx], x1, y1
+        probs = torch.softmax(self.log_plan(x0, x1), dim=0).T
+        return torch.multinomial(probs, 1, replacement=True, generator=generator).squeeze(1)
 
 
 class LabelAwareCoupling:

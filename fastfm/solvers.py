@@ -36,6 +36,13 @@ class SolveResult:
     intermediates: State | None = None
 
 
+def tableau(method: str) -> tuple[list[float], list[list[float]], list[float]]:
+    """The Butcher tableau (c, A, b) of a fixed-step method."""
+    if method not in TABLEAUS:
+        raise ValueError(f"unknown fixed-step solver {method!r}; choose one of {tuple(TABLEAUS)}")
+    return TABLEAUS[method]
+
+
 def _axpy(y: State, h: Tensor, terms: Sequence[tuple[float, State]]) -> State:
     """y + h * sum_j w_j k_j, elementwise over tuple states; zero weights are skipped."""
     def one(i: int | None) -> Tensor:
@@ -51,9 +58,7 @@ def _axpy(y: State, h: Tensor, terms: Sequence[tuple[float, State]]) -> State:
 
 def nfe_per_step(method: str) -> int:
     """Field evaluations per step of a fixed-step method (stages with a used output)."""
-    if method not in TABLEAUS:
-        raise ValueError(f"unknown fixed-step solver {method!r}; choose one of {tuple(TABLEAUS)}")
-    return len(TABLEAUS[method][0])
+    return len(tableau(method)[0])
 
 
 def time_grid(steps: int, t0: float = 0.0, t1: float = 1.0, device: torch.device | str | None = None) -> Tensor:
@@ -72,9 +77,7 @@ def _stack(states: list[State]) -> State:
 def odeint_fixed(f: Field, y0: State, grid: Tensor, method: str = "midpoint",
                  return_intermediates: bool = False) -> SolveResult:
     """Integrate dy/dt = f(t, y) over ``grid`` (fp32, monotone) with an explicit RK tableau."""
-    c, a, b = TABLEAUS[method] if method in TABLEAUS else (None, None, None)
-    if c is None:
-        raise ValueError(f"unknown fixed-step solver {method!r}; choose one of {tuple(TABLEAUS)}")
+    c, a, b = tableau(method)
     y, states = y0, [y0]
     for i in range(grid.shape[0] - 1):
         t, h = grid[i], grid[i + 1] - grid[i]

@@ -30,6 +30,11 @@ from fastfm.paths import get_path
 from fastfm.timesteps import TimeSampler
 
 
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, for every parameter and buffer."""
     with torch.no_grad():
@@ -55,7 +60,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.__dict__, indent=2, sort_keys=True))
-    metrics = open(out / "metrics.jsonl", "w")
+    metrics = out / "metrics.jsonl"
+    metrics.write_text("")
 
     def loss_fn(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         cond = {} if y is None else {"y": y}
@@ -94,15 +100,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             rec = {"step": step, "loss": float(loss.detach()), "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0],
                    "samples_per_s": n_since / (now - t_last)}
             t_last, n_since = now, 0
-            metrics.write(json.dumps(rec) + "\n")
-            metrics.flush()
+            append_jsonl(metrics, rec)
             pbar.set_postfix(loss=f"{rec['loss']:.4f}", it_s=f"{rec['samples_per_s'] / cfg.batch_size:.1f}")
         if step % cfg.ckpt_every == 0 and step != cfg.steps:
             save(step)
     save(cfg.steps)
     summary = final_evaluation(cfg, ema, path, data, out)
-    metrics.write(json.dumps({"final": summary}) + "\n")
-    metrics.close()
+    append_jsonl(metrics, {"final": summary})
     return summary
 
 
