@@ -35,15 +35,19 @@ def log_likelihood(model: nn.Module, path: AffinePath, x1: Tensor, *, method: st
                    grid: Tensor | None = None, target: str = "velocity", probes: Tensor | None = None,
                    y: Tensor | None = None, rtol: float = 1e-5, atol: float = 1e-5,
                    **conditioning: Tensor) -> LikelihoodResult:
-    """Exact divergence when ``probes`` is None, Hutchinson with probes of shape (k, *x1.shape) otherwise."""
+    """Exact divergence when ``probes`` is None, Hutchinson with probes of shape (k, *x1.shape) otherwise.
+
+    Without a grid it integrates over ``path.time_interval(target)``, backwards.
+    """
     if not torch.isfinite(x1).all():
         raise ValueError("log_likelihood: input contains NaN or Inf")
     v = velocity_field(model, path, target, y, 1.0, **conditioning)
     if grid is not None:
         grid = grid.flip(0) if bool(grid[0] < grid[-1]) else grid
     zero = torch.zeros(x1.shape[0], device=x1.device, dtype=torch.float32)
+    t_start, t_end = path.time_interval(target)
     res = solve(augmented_field(v, probes, 1.0), (x1, zero), method=method, steps=steps, grid=grid,
-                t0=1.0, t1=0.0, rtol=rtol, atol=atol)
+                t0=t_end, t1=t_start, rtol=rtol, atol=atol)
     x0, delta = res.y
     return LikelihoodResult(path.prior.log_prob(x0) + delta, res.nfe, x0)
 

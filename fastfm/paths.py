@@ -20,6 +20,7 @@ from fastfm.densities import Density, Gaussian, scaled
 
 TARGETS = ("velocity", "x1", "x0")
 _EPS = 1e-5
+T_EPS = 1e-3
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,13 @@ class PathSample:
 
 
 class Scheduler:
-    """Base class: subclasses implement ``__call__(t) -> SchedulerOutput`` and set ``config``."""
+    """Base class: subclasses implement ``__call__(t) -> SchedulerOutput`` and set ``config``.
+
+    ``singular_at_one`` marks schedules whose sigma'_t diverges as t -> 1 (VP).
+    """
 
     config: dict
+    singular_at_one: bool = False
 
     def __call__(self, t: Tensor) -> SchedulerOutput:
         raise NotImplementedError
@@ -77,6 +82,8 @@ class VPScheduler(Scheduler):
 
     alpha'_t = alpha_t beta(1-t)/2, sigma'_t = -alpha_t alpha'_t / sigma_t (sigma clamped at 1e-5 near t = 1).
     """
+
+    singular_at_one = True
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0) -> None:
         if not 0 <= beta_min <= beta_max or beta_max <= 0:
@@ -158,6 +165,15 @@ class AffinePath:
         self.source: Density = source if source is not None else Gaussian(1.0)
         sigma0 = float(scheduler(torch.zeros(1)).sigma_t[0])
         self.prior: Density = scaled(self.source, sigma0)
+
+    def time_interval(self, target: str = "velocity") -> tuple[float, float]:
+        """[t_start, t_end] on which the sampled field is finite: an end moves in by T_EPS = 1e-3 where
+        the x1 conversion divides by sigma_1 = 0, the x0 conversion by alpha_0 = 0, or sigma'_t
+        diverges at t = 1 (VP). Sampling and likelihood integrate over this interval."""
+        s = self.scheduler(torch.tensor([0.0, 1.0]))
+        lo = T_EPS if target == "x0" and float(s.alpha_t[0]) == 0.0 else 0.0
+        singular = self.scheduler.singular_at_one or (target == "x1" and float(s.sigma_t[1]) == 0.0)
+        return lo, 1.0 - T_EPS if singular else 1.0
 
     def coefficients(self, t: Tensor, target: str = "velocity") -> Coefficients:
         """(a, b) = (sigma_t, alpha_t); (c, d) = (sigma'_t, alpha'_t) for velocity, (0, 1) for x1, (1, 0) for x0."""

@@ -39,13 +39,15 @@ def sample(model: nn.Module, path: AffinePath, x0: Tensor, *, method: str = "mid
            grid: Tensor | None = None, target: str = "velocity", y: Tensor | None = None, guidance: float = 1.0,
            return_intermediates: bool = False, log_likelihood: bool = False, probes: Tensor | None = None,
            rtol: float = 1e-5, atol: float = 1e-5, **conditioning: Tensor) -> SampleResult:
-    """Push x0 (drawn from ``path.prior``) to t = 1.
+    """Push x0 (drawn from ``path.prior``) to t = 1 (to ``path.time_interval(target)`` without a grid).
 
     With ``log_likelihood`` the divergence is integrated alongside, d/dt log p = -div v, starting
     from log p_0(x0): the samples' log-likelihood in the same pass (exact, or Hutchinson with ``probes``).
     """
     v = velocity_field(model, path, target, y, guidance, **conditioning)
-    opts = dict(method=method, steps=steps, grid=grid, rtol=rtol, atol=atol, return_intermediates=return_intermediates)
+    t0, t1 = path.time_interval(target)
+    opts = dict(method=method, steps=steps, grid=grid, t0=t0, t1=t1, rtol=rtol, atol=atol,
+                return_intermediates=return_intermediates)
     if not log_likelihood:
         res = solve(lambda t, x: v(x, t), x0, **opts)
         return SampleResult(res.y, res.nfe, None, res.intermediates)

@@ -70,7 +70,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             return cfm_loss(model, path, x0, x1, t, cfg.target, **cond).loss
 
-    step_loss = torch.compile(loss_fn) if cfg.compile else loss_fn
+    step_loss = torch.compile(loss_fn, fullgraph=True) if cfg.compile else loss_fn
 
     def save(step: int) -> None:
         save_training_state({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),

@@ -18,8 +18,9 @@ from torch import nn
 
 from fastfm.divergence import divergence_exact, divergence_hutchinson, make_probes
 from fastfm.likelihood import bits_per_dim, log_likelihood
-from fastfm.paths import get_path
+from fastfm.paths import T_EPS, get_path
 from fastfm.sampling import draw_prior, sample
+from fastfm.solvers import time_grid
 
 F64 = torch.float64
 
@@ -180,9 +181,20 @@ def test_x1_prediction_samples_like_velocity_prediction():
     path = get_path("condot")
     x0 = draw_prior(path, 7, (3,), generator=torch.Generator().manual_seed(7)).double()
     v = sample(MarginalVelocity(path), path, x0, method="midpoint", steps=16)
-    x1 = sample(MarginalVelocity(path, "x1"), path, x0, method="midpoint", steps=16, target="x1")
-    torch.testing.assert_close(x1.x, v.x, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(v.x, MU + S * x0, rtol=1e-4, atol=1e-4)
+    # x1-prediction divides by sigma_1 = 0, so it stops at t = 1 - T_EPS; compare on that interval
+    assert path.time_interval("x1") == (0.0, 1.0 - T_EPS)
+    x1 = sample(MarginalVelocity(path, "x1"), path, x0, method="midpoint", steps=16, target="x1")
+    v_eps = sample(MarginalVelocity(path), path, x0, method="midpoint", grid=time_grid(16, 0.0, 1.0 - T_EPS))
+    torch.testing.assert_close(x1.x, v_eps.x, rtol=1e-4, atol=1e-4)
+
+
+def test_time_interval_moves_singular_ends():
+    assert get_path("condot").time_interval("velocity") == (0.0, 1.0)
+    assert get_path("condot", sigma_min=0.01).time_interval("x1") == (0.0, 1.0)
+    assert get_path("trig").time_interval("x0") == (T_EPS, 1.0)
+    assert get_path("ve").time_interval("x0") == (0.0, 1.0)
+    assert get_path("vp").time_interval("velocity") == (0.0, 1.0 - T_EPS)
 
 
 # ---------------------------------------------------------------- divergences
