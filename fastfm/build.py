@@ -29,16 +29,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_source(name: str, seed: int) -> Density | None:
-    """None (standard normal) for 'gaussian', else a data set as an interpolant's base density."""
+def build_source(name: str, seed: int, shape: tuple[int, ...]) -> Density | None:
+    """None (standard normal) for 'gaussian', else a data set (of the data's shape) as an interpolant's base."""
     if name == "gaussian":
         return None
-    return SampleDensity(get_dataset(name, seed=seed + 7919))
+    source = get_dataset(name, seed=seed + 7919)
+    if tuple(source.shape) != tuple(shape):
+        raise ValueError(f"source {name!r} has samples of shape {tuple(source.shape)}, the data {tuple(shape)}")
+    return SampleDensity(source)
 
 
 def path_from_meta(meta: dict[str, Any]) -> AffinePath:
-    p = dict(meta["path"])
-    return get_path(p.pop("name"), build_source(meta["source"], meta.get("seed", 0)), **p.get("args", {}))
+    p = meta["path"]
+    source = build_source(meta["source"], meta.get("seed", 0), tuple(meta["data"]["shape"]))
+    return get_path(p["name"], source, **p.get("args", {}))
 
 
 def model_config(cfg: TrainConfig, data: Dataset) -> dict[str, Any]:
@@ -93,6 +97,8 @@ class LoadedRun:
 def load_run(source: str | Path, device: torch.device | str = "cpu") -> LoadedRun:
     """Rebuild model and path from a run directory, its ema.safetensors or a checkpoint.pt."""
     weights, meta = load_inference(source)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{source}: model metadata must be a JSON object, got {type(meta).__name__}")
     missing = [k for k in ("model", "path", "source", "target", "data") if k not in meta]
     if missing:
         raise CheckpointError(f"{source}: model metadata lacks {missing}")

@@ -32,6 +32,9 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -79,7 +82,7 @@ def load_inference(source: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise CheckpointError(f"no checkpoint at {source}")
     if source.suffix == ".pt":
         state = load_training_state(source)
-        if "ema" not in state or "meta" not in state:
+        if not isinstance(state, dict) or "ema" not in state or "meta" not in state:
             raise CheckpointError(f"{source} is not a fastfm training checkpoint (no 'ema'/'meta' entries)")
         return state["ema"], state["meta"]
     meta_path = source.parent / META
@@ -87,7 +90,7 @@ def load_inference(source: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         meta = json.loads(meta_path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{meta_path} is missing: it must sit beside {source.name}") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"corrupt {meta_path}: {e}") from None
     try:
         weights = load_file(str(source))

@@ -122,10 +122,21 @@ def build_parser(cls: type = TrainConfig, description: str = "") -> argparse.Arg
 
 def from_dict(d: dict, cls: type = TrainConfig) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
+    if not isinstance(d, dict):
+        raise ConfigError(f"a config must be a JSON object of options, got {type(d).__name__}")
     unknown = sorted(set(d) - names)
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown}; valid options: {sorted(names)}")
-    return cls(**d)
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for k, v in d.items():
+        kind = hints[k]
+        if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+            raise ConfigError(f"option {k!r} must be {kind.__name__}, got {v!r}")
+        values[k] = v
+    return cls(**values)
 
 
 def parse_config(argv: list[str] | None = None, cls: type = TrainConfig, description: str = "") -> Any:
@@ -136,9 +147,12 @@ def parse_config(argv: list[str] | None = None, cls: type = TrainConfig, descrip
         if "config" in args:
             path = Path(args.pop("config"))
             try:
-                values.update(json.loads(path.read_text()))
-            except (OSError, json.JSONDecodeError) as e:
+                loaded = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ConfigError(f"cannot read config file {path}: {e}") from None
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"config file {path} must hold a JSON object, got {type(loaded).__name__}")
+            values.update(loaded)
         for k, v in args.items():
             values[k] = parse_kv(v) if isinstance(v, list) else v
         return from_dict(values, cls).validate()

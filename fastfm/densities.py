@@ -17,6 +17,8 @@ from torch import Tensor
 class Density(Protocol):
     """A sampleable density over tensors of a fixed per-sample shape."""
 
+    has_log_prob: bool
+
     def sample(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
                device: torch.device | str | None = None) -> Tensor: ...
 
@@ -25,6 +27,8 @@ class Density(Protocol):
 
 class Gaussian:
     """Isotropic N(0, std^2 I): log p(x) = -|x|^2 / (2 std^2) - D/2 log(2 pi std^2)."""
+
+    has_log_prob = True
 
     def __init__(self, std: float = 1.0) -> None:
         if not std > 0:
@@ -62,8 +66,12 @@ class SampleDensity:
             raise ValueError(f"source density gives samples of shape {tuple(x.shape)}, the path needs {tuple(shape)}")
         return (self.scale * x).to(device) if device is not None else self.scale * x
 
+    @property
+    def has_log_prob(self) -> bool:
+        return bool(getattr(self.source, "has_log_prob", hasattr(self.source, "log_prob")))
+
     def log_prob(self, x: Tensor) -> Tensor:
-        if not getattr(self.source, "has_log_prob", hasattr(self.source, "log_prob")):
+        if not self.has_log_prob:
             raise ValueError(f"source density {self.source!r} has no log_prob: likelihoods need a base with a known density")
         d = x[0].numel()
         return self.source.log_prob(x / self.scale) - d * math.log(self.scale)

@@ -13,6 +13,13 @@ from fastfm.cli import inference_parser, low_res_of, run_dataset, setup
 from fastfm.evaluation import generate, save_samples_png
 
 
+def _load_low_res(path: str) -> torch.Tensor:
+    try:
+        return torch.from_numpy(np.load(path)).float()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read --low-res {path}: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     p = inference_parser("Sample from a trained flow matching model.")
     p.add_argument("--n", type=int, default=None, help="number of samples (default 2000 vectors, 64 images)")
@@ -24,6 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="output directory (default: CHECKPOINT_DIR/samples)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        if args.n is not None and args.n < 1:
+            raise ValueError(f"--n must be >= 1, got {args.n}")
         run = setup(args)
         kind, classes = run.meta["data"]["kind"], run.model.num_classes
         n = args.n or (2000 if kind == "vector" else 64)
@@ -37,8 +46,10 @@ def main(argv: list[str] | None = None) -> None:
             cond["y"] = torch.arange(n) % classes
         if args.guidance != 1.0 and "y" not in cond:
             raise ValueError("--guidance needs a class-conditional model")
+        if args.low_res and not run.meta.get("superres", 0):
+            raise ValueError("--low-res given, but the model was not trained for super-resolution")
         if run.meta.get("superres", 0):
-            low = torch.from_numpy(np.load(args.low_res)).float() if args.low_res else None
+            low = _load_low_res(args.low_res) if args.low_res else None
             cond.update({"low_res": low[:n]} if low is not None else low_res_of(run, run_dataset(run).test[:n]))
             n = min(n, cond["low_res"].shape[0])
         res = generate(run.model, run.path, n, run.shape, target=run.meta["target"], method=args.solver, grid=args.grid,

@@ -1,0 +1,104 @@
+"""Plain-PyTorch references: the spec every kernel (Triton, C++) is tested against.
+
+Noise stream. Element i (flat, row-major index into x1) of x0 is
+
+    x0[i] = std * n1(Philox4x32-10(counter = (i, 0, 0, 0), key = (seed_lo, seed_hi)))
+
+with Triton's ``tl.randn`` conventions: the first two output words become uniforms
+u = (w as int32, negatives mapped to ~w) * 4.6566127342e-10, and Box-Muller gives
+n1 = sqrt(-2 log max(u1, 1e-7)) cos(2 pi u2). Backends agree up to float rounding
+of log/sqrt/cos (documented tolerance: 1e-5 absolute for |n| < 6).
+
+Ops (per-sample fp32 coefficients a, b, c, d of shape (B,), D = elements per sample):
+    affine_path:    x_t = a x0 + b x1,  target = c x0 + d x1
+    cfm_loss:       L_b = (1/D) sum_j (v_bj - target_bj)^2
+    cfm_loss_grad:  dL/dv_bj = g_b * 2 (v_bj - target_bj) / D
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+PHILOX_KEY_A, PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+PHILOX_ROUND_A, PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+UINT_TO_FLOAT = 4.6566127342e-10
+_M32 = 0xFFFFFFFF
+
+
+def _mul_hi_lo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(a * b) >> 32 and (a * b) mod 2^32 for a 32-bit constant a and uint32 values b held in int64."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    p_hi, p_lo = a_hi * b, a_lo * b
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _M32
+    return hi, lo
+
+
+def philox4x32(seed: int, offsets: Tensor, rounds: int = 10) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Philox4x32 with counter (offset, 0, 0, 0) and key from the 64-bit seed; words as int64 in [0, 2^32)."""
+    c0 = offsets.to(torch.int64) & _M32
+    c1 = torch.zeros_like(c0)
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(rounds):
+        hi_b, lo_b = _mul_hi_lo(PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(PHILOX_ROUND_A, c0)
+        c0, c2 = hi_b ^ c1 ^ k0, hi_a ^ c3 ^ k1
+        c1, c3 = lo_b, lo_a
+        k0, k1 = (k0 + PHILOX_KEY_A) & _M32, (k1 + PHILOX_KEY_B) & _M32
+    return c0, c1, c2, c3
+
+
+def _uniform(w: Tensor) -> Tensor:
+    """uint32 word -> float32 in [0, 1): reinterpret as int32, map negatives x to ~x, scale."""
+    x = torch.where(w >= 2**31, w - 2**32, w)
+    x = torch.where(x < 0, -x - 1, x)
+    return x.to(torch.float32) * torch.tensor(UINT_TO_FLOAT, dtype=torch.float32)
+
+
+def randn(seed: int, numel: int, device: torch.device | str = "cpu") -> Tensor:
+    """The first ``numel`` standard normals of the stream for ``seed`` (float32)."""
+    if numel >= 2**31:
+        raise ValueError(f"noise streams are indexed by int32 element offsets; {numel} elements is too many")
+    w0, w1, _, _ = philox4x32(seed, torch.arange(numel, device=device))
+    u1 = torch.clamp_min(_uniform(w0), 1.0e-7)
+    th = torch.tensor(6.283185307179586, dtype=torch.float32) * _uniform(w1)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(th)
+
+
+def _bcast(c: Tensor, x: Tensor) -> Tensor:
+    return c.to(torch.float32).reshape(c.shape[0], *([1] * (x.dim() - 1)))
+
+
+def noise(x1: Tensor, x0: Tensor | None, seed: int, std: float) -> Tensor:
+    """x0 as given, or std * the seed's stream shaped like x1 (float32)."""
+    if x0 is not None:
+        return x0.to(torch.float32)
+    return std * randn(seed, x1.numel(), x1.device).reshape(x1.shape)
+
+
+def affine_path(x1: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None,
+                seed: int = 0, std: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(x_t, target) in x1's dtype, computed in fp32."""
+    z, x = noise(x1, x0, seed, std), x1.to(torch.float32)
+    x_t = _bcast(a, x) * z + _bcast(b, x) * x
+    target = _bcast(c, x) * z + _bcast(d, x) * x
+    return x_t.to(x1.dtype), target.to(x1.dtype)
+
+
+def cfm_loss(v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None, seed: int = 0,
+             std: float = 1.0) -> Tensor:
+    """Per-sample loss (B,) in fp32: mean over non-batch dims of (v - c x0 - d x1)^2."""
+    z, x = noise(x1, x0, seed, std), x1.to(torch.float32)
+    r = v.to(torch.float32) - (_bcast(c, x) * z + _bcast(d, x) * x)
+    return r.pow(2).flatten(1).mean(1)
+
+
+def cfm_loss_grad(grad: Tensor, v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None,
+                  seed: int = 0, std: float = 1.0) -> Tensor:
+    """dL/dv for upstream per-sample gradients ``grad`` (B,), in v's dtype."""
+    z, x = noise(x1, x0, seed, std), x1.to(torch.float32)
+    r = v.to(torch.float32) - (_bcast(c, x) * z + _bcast(d, x) * x)
+    return (_bcast(grad, x) * (2.0 / (x[0].numel())) * r).to(v.dtype)
