@@ -1,4 +1,9 @@
-"""Conditional Flow Matching loss: E_{t, x0, x1} w(t) || v_theta(x_t, t) - target ||^2 (Theorem 2)."""
+"""Conditional Flow Matching loss: E_{t, x0, x1} w(t) || v_theta(x_t, t) - target ||^2 (Theorem 2).
+
+x_t comes from the fused path op and the loss from the fused CFM loss op (fastfm.kernels.ops):
+neither the target nor, with ``x0=None``, the noise x0 = std * N(0, I) is ever stored; the
+backward pass regenerates the noise from ``seed``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,8 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from fastfm import ops
+from fastfm.densities import Gaussian
+from fastfm.kernels import ops
 from fastfm.paths import AffinePath
 
 
@@ -19,10 +25,18 @@ class LossOutput:
     per_sample: Tensor
 
 
-def cfm_loss(model: nn.Module, path: AffinePath, x0: Tensor, x1: Tensor, t: Tensor, target: str = "velocity",
-             weight: Callable[[Tensor], Tensor] | None = None, **conditioning: Tensor) -> LossOutput:
-    """Regress the model on the path's target at x_t; ``weight(t)`` reweights samples per t."""
-    ps = path.sample(x0, x1, t, target)
-    per_sample = ops.cfm_loss(model(ps.x_t, t, **conditioning), ps.target)
+def cfm_loss(model: nn.Module, path: AffinePath, x0: Tensor | None, x1: Tensor, t: Tensor, target: str = "velocity",
+             weight: Callable[[Tensor], Tensor] | None = None, seed: int = 0, **conditioning: Tensor) -> LossOutput:
+    """Regress the model on the path's target at x_t; ``weight(t)`` reweights samples per t.
+
+    x0 = None draws the source noise inside the kernels from ``seed`` (Gaussian sources only).
+    """
+    if x0 is None and not isinstance(path.source, Gaussian):
+        raise ValueError(f"in-kernel noise needs a Gaussian source; this path's source is {path.source!r}: pass x0")
+    std = path.source.std if isinstance(path.source, Gaussian) else 1.0
+    coef = path.coefficients(t, target)
+    x_t, _ = ops.affine_path(x1, coef.a, coef.b, coef.c, coef.d, x0, seed, std, write_target=False)
+    v = model(x_t, t, **conditioning)
+    per_sample = ops.cfm_loss(v.to(x1.dtype), x1, coef.c, coef.d, x0, seed, std)
     w = per_sample if weight is None else weight(t).float() * per_sample
     return LossOutput(w.mean(), per_sample)

@@ -189,9 +189,12 @@ class AffinePath:
 
     def sample(self, x0: Tensor, x1: Tensor, t: Tensor, target: str = "velocity") -> PathSample:
         """x_t and the regression target for ``target`` (the Theorem 3 velocity u_t by default)."""
-        from fastfm.ops import affine_path
+        from fastfm.kernels.ops import affine_path
 
-        x_t, tgt = affine_path(x0, x1, self.coefficients(t, target))
+        if x0.shape != x1.shape:
+            raise ValueError(f"x0 and x1 shapes differ: {tuple(x0.shape)} vs {tuple(x1.shape)}")
+        c = self.coefficients(t, target)
+        x_t, tgt = affine_path(x1, c.a, c.b, c.c, c.d, x0=x0)
         return PathSample(x_t, tgt, t)
 
     def to_velocity(self, pred: Tensor, x_t: Tensor, t: Tensor, target: str) -> Tensor:

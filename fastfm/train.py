@@ -22,6 +22,7 @@ from fastfm.checkpoint import CHECKPOINT, save_inference, save_training_state
 from fastfm.config import TrainConfig, parse_config
 from fastfm.couplings import get_coupling
 from fastfm.data import get_dataset
+from fastfm.densities import Gaussian
 from fastfm.evaluation import generate, sample_quality, save_samples_png, test_nll
 from fastfm.guidance import drop_labels
 from fastfm.losses import cfm_loss
@@ -63,12 +64,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     metrics = out / "metrics.jsonl"
     metrics.write_text("")
 
-    def loss_fn(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    # Independent coupling from a Gaussian source: the kernels draw x0 from a per-step seed.
+    in_kernel_noise = cfg.coupling == "independent" and isinstance(path.source, Gaussian)
+
+    def loss_fn(x0: torch.Tensor | None, x1: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
+                seed: int) -> torch.Tensor:
         cond = {} if y is None else {"y": y}
         if cfg.superres:
             cond["low_res"] = F.avg_pool2d(x1, cfg.superres)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            return cfm_loss(model, path, x0, x1, t, cfg.target, **cond).loss
+            return cfm_loss(model, path, x0, x1, t, cfg.target, seed=seed, **cond).loss
 
     step_loss = torch.compile(loss_fn, fullgraph=True) if cfg.compile else loss_fn
 
@@ -82,12 +87,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     t_last, n_since = time.perf_counter(), 0
     for step in pbar:
         x1, y = data.sample(cfg.batch_size, gen)
-        x0 = path.source.sample(tuple(x1.shape), generator=gen)
-        x0, x1, y = coupling(x0, x1, y if cfg.class_cond else None, generator=gen)
+        y = y if cfg.class_cond else None
+        x0, seed = None, int(torch.randint(2**62, (), generator=gen))
+        if not in_kernel_noise:
+            x0, x1, y = coupling(path.source.sample(tuple(x1.shape), generator=gen), x1, y, generator=gen)
+            x0 = x0.to(device)
         t = times(cfg.batch_size, gen)
         if y is not None:
             y = drop_labels(y, cfg.label_dropout, model.num_classes, gen).to(device)
-        loss = step_loss(x0.to(device), x1.to(device), t.to(device), y)
+        loss = step_loss(x0, x1.to(device), t.to(device), y, seed)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))

@@ -69,20 +69,20 @@ def randn(seed: int, numel: int, device: torch.device | str = "cpu") -> Tensor:
 
 
 def _bcast(c: Tensor, x: Tensor) -> Tensor:
-    return c.to(torch.float32).reshape(c.shape[0], *([1] * (x.dim() - 1)))
+    return c.to(x.dtype).reshape(c.shape[0], *([1] * (x.dim() - 1)))
 
 
-def noise(x1: Tensor, x0: Tensor | None, seed: int, std: float) -> Tensor:
-    """x0 as given, or std * the seed's stream shaped like x1 (float32)."""
-    if x0 is not None:
-        return x0.to(torch.float32)
-    return std * randn(seed, x1.numel(), x1.device).reshape(x1.shape)
+def _math(x1: Tensor, x0: Tensor | None, seed: int, std: float) -> tuple[Tensor, Tensor]:
+    """(x0, x1) in the math dtype (fp64 for fp64 inputs, else fp32); x0 drawn from the seed if not given."""
+    dtype = torch.float64 if x1.dtype == torch.float64 else torch.float32
+    z = x0 if x0 is not None else std * randn(seed, x1.numel(), x1.device).reshape(x1.shape)
+    return z.to(dtype), x1.to(dtype)
 
 
 def affine_path(x1: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None,
                 seed: int = 0, std: float = 1.0) -> tuple[Tensor, Tensor]:
-    """(x_t, target) in x1's dtype, computed in fp32."""
-    z, x = noise(x1, x0, seed, std), x1.to(torch.float32)
+    """(x_t, target) in x1's dtype, computed in fp32 (fp64 for fp64 inputs)."""
+    z, x = _math(x1, x0, seed, std)
     x_t = _bcast(a, x) * z + _bcast(b, x) * x
     target = _bcast(c, x) * z + _bcast(d, x) * x
     return x_t.to(x1.dtype), target.to(x1.dtype)
@@ -90,15 +90,15 @@ def affine_path(x1: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, x0: Tens
 
 def cfm_loss(v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None, seed: int = 0,
              std: float = 1.0) -> Tensor:
-    """Per-sample loss (B,) in fp32: mean over non-batch dims of (v - c x0 - d x1)^2."""
-    z, x = noise(x1, x0, seed, std), x1.to(torch.float32)
-    r = v.to(torch.float32) - (_bcast(c, x) * z + _bcast(d, x) * x)
-    return r.pow(2).flatten(1).mean(1)
+    """Per-sample loss (B,) returned in fp32: mean over non-batch dims of (v - c x0 - d x1)^2."""
+    z, x = _math(x1, x0, seed, std)
+    r = v.to(x.dtype) - (_bcast(c, x) * z + _bcast(d, x) * x)
+    return r.pow(2).flatten(1).mean(1).to(torch.float32)
 
 
 def cfm_loss_grad(grad: Tensor, v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None,
                   seed: int = 0, std: float = 1.0) -> Tensor:
     """dL/dv for upstream per-sample gradients ``grad`` (B,), in v's dtype."""
-    z, x = noise(x1, x0, seed, std), x1.to(torch.float32)
-    r = v.to(torch.float32) - (_bcast(c, x) * z + _bcast(d, x) * x)
+    z, x = _math(x1, x0, seed, std)
+    r = v.to(x.dtype) - (_bcast(c, x) * z + _bcast(d, x) * x)
     return (_bcast(grad, x) * (2.0 / (x[0].numel())) * r).to(v.dtype)

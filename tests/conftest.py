@@ -1,6 +1,13 @@
-"""Shared helpers for the CLI and checkpoint tests: tiny training runs, in-process entry points."""
+"""Test set-up (Triton interpreter on CPU-only machines) and helpers for the CLI and checkpoint tests."""
 
 from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # run Triton kernels in the interpreter; must precede `import triton`
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import contextlib
 import io

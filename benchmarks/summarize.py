@@ -1,0 +1,39 @@
+"""Turn a pytest-benchmark JSON run into benchmarks/results/<name>.json: GB/s, % of the copy
+bandwidth measured in the same run at the same size, and speed-up over the eager reference.
+
+    python benchmarks/summarize.py RAW.json benchmarks/results/cpu_kernels.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def summarize(raw: dict) -> dict:
+    rows = [dict(b["extra_info"], median_s=b["stats"]["median"]) for b in raw["benchmarks"] if b["extra_info"]]
+    copy = {tuple(r["size"]): r["gb_per_s"] for r in rows if r["op"] == "copy"}
+    eager = {(r["op"], r.get("noise"), tuple(r["size"])): r["median_s"] for r in rows if r["impl"] == "eager"}
+    for r in rows:
+        size = tuple(r["size"])
+        if r["op"] != "copy":
+            r["pct_of_copy_bandwidth"] = 100 * r["gb_per_s"] / copy[size] if size in copy else None
+            base = eager.get((r["op"], r.get("noise"), size))
+            r["speedup_vs_eager"] = base / r["median_s"] if base else None
+    machine = raw["machine_info"]
+    return {"machine": {k: machine.get(k) for k in ("node", "processor", "machine", "cpu", "python_version",
+                                                    "torch", "torch_threads")},
+            "datetime": raw.get("datetime"), "results": rows}
+
+
+if __name__ == "__main__":
+    src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+    out = summarize(json.loads(src.read_text()))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(json.dumps(out, indent=2))
+    for r in out["results"]:
+        if r["op"] != "copy":
+            pct, sp = r["pct_of_copy_bandwidth"], r["speedup_vs_eager"]
+            print(f"{r['op']:13s} {r['impl']:8s} {r.get('noise', ''):5s} {str(r['size']):14s} "
+                  f"{r['gb_per_s']:7.2f} GB/s  {pct or 0:5.1f}% of copy  x{sp or 0:5.2f} vs eager")

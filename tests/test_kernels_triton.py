@@ -1,0 +1,311 @@
+"""Triton kernels (fastfm.kernels.triton_kernels) against the plain-PyTorch spec (kernels/reference.py).
+
+Without a GPU these run in the Triton interpreter on CPU tensors: tests/conftest.py sets
+``TRITON_INTERPRET=1`` before anything imports triton (the setting is read at ``@triton.jit`` time).
+On a CUDA machine run ``TRITON_INTERPRET=0 pytest tests/test_kernels_triton.py`` to test the compiled
+kernels on the GPU.
+"""
+
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from fastfm.kernels import reference as ref
+from fastfm.kernels import triton_kernels as tk
+
+if tk.interpret_mode():
+    DEVICE = "cpu"
+elif torch.cuda.is_available():
+    DEVICE = "cuda"
+else:  # pragma: no cover
+    pytest.skip("no CUDA device and TRITON_INTERPRET is not enabled", allow_module_level=True)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (rtol, atol) for outputs stored in the given dtype: one rounding step of the dtype, plus the
+# documented 1e-5 absolute agreement of the seeded noise stream for fp32.
+TOL = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (1e-2, 1e-2), torch.float16: (1e-3, 1e-3)}
+# _BLOCK is 1024: (3, 1500) has D and B*D not multiples of it (and D > the loss chunk: several partials
+# per row); (4, 256) has D not a multiple but B*D = 1024 one; (1, 33) is a batch of one.
+SHAPES = [(1,), (3,), (5, 7), (2, 3, 17, 19), (1, 33), (3, 1500), (4, 256)]
+SEED, STD = 1234, 0.7
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Every buffer the kernels write starts as NaN: outputs must come back fully written."""
+
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(tk, "_empty", nan_empty)
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _data(shape, dtype, seed=0):
+    g = _gen(seed)
+    B = shape[0]
+    x1 = torch.randn(shape, generator=g).to(dtype).to(DEVICE)
+    x0 = torch.randn(shape, generator=g).to(dtype).to(DEVICE)
+    v = torch.randn(shape, generator=g).to(dtype).to(DEVICE)
+    a, b, c, d, gr = (torch.rand(B, generator=g).mul(2).sub(0.5).to(DEVICE) for _ in range(5))
+    return x1, x0, v, a, b, c, d, gr
+
+
+def _2d(t):
+    """Reference loss flattens from dim 1; a 1-D batch (B,) is the same as (B, 1)."""
+    return t.reshape(t.shape[0], -1) if t is not None else None
+
+
+def _close(actual, expected, dtype):
+    rtol, atol = TOL[dtype]
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    assert not torch.isnan(actual).any(), "output not fully written"
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol)
+
+
+# ---------------------------------------------------------------------------------------- setup
+
+
+def test_interpret_mode_is_effective():
+    kernel = tk._affine_path_kernel
+    if DEVICE == "cpu":
+        from triton.runtime.interpreter import InterpretedFunction
+
+        assert isinstance(kernel, InterpretedFunction)
+    else:
+        from triton.runtime.jit import JITFunction
+
+        assert isinstance(kernel, JITFunction)
+
+
+def test_poisoning_is_active():
+    assert torch.isnan(tk._empty((3,), torch.float32, DEVICE)).all()
+
+
+def test_launches_go_through_wrap_triton(monkeypatch):
+    calls = []
+    real = tk.wrap_triton
+
+    def spy(kernel):
+        calls.append(kernel)
+        return real(kernel)
+
+    monkeypatch.setattr(tk, "wrap_triton", spy)
+    x1, _, v, a, b, c, d, g = _data((2, 5), torch.float32)
+    tk.affine_path(x1, a, b, c, d)
+    tk.cfm_loss(v, x1, c, d)
+    tk.cfm_loss_grad(g, v, x1, c, d)
+    assert len(calls) == 3
+
+
+# ---------------------------------------------------------------------------------- affine path
+
+
+@pytest.mark.parametrize("given_x0", [False, True], ids=["seeded", "x0"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_affine_path_matches_reference(shape, dtype, given_x0):
+    x1, x0, _, a, b, c, d, _ = _data(shape, dtype)
+    x0 = x0 if given_x0 else None
+    xt, tg = tk.affine_path(x1, a, b, c, d, x0=x0, seed=SEED, std=STD)
+    rxt, rtg = ref.affine_path(x1, a, b, c, d, x0=x0, seed=SEED, std=STD)
+    _close(xt, rxt, dtype)
+    _close(tg, rtg, dtype)
+
+
+@pytest.mark.parametrize("given_x0", [False, True], ids=["seeded", "x0"])
+def test_affine_path_without_target(monkeypatch, given_x0):
+    allocs = []
+    nan_empty = tk._empty
+
+    def counting_empty(shape, dtype, device):
+        allocs.append(tuple(shape))
+        return nan_empty(shape, dtype, device)
+
+    monkeypatch.setattr(tk, "_empty", counting_empty)
+    x1, x0, _, a, b, c, d, _ = _data((3, 1500), torch.float32)
+    x0 = x0 if given_x0 else None
+    xt, tg = tk.affine_path(x1, a, b, c, d, x0=x0, seed=SEED, std=STD, write_target=False)
+    assert tg is None and allocs == [(3, 1500)]
+    _close(xt, ref.affine_path(x1, a, b, c, d, x0=x0, seed=SEED, std=STD)[0], torch.float32)
+    # c, d are not used at all without a target: any value (even a wrong shape) is ignored
+    xt2, _ = tk.affine_path(x1, a, b, None, None, x0=x0, seed=SEED, std=STD, write_target=False)
+    assert torch.equal(xt, xt2)
+
+
+def test_small_blocks_many_programs(monkeypatch):
+    """Tiny blocks: many programs per row and rows straddling block boundaries."""
+    monkeypatch.setattr(tk, "_BLOCK", 64)
+    monkeypatch.setattr(tk, "_LOSS_BLOCK_MAX", 16)
+    x1, x0, v, a, b, c, d, g = _data((5, 3, 13), torch.float32)
+    for z in (None, x0):
+        xt, tg = tk.affine_path(x1, a, b, c, d, x0=z, seed=SEED, std=STD)
+        rxt, rtg = ref.affine_path(x1, a, b, c, d, x0=z, seed=SEED, std=STD)
+        _close(xt, rxt, torch.float32)
+        _close(tg, rtg, torch.float32)
+        loss = tk.cfm_loss(v, x1, c, d, x0=z, seed=SEED, std=STD)
+        torch.testing.assert_close(loss, ref.cfm_loss(v, x1, c, d, x0=z, seed=SEED, std=STD), rtol=1e-5, atol=1e-6)
+        _close(tk.cfm_loss_grad(g, v, x1, c, d, x0=z, seed=SEED, std=STD),
+               ref.cfm_loss_grad(g, v, x1, c, d, x0=z, seed=SEED, std=STD), torch.float32)
+
+
+def test_non_contiguous_inputs():
+    x1, x0, v, a, b, c, d, g = _data((6, 40), torch.float32)
+    x1t, x0t, vt = x1.t(), x0.t(), v.t()  # (40, 6), non-contiguous
+    B = 40
+    a, b, c, d, g = (torch.linspace(-1, 1, B, device=DEVICE) * (i + 1) for i in range(5))
+    xt, tg = tk.affine_path(x1t, a, b, c, d, x0=x0t)
+    rxt, rtg = ref.affine_path(x1t, a, b, c, d, x0=x0t)
+    _close(xt, rxt, torch.float32)
+    _close(tg, rtg, torch.float32)
+    torch.testing.assert_close(tk.cfm_loss(vt, x1t, c, d, seed=3), ref.cfm_loss(vt, x1t, c, d, seed=3),
+                               rtol=1e-5, atol=1e-6)
+    _close(tk.cfm_loss_grad(g, vt, x1t, c, d, seed=3), ref.cfm_loss_grad(g, vt, x1t, c, d, seed=3), torch.float32)
+
+
+def test_empty_batch():
+    x1 = torch.zeros(0, 5, device=DEVICE)
+    e = torch.zeros(0, device=DEVICE)
+    xt, tg = tk.affine_path(x1, e, e, e, e)
+    assert xt.shape == tg.shape == (0, 5)
+    assert tk.cfm_loss(x1, x1, e, e).shape == (0,)
+    assert tk.cfm_loss_grad(e, x1, x1, e, e).shape == (0, 5)
+
+
+# ---------------------------------------------------------------------------------------- noise
+
+
+def _noise(seed, shape, std=1.0):
+    """x_t with a = 1, b = 0 on x1 = 0: exactly the kernel's in-register noise."""
+    x1 = torch.zeros(shape, device=DEVICE)
+    one, zero = torch.ones(shape[0], device=DEVICE), torch.zeros(shape[0], device=DEVICE)
+    return tk.affine_path(x1, one, zero, zero, zero, seed=seed, std=std, write_target=False)[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 77, 2**31 + 7, 2**40 + 3, 2**64 - 1])
+def test_noise_matches_reference_stream(seed):
+    shape = (3, 700)
+    z = _noise(seed, shape)
+    expected = ref.randn(seed, 2100, DEVICE).reshape(shape)
+    torch.testing.assert_close(z, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(_noise(seed, shape, std=2.5), 2.5 * expected, rtol=1e-6, atol=3e-5)
+    assert torch.equal(z, _noise(seed, shape)), "same seed must give bit-identical noise"
+
+
+def test_noise_seeds_differ_and_statistics():
+    z0, z1 = _noise(0, (4, 1024)), _noise(1, (4, 1024))
+    assert (z0 != z1).float().mean() > 0.99
+    assert abs(z0.mean().item()) < 0.1 and abs(z0.std().item() - 1.0) < 0.1
+    # negative seeds are their 64-bit two's complement
+    assert torch.equal(_noise(-5, (2, 50)), _noise(2**64 - 5, (2, 50)))
+
+
+# ----------------------------------------------------------------------------------------- loss
+
+
+@pytest.mark.parametrize("given_x0", [False, True], ids=["seeded", "x0"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_cfm_loss_and_grad_match_reference(shape, dtype, given_x0):
+    x1, x0, v, _, _, c, d, g = _data(shape, dtype, seed=1)
+    x0 = x0 if given_x0 else None
+    loss = tk.cfm_loss(v, x1, c, d, x0=x0, seed=SEED, std=STD)
+    expected = ref.cfm_loss(_2d(v), _2d(x1), c, d, x0=_2d(x0), seed=SEED, std=STD)
+    assert loss.dtype == torch.float32 and loss.shape == (shape[0],)
+    # fp32 math on the same (upcast) inputs on both sides: only the summation order differs
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    grad = tk.cfm_loss_grad(g, v, x1, c, d, x0=x0, seed=SEED, std=STD)
+    _close(grad, ref.cfm_loss_grad(g, v, x1, c, d, x0=x0, seed=SEED, std=STD), dtype)
+
+
+@pytest.mark.parametrize("given_x0", [False, True], ids=["seeded", "x0"])
+@pytest.mark.parametrize("shape", [(5, 7), (2, 3, 17, 19), (3, 1500)], ids=str)
+def test_cfm_loss_grad_matches_autograd(shape, given_x0):
+    x1, x0, v, _, _, c, d, g = _data(shape, torch.float32, seed=2)
+    x0 = x0 if given_x0 else None
+    vr = v.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(ref.cfm_loss(vr, x1, c, d, x0=x0, seed=SEED, std=STD), vr, grad_outputs=g)
+    grad = tk.cfm_loss_grad(g, v, x1, c, d, x0=x0, seed=SEED, std=STD)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_cfm_loss_is_deterministic_and_consistent_with_path():
+    x1, _, v, a, b, c, d, _ = _data((3, 1500), torch.float32, seed=3)
+    l1 = tk.cfm_loss(v, x1, c, d, seed=SEED, std=STD)
+    assert torch.equal(l1, tk.cfm_loss(v, x1, c, d, seed=SEED, std=STD))
+    _, target = tk.affine_path(x1, a, b, c, d, seed=SEED, std=STD)
+    torch.testing.assert_close(l1, (v - target).pow(2).mean(1), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------- validation
+
+
+def _bad_calls():
+    x1, x0, v, a, b, c, d, g = _data((3, 4), torch.float32)
+    meta = torch.empty((3, 4), device="meta")
+    cases = {
+        "dtype mismatch": lambda: tk.affine_path(x1, a, b, c, d, x0=x0.half()),
+        "dtype mismatch ": lambda: tk.cfm_loss(v.bfloat16(), x1, c, d),
+        "shape mismatch": lambda: tk.affine_path(x1, a, b, c, d, x0=x0[:, :3]),
+        "shape mismatch ": lambda: tk.cfm_loss_grad(g, v.reshape(4, 3), x1, c, d),
+        "device mismatch": lambda: tk.affine_path(x1, a, b, c, d, x0=meta),
+        "device mismatch  ": lambda: tk.cfm_loss(v, x1, c.to("meta"), d),
+        "shape (B,)": lambda: tk.affine_path(x1, a[:2], b, c, d),
+        "shape (B,) ": lambda: tk.cfm_loss(v, x1, c.reshape(3, 1), d),
+        "shape (B,)  ": lambda: tk.cfm_loss_grad(g[:1], v, x1, c, d),
+        "unsupported dtype": lambda: tk.affine_path(x1.double(), a, b, c, d),
+        "unsupported dtype ": lambda: tk.cfm_loss(v.int(), x1.int(), c, d),
+        "2**31": lambda: tk.affine_path(torch.empty((2, 2**30), device="meta"), a[:2], b[:2], c[:2], d[:2]),
+        "batch dimension": lambda: tk.affine_path(torch.tensor(1.0, device=DEVICE), a, b, c, d),
+        "64 bits": lambda: tk.affine_path(x1, a, b, c, d, seed=2**64),
+        "floating": lambda: tk.affine_path(x1, a.long(), b, c, d),
+    }
+    return cases
+
+
+@pytest.mark.parametrize("message", list(_bad_calls()))
+def test_bad_inputs_raise_value_error(message):
+    with pytest.raises(ValueError, match=re.escape(message.strip())):
+        _bad_calls()[message]()
+
+
+def test_wrong_argument_types_raise_type_error():
+    x1, _, _, a, b, c, d, _ = _data((3, 4), torch.float32)
+    with pytest.raises(TypeError, match="seed"):
+        tk.affine_path(x1, a, b, c, d, seed=1.5)
+    with pytest.raises(TypeError, match="std"):
+        tk.affine_path(x1, a, b, c, d, std="big")
+    with pytest.raises(TypeError, match="x1 must be a torch.Tensor"):
+        tk.affine_path(x1.tolist(), a, b, c, d)
+    with pytest.raises(TypeError, match="coefficient c"):
+        tk.cfm_loss(x1, x1, 0.5, d)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="interpreter check")
+def test_cpu_tensors_without_interpreter_raise(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x1, _, _, a, b, c, d, _ = _data((2, 3), torch.float32)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        tk.affine_path(x1, a, b, c, d)
+
+
+def test_import_without_triton_is_an_import_error():
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["triton"] = None  # import triton -> ImportError
+        try:
+            import fastfm.kernels.triton_kernels
+        except ImportError:
+            print("OK")
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr

@@ -1,0 +1,127 @@
+"""The registered ops: dispatch, autograd, torch.compile and torch.export, backends agreeing on one seed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastfm.kernels import cpu, ops, reference
+from fastfm.losses import cfm_loss
+from fastfm.models import MLP
+from fastfm.paths import get_path
+
+BACKENDS = ["reference"] + (["cpp"] if cpu.available() else []) + (["triton"] if ops.triton_kernels else [])
+
+
+def _coefs(b: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, generator=g) for _ in range(4)]
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    monkeypatch.setenv("FASTFM_KERNELS", request.param)
+    return request.param
+
+
+def test_auto_dispatch_on_cpu(monkeypatch):
+    monkeypatch.delenv("FASTFM_KERNELS", raising=False)
+    assert ops.backend_for(torch.device("cpu")) == ("cpp" if cpu.available() else "reference")
+    monkeypatch.setenv("FASTFM_KERNELS", "reference")
+    assert ops.backend_for(torch.device("cpu")) == "reference"
+    monkeypatch.setenv("FASTFM_KERNELS", "cuda-magic")
+    with pytest.raises(ValueError, match="FASTFM_KERNELS"):
+        ops.backend_for(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("shape", [(1,), (3, 5), (2, 3, 7, 9)])
+def test_ops_match_reference_with_seed(backend, shape):
+    x1 = torch.randn(shape)
+    a, b, c, d = _coefs(shape[0])
+    x_t, target = ops.affine_path(x1, a, b, c, d, seed=123, std=0.7)
+    ref_xt, ref_target = reference.affine_path(x1, a, b, c, d, seed=123, std=0.7)
+    torch.testing.assert_close(x_t, ref_xt, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(target, ref_target, atol=1e-5, rtol=1e-5)
+    x_only, none = ops.affine_path(x1, a, b, c, d, seed=123, std=0.7, write_target=False)
+    assert none is None
+    torch.testing.assert_close(x_only, ref_xt, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("given_x0", [True, False])
+def test_fused_loss_gradient_equals_autograd_of_reference(backend, given_x0):
+    g = torch.Generator().manual_seed(1)
+    x1, x0 = torch.randn(5, 3, 7, generator=g), torch.randn(5, 3, 7, generator=g)
+    _, _, c, d = _coefs(5, 2)
+    x0 = x0 if given_x0 else None
+    w = torch.rand(5, generator=g)
+    v = torch.randn(5, 3, 7, generator=g, requires_grad=True)
+    (ops.cfm_loss(v, x1, c, d, x0, seed=9) * w).sum().backward()
+    v_ref = v.detach().clone().requires_grad_(True)
+    (reference.cfm_loss(v_ref, x1, c, d, x0, seed=9) * w).sum().backward()
+    torch.testing.assert_close(v.grad, v_ref.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_backends_share_one_noise_stream(monkeypatch):
+    """A seed gives the same x0 on every backend, up to float rounding of log/sqrt/cos (1e-5)."""
+    x1 = torch.zeros(4, 301)
+    one, zero = torch.ones(4), torch.zeros(4)
+    streams = {}
+    for name in BACKENDS:
+        monkeypatch.setenv("FASTFM_KERNELS", name)
+        streams[name], _ = ops.affine_path(x1, one, zero, zero, zero, seed=2024, write_target=False)
+    for name, s in streams.items():
+        torch.testing.assert_close(s, streams["reference"], atol=1e-5, rtol=0, msg=name)
+
+
+def test_training_step_compiles_without_graph_breaks_or_recompiles():
+    torch._dynamo.reset()
+    model = MLP(2, hidden=16, depth=2)
+    path = get_path("condot")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step(x1: torch.Tensor, t: torch.Tensor, seed: int) -> torch.Tensor:
+        """Forward and loss; its backward (AOTAutograd) runs the fused loss's backward op."""
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return cfm_loss(model, path, None, x1, t, seed=seed).loss
+
+    explain = torch._dynamo.explain(step)(torch.randn(8, 2), torch.rand(8), 3)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    g = torch.Generator().manual_seed(0)
+    for i in range(5):
+        opt.zero_grad()
+        loss = compiled(torch.randn(8, 2, generator=g), torch.rand(8, generator=g), 1000 + i)
+        loss.backward()
+        assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+        opt.step()
+    frames = counters["stats"]["unique_graphs"]
+    # one graph for the first seed, one with the seed made dynamic; none for new t or data
+    assert frames <= 2, frames
+
+
+def test_export_traces_the_path_op():
+    class PathModule(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.path = get_path("vp")
+
+        def forward(self, x1: torch.Tensor, x0: torch.Tensor, t: torch.Tensor):
+            c = self.path.coefficients(t)
+            return ops.affine_path(x1, c.a, c.b, c.c, c.d, x0)
+
+    args = (torch.randn(3, 4), torch.randn(3, 4), torch.rand(3))
+    ep = torch.export.export(PathModule(), args)
+    assert any("fastfm" in str(n.target) for n in ep.graph.nodes)
+    for out, ref in zip(ep.module()(*args), PathModule()(*args)):
+        torch.testing.assert_close(out, ref)
+
+
+def test_bad_coefficients_shape():
+    with pytest.raises(ValueError, match="coefficient a"):
+        ops.affine_path(torch.randn(3, 2), torch.ones(2), torch.ones(3), torch.ones(3), torch.ones(3))
