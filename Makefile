@@ -5,13 +5,13 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train test clean
+.PHONY: install train test bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev]"  # also builds csrc/ into fastfm._C
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,6 +22,12 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# CPU kernel benchmarks (pytest-benchmark), summarised into benchmarks/results/cpu_kernels.json.
+bench: $(STAMP)
+	$(PY) -m pytest -q benchmarks/test_kernels_cpu.py --benchmark-max-time=0.5 \
+		--benchmark-json=.benchmarks/cpu_kernels_raw.json
+	$(PY) benchmarks/summarize.py .benchmarks/cpu_kernels_raw.json benchmarks/results/cpu_kernels.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .benchmarks

@@ -22,8 +22,10 @@ def summarize(raw: dict) -> dict:
             base = eager.get((r["op"], r.get("noise"), size))
             r["speedup_vs_eager"] = base / r["median_s"] if base else None
     machine = raw["machine_info"]
-    return {"machine": {k: machine.get(k) for k in ("node", "processor", "machine", "cpu", "python_version",
-                                                    "torch", "torch_threads")},
+    cpu = machine.get("cpu", {})
+    return {"machine": {"cpu": cpu.get("brand_raw"), "cores": cpu.get("count"), "arch": machine.get("machine"),
+                        "python": machine.get("python_version"), "torch": machine.get("torch"),
+                        "torch_threads": machine.get("torch_threads")},
             "datetime": raw.get("datetime"), "results": rows}
 
 

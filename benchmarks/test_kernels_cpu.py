@@ -3,6 +3,9 @@
 Bytes that must move: inputs read once and outputs written once (x0 is not counted when the
 kernel draws it from a seed). `copy` measures this machine's memcpy bandwidth in the same run.
 Run: pytest benchmarks/test_kernels_cpu.py --benchmark-json=out.json, then summarize.py.
+
+torch.compile of the seeded reference is left out: inductor did not finish compiling the
+int64-emulated Philox rounds (past 20 minutes and 20 GB of memory on the 2-core machine).
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ def _impl(op: str, impl: str):
     return _compiled[op]
 
 
+def _skip_uncompilable(impl: str, noise: str) -> None:
+    if impl == "compile" and noise == "seed":
+        pytest.skip("inductor cannot compile the Philox reference in reasonable time (see module doc)")
+
+
 def _inputs(b: int, d: int):
     g = torch.Generator().manual_seed(0)
     x1, x0, v = (torch.randn(b, d, generator=g) for _ in range(3))
@@ -51,6 +59,7 @@ def test_copy(benchmark, record_bandwidth, size):
 @pytest.mark.parametrize("noise", ["x0", "seed"])
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_path(benchmark, record_bandwidth, size, noise, impl):
+    _skip_uncompilable(impl, noise)
     x1, x0, _, (a, b, c, d) = _inputs(*size)
     fn = _impl("path", impl)
     x0 = x0 if noise == "x0" else None
@@ -64,6 +73,7 @@ def test_path(benchmark, record_bandwidth, size, noise, impl):
 @pytest.mark.parametrize("noise", ["x0", "seed"])
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_loss_forward_backward(benchmark, record_bandwidth, size, noise, impl):
+    _skip_uncompilable(impl, noise)
     x1, x0, v, (_, _, c, d) = _inputs(*size)
     fwd, bwd = _impl("loss", impl), _impl("loss_grad", impl)
     x0 = x0 if noise == "x0" else None

@@ -15,20 +15,23 @@
 //  * float32 and bfloat16 are computed in float32 (bf16 loads are bit shifts, stores round to
 //    nearest even, NaN -> 0x7FC0 like c10::BFloat16); float64 is computed in double with the
 //    noise (std * n1) generated in float32 and widened.
-//  * The noise uses our own branch-free float32 log and cos (Cephes polynomials, ~1 ulp), so
-//    the same code runs in vector lanes and scalar tails: a noise value depends only on its
-//    index and the seed, never on the vector width, the thread count or the work split.
-//    Built with -ffp-contract=off (no FMA contraction), every instruction-set clone below
-//    produces bitwise the same noise, x_t, target and gradient.
-//  * Loss reductions accumulate in double. The work split (the Plan below) depends only on
-//    (B, D), never on the number of threads, and per-chunk partial sums are combined in a fixed
-//    order, so the loss is bitwise reproducible for any OMP_NUM_THREADS. (Across machines the
-//    simd lane count of the chosen clone can change the last bits of the loss.)
+//  * The noise uses our own branch-free float32 log and cos (Cephes polynomials, ~1 ulp; within
+//    1e-6 of the torch-computed reference stream), so the same code runs in vector lanes
+//    and scalar tails: a noise value depends only on its index and the seed, never on the vector
+//    width, the thread count or the work split. Philox is exact integer arithmetic and the build
+//    uses -ffp-contract=off (no FMA contraction), so every noise path (AVX-512 / AVX2 / SSE2 /
+//    portable) and every target clone gives bitwise the same noise, x_t, target and gradient.
+//  * Loss reductions accumulate in double, in kLanes fixed interleaved accumulators per row
+//    segment (not an `omp simd reduction`, whose order would follow the vector width). The work
+//    split (the Plan below) depends only on (B, D), never on the number of threads, and per-chunk
+//    partial sums are combined in a fixed order, so the loss is bitwise reproducible for any
+//    OMP_NUM_THREADS and any instruction set.
 //
 // Parallelism. The flat element range is cut into tasks of about kChunk elements: whole rows
 // when D <= kChunk (several rows per task for small D), otherwise equal chunks of one row, so
 // B = 1 with a huge D still keeps every thread busy. Tasks run under `omp parallel for
-// schedule(static)`; small problems run on the calling thread.
+// schedule(static)` (equal-cost tasks); small problems run on the calling thread. Thread count:
+// OMP_NUM_THREADS or set_num_threads(). The GIL is released for every kernel call.
 
 #include <pybind11/pybind11.h>
 
@@ -214,9 +217,14 @@ FFM_INLINE void box_muller_block(float* __restrict out, const uint32_t* __restri
     const V step = SET1(W);                                                                       \
     V ctr = ADD(SET1(static_cast<int>(static_cast<uint32_t>(start))), LOAD_IOTA);                 \
     for (int64_t j = 0; j < n; j += 2 * W) { /* two independent vectors per step, for ILP */    \
-        V c0 = ctr, c1 = SET1(0), c2 = SET1(0), c3 = SET1(0);                                     \
-        V d0 = ADD(ctr, step), d1 = SET1(0), d2 = SET1(0), d3 = SET1(0);                          \
-        _Pragma("GCC unroll 10") for (int r = 0; r < kRounds; ++r) {                              \
+        /* round 0 with c1 = c2 = c3 = 0: c0' = k0, c1' = 0, (c2', c3') from A * counter */         \
+        V c0, c1 = SET1(0), c2, c3, d0, d1 = SET1(0), d2, d3;                                     \
+        MULHILO(ra, ctr, c2, c3);                                                                 \
+        MULHILO(ra, ADD(ctr, step), d2, d3);                                                      \
+        c0 = d0 = k0[0];                                                                          \
+        c2 = XOR(c2, k1[0]);                                                                      \
+        d2 = XOR(d2, k1[0]);                                                                      \
+        _Pragma("GCC unroll 9") for (int r = 1; r < kRounds; ++r) {                               \
             V hb, lb, ha, la, gb, mb, ga, ma;                                                     \
             MULHILO(rb, c2, hb, lb);                                                              \
             MULHILO(ra, c0, ha, la);                                                              \
@@ -716,8 +724,13 @@ PYBIND11_MODULE(_C, m) {
 #endif
     m.attr("multiversioned") = static_cast<bool>(FFM_HAS_CLONES);
     {
+        // FASTFM_NOISE_PATH=avx2|sse2|portable forces a path (debugging); unknown: the best one.
         const char* env = std::getenv("FASTFM_NOISE_PATH");
-        select_noise(env && *env ? env : "auto");
+        try {
+            select_noise(env && *env ? env : "auto");
+        } catch (const std::invalid_argument&) {
+            select_noise("auto");
+        }
     }
     m.def("noise_paths", [] {
         py::list names;

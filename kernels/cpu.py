@@ -31,7 +31,7 @@ except ImportError as _e:  # not built: available() is False and the ops raise
 else:
     _IMPORT_ERROR = None
 
-__all__ = ["available", "affine_path", "cfm_loss", "cfm_loss_grad", "randn", "set_num_threads", "get_num_threads"]
+__all__ = ["affine_path", "available", "cfm_loss", "cfm_loss_grad", "get_num_threads", "randn", "set_num_threads"]
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
 _MAX_STREAM = 2**31
@@ -56,7 +56,7 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
 
 def _tensor(name: str, t: object) -> Tensor:
     if not isinstance(t, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")  # noqa: TRY004 (API: ValueError)
     if t.device.type != "cpu":
         raise ValueError(f"{name} must be on the CPU, got device {t.device}")
     return t
@@ -183,7 +183,11 @@ def randn(seed: int, numel: int, offset: int = 0) -> Tensor:
 
 
 def set_num_threads(n: int) -> None:
-    """OpenMP threads for the kernels called from this thread (default: OMP_NUM_THREADS / all cores)."""
+    """OpenMP threads for the kernels called from this thread (default: OMP_NUM_THREADS / all cores).
+
+    With torch imported first, the extension binds to torch's bundled libgomp (same soname), so the
+    two share one thread pool and ``torch.set_num_threads`` also sets the kernels' thread count.
+    """
     _lib().set_num_threads(int(n))
 
 

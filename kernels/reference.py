@@ -93,7 +93,7 @@ def cfm_loss(v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = No
     """Per-sample loss (B,) returned in fp32: mean over non-batch dims of (v - c x0 - d x1)^2."""
     z, x = _math(x1, x0, seed, std)
     r = v.to(x.dtype) - (_bcast(c, x) * z + _bcast(d, x) * x)
-    return r.pow(2).flatten(1).mean(1).to(torch.float32)
+    return r.pow(2).reshape(r.shape[0], -1).mean(1).to(torch.float32)
 
 
 def cfm_loss_grad(grad: Tensor, v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None,

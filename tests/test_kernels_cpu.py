@@ -10,7 +10,6 @@ import math
 
 import pytest
 import torch
-
 from fastfm.kernels import cpu as K
 from fastfm.kernels import reference as R
 
@@ -45,10 +44,10 @@ def restore_threads():
 
 def _tol(dtype: torch.dtype, seeded: bool) -> dict:
     if dtype == torch.bfloat16:  # one bf16 rounding step (2^-7 relative) either way
-        return dict(rtol=1e-2, atol=1e-2)
+        return {"rtol": 1e-2, "atol": 1e-2}
     if seeded:  # log/cos rounding of the noise: 1e-5 absolute for |n| < 6
-        return dict(rtol=1e-6, atol=1e-5)
-    return dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-6)
+        return {"rtol": 1e-6, "atol": 1e-5}
+    return {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-6, "atol": 1e-6}
 
 
 def _inputs(shape, dtype, seed=0):
@@ -84,7 +83,7 @@ def _close(actual, expected, **tol):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_affine_path_matches_reference(shape, dtype, seeded):
     x1, x0, _, (a, b, c, d, _) = _inputs(shape, dtype)
-    kw = dict(seed=1234567, std=0.7) if seeded else dict(x0=x0)
+    kw = {"seed": 1234567, "std": 0.7} if seeded else {"x0": x0}
     x_t, target = K.affine_path(x1, a, b, c, d, **kw)
     rx_t, rtarget = R.affine_path(x1, a, b, c, d, **kw)
     _close(x_t, rx_t, **_tol(dtype, seeded))
@@ -101,11 +100,11 @@ def test_affine_path_matches_reference(shape, dtype, seeded):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_cfm_loss_and_grad_match_reference(shape, dtype, seeded):
     x1, x0, v, (_, _, c, d, g) = _inputs(shape, dtype, seed=1)
-    kw = dict(seed=99, std=1.3) if seeded else dict(x0=x0)
+    kw = {"seed": 99, "std": 1.3} if seeded else {"x0": x0}
     loss = K.cfm_loss(v, x1, c, d, **kw)
     ref = _ref_loss(v, x1, c, d, **kw)
     # Losses accumulate in double (the reference in the input's math dtype).
-    ltol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 and not seeded else dict(rtol=1e-5, atol=1e-5)
+    ltol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 and not seeded else {"rtol": 1e-5, "atol": 1e-5}
     _close(loss, ref, **ltol)
 
     grad = K.cfm_loss_grad(g, v, x1, c, d, **kw)
@@ -118,11 +117,11 @@ def test_cfm_loss_and_grad_match_reference(shape, dtype, seeded):
 @pytest.mark.parametrize("shape", [(3,), (5, 7), (2, 3, 17, 19), (2, 9001)], ids=str)
 def test_cfm_loss_grad_matches_autograd(shape, dtype, seeded):
     x1, x0, v, (_, _, c, d, g) = _inputs(shape, dtype, seed=2)
-    kw = dict(seed=5, std=0.9) if seeded else dict(x0=x0)
+    kw = {"seed": 5, "std": 0.9} if seeded else {"x0": x0}
     v = v.requires_grad_(True)
     (expected,) = torch.autograd.grad(_ref_loss(v, x1, c, d, **kw), v, grad_outputs=g)
     grad = K.cfm_loss_grad(g, v.detach(), x1, c, d, **kw)
-    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 and not seeded else dict(rtol=1e-5, atol=1e-7)
+    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 and not seeded else {"rtol": 1e-5, "atol": 1e-7}
     _close(grad, expected, **tol)
 
 
