@@ -60,8 +60,12 @@ class TrainConfig:
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup: int = field(default=100, metadata={"help": "linear learning-rate warm-up steps"})
+    lr_schedule: str = field(default="constant", metadata={"help": "after warm-up: constant or cosine (to 0)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: off)"})
-    ema: float = field(default=0.999, metadata={"help": "EMA decay per step"})
+    ema_halflife_kimg: float = field(default=500.0, metadata={"help": "EMA half-life in thousands of samples"})
+    ema_rampup: float = field(default=0.05, metadata={"help": "EMA half-life at most this fraction of samples seen (0: off)"})
+    max_bad_steps: int = field(default=10, metadata={"help": "stop after this many non-finite steps in a row"})
+    resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint.pt if it exists"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
     out: str = field(default="runs/default", metadata={"help": "output directory"})
@@ -85,7 +89,10 @@ class TrainConfig:
             (self.steps >= 1 and self.batch_size >= 1, "steps and batch_size must be >= 1"),
             (self.eval_steps >= 1 and self.eval_n >= 1 and self.n_samples >= 1, "eval_steps, eval_n, n_samples must be >= 1"),
             (self.lr > 0, f"lr must be positive, got {self.lr}"),
-            (0.0 <= self.ema < 1.0, f"ema decay must be in [0, 1), got {self.ema}"),
+            (self.ema_halflife_kimg > 0, f"ema_halflife_kimg must be positive, got {self.ema_halflife_kimg}"),
+            (self.ema_rampup >= 0, f"ema_rampup must be >= 0, got {self.ema_rampup}"),
+            (self.lr_schedule in ("constant", "cosine"), f"unknown lr_schedule {self.lr_schedule!r}; choose constant or cosine"),
+            (self.max_bad_steps >= 1, f"max_bad_steps must be >= 1, got {self.max_bad_steps}"),
             (0.0 <= self.label_dropout < 1.0, f"label_dropout must be in [0, 1), got {self.label_dropout}"),
             (self.log_every >= 1 and self.ckpt_every >= 1, "log_every and ckpt_every must be >= 1"),
             (not (self.source != "gaussian" and self.path in ("vp", "ve")),

@@ -393,8 +393,9 @@ TRAIN_ERRORS = {
     "bad model-args": (["--model-args", "width=3"], ["bad config for model 'mlp'", "width"]),
     "negative steps": (["--steps", "-5"], ["steps", ">= 1"]),
     "zero batch size": (["--batch-size", "0"], ["batch_size", ">= 1"]),
-    "ema = 1": (["--ema", "1.0"], ["ema decay must be in [0, 1)", "1.0"]),
-    "ema < 0": (["--ema", "-0.5"], ["ema decay must be in [0, 1)"]),
+    "ema half-life 0": (["--ema-halflife-kimg", "0"], ["ema_halflife_kimg must be positive"]),
+    "ema rampup < 0": (["--ema-rampup", "-0.5"], ["ema_rampup must be >= 0"]),
+    "lr schedule": (["--lr-schedule", "linear"], ["unknown lr_schedule"]),
     "negative lr": (["--lr=-1e-3"], ["lr must be positive"]),
     "class-cond without labels": (["--class-cond"], ["--class-cond needs a labelled data set", "checkerboard"]),
     "label coupling without class-cond": (["--coupling", "ot-label"], ["needs class labels", "--class-cond"]),
@@ -486,7 +487,7 @@ def test_source_shape_mismatch_fails_before_writing(tmp_path: Path) -> None:
 
 def test_argparse_errors(capsys: pytest.CaptureFixture[str]) -> None:
     """Malformed numbers and unknown flags are argparse errors (exit status 2)."""
-    for argv in (["--steps", "many"], ["--learning-rate", "1"], ["--ema"]):
+    for argv in (["--steps", "many"], ["--learning-rate", "1"], ["--ema-rampup"]):
         with pytest.raises(SystemExit) as e:
             train.main(argv)
         assert e.value.code == 2
