@@ -145,8 +145,8 @@ def _loss_backward(ctx, grad: Tensor):
 _cfm_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 
-def _check_batch(x: Tensor, *coefs: Tensor) -> None:
-    for name, co in zip("abcd", coefs):
+def _check_batch(x: Tensor, **coefs: Tensor) -> None:
+    for name, co in coefs.items():
         if co.shape != (x.shape[0],):
             raise ValueError(f"coefficient {name} must have shape ({x.shape[0]},), got {tuple(co.shape)}")
 
@@ -154,7 +154,7 @@ def _check_batch(x: Tensor, *coefs: Tensor) -> None:
 def affine_path(x1: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None, seed: int = 0,
                 std: float = 1.0, write_target: bool = True) -> tuple[Tensor, Tensor | None]:
     """(x_t, target) = (a x0 + b x1, c x0 + d x1); target None when not ``write_target``."""
-    _check_batch(x1, a, b, c, d)
+    _check_batch(x1, a=a, b=b, c=c, d=d)
     coefs = [co.float().contiguous() for co in (a, b, c, d)]
     x_t, target = torch.ops.fastfm.affine_path(x1, *coefs, x0, seed, std, write_target)
     return x_t, target if write_target else None
@@ -163,6 +163,6 @@ def affine_path(x1: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, x0: Tens
 def cfm_loss(v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None, seed: int = 0,
              std: float = 1.0) -> Tensor:
     """Per-sample (1/D) |v - (c x0 + d x1)|^2 in fp32, differentiable in v; x0 and the target never stored."""
-    _check_batch(v, c, d)
+    _check_batch(v, c=c, d=d)
     return torch.ops.fastfm.cfm_loss(v, x1, c.float().contiguous(), d.float().contiguous(), x0, seed,
                                      std)
