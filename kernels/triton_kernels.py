@@ -55,6 +55,14 @@ _LOSS_BLOCK_MIN = 16
 
 
 @triton.jit
+def _source(x0_ptr, offs, mask, seed, std, HAS_X0: tl.constexpr):
+    """x0 at flat offsets: loaded, or std * tl.randn(seed, offset) when no x0 is stored."""
+    if HAS_X0:
+        return tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return std * tl.randn(seed, offs)
+
+
+@triton.jit
 def _affine_path_kernel(x1_ptr, x0_ptr, a_ptr, b_ptr, c_ptr, d_ptr, xt_ptr, tgt_ptr,
                         N, D, seed, std,
                         HAS_X0: tl.constexpr, WRITE_TARGET: tl.constexpr, BLOCK: tl.constexpr):
@@ -65,10 +73,7 @@ def _affine_path_kernel(x1_ptr, x0_ptr, a_ptr, b_ptr, c_ptr, d_ptr, xt_ptr, tgt_
     offs = start + idx
     row = offs // D
     x1 = tl.load(x1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_X0:
-        z = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        z = std * tl.randn(seed, offs)
+    z = _source(x0_ptr, offs, mask, seed, std, HAS_X0)
     a = tl.load(a_ptr + row, mask=mask, other=0.0)
     b = tl.load(b_ptr + row, mask=mask, other=0.0)
     tl.store(xt_ptr + offs, (a * z + b * x1).to(xt_ptr.dtype.element_ty), mask=mask)
@@ -93,10 +98,7 @@ def _cfm_loss_partial_kernel(v_ptr, x1_ptr, x0_ptr, c_ptr, d_ptr, part_ptr,
     offs = row * D + start + idx  # row * D + (valid col) < N < 2^31
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x1 = tl.load(x1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_X0:
-        z = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        z = std * tl.randn(seed, offs)
+    z = _source(x0_ptr, offs, mask, seed, std, HAS_X0)
     c = tl.load(c_ptr + row)
     d = tl.load(d_ptr + row)
     r = v - (c * z + d * x1)
@@ -116,10 +118,7 @@ def _cfm_loss_grad_kernel(g_ptr, v_ptr, x1_ptr, x0_ptr, c_ptr, d_ptr, out_ptr,
     row = offs // D
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x1 = tl.load(x1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_X0:
-        z = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        z = std * tl.randn(seed, offs)
+    z = _source(x0_ptr, offs, mask, seed, std, HAS_X0)
     g = tl.load(g_ptr + row, mask=mask, other=0.0)
     c = tl.load(c_ptr + row, mask=mask, other=0.0)
     d = tl.load(d_ptr + row, mask=mask, other=0.0)
