@@ -595,23 +595,30 @@ template <class P> P* ptr(uint64_t p) { return reinterpret_cast<P*>(static_cast<
 // ------------------------------------------------------------------------------------------------
 // Entry points (raw pointers; all validation of shapes/dtypes/contiguity is in kernels/cpu.py)
 
+// The fields every op shares: work plan, x1, x0 (0: seeded), the target coefficients, noise keys.
+Args make_args(int64_t B, int64_t D, uint64_t x1, uint64_t x0, uint64_t c, uint64_t d, uint64_t seed,
+               double stdv) {
+    Args A;
+    A.plan = make_plan(B, D);
+    A.x1 = ptr<const void>(x1);
+    A.x0 = ptr<const void>(x0);
+    A.c = ptr<const float>(c);
+    A.d = ptr<const float>(d);
+    A.keys = make_keys(seed);
+    A.stdv = stdv;
+    return A;
+}
+
 void affine_path(uint64_t xt, uint64_t target, uint64_t x1, uint64_t x0, uint64_t a, uint64_t b, uint64_t c,
                  uint64_t d, int64_t B, int64_t D, int dtype, uint64_t seed, double stdv) {
     const bool seeded = x0 == 0;
     check_sizes(B, D, seeded);
     if (B * D == 0) return;
-    Args A;
-    A.plan = make_plan(B, D);
+    Args A = make_args(B, D, x1, x0, c, d, seed, stdv);
     A.out0 = ptr<void>(xt);
     A.out1 = ptr<void>(target);
-    A.x1 = ptr<const void>(x1);
-    A.x0 = ptr<const void>(x0);
     A.a = ptr<const float>(a);
     A.b = ptr<const float>(b);
-    A.c = ptr<const float>(c);
-    A.d = ptr<const float>(d);
-    A.keys = make_keys(seed);
-    A.stdv = stdv;
     const bool tgt = target != 0;
     const Op op = seeded ? (tgt ? kAffineST : kAffineSN) : (tgt ? kAffineZT : kAffineZN);
     run_tasks(pick(dtype, op), A, seeded);
@@ -627,17 +634,10 @@ void cfm_loss(uint64_t out, uint64_t v, uint64_t x1, uint64_t x0, uint64_t c, ui
         for (int64_t r = 0; r < B; ++r) loss[r] = std::nanf("");
         return;
     }
-    Args A;
-    A.plan = make_plan(B, D);
+    Args A = make_args(B, D, x1, x0, c, d, seed, stdv);
     std::vector<double> partial(static_cast<size_t>(B * A.plan.nck));
     A.partial = partial.data();
     A.v = ptr<const void>(v);
-    A.x1 = ptr<const void>(x1);
-    A.x0 = ptr<const void>(x0);
-    A.c = ptr<const float>(c);
-    A.d = ptr<const float>(d);
-    A.keys = make_keys(seed);
-    A.stdv = stdv;
     run_tasks(pick(dtype, seeded ? kLossS : kLossZ), A, seeded);
     // Fixed-order combination of the per-chunk partial sums.
     const int64_t nck = A.plan.nck;
@@ -654,17 +654,10 @@ void cfm_loss_grad(uint64_t out, uint64_t grad, uint64_t v, uint64_t x1, uint64_
     const bool seeded = x0 == 0;
     check_sizes(B, D, seeded);
     if (B * D == 0) return;
-    Args A;
-    A.plan = make_plan(B, D);
+    Args A = make_args(B, D, x1, x0, c, d, seed, stdv);
     A.out0 = ptr<void>(out);
     A.g = ptr<const float>(grad);
     A.v = ptr<const void>(v);
-    A.x1 = ptr<const void>(x1);
-    A.x0 = ptr<const void>(x0);
-    A.c = ptr<const float>(c);
-    A.d = ptr<const float>(d);
-    A.keys = make_keys(seed);
-    A.stdv = stdv;
     run_tasks(pick(dtype, seeded ? kGradS : kGradZ), A, seeded);
 }
 

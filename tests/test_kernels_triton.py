@@ -19,12 +19,9 @@ triton = pytest.importorskip("triton")
 from fastfm.kernels import reference as ref
 from fastfm.kernels import triton_kernels as tk
 
-if tk.interpret_mode():
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:  # pragma: no cover
-    pytest.skip("no CUDA device and TRITON_INTERPRET is not enabled", allow_module_level=True)
+DEVICE = "cpu" if tk.interpret_mode() else "cuda"
+pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
+                                reason="no CUDA device and TRITON_INTERPRET is not enabled")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (rtol, atol) for outputs stored in the given dtype: one rounding step of the dtype, plus the
