@@ -8,7 +8,7 @@
 //   cfm_loss_grad:  dL/dv_bj = g_b * 2 (v_bj - target_bj) / D
 //
 // with per-sample float32 coefficients and x0 either given or regenerated on the fly from the
-// Philox4x32-10 stream of Triton's tl.randn (element i of x0 = std * n1(Philox(i, seed))), so
+// Philox4x32-10 stream of Triton's tl.randn (element i of x0 = std * n1(Philox(offset + i, seed))), so
 // the noise and the target are never materialised.
 //
 // Numerics.
@@ -419,6 +419,7 @@ struct Args {
     const void* v = nullptr;
     const float *a = nullptr, *b = nullptr, *c = nullptr, *d = nullptr, *g = nullptr;
     Keys keys{};
+    int64_t offset = 0;           // element offset of x0[0] in the noise stream
     double stdv = 1.0;
 };
 
@@ -435,7 +436,7 @@ FFM_INLINE void for_segments(const Args& A, int64_t t, F&& f) {
     const T* x0 = static_cast<const T*>(A.x0);
     for (int64_t p = s; p < e; p += (SEEDED ? kBlock : e - s)) {
         const int64_t q = SEEDED ? std::min(e, p + kBlock) : e;
-        if (SEEDED) gen_noise(nz, p, q - p, A.keys);
+        if (SEEDED) gen_noise(nz, A.offset + p, q - p, A.keys);
         for (int64_t i = p; i < q;) {
             const int64_t row = i / P.D;
             const int64_t se = std::min(q, (row + 1) * P.D);
@@ -582,12 +583,13 @@ void run_tasks(TaskFn fn, const Args& A, bool seeded) {
 #endif
 }
 
-void check_sizes(int64_t B, int64_t D, bool seeded) {
+void check_sizes(int64_t B, int64_t D, bool seeded, int64_t offset) {
     if (B < 0 || D < 0) throw std::invalid_argument("fastfm._C: negative size");
     if (D > 0 && B > INT64_MAX / D) throw std::invalid_argument("fastfm._C: size overflow");
-    if (seeded && B * D >= (int64_t(1) << 31))
-        throw std::invalid_argument("fastfm._C: noise streams are indexed by int32 element offsets; " +
-                                    std::to_string(B * D) + " elements is too many");
+    if (seeded && (offset < 0 || offset > (int64_t(1) << 31) - B * D))
+        throw std::invalid_argument("fastfm._C: noise streams are indexed by int32 element offsets; [" +
+                                    std::to_string(offset) + ", " + std::to_string(offset + B * D) +
+                                    ") does not lie in [0, 2^31)");
 }
 
 template <class P> P* ptr(uint64_t p) { return reinterpret_cast<P*>(static_cast<uintptr_t>(p)); }
@@ -597,7 +599,7 @@ template <class P> P* ptr(uint64_t p) { return reinterpret_cast<P*>(static_cast<
 
 // The fields every op shares: work plan, x1, x0 (0: seeded), the target coefficients, noise keys.
 Args make_args(int64_t B, int64_t D, uint64_t x1, uint64_t x0, uint64_t c, uint64_t d, uint64_t seed,
-               double stdv) {
+               double stdv, int64_t offset) {
     Args A;
     A.plan = make_plan(B, D);
     A.x1 = ptr<const void>(x1);
@@ -605,16 +607,18 @@ Args make_args(int64_t B, int64_t D, uint64_t x1, uint64_t x0, uint64_t c, uint6
     A.c = ptr<const float>(c);
     A.d = ptr<const float>(d);
     A.keys = make_keys(seed);
+    A.offset = offset;
     A.stdv = stdv;
     return A;
 }
 
 void affine_path(uint64_t xt, uint64_t target, uint64_t x1, uint64_t x0, uint64_t a, uint64_t b, uint64_t c,
-                 uint64_t d, int64_t B, int64_t D, int dtype, uint64_t seed, double stdv) {
+                 uint64_t d, int64_t B, int64_t D, int dtype, uint64_t seed, double stdv,
+                 int64_t offset) {
     const bool seeded = x0 == 0;
-    check_sizes(B, D, seeded);
+    check_sizes(B, D, seeded, offset);
     if (B * D == 0) return;
-    Args A = make_args(B, D, x1, x0, c, d, seed, stdv);
+    Args A = make_args(B, D, x1, x0, c, d, seed, stdv, offset);
     A.out0 = ptr<void>(xt);
     A.out1 = ptr<void>(target);
     A.a = ptr<const float>(a);
@@ -625,16 +629,16 @@ void affine_path(uint64_t xt, uint64_t target, uint64_t x1, uint64_t x0, uint64_
 }
 
 void cfm_loss(uint64_t out, uint64_t v, uint64_t x1, uint64_t x0, uint64_t c, uint64_t d, int64_t B, int64_t D,
-              int dtype, uint64_t seed, double stdv) {
+              int dtype, uint64_t seed, double stdv, int64_t offset) {
     const bool seeded = x0 == 0;
-    check_sizes(B, D, seeded);
+    check_sizes(B, D, seeded, offset);
     float* loss = ptr<float>(out);
     if (B == 0) return;
     if (D == 0) {
         for (int64_t r = 0; r < B; ++r) loss[r] = std::nanf("");
         return;
     }
-    Args A = make_args(B, D, x1, x0, c, d, seed, stdv);
+    Args A = make_args(B, D, x1, x0, c, d, seed, stdv, offset);
     std::vector<double> partial(static_cast<size_t>(B * A.plan.nck));
     A.partial = partial.data();
     A.v = ptr<const void>(v);
@@ -650,11 +654,12 @@ void cfm_loss(uint64_t out, uint64_t v, uint64_t x1, uint64_t x0, uint64_t c, ui
 }
 
 void cfm_loss_grad(uint64_t out, uint64_t grad, uint64_t v, uint64_t x1, uint64_t x0, uint64_t c, uint64_t d,
-                   int64_t B, int64_t D, int dtype, uint64_t seed, double stdv) {
+                   int64_t B, int64_t D, int dtype, uint64_t seed, double stdv,
+                 int64_t offset) {
     const bool seeded = x0 == 0;
-    check_sizes(B, D, seeded);
+    check_sizes(B, D, seeded, offset);
     if (B * D == 0) return;
-    Args A = make_args(B, D, x1, x0, c, d, seed, stdv);
+    Args A = make_args(B, D, x1, x0, c, d, seed, stdv, offset);
     A.out0 = ptr<void>(out);
     A.g = ptr<const float>(grad);
     A.v = ptr<const void>(v);
@@ -700,12 +705,12 @@ PYBIND11_MODULE(_C, m) {
     using namespace pybind11::literals;
     using release = py::call_guard<py::gil_scoped_release>;
     m.def("affine_path", &affine_path, release(), "xt"_a, "target"_a, "x1"_a, "x0"_a, "a"_a, "b"_a, "c"_a, "d"_a,
-          "B"_a, "D"_a, "dtype"_a, "seed"_a, "std"_a,
+          "B"_a, "D"_a, "dtype"_a, "seed"_a, "std"_a, "offset"_a = 0,
           "x_t = a x0 + b x1 and (target != 0) target = c x0 + d x1; x0 == 0: regenerate from the seed");
     m.def("cfm_loss", &cfm_loss, release(), "out"_a, "v"_a, "x1"_a, "x0"_a, "c"_a, "d"_a, "B"_a, "D"_a, "dtype"_a,
-          "seed"_a, "std"_a, "per-sample (B,) float32 loss mean_j (v - c x0 - d x1)^2");
+          "seed"_a, "std"_a, "offset"_a = 0, "per-sample (B,) float32 loss mean_j (v - c x0 - d x1)^2");
     m.def("cfm_loss_grad", &cfm_loss_grad, release(), "out"_a, "grad"_a, "v"_a, "x1"_a, "x0"_a, "c"_a, "d"_a, "B"_a,
-          "D"_a, "dtype"_a, "seed"_a, "std"_a, "dL/dv = grad_b 2 (v - target) / D");
+          "D"_a, "dtype"_a, "seed"_a, "std"_a, "offset"_a = 0, "dL/dv = grad_b 2 (v - target) / D");
     m.def("randn", &randn, release(), "out"_a, "n"_a, "seed"_a, "offset"_a = 0,
           "float32 standard normals n1 of the seed's Philox stream at element offsets [offset, offset + n)");
     m.def("get_max_threads", &get_max_threads, "OpenMP threads the kernels use");

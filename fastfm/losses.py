@@ -26,17 +26,19 @@ class LossOutput:
 
 
 def cfm_loss(model: nn.Module, path: AffinePath, x0: Tensor | None, x1: Tensor, t: Tensor, target: str = "velocity",
-             weight: Callable[[Tensor], Tensor] | None = None, seed: int = 0, **conditioning: Tensor) -> LossOutput:
+             weight: Callable[[Tensor], Tensor] | None = None, seed: int = 0, noise_offset: int = 0,
+             **conditioning: Tensor) -> LossOutput:
     """Regress the model on the path's target at x_t; ``weight(t)`` reweights samples per t.
 
-    x0 = None draws the source noise inside the kernels from ``seed`` (Gaussian sources only).
+    x0 = None draws the source noise inside the kernels from ``seed`` (Gaussian sources only),
+    from element ``noise_offset`` of its stream (a shard of a batch takes its rows' noise).
     """
     if x0 is None and not isinstance(path.source, Gaussian):
         raise ValueError(f"in-kernel noise needs a Gaussian source; this path's source is {path.source!r}: pass x0")
     std = path.source.std if isinstance(path.source, Gaussian) else 1.0
     coef = path.coefficients(t, target)
-    x_t, _ = ops.affine_path(x1, coef.a, coef.b, coef.c, coef.d, x0, seed, std, write_target=False)
+    x_t, _ = ops.affine_path(x1, coef.a, coef.b, coef.c, coef.d, x0, seed, std, write_target=False, offset=noise_offset)
     v = model(x_t, t, **conditioning)
-    per_sample = ops.cfm_loss(v.to(x1.dtype), x1, coef.c, coef.d, x0, seed, std)
+    per_sample = ops.cfm_loss(v.to(x1.dtype), x1, coef.c, coef.d, x0, seed, std, noise_offset)
     w = per_sample if weight is None else weight(t).float() * per_sample
     return LossOutput(w.mean(), per_sample)

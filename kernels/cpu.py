@@ -103,13 +103,15 @@ def _seed(seed: object) -> int:
         raise ValueError(f"seed must be an integer, got {type(seed).__name__}") from None
 
 
-def _noise_args(x0: object, x1: Tensor, seed: object, std: object) -> tuple[Tensor | None, int, float]:
+def _noise_args(x0: object, x1: Tensor, seed: object, std: object,
+                offset: object) -> tuple[Tensor | None, int, float, int]:
     if x0 is not None:
-        return _like("x0", x0, x1), 0, 1.0
-    if x1.numel() >= _MAX_STREAM:
-        raise ValueError(f"noise streams are indexed by int32 element offsets; x1 has {x1.numel()} elements "
-                         f"(pass x0 explicitly above 2^31)")
-    return None, _seed(seed), float(std)
+        return _like("x0", x0, x1), 0, 1.0, 0
+    offset = operator.index(offset)
+    if offset < 0 or offset + x1.numel() > _MAX_STREAM:
+        raise ValueError(f"noise streams are indexed by int32 element offsets; [{offset}, {offset + x1.numel()}) "
+                         f"does not lie in [0, 2^31) (pass x0 explicitly above 2^31)")
+    return None, _seed(seed), float(std), offset
 
 
 def _ptr(t: Tensor | None) -> int:
@@ -122,41 +124,42 @@ def _sizes(x1: Tensor) -> tuple[int, int]:
 
 
 def affine_path(x1: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None,
-                seed: int = 0, std: float = 1.0, write_target: bool = True) -> tuple[Tensor, Tensor | None]:
+                seed: int = 0, std: float = 1.0, write_target: bool = True,
+                offset: int = 0) -> tuple[Tensor, Tensor | None]:
     """(x_t, target) = (a x0 + b x1, c x0 + d x1) in x1's dtype and shape.
 
-    x0 is given, or drawn as ``std`` times the seed's stream. ``write_target=False`` skips the
+    x0 is given, or drawn as ``std`` times the seed's stream from element ``offset`` on. ``write_target=False`` skips the
     target entirely and returns (x_t, None).
     """
     lib = _lib()
     x1 = _data("x1", x1)
     batch, dim = _sizes(x1)
     a, b, c, d = (_coef(n, t, batch) for n, t in (("a", a), ("b", b), ("c", c), ("d", d)))
-    x0, seed, std = _noise_args(x0, x1, seed, std)
+    x0, seed, std, offset = _noise_args(x0, x1, seed, std, offset)
     x_t = _alloc(tuple(x1.shape), x1.dtype)
     target = _alloc(tuple(x1.shape), x1.dtype) if write_target else None
     lib.affine_path(_ptr(x_t), _ptr(target), _ptr(x1), _ptr(x0), _ptr(a), _ptr(b), _ptr(c), _ptr(d),
-                    batch, dim, _DTYPE_CODES[x1.dtype], seed, std)
+                    batch, dim, _DTYPE_CODES[x1.dtype], seed, std, offset)
     return x_t, target
 
 
 def cfm_loss(v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None, seed: int = 0,
-             std: float = 1.0) -> Tensor:
+             std: float = 1.0, offset: int = 0) -> Tensor:
     """Per-sample loss (B,) float32: mean over non-batch dims of (v - (c x0 + d x1))^2 (double accumulation)."""
     lib = _lib()
     x1 = _data("x1", x1)
     v = _like("v", v, x1)
     batch, dim = _sizes(x1)
     c, d = _coef("c", c, batch), _coef("d", d, batch)
-    x0, seed, std = _noise_args(x0, x1, seed, std)
+    x0, seed, std, offset = _noise_args(x0, x1, seed, std, offset)
     out = _alloc((batch,), torch.float32)
     lib.cfm_loss(_ptr(out), _ptr(v), _ptr(x1), _ptr(x0), _ptr(c), _ptr(d), batch, dim, _DTYPE_CODES[x1.dtype],
-                 seed, std)
+                 seed, std, offset)
     return out
 
 
 def cfm_loss_grad(grad: Tensor, v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None,
-                  seed: int = 0, std: float = 1.0) -> Tensor:
+                  seed: int = 0, std: float = 1.0, offset: int = 0) -> Tensor:
     """dL/dv = grad[b] 2 (v - (c x0 + d x1)) / D in v's dtype; the noise is regenerated, never stored."""
     lib = _lib()
     x1 = _data("x1", x1)
@@ -164,10 +167,10 @@ def cfm_loss_grad(grad: Tensor, v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0:
     batch, dim = _sizes(x1)
     grad = _coef("grad", grad, batch)
     c, d = _coef("c", c, batch), _coef("d", d, batch)
-    x0, seed, std = _noise_args(x0, x1, seed, std)
+    x0, seed, std, offset = _noise_args(x0, x1, seed, std, offset)
     out = _alloc(tuple(v.shape), v.dtype)
     lib.cfm_loss_grad(_ptr(out), _ptr(grad), _ptr(v), _ptr(x1), _ptr(x0), _ptr(c), _ptr(d), batch, dim,
-                      _DTYPE_CODES[x1.dtype], seed, std)
+                      _DTYPE_CODES[x1.dtype], seed, std, offset)
     return out
 
 

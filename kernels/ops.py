@@ -1,14 +1,15 @@
 """The engine's hot ops as torch.library custom ops, one op per computation, dispatched by device.
 
-    fastfm::affine_path(x1, a, b, c, d, x0?, seed, std, write_target) -> (x_t, target)
-    fastfm::cfm_loss(v, x1, c, d, x0?, seed, std) -> per-sample loss (B,), differentiable in v
+    fastfm::affine_path(x1, a, b, c, d, x0?, seed, std, write_target, offset) -> (x_t, target)
+    fastfm::cfm_loss(v, x1, c, d, x0?, seed, std, offset) -> per-sample loss (B,), differentiable in v
 
 Backends (``FASTFM_KERNELS`` = auto | reference | cpp | triton; auto picks Triton for CUDA
 tensors and the C++ extension for CPU tensors, the reference where those are missing):
 the Triton launchers run inside a ``triton_op`` so torch.compile and torch.export see the
 kernels; the C++ kernels sit behind opaque ``fastfm::*_cpp`` ops with fake implementations.
 With x0 = None the noise x0 = std * N(0, I) is drawn inside the kernel from the seed's
-Philox stream (kernels/reference.py), so it is never read from or written to memory.
+Philox stream (kernels/reference.py) starting at element ``offset`` (a shard of a batch draws
+its rows of the whole batch's noise), so it is never read from or written to memory.
 """
 
 from __future__ import annotations
@@ -51,71 +52,71 @@ def backend_for(device: torch.device) -> str:
 
 @torch.library.custom_op("fastfm::affine_path_cpp", mutates_args=())
 def _affine_path_cpp(x1: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, x0: Optional[Tensor], seed: int,
-                     std: float, write_target: bool) -> tuple[Tensor, Tensor]:
-    x_t, target = cpu.affine_path(x1, a, b, c, d, x0, seed, std, write_target)
+                     std: float, write_target: bool, offset: int) -> tuple[Tensor, Tensor]:
+    x_t, target = cpu.affine_path(x1, a, b, c, d, x0, seed, std, write_target, offset)
     return x_t, target if target is not None else x1.new_empty(0)
 
 
 @_affine_path_cpp.register_fake
-def _(x1, a, b, c, d, x0, seed, std, write_target):
+def _(x1, a, b, c, d, x0, seed, std, write_target, offset):
     return torch.empty_like(x1), torch.empty_like(x1) if write_target else x1.new_empty(0)
 
 
 @torch.library.custom_op("fastfm::cfm_loss_cpp", mutates_args=())
 def _cfm_loss_cpp(v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Optional[Tensor], seed: int,
-                  std: float) -> Tensor:
-    return cpu.cfm_loss(v, x1, c, d, x0, seed, std)
+                  std: float, offset: int) -> Tensor:
+    return cpu.cfm_loss(v, x1, c, d, x0, seed, std, offset)
 
 
 @_cfm_loss_cpp.register_fake
-def _(v, x1, c, d, x0, seed, std):
+def _(v, x1, c, d, x0, seed, std, offset):
     return v.new_empty(v.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("fastfm::cfm_loss_grad_cpp", mutates_args=())
 def _cfm_loss_grad_cpp(grad: Tensor, v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Optional[Tensor], seed: int,
-                       std: float) -> Tensor:
-    return cpu.cfm_loss_grad(grad, v, x1, c, d, x0, seed, std)
+                       std: float, offset: int) -> Tensor:
+    return cpu.cfm_loss_grad(grad, v, x1, c, d, x0, seed, std, offset)
 
 
 @_cfm_loss_grad_cpp.register_fake
-def _(grad, v, x1, c, d, x0, seed, std):
+def _(grad, v, x1, c, d, x0, seed, std, offset):
     return torch.empty_like(v)
 
 
 # ---------------------------------------------------------------- public ops
 
 def _affine_path_impl(x1: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, x0: Optional[Tensor], seed: int,
-                      std: float, write_target: bool) -> tuple[Tensor, Tensor]:
+                      std: float, write_target: bool, offset: int) -> tuple[Tensor, Tensor]:
     backend = backend_for(x1.device)
     if backend == "cpp":
-        return torch.ops.fastfm.affine_path_cpp(x1, a, b, c, d, x0, seed, std, write_target)
+        return torch.ops.fastfm.affine_path_cpp(x1, a, b, c, d, x0, seed, std, write_target, offset)
     if backend == "triton":
-        x_t, target = triton_kernels.affine_path(x1, a, b, c, d, x0, seed, std, write_target)
+        x_t, target = triton_kernels.affine_path(x1, a, b, c, d, x0, seed, std, write_target, offset)
     else:
-        x_t, target = reference.affine_path(x1, a, b, c, d, x0, seed, std)
+        x_t, target = reference.affine_path(x1, a, b, c, d, x0, seed, std, offset)
         target = target if write_target else None
     return x_t, target if target is not None else x1.new_empty(0)
 
 
 def _cfm_loss_impl(v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Optional[Tensor], seed: int,
-                   std: float) -> Tensor:
+                   std: float, offset: int) -> Tensor:
     backend = backend_for(v.device)
     if backend == "cpp":
-        return torch.ops.fastfm.cfm_loss_cpp(v, x1, c, d, x0, seed, std)
+        return torch.ops.fastfm.cfm_loss_cpp(v, x1, c, d, x0, seed, std, offset)
     if backend == "triton":
-        return triton_kernels.cfm_loss(v, x1, c, d, x0, seed, std)
-    return reference.cfm_loss(v, x1, c, d, x0, seed, std)
+        return triton_kernels.cfm_loss(v, x1, c, d, x0, seed, std, offset)
+    return reference.cfm_loss(v, x1, c, d, x0, seed, std, offset)
 
 
 def _cfm_loss_grad_impl(grad: Tensor, v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Optional[Tensor], seed: int,
-                        std: float) -> Tensor:
+                        std: float, offset: int) -> Tensor:
     backend = backend_for(v.device)
     if backend == "cpp":
-        return torch.ops.fastfm.cfm_loss_grad_cpp(grad, v, x1, c, d, x0, seed, std)
+        return torch.ops.fastfm.cfm_loss_grad_cpp(grad, v, x1, c, d, x0, seed, std, offset)
     if backend == "triton":
-        return triton_kernels.cfm_loss_grad(grad, v, x1, c, d, x0, seed, std)
-    return reference.cfm_loss_grad(grad, v, x1, c, d, x0, seed, std)
+        return triton_kernels.cfm_loss_grad(grad, v, x1, c, d, x0, seed, std, offset)
+    return reference.cfm_loss_grad(grad, v, x1, c, d, x0, seed, std, offset)
 
 
 _affine_path_op = _define("fastfm::affine_path", _affine_path_impl, mutates_args=())
@@ -124,22 +125,22 @@ _cfm_loss_grad_op = _define("fastfm::cfm_loss_grad", _cfm_loss_grad_impl, mutate
 
 if triton_kernels is None:
     _affine_path_op.register_fake(
-        lambda x1, a, b, c, d, x0, seed, std, write_target:
+        lambda x1, a, b, c, d, x0, seed, std, write_target, offset:
         (torch.empty_like(x1), torch.empty_like(x1) if write_target else x1.new_empty(0)))
-    _cfm_loss_op.register_fake(lambda v, x1, c, d, x0, seed, std: v.new_empty(v.shape[0], dtype=torch.float32))
-    _cfm_loss_grad_op.register_fake(lambda grad, v, x1, c, d, x0, seed, std: torch.empty_like(v))
+    _cfm_loss_op.register_fake(lambda v, x1, c, d, x0, seed, std, offset: v.new_empty(v.shape[0], dtype=torch.float32))
+    _cfm_loss_grad_op.register_fake(lambda grad, v, x1, c, d, x0, seed, std, offset: torch.empty_like(v))
 
 
 def _loss_setup(ctx, inputs, output) -> None:
-    v, x1, c, d, x0, seed, std = inputs
+    v, x1, c, d, x0, seed, std, offset = inputs
     ctx.save_for_backward(v, x1, c, d, x0)
-    ctx.seed, ctx.std = seed, std
+    ctx.seed, ctx.std, ctx.offset = seed, std, offset
 
 
 def _loss_backward(ctx, grad: Tensor):
     v, x1, c, d, x0 = ctx.saved_tensors
-    dv = torch.ops.fastfm.cfm_loss_grad(grad.float().contiguous(), v, x1, c, d, x0, ctx.seed, ctx.std)
-    return dv, None, None, None, None, None, None
+    dv = torch.ops.fastfm.cfm_loss_grad(grad.float().contiguous(), v, x1, c, d, x0, ctx.seed, ctx.std, ctx.offset)
+    return dv, None, None, None, None, None, None, None
 
 
 _cfm_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
@@ -152,17 +153,17 @@ def _check_batch(x: Tensor, **coefs: Tensor) -> None:
 
 
 def affine_path(x1: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None, seed: int = 0,
-                std: float = 1.0, write_target: bool = True) -> tuple[Tensor, Tensor | None]:
+                std: float = 1.0, write_target: bool = True, offset: int = 0) -> tuple[Tensor, Tensor | None]:
     """(x_t, target) = (a x0 + b x1, c x0 + d x1); target None when not ``write_target``."""
     _check_batch(x1, a=a, b=b, c=c, d=d)
     coefs = [co.float().contiguous() for co in (a, b, c, d)]
-    x_t, target = torch.ops.fastfm.affine_path(x1, *coefs, x0, seed, std, write_target)
+    x_t, target = torch.ops.fastfm.affine_path(x1, *coefs, x0, seed, std, write_target, offset)
     return x_t, target if write_target else None
 
 
 def cfm_loss(v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None, seed: int = 0,
-             std: float = 1.0) -> Tensor:
+             std: float = 1.0, offset: int = 0) -> Tensor:
     """Per-sample (1/D) |v - (c x0 + d x1)|^2 in fp32, differentiable in v; x0 and the target never stored."""
     _check_batch(v, c=c, d=d)
     return torch.ops.fastfm.cfm_loss(v, x1, c.float().contiguous(), d.float().contiguous(), x0, seed,
-                                     std)
+                                     std, offset)

@@ -2,7 +2,10 @@
 
 Noise stream. Element i (flat, row-major index into x1) of x0 is
 
-    x0[i] = std * n1(Philox4x32-10(counter = (i, 0, 0, 0), key = (seed_lo, seed_hi)))
+    x0[i] = std * n1(Philox4x32-10(counter = (offset + i, 0, 0, 0), key = (seed_lo, seed_hi)))
+
+``offset`` (default 0) lets a shard of a batch (a DDP rank, a micro-batch) draw exactly the rows
+of the whole batch's noise: rows [r, r + m) of a batch of D-element samples use offset r * D.
 
 with Triton's ``tl.randn`` conventions: the first two output words become uniforms
 u = (w as int32, negatives mapped to ~w) * 4.6566127342e-10, and Box-Muller gives
@@ -58,11 +61,12 @@ def _uniform(w: Tensor) -> Tensor:
     return x.to(torch.float32) * torch.tensor(UINT_TO_FLOAT, dtype=torch.float32)
 
 
-def randn(seed: int, numel: int, device: torch.device | str = "cpu") -> Tensor:
-    """The first ``numel`` standard normals of the stream for ``seed`` (float32)."""
-    if numel >= 2**31:
-        raise ValueError(f"noise streams are indexed by int32 element offsets; {numel} elements is too many")
-    w0, w1, _, _ = philox4x32(seed, torch.arange(numel, device=device))
+def randn(seed: int, numel: int, device: torch.device | str = "cpu", offset: int = 0) -> Tensor:
+    """Standard normals (float32) of the stream for ``seed`` at element offsets [offset, offset + numel)."""
+    if offset < 0 or offset + numel > 2**31:
+        raise ValueError(f"noise streams are indexed by int32 element offsets; [{offset}, {offset + numel}) "
+                         f"does not lie in [0, 2^31)")
+    w0, w1, _, _ = philox4x32(seed, torch.arange(offset, offset + numel, device=device))
     u1 = torch.clamp_min(_uniform(w0), 1.0e-7)
     th = torch.tensor(6.283185307179586, dtype=torch.float32) * _uniform(w1)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(th)
@@ -72,33 +76,33 @@ def _bcast(c: Tensor, x: Tensor) -> Tensor:
     return c.to(x.dtype).reshape(c.shape[0], *([1] * (x.dim() - 1)))
 
 
-def _math(x1: Tensor, x0: Tensor | None, seed: int, std: float) -> tuple[Tensor, Tensor]:
+def _math(x1: Tensor, x0: Tensor | None, seed: int, std: float, offset: int) -> tuple[Tensor, Tensor]:
     """(x0, x1) in the math dtype (fp64 for fp64 inputs, else fp32); x0 drawn from the seed if not given."""
     dtype = torch.float64 if x1.dtype == torch.float64 else torch.float32
-    z = x0 if x0 is not None else std * randn(seed, x1.numel(), x1.device).reshape(x1.shape)
+    z = x0 if x0 is not None else std * randn(seed, x1.numel(), x1.device, offset).reshape(x1.shape)
     return z.to(dtype), x1.to(dtype)
 
 
 def affine_path(x1: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None,
-                seed: int = 0, std: float = 1.0) -> tuple[Tensor, Tensor]:
+                seed: int = 0, std: float = 1.0, offset: int = 0) -> tuple[Tensor, Tensor]:
     """(x_t, target) in x1's dtype, computed in fp32 (fp64 for fp64 inputs)."""
-    z, x = _math(x1, x0, seed, std)
+    z, x = _math(x1, x0, seed, std, offset)
     x_t = _bcast(a, x) * z + _bcast(b, x) * x
     target = _bcast(c, x) * z + _bcast(d, x) * x
     return x_t.to(x1.dtype), target.to(x1.dtype)
 
 
 def cfm_loss(v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None, seed: int = 0,
-             std: float = 1.0) -> Tensor:
+             std: float = 1.0, offset: int = 0) -> Tensor:
     """Per-sample loss (B,) returned in fp32: mean over non-batch dims of (v - c x0 - d x1)^2."""
-    z, x = _math(x1, x0, seed, std)
+    z, x = _math(x1, x0, seed, std, offset)
     r = v.to(x.dtype) - (_bcast(c, x) * z + _bcast(d, x) * x)
     return r.pow(2).reshape(r.shape[0], -1).mean(1).to(torch.float32)
 
 
 def cfm_loss_grad(grad: Tensor, v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None,
-                  seed: int = 0, std: float = 1.0) -> Tensor:
+                  seed: int = 0, std: float = 1.0, offset: int = 0) -> Tensor:
     """dL/dv for upstream per-sample gradients ``grad`` (B,), in v's dtype."""
-    z, x = _math(x1, x0, seed, std)
+    z, x = _math(x1, x0, seed, std, offset)
     r = v.to(x.dtype) - (_bcast(c, x) * z + _bcast(d, x) * x)
     return (_bcast(grad, x) * (2.0 / (x[0].numel())) * r).to(v.dtype)

@@ -55,16 +55,16 @@ _LOSS_BLOCK_MIN = 16
 
 
 @triton.jit
-def _source(x0_ptr, offs, mask, seed, std, HAS_X0: tl.constexpr):
-    """x0 at flat offsets: loaded, or std * tl.randn(seed, offset) when no x0 is stored."""
+def _source(x0_ptr, offs, mask, seed, std, noise_offset, HAS_X0: tl.constexpr):
+    """x0 at flat offsets: loaded, or std * tl.randn(seed, noise_offset + offs) when no x0 is stored."""
     if HAS_X0:
         return tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    return std * tl.randn(seed, offs)
+    return std * tl.randn(seed, noise_offset + offs)
 
 
 @triton.jit
 def _affine_path_kernel(x1_ptr, x0_ptr, a_ptr, b_ptr, c_ptr, d_ptr, xt_ptr, tgt_ptr,
-                        N, D, seed, std,
+                        N, D, seed, std, noise_offset,
                         HAS_X0: tl.constexpr, WRITE_TARGET: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     start = pid * BLOCK  # <= N - 1 < 2^31: no overflow
@@ -73,7 +73,7 @@ def _affine_path_kernel(x1_ptr, x0_ptr, a_ptr, b_ptr, c_ptr, d_ptr, xt_ptr, tgt_
     offs = start + idx
     row = offs // D
     x1 = tl.load(x1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    z = _source(x0_ptr, offs, mask, seed, std, HAS_X0)
+    z = _source(x0_ptr, offs, mask, seed, std, noise_offset, HAS_X0)
     a = tl.load(a_ptr + row, mask=mask, other=0.0)
     b = tl.load(b_ptr + row, mask=mask, other=0.0)
     tl.store(xt_ptr + offs, (a * z + b * x1).to(xt_ptr.dtype.element_ty), mask=mask)
@@ -85,7 +85,7 @@ def _affine_path_kernel(x1_ptr, x0_ptr, a_ptr, b_ptr, c_ptr, d_ptr, xt_ptr, tgt_
 
 @triton.jit
 def _cfm_loss_partial_kernel(v_ptr, x1_ptr, x0_ptr, c_ptr, d_ptr, part_ptr,
-                             D, NB, seed, std,
+                             D, NB, seed, std, noise_offset,
                              HAS_X0: tl.constexpr, BLOCK: tl.constexpr):
     # One program per (row, chunk) pair, flattened to a 1-D grid of B * NB programs (no 65535
     # limit on either factor); writes the chunk's sum of squared residuals to part[row, chunk].
@@ -98,7 +98,7 @@ def _cfm_loss_partial_kernel(v_ptr, x1_ptr, x0_ptr, c_ptr, d_ptr, part_ptr,
     offs = row * D + start + idx  # row * D + (valid col) < N < 2^31
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x1 = tl.load(x1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    z = _source(x0_ptr, offs, mask, seed, std, HAS_X0)
+    z = _source(x0_ptr, offs, mask, seed, std, noise_offset, HAS_X0)
     c = tl.load(c_ptr + row)
     d = tl.load(d_ptr + row)
     r = v - (c * z + d * x1)
@@ -108,7 +108,7 @@ def _cfm_loss_partial_kernel(v_ptr, x1_ptr, x0_ptr, c_ptr, d_ptr, part_ptr,
 
 @triton.jit
 def _cfm_loss_grad_kernel(g_ptr, v_ptr, x1_ptr, x0_ptr, c_ptr, d_ptr, out_ptr,
-                          N, D, scale, seed, std,
+                          N, D, scale, seed, std, noise_offset,
                           HAS_X0: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     start = pid * BLOCK
@@ -118,7 +118,7 @@ def _cfm_loss_grad_kernel(g_ptr, v_ptr, x1_ptr, x0_ptr, c_ptr, d_ptr, out_ptr,
     row = offs // D
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x1 = tl.load(x1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    z = _source(x0_ptr, offs, mask, seed, std, HAS_X0)
+    z = _source(x0_ptr, offs, mask, seed, std, noise_offset, HAS_X0)
     g = tl.load(g_ptr + row, mask=mask, other=0.0)
     c = tl.load(c_ptr + row, mask=mask, other=0.0)
     d = tl.load(d_ptr + row, mask=mask, other=0.0)
@@ -215,7 +215,15 @@ def _check_std(std) -> float:
         raise TypeError(f"std must be a float, got {type(std).__name__}") from None
 
 
-def _prepare(x1: Tensor, x0: Tensor | None, v: Tensor | None, seed, std):
+def _check_offset(offset, numel: int) -> int:
+    offset = operator.index(offset)
+    if not 0 <= offset <= MAX_NUMEL + 1 - numel:
+        raise ValueError(f"noise streams are indexed by int32 element offsets; [{offset}, {offset + numel}) "
+                         f"does not lie in [0, 2^31)")
+    return offset
+
+
+def _prepare(x1: Tensor, x0: Tensor | None, v: Tensor | None, seed, std, offset):
     _check_data("x1", x1)
     if x0 is not None:
         _check_data("x0", x0, x1)
@@ -227,7 +235,8 @@ def _prepare(x1: Tensor, x0: Tensor | None, v: Tensor | None, seed, std):
     x1c = x1.contiguous()
     x0c = x0.contiguous() if x0 is not None else None
     vc = v.contiguous() if v is not None else None
-    return x1c, x0c, vc, B, N, D, _check_seed(seed), _check_std(std)
+    offset = 0 if x0 is not None else _check_offset(offset, N)
+    return x1c, x0c, vc, B, N, D, _check_seed(seed), _check_std(std), offset
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,12 +245,13 @@ def _prepare(x1: Tensor, x0: Tensor | None, v: Tensor | None, seed, std):
 
 
 def affine_path(x1: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None,
-                seed: int = 0, std: float = 1.0, write_target: bool = True) -> tuple[Tensor, Tensor | None]:
+                seed: int = 0, std: float = 1.0, write_target: bool = True,
+                offset: int = 0) -> tuple[Tensor, Tensor | None]:
     """(x_t, target) = (a x0 + b x1, c x0 + d x1) in x1's dtype/shape; target is None if not write_target.
 
-    ``x0`` None draws ``std * randn`` from the seed's Philox stream inside the kernel.
+    ``x0`` None draws ``std * randn`` from the seed's Philox stream (from element ``offset``) in the kernel.
     """
-    x1c, x0c, _, _, N, D, seed, std = _prepare(x1, x0, None, seed, std)
+    x1c, x0c, _, _, N, D, seed, std, offset = _prepare(x1, x0, None, seed, std, offset)
     a, b = _check_coef("a", a, x1), _check_coef("b", b, x1)
     if write_target:
         c, d = _check_coef("c", c, x1), _check_coef("d", d, x1)
@@ -254,7 +264,7 @@ def affine_path(x1: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, x0: Tens
     grid = (triton.cdiv(N, _BLOCK),)
     _launch(_affine_path_kernel, grid,
             x1c, x0c if x0c is not None else x1c, a, b, c, d, x_t, target if write_target else x1c,
-            N, D, seed, std,
+            N, D, seed, std, offset,
             HAS_X0=x0c is not None, WRITE_TARGET=bool(write_target), BLOCK=_BLOCK)
     return x_t, target
 
@@ -264,12 +274,12 @@ def _loss_block(D: int) -> int:
 
 
 def cfm_loss(v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None, seed: int = 0,
-             std: float = 1.0) -> Tensor:
+             std: float = 1.0, offset: int = 0) -> Tensor:
     """Per-sample CFM loss (B,) fp32: mean over non-batch dims of (v - c x0 - d x1)^2.
 
     Deterministic: per-(row, chunk) partial sums to a (B, nblocks) fp32 buffer, then ``sum(1) / D``.
     """
-    x1c, x0c, vc, B, N, D, seed, std = _prepare(x1, x0, v, seed, std)
+    x1c, x0c, vc, B, N, D, seed, std, offset = _prepare(x1, x0, v, seed, std, offset)
     c, d = _check_coef("c", c, x1), _check_coef("d", d, x1)
     block = _loss_block(D)
     nb = triton.cdiv(D, block)
@@ -277,15 +287,15 @@ def cfm_loss(v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = No
     if N > 0:
         _launch(_cfm_loss_partial_kernel, (B * nb,),
                 vc, x1c, x0c if x0c is not None else x1c, c, d, partial,
-                D, nb, seed, std,
+                D, nb, seed, std, offset,
                 HAS_X0=x0c is not None, BLOCK=block)
     return partial.sum(1) / D
 
 
 def cfm_loss_grad(grad: Tensor, v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None,
-                  seed: int = 0, std: float = 1.0) -> Tensor:
+                  seed: int = 0, std: float = 1.0, offset: int = 0) -> Tensor:
     """dL/dv = grad[b] * 2 (v - c x0 - d x1) / D in v's dtype/shape (noise regenerated from ``seed``)."""
-    x1c, x0c, vc, _, N, D, seed, std = _prepare(x1, x0, v, seed, std)
+    x1c, x0c, vc, _, N, D, seed, std, offset = _prepare(x1, x0, v, seed, std, offset)
     g = _check_coef("grad", grad, x1)
     c, d = _check_coef("c", c, x1), _check_coef("d", d, x1)
     out = _empty(v.shape, v.dtype, v.device)
@@ -293,6 +303,6 @@ def cfm_loss_grad(grad: Tensor, v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0:
         return out
     _launch(_cfm_loss_grad_kernel, (triton.cdiv(N, _BLOCK),),
             g, vc, x1c, x0c if x0c is not None else x1c, c, d, out,
-            N, D, 2.0 / D, seed, std,
+            N, D, 2.0 / D, seed, std, offset,
             HAS_X0=x0c is not None, BLOCK=_BLOCK)
     return out

@@ -125,3 +125,38 @@ def test_export_traces_the_path_op():
 def test_bad_coefficients_shape():
     with pytest.raises(ValueError, match="coefficient a"):
         ops.affine_path(torch.randn(3, 2), torch.ones(2), torch.ones(3), torch.ones(3), torch.ones(3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_noise_offset_gives_a_shard_the_rows_of_the_whole_batch(backend):
+    """Rows [r, r + m) drawn with offset r * D equal those rows of the whole batch (DDP ranks, micro-batches)."""
+    g = torch.Generator().manual_seed(3)
+    x1, v = torch.randn(7, 3, 5, generator=g), torch.randn(7, 3, 5, generator=g)
+    a, b, c, d = _coefs(7, 4)
+    w = torch.rand(7, generator=g)
+    full_xt, full_tgt = ops.affine_path(x1, a, b, c, d, seed=77, std=0.9)
+    vf = v.clone().requires_grad_(True)
+    full_loss = ops.cfm_loss(vf, x1, c, d, seed=77, std=0.9)
+    (full_loss * w).sum().backward()
+    for r, m in [(0, 3), (3, 4), (6, 1)]:
+        rows, off = slice(r, r + m), r * 15
+        xt, tgt = ops.affine_path(x1[rows], a[rows], b[rows], c[rows], d[rows], seed=77, std=0.9, offset=off)
+        torch.testing.assert_close(xt, full_xt[rows], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(tgt, full_tgt[rows], atol=1e-6, rtol=1e-6)
+        vs = v[rows].clone().requires_grad_(True)
+        loss = ops.cfm_loss(vs, x1[rows], c[rows], d[rows], seed=77, std=0.9, offset=off)
+        torch.testing.assert_close(loss, full_loss.detach()[rows], atol=1e-6, rtol=1e-6)
+        (loss * w[rows]).sum().backward()
+        torch.testing.assert_close(vs.grad, vf.grad[rows], atol=1e-6, rtol=1e-6)
+    shifted, _ = ops.affine_path(x1[:3], a[:3], b[:3], c[:3], d[:3], seed=77, std=0.9, offset=1)
+    assert not torch.allclose(shifted, full_xt[:3])  # the offset is really applied
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_noise_offset_out_of_the_stream_is_an_error(backend):
+    x1 = torch.randn(4, 8)
+    a, b, c, d = _coefs(4)
+    for off in (-1, 2**31 - 31):
+        with pytest.raises(ValueError, match="offset"):
+            ops.affine_path(x1, a, b, c, d, seed=1, offset=off)
+    ops.affine_path(x1, a, b, c, d, seed=1, offset=2**31 - 32)  # the last 32 elements of the stream
