@@ -56,7 +56,9 @@ class TrainConfig:
     label_dropout: float = field(default=0.1, metadata={"help": "probability of the null label in training"})
     superres: int = field(default=0, metadata={"help": "super-resolution: condition on x1 downsampled by this factor (0: off)"})
     steps: int = field(default=5000, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=1024, metadata={"help": "batch size"})
+    batch_size: int = field(default=1024, metadata={"help": "global batch size (all ranks and micro-batches)"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (DDP syncs on the last)"})
+    coupling_scope: str = field(default="rank", metadata={"help": "minibatch coupling over each rank's rows (rank) or the global batch (global)"})
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup: int = field(default=100, metadata={"help": "linear learning-rate warm-up steps"})
@@ -71,8 +73,10 @@ class TrainConfig:
     out: str = field(default="runs/default", metadata={"help": "output directory"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the training step"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast (t, embeddings and loss stay fp32)"})
+    memory_format: str = field(default="auto", metadata={"help": "image models: channels_last, contiguous, or auto (channels_last on CUDA)"})
     log_every: int = field(default=100, metadata={"help": "steps between metrics lines"})
     ckpt_every: int = field(default=1000, metadata={"help": "steps between checkpoints"})
+    eval_every: int = field(default=0, metadata={"help": "steps between evaluations (test NLL, sample PNG; 0: final only)"})
     eval_solver: str = field(default="midpoint", metadata={"help": f"solver for final NLL and samples: {', '.join(SOLVERS)}"})
     eval_steps: int = field(default=32, metadata={"help": "solver steps for final NLL and samples"})
     eval_n: int = field(default=2000, metadata={"help": "test points for the final NLL"})
@@ -95,6 +99,13 @@ class TrainConfig:
             (self.max_bad_steps >= 1, f"max_bad_steps must be >= 1, got {self.max_bad_steps}"),
             (0.0 <= self.label_dropout < 1.0, f"label_dropout must be in [0, 1), got {self.label_dropout}"),
             (self.log_every >= 1 and self.ckpt_every >= 1, "log_every and ckpt_every must be >= 1"),
+            (self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}"),
+            (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
+            (self.batch_size % max(1, self.grad_accum) == 0,
+             f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}"),
+            (self.coupling_scope in ("rank", "global"), f"unknown coupling_scope {self.coupling_scope!r}; choose rank or global"),
+            (self.memory_format in ("auto", "channels_last", "contiguous"),
+             f"unknown memory_format {self.memory_format!r}; choose auto, channels_last or contiguous"),
             (not (self.source != "gaussian" and self.path in ("vp", "ve")),
              f"path {self.path!r} is a Gaussian diffusion path; a data source needs an interpolant (linear, trig, condot)"),
             (self.superres >= 0, f"superres must be >= 0, got {self.superres}"),

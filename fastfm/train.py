@@ -1,12 +1,18 @@
-"""``python -m fastfm.train``: Conditional Flow Matching training, read top to bottom.
+"""``python -m fastfm.train``: Conditional Flow Matching training, on one process or many (torchrun DDP).
 
-Each step: data x1 -> source x0 -> coupling -> t -> (x_t, target) -> model -> CFM loss ->
-AdamW with warm-up and clipping -> EMA. Writes metrics.jsonl, checkpoints (atomic),
-EMA weights (safetensors) + model.json, a sample plot, and the final test NLL.
+One optimizer step:
+  global batch of B rows from the shared stream (x1, labels, t, noise seed) -> this rank's rows
+  -> source x0 (or noise drawn in-kernel) -> coupling (per rank, or over the global batch:
+  gather, solve on rank 0, scatter) -> ``grad_accum`` micro-batches through the compiled
+  ``LossStep`` (path op, model, CFM loss), DDP all-reducing on the last one only (no_sync)
+  -> NaN/Inf guard -> clipping -> AdamW -> LR schedule -> EMA.
+Writes metrics.jsonl, periodic and final checkpoints (atomic), EMA weights (safetensors) +
+model.json, periodic and final evaluations (test NLL, sample PNG). Layout: fastfm.distributed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -16,19 +22,24 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from fastfm import distributed
 from fastfm.build import build_source, model_config, resolve_device, run_meta
 from fastfm.checkpoint import CHECKPOINT, load_training_state, save_inference, save_training_state
-from fastfm.config import TrainConfig, parse_config
+from fastfm.config import ConfigError, TrainConfig, parse_config
 from fastfm.couplings import get_coupling
 from fastfm.data import get_dataset
 from fastfm.densities import Gaussian
+from fastfm.distributed import DistEnv
 from fastfm.evaluation import generate, sample_quality, save_samples_png, test_nll
 from fastfm.guidance import drop_labels
 from fastfm.losses import cfm_loss
 from fastfm.models import build_model
-from fastfm.paths import get_path
+from fastfm.paths import AffinePath, get_path
+from fastfm.telemetry import flops_per_sample, peak_flops, peak_memory_mb
 from fastfm.timesteps import TimeSampler
 
 
@@ -59,7 +70,7 @@ def ema_decay(cfg: TrainConfig, step: int) -> float:
     return 0.5 ** (cfg.batch_size / max(half, 1e-8))
 
 
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, for every parameter and buffer."""
     with torch.no_grad():
         e = list(ema.state_dict().values())
@@ -68,119 +79,261 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
         torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], 1.0 - decay)
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run one training job; returns the final summary (also the last line of metrics.jsonl)."""
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    data = get_dataset(cfg.data, seed=cfg.seed)
-    path = get_path(cfg.path, build_source(cfg.source, cfg.seed, data.shape), **cfg.path_args)
-    model = build_model(model_config(cfg, data)).to(device)
-    meta = run_meta(cfg, data, model)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    coupling, times = get_coupling(cfg.coupling), TimeSampler(cfg.time_sampler)
-    # fused AdamW skips a step without a host sync when found_inf is 1 (the NaN/Inf guard below)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    out = Path(cfg.out)
-    state = load_training_state(out / CHECKPOINT) if cfg.resume and (out / CHECKPOINT).exists() else None
-    start = 0 if state is None else restore(state, cfg, model, ema, opt, sched, gen, data)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.__dict__, indent=2, sort_keys=True))
-    metrics = out / "metrics.jsonl"
-    if state is None:
-        metrics.write_text("")
+class LossStep(nn.Module):
+    """CFM loss of ``model`` on one micro-batch: the unit torch.compile traces and DDP wraps.
 
-    # Independent coupling from a Gaussian source: the kernels draw x0 from a per-step seed.
-    in_kernel_noise = cfg.coupling == "independent" and isinstance(path.source, Gaussian)
+    bf16 autocast covers the model; t, the time embedding and the loss reduction stay fp32.
+    """
 
-    def loss_fn(x0: torch.Tensor | None, x1: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
-                seed: int) -> torch.Tensor:
+    def __init__(self, model: nn.Module, path: AffinePath, target: str, superres: int, bf16: bool):
+        super().__init__()
+        self.model, self.path, self.target, self.superres, self.bf16 = model, path, target, superres, bf16
+
+    def forward(self, x0: Tensor | None, x1: Tensor, t: Tensor, y: Tensor | None, seed: int,
+                offset: int) -> Tensor:
         cond = {} if y is None else {"y": y}
-        if cfg.superres:
-            cond["low_res"] = F.avg_pool2d(x1, cfg.superres)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            return cfm_loss(model, path, x0, x1, t, cfg.target, seed=seed, **cond).loss
+        if self.superres:
+            cond["low_res"] = F.avg_pool2d(x1, self.superres)
+        with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return cfm_loss(self.model, self.path, x0, x1, t, self.target, seed=seed, noise_offset=offset,
+                            **cond).loss
 
-    step_loss = torch.compile(loss_fn, fullgraph=True) if cfg.compile else loss_fn
 
-    def save(step: int) -> None:
-        save_training_state({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                             "scheduler": sched.state_dict(), "step": step, "config": dict(cfg.__dict__),
-                             "meta": meta, "rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                             "data": data.state_dict()}, out / CHECKPOINT)
-        save_inference(out, ema.state_dict(), meta)
+def channels_last(cfg: TrainConfig, device: torch.device, image: bool) -> bool:
+    """NHWC for image models: on request, or (auto) on CUDA, where tensor-core convolutions want it."""
+    return image and (cfg.memory_format == "channels_last" or (cfg.memory_format == "auto" and device.type == "cuda"))
 
-    bad_run = torch.zeros((), dtype=torch.int64, device=device)
-    skipped = torch.zeros((), dtype=torch.int64, device=device)
-    pbar = tqdm(range(start + 1, cfg.steps + 1), desc="train", dynamic_ncols=True, initial=start, total=cfg.steps)
-    t_last, n_since = time.perf_counter(), 0
-    for step in pbar:
-        x1, y = data.sample(cfg.batch_size, gen)
+
+class Trainer:
+    """Everything one training process holds; ``train_step`` is one optimizer step, ``fit`` the whole run."""
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv | None = None):
+        self.cfg, self.env = cfg, env or distributed.env_from_torchrun()
+        world, accum = self.env.world, cfg.grad_accum
+        if cfg.batch_size % (world * accum):
+            raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by world size x grad_accum = "
+                              f"{world} x {accum}")
+        base = resolve_device(cfg.device)
+        self.device = torch.device("cuda", self.env.local_rank) if base.type == "cuda" and self.env.active else base
+        distributed.init(self.env, self.device)
+        torch.manual_seed(cfg.seed)
+        self.data = get_dataset(cfg.data, seed=cfg.seed)
+        self.path = get_path(cfg.path, build_source(cfg.source, cfg.seed, self.data.shape), **cfg.path_args)
+        self.model = build_model(model_config(cfg, self.data)).to(self.device)
+        if self.env.active:  # same initial weights everywhere (DDP also broadcasts), per-rank dropout streams
+            torch.manual_seed(cfg.seed + 1_000_003 * self.env.rank)
+        self.meta = run_meta(cfg, self.data, self.model)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)  # contiguous: evaluation takes JVPs
+        if channels_last(cfg, self.device, self.data.kind == "image"):
+            self.model.to(memory_format=torch.channels_last)
+        self.coupling, self.times = get_coupling(cfg.coupling), TimeSampler(cfg.time_sampler)
+        # fused AdamW skips a step without a host sync when found_inf is 1 (the NaN/Inf guard)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(cfg, s))
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        # Independent coupling from a Gaussian source: the kernels draw x0 from a per-step seed.
+        self.in_kernel_noise = cfg.coupling == "independent" and isinstance(self.path.source, Gaussian)
+        step = LossStep(self.model, self.path, cfg.target, cfg.superres, cfg.bf16)
+        step = torch.compile(step, fullgraph=True) if cfg.compile else step  # compile before the DDP wrap
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.step_fn = DistributedDataParallel(step, device_ids=ids) if self.env.active else step
+
+    # ------------------------------------------------------------------ one step
+
+    def _couple(self, x0: Tensor, x1: Tensor, y: Tensor | None, seed: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Pair this rank's rows: per rank, or over the global batch (gather, solve on rank 0, scatter)."""
+        env = self.env
+        gen = torch.Generator(x0.device).manual_seed((seed + env.rank) % 2**63)
+        if self.cfg.coupling_scope == "rank" or not env.active:
+            return self.coupling(x0, x1, y, generator=gen)
+        g0, g1 = distributed.all_gather_rows(x0, env), distributed.all_gather_rows(x1, env)
+        gy = None if y is None else distributed.all_gather_rows(y, env)
+        c0, c1, cy = self.coupling(g0, g1, gy, generator=gen) if env.main else (None, None, None)
+        out0, out1 = distributed.scatter_rows(c0, x0, env), distributed.scatter_rows(c1, x1, env)
+        return out0, out1, None if y is None else distributed.scatter_rows(cy, y, env)
+
+    def train_step(self, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        """One optimizer step; returns (mean loss of this rank's rows, gradient norm, step skipped) as tensors."""
+        cfg, env, dev = self.cfg, self.env, self.device
+        x1, y = self.data.sample(cfg.batch_size, self.gen)
         y = y if cfg.class_cond else None
-        x0, seed = None, int(torch.randint(2**62, (), generator=gen))
-        if not in_kernel_noise:
-            x0, x1, y = coupling(path.source.sample(tuple(x1.shape), generator=gen), x1, y, generator=gen)
-            x0 = x0.to(device)
-        t = times(cfg.batch_size, gen)
+        seed = int(torch.randint(2**62, (), generator=self.gen))
+        x0 = None if self.in_kernel_noise else self.path.source.sample(tuple(x1.shape), generator=self.gen)
+        t = self.times(cfg.batch_size, self.gen)
         if y is not None:
-            y = drop_labels(y, cfg.label_dropout, model.num_classes, gen).to(device)
-        loss = step_loss(x0, x1.to(device), t.to(device), y, seed)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        bad = ~(torch.isfinite(grad_norm) & torch.isfinite(loss.detach()))
-        opt.found_inf = bad.float()
-        opt.step()
-        sched.step()
-        _ema_update(ema, model, ema_decay(cfg, step))
-        bad_run = (bad_run + bad) * bad
-        skipped += bad
-        n_since += cfg.batch_size
-        log = step % cfg.log_every == 0 or step == cfg.steps
-        if (log or device.type == "cpu") and int(bad_run) >= cfg.max_bad_steps:
-            raise TrainingDiverged(f"{int(bad_run)} non-finite steps in a row (loss or gradient NaN/Inf) up to "
-                                   f"step {step}; last checkpoint: {out / CHECKPOINT}")
-        if log:
-            now = time.perf_counter()
-            rec = {"step": step, "loss": float(loss.detach()), "grad_norm": float(grad_norm),
-                   "lr": sched.get_last_lr()[0], "samples_per_s": n_since / (now - t_last),
-                   "sec_per_kimg": 1000 * (now - t_last) / n_since, "skipped_steps": int(skipped)}
-            t_last, n_since = now, 0
-            append_jsonl(metrics, rec)
-            pbar.set_postfix(loss=f"{rec['loss']:.4f}", it_s=f"{rec['samples_per_s'] / cfg.batch_size:.1f}")
-        if step % cfg.ckpt_every == 0 and step != cfg.steps:
-            save(step)
-    save(cfg.steps)
-    summary = final_evaluation(cfg, ema, path, data, out)
-    append_jsonl(metrics, {"final": summary})
-    return summary
+            y = drop_labels(y, cfg.label_dropout, self.model.num_classes, self.gen)
+        rows = env.rows(cfg.batch_size)
+        x1, t = x1[rows].to(dev, non_blocking=True), t[rows].to(dev, non_blocking=True)
+        y = None if y is None else y[rows].to(dev, non_blocking=True)
+        if x0 is not None:
+            x0, x1, y = self._couple(x0[rows].to(dev, non_blocking=True), x1, y, seed)
+        m, dim = x1.shape[0] // cfg.grad_accum, x1[0].numel()
+        total = torch.zeros((), device=dev)
+        self.opt.zero_grad(set_to_none=True)
+        for i in range(cfg.grad_accum):
+            mb = slice(i * m, (i + 1) * m)
+            offset = 0 if x0 is not None else (rows.start + i * m) * dim
+            last = i == cfg.grad_accum - 1
+            sync = self.step_fn.no_sync() if env.active and not last else contextlib.nullcontext()
+            with sync:
+                loss = self.step_fn(None if x0 is None else x0[mb], x1[mb], t[mb], None if y is None else y[mb],
+                                    seed, offset)
+                (loss / cfg.grad_accum).backward()
+            total += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
+        bad = distributed.any_rank(~(torch.isfinite(grad_norm) & torch.isfinite(total)), env)
+        self.opt.found_inf = bad.float()
+        self.opt.step()
+        self.sched.step()
+        _ema_update(self.ema, self.model, ema_decay(cfg, step))
+        return total / cfg.grad_accum, grad_norm, bad
+
+    # ------------------------------------------------------------------ state
+
+    def save(self, step: int) -> None:
+        """Checkpoint (rank 0 writes; every rank's RNG states gathered into it) and EMA weights."""
+        torch_rng = distributed.gather_states(torch.get_rng_state(), self.env)
+        cuda_rng = (distributed.gather_states(torch.cuda.get_rng_state(self.device), self.env)
+                    if self.device.type == "cuda" else None)
+        if not self.env.main:
+            return
+        cfg = self.cfg
+        save_training_state({"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                             "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                             "step": step, "config": dict(cfg.__dict__), "meta": self.meta,
+                             "world": self.env.world, "rng": self.gen.get_state(), "torch_rng": torch_rng,
+                             "cuda_rng": cuda_rng, "data": self.data.state_dict()}, Path(cfg.out) / CHECKPOINT)
+        save_inference(cfg.out, self.ema.state_dict(), self.meta)
+
+    def restore(self, state: dict) -> int:
+        """Load a checkpoint's full state for ``--resume``; returns the step it was taken at."""
+        cfg, env = self.cfg, self.env
+        saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE}
+        now = {k: v for k, v in cfg.__dict__.items() if k not in RESUMABLE}
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if diff:
+            raise ValueError(f"--resume with options that differ from the checkpoint's: {diff}")
+        if state["world"] != env.world:
+            raise ValueError(f"--resume: the checkpoint was written by {state['world']} rank(s), this run has "
+                             f"{env.world}; resume with the same number of processes")
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.gen.set_state(state["rng"])
+        torch.set_rng_state(state["torch_rng"][env.rank])
+        if self.device.type == "cuda" and state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"][env.rank], self.device)
+        self.data.load_state_dict(state["data"])
+        return int(state["step"])
+
+    # ------------------------------------------------------------------ the run
+
+    def _flops_per_sample(self) -> float:
+        cfg, dev, shape = self.cfg, self.device, self.data.shape
+
+        def inputs(n: int) -> tuple[tuple, dict]:
+            x = torch.randn(n, *shape, device=dev)
+            cond: dict[str, Tensor] = {}
+            if cfg.class_cond:
+                cond["y"] = torch.zeros(n, dtype=torch.long, device=dev)
+            if cfg.superres:
+                cond["low_res"] = F.avg_pool2d(x, cfg.superres)
+            return (x, torch.rand(n, device=dev)), cond
+        return flops_per_sample(self.model, inputs)
+
+    def evaluate(self, png: Path) -> dict[str, Any]:
+        """Test NLL of the EMA model (fixed-step solver), a sample PNG and (vectors) sample quality."""
+        cfg, data, ema, path = self.cfg, self.data, self.ema, self.path
+        test = data.test[: cfg.eval_n]
+        nll = None
+        if path.prior.has_log_prob:
+            nll = test_nll(ema, path, test, target=cfg.target, levels=data.levels, method=cfg.eval_solver,
+                           steps=cfg.eval_steps, seed=cfg.seed, cond=eval_conditioning(cfg, data, len(test)))
+        n = min(cfg.n_samples, len(data.test)) if data.kind == "vector" else min(cfg.n_samples, 64, len(data.test))
+        res = generate(ema, path, n, data.shape, target=cfg.target, method=cfg.eval_solver, steps=cfg.eval_steps,
+                       seed=cfg.seed, cond=eval_conditioning(cfg, data, n))
+        png.parent.mkdir(parents=True, exist_ok=True)
+        save_samples_png(res.x, png, data.kind, data.levels, data.test,
+                         title=f"{cfg.data}, {cfg.path}, {cfg.eval_solver} x {cfg.eval_steps}")
+        summary = {"test": nll, "samples_png": str(png), "sample_nfe": res.nfe}
+        if data.kind == "vector":
+            summary["quality"] = sample_quality(res.x, data.test)
+        return summary
+
+    def fit(self) -> dict[str, Any]:
+        """Run (or resume) the job; returns the final summary (also the last line of metrics.jsonl)."""
+        cfg, env, dev = self.cfg, self.env, self.device
+        out = Path(cfg.out)
+        state = load_training_state(out / CHECKPOINT) if cfg.resume and (out / CHECKPOINT).exists() else None
+        start = 0 if state is None else self.restore(state)
+        metrics = out / "metrics.jsonl"
+        if env.main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps(cfg.__dict__, indent=2, sort_keys=True))
+            if state is None:
+                metrics.write_text("")
+        flops, peak = self._flops_per_sample(), peak_flops(dev, cfg.bf16)
+        bad_run = torch.zeros((), dtype=torch.int64, device=dev)
+        skipped = torch.zeros((), dtype=torch.int64, device=dev)
+        loss_sum, taken = torch.zeros((), device=dev), torch.zeros((), device=dev)
+        pbar = tqdm(range(start + 1, cfg.steps + 1), desc="train", dynamic_ncols=True, initial=start,
+                    total=cfg.steps, disable=not env.main)
+        t_start = t_last = time.perf_counter()
+        n_since, rec = 0, {}
+        for step in pbar:
+            loss, grad_norm, bad = self.train_step(step)
+            bad_run = (bad_run + bad) * bad
+            skipped += bad
+            loss_sum += torch.where(bad, 0.0, loss)
+            taken += ~bad
+            n_since += 1
+            log = step % cfg.log_every == 0 or step == cfg.steps
+            if (log or dev.type == "cpu") and int(bad_run) >= cfg.max_bad_steps:
+                raise TrainingDiverged(f"{int(bad_run)} non-finite steps in a row (loss or gradient NaN/Inf) up "
+                                       f"to step {step}; last checkpoint: {out / CHECKPOINT}")
+            if log:
+                n_taken = int(taken)  # steps not skipped by the guard (the same on every rank)
+                mean_loss = float(distributed.mean_over_ranks(loss_sum, env)) / n_taken if n_taken else None
+                now = time.perf_counter()
+                rate = n_since * cfg.batch_size / (now - t_last)
+                rec = {"step": step, "loss": mean_loss, "grad_norm": float(grad_norm),
+                       "lr": self.sched.get_last_lr()[0], "samples_per_s": rate, "sec_per_kimg": 1000 / rate,
+                       "peak_mem_mb": peak_memory_mb(dev), "tflops": flops * rate / env.world / 1e12,
+                       "skipped_steps": int(skipped)}
+                if peak is not None:
+                    rec["mfu"] = flops * rate / env.world / peak
+                if cfg.compile:
+                    rec["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                t_last, n_since = now, 0
+                loss_sum.zero_()
+                taken.zero_()
+                if env.main:
+                    append_jsonl(metrics, rec)
+                    pbar.set_postfix(loss=f"{mean_loss:.4f}" if n_taken else "skipped", img_s=f"{rate:.0f}",
+                                     lr=f"{rec['lr']:.2e}")
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps and env.main:
+                snap = self.evaluate(out / "samples" / f"step_{step:07d}.png")
+                append_jsonl(metrics, {"step": step, "eval": snap})
+            if step % cfg.ckpt_every == 0 and step != cfg.steps:
+                self.save(step)
+        self.save(cfg.steps)
+        summary: dict[str, Any] = {}
+        if env.main:
+            summary = self.evaluate(out / "samples.png")
+            summary.update(steps=cfg.steps, world=env.world, wall_s=time.perf_counter() - t_start,
+                           last=rec, skipped_steps=int(skipped))
+            append_jsonl(metrics, {"final": summary})
+        distributed.barrier(env)
+        return summary
 
 
-def restore(state: dict, cfg: TrainConfig, model: torch.nn.Module, ema: torch.nn.Module,
-            opt: torch.optim.Optimizer, sched: Any, gen: torch.Generator, data: Any) -> int:
-    """Load a checkpoint's full state for ``--resume``; returns the step it was taken at."""
-    saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE}
-    now = {k: v for k, v in cfg.__dict__.items() if k not in RESUMABLE}
-    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    if diff:
-        raise ValueError(f"--resume with options that differ from the checkpoint's: {diff}")
-    model.load_state_dict(state["model"])
-    ema.load_state_dict(state["ema"])
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    gen.set_state(state["rng"])
-    torch.set_rng_state(state["torch_rng"])
-    data.load_state_dict(state["data"])
-    return int(state["step"])
+RESUMABLE = {"resume", "steps", "log_every", "ckpt_every", "out", "device", "eval_n", "n_samples", "eval_every"}
 
 
-RESUMABLE = {"resume", "steps", "log_every", "ckpt_every", "out", "device", "eval_n", "n_samples"}
-
-
-def eval_conditioning(cfg: TrainConfig, data: Any, n: int) -> dict[str, torch.Tensor]:
+def eval_conditioning(cfg: TrainConfig, data: Any, n: int) -> dict[str, Tensor]:
     """Per-sample conditioning for evaluation: test labels and/or low-resolution test images."""
-    cond: dict[str, torch.Tensor] = {}
+    cond: dict[str, Tensor] = {}
     if cfg.class_cond:
         cond["y"] = data.test_labels[:n]
     if cfg.superres:
@@ -188,22 +341,24 @@ def eval_conditioning(cfg: TrainConfig, data: Any, n: int) -> dict[str, torch.Te
     return cond
 
 
-def final_evaluation(cfg: TrainConfig, ema: torch.nn.Module, path: Any, data: Any, out: Path) -> dict[str, Any]:
-    """Test NLL of the EMA model, a sample plot and (vectors) sample quality against the test set."""
-    test = data.test[: cfg.eval_n]
-    nll = None
-    if path.prior.has_log_prob:
-        nll = test_nll(ema, path, test, target=cfg.target, levels=data.levels, method=cfg.eval_solver,
-                       steps=cfg.eval_steps, seed=cfg.seed, cond=eval_conditioning(cfg, data, len(test)))
-    n = min(cfg.n_samples, len(data.test)) if data.kind == "vector" else min(cfg.n_samples, 64, len(data.test))
-    res = generate(ema, path, n, data.shape, target=cfg.target, method=cfg.eval_solver, steps=cfg.eval_steps,
-                   seed=cfg.seed, cond=eval_conditioning(cfg, data, n))
-    save_samples_png(res.x, out / "samples.png", data.kind, data.levels, data.test,
-                     title=f"{cfg.data}, {cfg.path}, {cfg.eval_solver} x {cfg.eval_steps}")
-    summary = {"test": nll, "samples_png": str(out / "samples.png"), "sample_nfe": res.nfe}
-    if data.kind == "vector":
-        summary["quality"] = sample_quality(res.x, data.test)
-    return summary
+def train(cfg: TrainConfig, env: DistEnv | None = None) -> dict[str, Any]:
+    """Run one training job (this process's part of it); rank 0 returns the final summary."""
+    env = env or distributed.env_from_torchrun()
+    try:
+        return Trainer(cfg, env).fit()  # the DDP reducer is freed here, before its process group
+    finally:
+        distributed.shutdown(env)
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """One line: steps, wall time, throughput, last loss and test NLL."""
+    last, test = summary["last"], summary["test"]
+    nll = "n/a (no source density)" if test is None else (
+        f"{test['nll_nats']:.4f} nats (+- {test['nll_nats_stderr']:.4f}, NFE {test['nfe']})"
+        + (f", {test['bits_per_dim']:.4f} bits/dim" if "bits_per_dim" in test else ""))
+    return (f"done: {summary['steps']} steps on {summary['world']} process(es) in {summary['wall_s']:.1f} s, "
+            f"{last.get('samples_per_s', 0):.0f} samples/s, loss {last.get('loss') or float('nan'):.4f}, "
+            f"skipped {summary['skipped_steps']}; test NLL: {nll}; samples: {summary['samples_png']}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -212,14 +367,9 @@ def main(argv: list[str] | None = None) -> None:
         summary = train(cfg)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    test = summary["test"]
-    if test is None:
-        print(f"test NLL: n/a (source {cfg.source!r} has no known density)")
-    else:
-        line = f"test NLL: {test['nll_nats']:.4f} nats (+- {test['nll_nats_stderr']:.4f}, NFE {test['nfe']})"
-        print(line + (f", {test['bits_per_dim']:.4f} bits/dim" if "bits_per_dim" in test else ""))
-    print(f"samples: {summary['samples_png']}")
-    print(json.dumps(summary))
+    if summary:
+        print(summary_line(summary))
+        print(json.dumps(summary))
 
 
 if __name__ == "__main__":

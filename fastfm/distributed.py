@@ -1,0 +1,115 @@
+"""Data-parallel plumbing: torchrun's environment, process group, and the few collectives training uses.
+
+Launch: ``torchrun --nproc_per_node N -m fastfm.train ...`` (multi-node: torchrun's usual
+``--nnodes/--node_rank/--rdzv_endpoint`` flags). NCCL on GPUs, gloo on CPU; without torchrun's
+WORLD_SIZE (or with WORLD_SIZE=1) training runs in a single process.
+
+Batch layout. All ranks draw the same global batch of B rows from one shared, seeded stream and
+keep their own rows: rank r holds rows [r B/W, (r + 1) B/W), split further into ``accum``
+micro-batches of m = B / (W accum) rows. In-kernel noise for rows starting at global row i is
+drawn at stream offset i D, so a W-rank run sees exactly the samples of a one-process run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job: global rank, world size and rank within the node."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def rows(self, batch: int) -> slice:
+        """This rank's rows of a global batch (B divisible by W)."""
+        per = batch // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+
+def env_from_torchrun() -> DistEnv:
+    """RANK / WORLD_SIZE / LOCAL_RANK as torchrun sets them; a single process without them."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistEnv()
+    return DistEnv(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init(env: DistEnv, device: torch.device) -> None:
+    """Join the process group (NCCL for CUDA devices, gloo otherwise); nothing for one process."""
+    if env.active and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
+                                if device.type == "cuda" else None)
+
+
+def shutdown(env: DistEnv) -> None:
+    if env.active and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_gather_rows(x: Tensor, env: DistEnv) -> Tensor:
+    """Concatenate every rank's rows in rank order (the global batch); x itself for one process."""
+    if not env.active:
+        return x
+    parts = [torch.empty_like(x) for _ in range(env.world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def scatter_rows(x: Tensor | None, like: Tensor, env: DistEnv) -> Tensor:
+    """Rank 0's global-batch tensor ``x`` cut into W equal row blocks; rank r receives block r."""
+    if not env.active:
+        assert x is not None
+        return x
+    out = torch.empty_like(like)
+    chunks = list(x.contiguous().chunk(env.world)) if env.main else None
+    dist.scatter(out, chunks, src=0)
+    return out
+
+
+def any_rank(flag: Tensor, env: DistEnv) -> Tensor:
+    """A boolean tensor that is true if it is true on any rank (no host sync)."""
+    if not env.active:
+        return flag
+    x = flag.to(torch.int32)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x.bool()
+
+
+def mean_over_ranks(x: Tensor, env: DistEnv) -> Tensor:
+    if not env.active:
+        return x
+    y = x.detach().clone()
+    dist.all_reduce(y)
+    return y / env.world
+
+
+def gather_states(state: Tensor, env: DistEnv) -> Tensor:
+    """Every rank's state tensor (same shape on all ranks, e.g. an RNG state), stacked (W, ...) on the CPU."""
+    if not env.active:
+        return state.unsqueeze(0)
+    nccl = dist.get_backend() == "nccl"
+    dev = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    return all_gather_rows(state.unsqueeze(0).to(dev), env).cpu()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.active:
+        dist.barrier()
