@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train test bench clean
+.PHONY: install train test bench bench-train clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ bench: $(STAMP)
 	$(PY) -m pytest -q benchmarks/test_kernels_cpu.py --benchmark-max-time=0.5 \
 		--benchmark-json=.benchmarks/cpu_kernels_raw.json
 	$(PY) benchmarks/summarize.py .benchmarks/cpu_kernels_raw.json benchmarks/results/cpu_kernels.json
+
+# Training-step benchmarks beside flow_matching's and torchcfm's plain loops (torchcfm without its
+# heavy optional dependencies: only its ConditionalFlowMatcher is used).
+bench-train: $(STAMP)
+	$(PY) -m pip install -q ".[bench]" && $(PY) -m pip install -q --no-deps torchcfm
+	$(PY) -m pytest -q benchmarks/test_train_cpu.py --benchmark-json=.benchmarks/cpu_train_raw.json
+	$(PY) benchmarks/summarize.py .benchmarks/cpu_train_raw.json benchmarks/results/cpu_train.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .benchmarks

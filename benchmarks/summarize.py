@@ -1,5 +1,6 @@
-"""Turn a pytest-benchmark JSON run into benchmarks/results/<name>.json: GB/s, % of the copy
-bandwidth measured in the same run at the same size, and speed-up over the eager reference.
+"""Turn a pytest-benchmark JSON run into benchmarks/results/<name>.json: for kernels GB/s, % of the
+copy bandwidth measured in the same run at the same size and speed-up over the eager reference;
+for rows naming a ``baseline`` (training steps, engines) the speed-up over it in the same run.
 
     python benchmarks/summarize.py RAW.json benchmarks/results/cpu_kernels.json
 """
@@ -11,11 +12,23 @@ import sys
 from pathlib import Path
 
 
+def speedups(rows: list[dict]) -> None:
+    """Rows naming a ``baseline`` impl get ``speedup_vs_<baseline>`` against that impl's row of the same case."""
+    median = {(r["case"], r["impl"]): r["median_s"] for r in rows if "case" in r}
+    for r in rows:
+        if "baseline" in r:
+            base = median.get((r["case"], r["baseline"]))
+            r[f"speedup_vs_{r['baseline']}"] = base / r["median_s"] if base else None
+
+
 def summarize(raw: dict) -> dict:
     rows = [dict(b["extra_info"], median_s=b["stats"]["median"]) for b in raw["benchmarks"] if b["extra_info"]]
+    speedups(rows)
     copy = {tuple(r["size"]): r["gb_per_s"] for r in rows if r["op"] == "copy"}
     eager = {(r["op"], r.get("noise"), tuple(r["size"])): r["median_s"] for r in rows if r["impl"] == "eager"}
     for r in rows:
+        if "size" not in r:
+            continue
         size = tuple(r["size"])
         if r["op"] != "copy":
             r["pct_of_copy_bandwidth"] = 100 * r["gb_per_s"] / copy[size] if size in copy else None
@@ -35,7 +48,11 @@ if __name__ == "__main__":
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_text(json.dumps(out, indent=2))
     for r in out["results"]:
-        if r["op"] != "copy":
+        if "baseline" in r:
+            sp = r[f"speedup_vs_{r['baseline']}"]
+            print(f"{r['op']:13s} {r['case']:8s} {r['impl']:22s} {r['median_s'] * 1e3:9.2f} ms  "
+                  f"x{sp or 0:5.2f} vs {r['baseline']}")
+        elif r["op"] != "copy":
             pct, sp = r["pct_of_copy_bandwidth"], r["speedup_vs_eager"]
             print(f"{r['op']:13s} {r['impl']:8s} {r.get('noise', ''):5s} {str(r['size']):14s} "
                   f"{r['gb_per_s']:7.2f} GB/s  {pct or 0:5.1f}% of copy  x{sp or 0:5.2f} vs eager")

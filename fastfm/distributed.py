@@ -1,8 +1,8 @@
 """Data-parallel plumbing: torchrun's environment, process group, and the few collectives training uses.
 
 Launch: ``torchrun --nproc_per_node N -m fastfm.train ...`` (multi-node: torchrun's usual
-``--nnodes/--node_rank/--rdzv_endpoint`` flags). NCCL on GPUs, gloo on CPU; without torchrun's
-WORLD_SIZE (or with WORLD_SIZE=1) training runs in a single process.
+``--nnodes/--node_rank/--rdzv_endpoint`` flags). NCCL on GPUs, gloo on CPU. Under torchrun the
+model is always DDP-wrapped (also for N = 1); without torchrun it runs as a plain single process.
 
 Batch layout. All ranks draw the same global batch of B rows from one shared, seeded stream and
 keep their own rows: rank r holds rows [r B/W, (r + 1) B/W), split further into ``accum``
@@ -27,6 +27,7 @@ class DistEnv:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    launched: bool = False  # started by torchrun: a process group (and DDP) even for one rank
 
     @property
     def main(self) -> bool:
@@ -34,7 +35,7 @@ class DistEnv:
 
     @property
     def active(self) -> bool:
-        return self.world > 1
+        return self.launched or self.world > 1
 
     def rows(self, batch: int) -> slice:
         """This rank's rows of a global batch (B divisible by W)."""
@@ -44,10 +45,10 @@ class DistEnv:
 
 def env_from_torchrun() -> DistEnv:
     """RANK / WORLD_SIZE / LOCAL_RANK as torchrun sets them; a single process without them."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if "WORLD_SIZE" not in os.environ:
         return DistEnv()
-    return DistEnv(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    return DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")),
+                   launched=True)
 
 
 def init(env: DistEnv, device: torch.device) -> None:
