@@ -36,5 +36,12 @@ bench-train: $(STAMP)
 	$(PY) -m pytest -q benchmarks/test_train_cpu.py --benchmark-json=.benchmarks/cpu_train_raw.json
 	$(PY) benchmarks/summarize.py .benchmarks/cpu_train_raw.json benchmarks/results/cpu_train.json
 
+# Exported-engine benchmarks on CPU (pytest-benchmark) against eager, torch.compile and flow_matching's
+# ODESolver, summarised into benchmarks/results/cpu_export.json (about 20 minutes on 2 cores).
+.PHONY: bench-export
+bench-export: $(STAMP)
+	$(PY) -m pytest -q benchmarks/test_export_cpu.py --benchmark-json=.benchmarks/cpu_export_raw.json
+	$(PY) benchmarks/summarize_export.py .benchmarks/cpu_export_raw.json benchmarks/results/cpu_export.json
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache .benchmarks

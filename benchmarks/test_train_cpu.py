@@ -88,6 +88,7 @@ def _plain_step(cfg: TrainConfig, impl: str) -> Callable[[], object]:
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_train_step(benchmark, tmp_path, case, impl):
+    torch.compiler.reset()  # no shape history from the previous case (it would make dims dynamic)
     cfg = _config(case, impl, str(tmp_path))
     step = _fastfm_step(cfg) if impl.startswith("fastfm") else _plain_step(cfg, impl)
     for _ in range(WARMUP):

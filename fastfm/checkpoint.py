@@ -51,6 +51,16 @@ def save_json(obj: Any, path: str | Path) -> None:
     atomic_write(path, write)
 
 
+def load_json(path: str | Path, error: type[ValueError], missing: str) -> Any:
+    """The JSON value in ``path``; ``error(missing)`` if there is no file, ``error`` naming it if corrupt."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise error(missing) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"corrupt {path}: {e}") from None
+
+
 def save_training_state(state: dict, path: str | Path) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
@@ -73,11 +83,15 @@ def save_inference(run_dir: str | Path, weights: dict[str, torch.Tensor], meta: 
     save_json(meta, run_dir / META)
 
 
+def inference_file(source: str | Path) -> Path:
+    """The file that holds the weights: a run directory's ema.safetensors, or ``source`` itself."""
+    source = Path(source)
+    return source / EMA_WEIGHTS if source.is_dir() else source
+
+
 def load_inference(source: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(weights, meta) from a run directory, its ema.safetensors, or a checkpoint.pt."""
-    source = Path(source)
-    if source.is_dir():
-        source = source / EMA_WEIGHTS
+    source = inference_file(source)
     if not source.exists():
         raise CheckpointError(f"no checkpoint at {source}")
     if source.suffix == ".pt":
@@ -86,12 +100,7 @@ def load_inference(source: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             raise CheckpointError(f"{source} is not a fastfm training checkpoint (no 'ema'/'meta' entries)")
         return state["ema"], state["meta"]
     meta_path = source.parent / META
-    try:
-        meta = json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{meta_path} is missing: it must sit beside {source.name}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"corrupt {meta_path}: {e}") from None
+    meta = load_json(meta_path, CheckpointError, f"{meta_path} is missing: it must sit beside {source.name}")
     try:
         weights = load_file(str(source))
     except (SafetensorError, OSError, ValueError) as e:

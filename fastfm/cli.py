@@ -10,29 +10,47 @@ import torch.nn.functional as F
 
 from fastfm.build import LoadedRun, load_run, resolve_device
 from fastfm.data import Dataset, get_dataset
+from fastfm.export import Engine, load
 from fastfm.solvers import SOLVERS, check_grid
+
+# Flags an exported engine fixes: None means "not given" (eager defaults below, or the engine's values).
+EAGER_DEFAULTS = {"solver": "midpoint", "steps": 32, "divergence": "auto", "probes": 1}
 
 
 def inference_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--checkpoint", required=True, help="run directory, its ema.safetensors, or a checkpoint.pt")
-    p.add_argument("--solver", default="midpoint", choices=SOLVERS, help="ODE solver")
-    p.add_argument("--steps", type=int, default=32, help="fixed-step solver steps")
+    p.add_argument("--checkpoint", default=None,
+                   help="run directory, its ema.safetensors, or a checkpoint.pt (required unless --engine)")
+    p.add_argument("--engine", default=None,
+                   help="engine directory from python -m fastfm.export, run instead of the eager solver "
+                        "(its solver, steps, divergence and guidance are fixed; with --checkpoint, the "
+                        "weights are checked against it)")
+    p.add_argument("--solver", default=None, choices=SOLVERS, help="ODE solver (default midpoint)")
+    p.add_argument("--steps", type=int, default=None, help="fixed-step solver steps (default 32)")
     p.add_argument("--grid", default=None,
                    help="user time grid t_0,...,t_n in [0, 1] (comma-separated; overrides --steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--batch-size", type=int, default=1000)
-    p.add_argument("--divergence", default="auto", choices=("auto", "exact", "hutchinson"),
-                   help="likelihood divergence: exact (D JVPs), hutchinson, auto (exact up to 16 dims)")
-    p.add_argument("--probes", type=int, default=1, help="Hutchinson probes")
+    p.add_argument("--divergence", default=None, choices=("auto", "exact", "hutchinson"),
+                   help="likelihood divergence: exact (D JVPs), hutchinson, auto (default: exact up to 16 dims)")
+    p.add_argument("--probes", type=int, default=None, help="Hutchinson probes (default 1)")
     return p
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    if any(v is not None and v < 1 for v in (args.steps, args.batch_size, args.probes)):
+        raise ValueError("--steps, --batch-size and --probes must be >= 1")
 
 
 def setup(args: argparse.Namespace) -> LoadedRun:
     """Validate shared arguments, then load the run (errors before any output is written)."""
-    if args.steps < 1 or args.batch_size < 1 or args.probes < 1:
-        raise ValueError("--steps, --batch-size and --probes must be >= 1")
+    _check_counts(args)
+    if args.checkpoint is None:
+        raise ValueError("--checkpoint is required (or --engine DIR)")
+    for flag, default in EAGER_DEFAULTS.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, default)
     if args.grid is not None:
         try:
             args.grid = check_grid([float(v) for v in args.grid.split(",")])
@@ -41,12 +59,32 @@ def setup(args: argparse.Namespace) -> LoadedRun:
     return load_run(args.checkpoint, resolve_device(args.device))
 
 
-def run_dataset(run: LoadedRun) -> Dataset:
-    """The data set the run was trained on (same seed, so the same test split)."""
-    return get_dataset(run.meta["data"]["name"], seed=run.meta.get("seed", 0))
+def setup_engine(args: argparse.Namespace, task: str | None) -> Engine:
+    """Load --engine (a ``task`` engine, any if None); flags it fixes must be left out or agree with it."""
+    _check_counts(args)
+    if args.grid is not None:
+        raise ValueError("--grid cannot be used with --engine: the engine's time grid is baked in")
+    engine = load(args.engine, checkpoint=args.checkpoint)
+    spec = engine.spec
+    if task is not None and spec.task != task:
+        raise ValueError(f"--engine {args.engine} is a {spec.task} engine; this command needs a {task} engine")
+    fixed = {"solver": spec.solver, "steps": spec.steps, "probes": spec.probes or None,
+             "divergence": None if spec.divergence == "none" else spec.divergence}
+    for flag, value in fixed.items():
+        given = getattr(args, flag)
+        if given is not None and given != value and not (flag == "divergence" and given == "auto"):
+            raise ValueError(f"--{flag} {given} conflicts with the engine ({value}); an engine's solver, steps "
+                             "and divergence are fixed at export")
+        setattr(args, flag, value)
+    return engine
 
 
-def low_res_of(run: LoadedRun, images: torch.Tensor) -> dict[str, Any]:
+def run_dataset(meta: dict[str, Any]) -> Dataset:
+    """The data set a run was trained on (same seed, so the same test split), from its model.json."""
+    return get_dataset(meta["data"]["name"], seed=meta.get("seed", 0))
+
+
+def low_res_of(meta: dict[str, Any], images: torch.Tensor) -> dict[str, Any]:
     """Super-resolution conditioning (x downsampled by the run's factor), or nothing."""
-    factor = run.meta.get("superres", 0)
+    factor = meta.get("superres", 0)
     return {"low_res": F.avg_pool2d(images, factor)} if factor else {}

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from fastfm.cli import inference_parser, low_res_of, run_dataset, setup
-from fastfm.evaluation import generate, sample_quality, test_nll
+from fastfm.cli import inference_parser, low_res_of, run_dataset, setup, setup_engine
+from fastfm.evaluation import engine_generate, engine_nll, generate, sample_quality, test_nll
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,21 +20,39 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.n < 1 or args.n_samples < 1:
             raise ValueError("--n and --n-samples must be >= 1")
-        run = setup(args)
-        data = run_dataset(run)
-        test = data.test[: args.n]
-        cond = low_res_of(run, test)
-        if run.model.num_classes is not None:
-            cond["y"] = data.test_labels[: args.n]
-        result = {"checkpoint": args.checkpoint, "data": run.meta["data"]["name"], "path": run.meta["path"],
-                  "test": test_nll(run.model, run.path, test, target=run.meta["target"], levels=data.levels,
-                                   method=args.solver, grid=args.grid, steps=args.steps, divergence=args.divergence,
-                                   n_probes=args.probes, batch_size=args.batch_size, seed=args.seed, cond=cond)}
-        if data.kind == "vector":
+        # A likelihood engine gives the test NLL, a sampling engine the sample quality (vector data).
+        engine = setup_engine(args, None) if args.engine else None
+        run = None if engine else setup(args)
+        meta = engine.meta if engine else run.meta
+        data = run_dataset(meta)
+        if engine and engine.spec.task == "sample" and data.kind != "vector":
+            raise ValueError(f"a sampling engine gives sample-quality metrics of vector data only; {data.name!r} "
+                             "is image data: evaluate with a likelihood engine")
+        classes = meta["model"].get("num_classes")
+        result = {"checkpoint": args.checkpoint, "data": meta["data"]["name"], "path": meta["path"]}
+        if engine:
+            result["engine"] = args.engine
+        if engine is None or engine.spec.task == "likelihood":
+            test = data.test[: args.n]
+            cond = low_res_of(meta, test)
+            if classes is not None:
+                cond["y"] = data.test_labels[: args.n]
+            if engine:
+                result["test"] = engine_nll(engine, test, levels=data.levels, seed=args.seed, cond=cond)
+            else:
+                result["test"] = test_nll(run.model, run.path, test, target=meta["target"], levels=data.levels,
+                                          method=args.solver, grid=args.grid, steps=args.steps,
+                                          divergence=args.divergence, n_probes=args.probes,
+                                          batch_size=args.batch_size, seed=args.seed, cond=cond)
+        if data.kind == "vector" and (engine is None or engine.spec.task == "sample"):
             n = min(args.n_samples, len(data.test))
-            cond_s = {"y": data.test_labels[:n]} if run.model.num_classes is not None else {}
-            res = generate(run.model, run.path, n, run.shape, target=run.meta["target"], method=args.solver, grid=args.grid,
-                           steps=args.steps, seed=args.seed, cond=cond_s, batch_size=args.batch_size)
+            cond_s = {"y": data.test_labels[:n]} if classes is not None else {}
+            if engine:
+                res = engine_generate(engine, n, seed=args.seed, cond=cond_s)
+            else:
+                res = generate(run.model, run.path, n, run.shape, target=meta["target"], method=args.solver,
+                               grid=args.grid, steps=args.steps, seed=args.seed, cond=cond_s,
+                               batch_size=args.batch_size)
             result["quality"] = {**sample_quality(res.x, data.test[:n], args.seed), "n": n, "nfe": res.nfe}
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None

@@ -62,12 +62,44 @@ def test_nll(model: nn.Module, path: AffinePath, x: Tensor, *, target: str = "ve
                              **_slice(cond, i, xb.shape[0], device))
         logps.append(res.log_prob.cpu())
         nfe = res.nfe
-    logp = torch.cat(logps)
+    return nll_summary(torch.cat(logps), dim, levels, nfe=nfe, solver=method, steps=steps, divergence=kind)
+
+
+def nll_summary(logp: Tensor, dim: int, levels: int | None, **info: Any) -> dict[str, Any]:
+    """Mean NLL in nats with its standard error (and bits/dim for discrete data) of log-likelihoods."""
     out: dict[str, Any] = {"nll_nats": float(-logp.mean()), "nll_nats_stderr": float(logp.std() / math.sqrt(len(logp))),
-                           "nfe": nfe, "solver": method, "steps": steps, "divergence": kind, "n": len(logp)}
+                           **info, "n": len(logp)}
     if levels is not None:
         out["bits_per_dim"] = float(bits_per_dim(logp, dim, levels).mean())
     return out
+
+
+def engine_nll(engine: Any, x: Tensor, *, levels: int | None = None, seed: int = 0,
+               cond: dict[str, Tensor] | None = None) -> dict[str, Any]:
+    """:func:`test_nll` through an exported likelihood engine (``fastfm.export.load``), with its solver,
+    steps and divergence (Hutchinson probes drawn here, Rademacher)."""
+    spec = engine.spec
+    gen = torch.Generator().manual_seed(seed)
+    probes = _probes(spec.divergence, x[0].numel(), spec.probes, tuple(x.shape), gen, torch.device("cpu"))
+    res = engine(x, probes=probes, **(cond or {}))
+    kind = "exact" if probes is None else f"hutchinson x{spec.probes}"
+    return nll_summary(res.log_prob.cpu(), x[0].numel(), levels, nfe=res.nfe, solver=spec.solver, steps=spec.steps,
+                       divergence=kind, engine=str(engine.directory), backend=spec.backend)
+
+
+def engine_generate(engine: Any, n: int, *, seed: int = 0, cond: dict[str, Tensor] | None = None) -> SampleResult:
+    """:func:`generate` through an exported sampling engine: n prior draws pushed to t = 1 (and their
+    log-likelihood where the engine computes it)."""
+    from fastfm.build import path_from_meta
+
+    spec = engine.spec
+    gen = torch.Generator().manual_seed(seed)
+    shape = tuple(engine.meta["data"]["shape"])
+    x0 = draw_prior(path_from_meta(engine.meta), n, shape, gen)
+    probes = (_probes(spec.divergence, math.prod(shape), spec.probes, (n, *shape), gen, torch.device("cpu"))
+              if spec.divergence != "none" else None)
+    res = engine(x0, probes=probes, **(cond or {}))
+    return SampleResult(res.x.cpu(), res.nfe, None if res.log_prob is None else res.log_prob.cpu())
 
 
 def generate(model: nn.Module, path: AffinePath, n: int, shape: tuple[int, ...], *, target: str = "velocity",

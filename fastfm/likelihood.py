@@ -41,9 +41,21 @@ def log_likelihood(model: nn.Module, path: AffinePath, x1: Tensor, *, method: st
     """
     if not torch.isfinite(x1).all():
         raise ValueError("log_likelihood: input contains NaN or Inf")
-    v = velocity_field(model, path, target, y, 1.0, **conditioning)
     if grid is not None:
         grid = grid.flip(0) if bool(grid[0] < grid[-1]) else grid
+    return integrate_log_likelihood(model, path, x1, method=method, steps=steps, grid=grid, target=target,
+                                    probes=probes, y=y, rtol=rtol, atol=atol, **conditioning)
+
+
+def integrate_log_likelihood(model: nn.Module, path: AffinePath, x1: Tensor, *, method: str = "midpoint",
+                             steps: int = 32, grid: Tensor | None = None, target: str = "velocity",
+                             probes: Tensor | None = None, y: Tensor | None = None, rtol: float = 1e-5,
+                             atol: float = 1e-5, **conditioning: Tensor) -> LikelihoodResult:
+    """The solve behind :func:`log_likelihood`, unchecked: ``grid`` (if given) must run from data to noise.
+
+    No host syncs or data-dependent branches with a fixed-step method, so torch.export traces it.
+    """
+    v = velocity_field(model, path, target, y, 1.0, **conditioning)
     zero = torch.zeros(x1.shape[0], device=x1.device, dtype=torch.float32)
     t_start, t_end = path.time_interval(target)
     res = solve(augmented_field(v, probes, 1.0), (x1, zero), method=method, steps=steps, grid=grid,

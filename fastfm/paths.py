@@ -163,16 +163,17 @@ class AffinePath:
     def __init__(self, scheduler: Scheduler, source: Density | None = None) -> None:
         self.scheduler = scheduler
         self.source: Density = source if source is not None else Gaussian(1.0)
-        sigma0 = float(scheduler(torch.zeros(1)).sigma_t[0])
-        self.prior: Density = scaled(self.source, sigma0)
+        ends = scheduler(torch.tensor([0.0, 1.0]))
+        self._alpha_0, self._sigma_1 = float(ends.alpha_t[0]), float(ends.sigma_t[1])
+        self.prior: Density = scaled(self.source, float(ends.sigma_t[0]))
 
     def time_interval(self, target: str = "velocity") -> tuple[float, float]:
         """[t_start, t_end] on which the sampled field is finite: an end moves in by T_EPS = 1e-3 where
         the x1 conversion divides by sigma_1 = 0, the x0 conversion by alpha_0 = 0, or sigma'_t
-        diverges at t = 1 (VP). Sampling and likelihood integrate over this interval."""
-        s = self.scheduler(torch.tensor([0.0, 1.0]))
-        lo = T_EPS if target == "x0" and float(s.alpha_t[0]) == 0.0 else 0.0
-        singular = self.scheduler.singular_at_one or (target == "x1" and float(s.sigma_t[1]) == 0.0)
+        diverges at t = 1 (VP). Sampling and likelihood integrate over this interval. Pure Python
+        (endpoint values cached at construction), so traced solves have no host syncs."""
+        lo = T_EPS if target == "x0" and self._alpha_0 == 0.0 else 0.0
+        singular = self.scheduler.singular_at_one or (target == "x1" and self._sigma_1 == 0.0)
         return lo, 1.0 - T_EPS if singular else 1.0
 
     def coefficients(self, t: Tensor, target: str = "velocity") -> Coefficients:

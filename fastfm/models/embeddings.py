@@ -14,8 +14,11 @@ class SinusoidalEmbedding(nn.Module):
     ``emb(t) = [cos(s * w_0), ..., cos(s * w_{h-1}), sin(s * w_0), ..., sin(s * w_{h-1})]``
     with ``w_i = max_period^(-i / h)`` and ``h = dim // 2`` (zero-padded when ``dim`` is odd).
     Always computed in float32, with autocast disabled, so that bf16 does not destroy the
-    resolution of t near 0 and 1.
+    resolution of t near 0 and 1. The w_i are a non-persistent fp32 buffer (not in the state
+    dict): no factory op runs in forward, which torch.export cannot lift out of torch.func.jvp.
     """
+
+    freqs: Tensor
 
     def __init__(self, dim: int, max_period: float = 10000.0, scale: float = 1000.0) -> None:
         super().__init__()
@@ -24,16 +27,14 @@ class SinusoidalEmbedding(nn.Module):
         self.dim = dim
         self.max_period = max_period
         self.scale = scale
+        half = dim // 2
+        freqs = torch.exp(torch.arange(half, dtype=torch.float32) * (-math.log(max_period) / half))
+        self.register_buffer("freqs", freqs, persistent=False)
 
     def forward(self, t: Tensor) -> Tensor:
         """Map times ``t`` of shape (B,) to float32 embeddings of shape (B, dim)."""
-        half = self.dim // 2
         with torch.autocast(device_type=t.device.type, enabled=False):
-            freqs = torch.exp(
-                torch.arange(half, device=t.device, dtype=torch.float32)
-                * (-math.log(self.max_period) / half)
-            )
-            args = (t.to(torch.float32) * self.scale)[:, None] * freqs[None, :]
+            args = (t.to(torch.float32) * self.scale)[:, None] * self.freqs.float()[None, :]
             emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
             if self.dim % 2:
                 emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
@@ -70,5 +71,5 @@ class ConditionEmbedding(nn.Module):
                 raise ValueError("class labels y were given to a model built with num_classes=None")
             return emb
         if y is None:
-            y = torch.full(t.shape, self.num_classes, dtype=torch.long, device=t.device)
+            y = torch.full_like(t, self.num_classes, dtype=torch.long)
         return emb + self.label(y)

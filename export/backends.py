@@ -1,0 +1,183 @@
+"""Backends: build an engine file from the traced program, and load it back as a runner.
+
+A runner maps the engine's inputs (tensors in signature order, on the engine's device) to its
+outputs. Every backend gets the same decomposed, simplified ExportedProgram:
+
+    aoti       torch._inductor.aoti_compile_and_package -> .pt2, aoti_load_package (CPU and CUDA)
+    onnx       torch.onnx.export(dynamo=True, opset 18, static shapes) -> .onnx, onnxruntime
+               (IO binding on the tensors' memory; CUDA execution provider for CUDA engines)
+    tensorrt   torch_tensorrt.dynamo.compile + torch_tensorrt.save -> .ep (needs torch-tensorrt, CUDA)
+    cudagraph  torch.export.save -> .pt2; at load torch.compile of the program, captured once in a
+               torch.cuda.CUDAGraph and replayed (CUDA only; no extra dependency)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .spec import ExportError, TensorSpec
+
+Runner = Callable[[list[Tensor]], list[Tensor]]
+ONNX_OPSET = 18
+# Batch-1 GEMVs on CPU as inductor-generated reductions (multi-threaded, weights streamed once)
+# rather than single-threaded BLAS calls; larger batches keep the BLAS GEMMs.
+AOTI_CPU_CONFIGS = {"freezing": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}}
+
+
+def _require(backend: str, modules: tuple[str, ...], hint: str) -> None:
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(f"backend {backend!r} needs {hint}; missing: {', '.join(missing)}")
+
+
+def check_available(backend: str, device: torch.device, dtype: str = "fp32") -> None:
+    """Raise ExportError naming the missing package or device, before anything is built."""
+    if backend == "onnx":
+        _require("onnx", ("onnx", "onnxscript", "onnxruntime"),
+                 "the onnx, onnxscript and onnxruntime packages (pip install 'fastfm[export]')")
+        if dtype == "bf16" and device.type == "cpu":
+            raise ExportError("onnxruntime's CPU execution provider has no bf16 kernels (Gemm, Conv): build bf16 "
+                              "ONNX engines on a CUDA device, or use --backend aoti on CPU")
+    if backend == "tensorrt":
+        _require("tensorrt", ("torch_tensorrt",),
+                 "the torch-tensorrt package (pip install torch-tensorrt) and a CUDA GPU")
+    if backend in ("tensorrt", "cudagraph") and device.type != "cuda":
+        raise ExportError(f"backend {backend!r} needs a CUDA GPU (the engine device is {device})")
+
+
+def _build_aoti(ep: torch.export.ExportedProgram, example: list[Tensor], path: Path, names: list[str]) -> None:
+    configs = AOTI_CPU_CONFIGS if example[0].device.type == "cpu" else {}
+    torch._inductor.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=configs)
+
+
+def _load_aoti(path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: torch.device) -> Runner:
+    module = torch._inductor.aoti_load_package(str(path))
+    return lambda xs: list(module(*xs))
+
+
+def _build_onnx(ep: torch.export.ExportedProgram, example: list[Tensor], path: Path, names: list[str]) -> None:
+    """ONNX with the engine's input and output names; onnxruntime optimises the graph when it loads it
+    (onnxscript's optimizer takes tens of minutes on graphs of a few 10k nodes)."""
+    program = torch.onnx.export(ep, tuple(example), dynamo=True, opset_version=ONNX_OPSET, optimize=False,
+                                input_names=names[:len(example)], output_names=names[len(example):], verbose=False)
+    program.save(str(path))
+
+
+def _load_onnx(path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: torch.device) -> Runner:
+    import numpy as np
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ExportError("this ONNX engine was built for CUDA, but onnxruntime has no CUDAExecutionProvider "
+                              "(pip install onnxruntime-gpu)")
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+    try:
+        session = ort.InferenceSession(str(path), providers=providers)
+    except Exception as e:
+        raise ExportError(f"onnxruntime cannot load {path}: {e}") from None
+    in_names = [i.name for i in session.get_inputs()]
+    out_names = [o.name for o in session.get_outputs()]
+    np_dtype = {torch.float32: np.float32, torch.int64: np.int64}
+    dev_type, dev_id = device.type, device.index or 0
+
+    def run(xs: list[Tensor]) -> list[Tensor]:
+        binding = session.io_binding()
+        xs = [x.contiguous() for x in xs]
+        for name, x in zip(in_names, xs):
+            binding.bind_input(name, dev_type, dev_id, np_dtype[x.dtype], list(x.shape), x.data_ptr())
+        ys = [torch.empty(o.shape, dtype=torch.float32, device=device) for o in outputs]
+        for name, y in zip(out_names, ys):
+            binding.bind_output(name, dev_type, dev_id, np.float32, list(y.shape), y.data_ptr())
+        session.run_with_iobinding(binding)
+        return ys
+
+    return run
+
+
+def _build_tensorrt(ep: torch.export.ExportedProgram, example: list[Tensor], path: Path, names: list[str]) -> None:
+    import torch_tensorrt
+
+    module = torch_tensorrt.dynamo.compile(ep, arg_inputs=example)
+    torch_tensorrt.save(module, str(path), output_format="exported_program", arg_inputs=example)
+
+
+def _load_exported(path: Path) -> torch.nn.Module:
+    try:
+        return torch.export.load(str(path)).module()
+    except Exception as e:
+        raise ExportError(f"cannot load the exported program {path}: {e}") from None
+
+
+def _load_tensorrt(path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: torch.device) -> Runner:
+    check_available("tensorrt", device)
+    import torch_tensorrt
+
+    module = _load_exported(path)
+    return lambda xs: list(module(*xs))
+
+
+def _build_exported(ep: torch.export.ExportedProgram, example: list[Tensor], path: Path, names: list[str]) -> None:
+    torch.export.save(ep, str(path))
+
+
+def _load_cudagraph(path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: torch.device) -> Runner:
+    """Compile the program, capture one call in a CUDA graph; a call copies into the static inputs
+    and replays it."""
+    check_available("cudagraph", device)
+    fn = torch.compile(_load_exported(path), fullgraph=True, dynamic=False)
+    static = [torch.zeros(i.shape, dtype=i.torch_dtype, device=device) for i in inputs]
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up (compilation, autotuning) outside the capture
+        for _ in range(3):
+            fn(*static)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = list(fn(*static))
+
+    def run(xs: list[Tensor]) -> list[Tensor]:
+        for s, x in zip(static, xs):
+            s.copy_(x)
+        graph.replay()
+        return [y.clone() for y in static_out]
+
+    return run
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How one backend writes its engine file and loads it back."""
+
+    name: str
+    filename: str
+    build: Callable[[torch.export.ExportedProgram, list[Tensor], Path, list[str]], None]  # names: inputs, outputs
+    load: Callable[[Path, list[TensorSpec], list[TensorSpec], torch.device], Runner]
+
+
+BACKENDS: dict[str, Backend] = {
+    "aoti": Backend("aoti", "engine.pt2", _build_aoti, _load_aoti),
+    "onnx": Backend("onnx", "engine.onnx", _build_onnx, _load_onnx),
+    "tensorrt": Backend("tensorrt", "engine.ep", _build_tensorrt, _load_tensorrt),
+    "cudagraph": Backend("cudagraph", "program.pt2", _build_exported, _load_cudagraph),
+}
+
+
+def versions(backend: str) -> dict[str, str]:
+    """Versions of torch and of the backend's packages, for the manifest."""
+    names = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "tensorrt": ("torch_tensorrt", "tensorrt")}
+    out = {"torch": torch.__version__}
+    for name in names.get(backend, ()):
+        module = __import__(name)
+        out[name] = getattr(module, "__version__", "unknown")
+    if torch.version.cuda:
+        out["cuda"] = torch.version.cuda
+    return out

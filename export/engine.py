@@ -1,0 +1,104 @@
+"""A loaded engine: one callable with the same signature for every backend.
+
+    engine(x, y=None, low_res=None, probes=None) -> EngineResult(x, log_prob, bits_per_dim, nfe)
+
+x is the noise x0 (sampling engines) or the data x1 (likelihood engines), any number N of rows;
+probes have shape (k, N, *shape). The engine's batch is static, so rows run in chunks of that
+batch and the last chunk is padded by repeating its last row (rows are independent).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fastfm.checkpoint import inference_file
+
+from . import manifest
+from .backends import BACKENDS, Runner
+from .spec import ExportError
+
+
+@dataclass
+class EngineResult:
+    """x(1) for sampling, the latent x(0) for likelihoods; log p_1 in nats and bits/dim where computed."""
+
+    x: Tensor
+    log_prob: Tensor | None
+    bits_per_dim: Tensor | None
+    nfe: int
+
+
+def _pad(t: Tensor, dim: int, size: int) -> Tensor:
+    """``t`` padded along ``dim`` to ``size`` by repeating its last slice."""
+    m = t.shape[dim]
+    if m == size:
+        return t
+    shape = list(t.shape)
+    shape[dim] = size - m
+    return torch.cat([t, t.narrow(dim, m - 1, 1).expand(shape)], dim)
+
+
+class Engine:
+    """An engine directory loaded on the device it was built for (see :func:`load`)."""
+
+    def __init__(self, directory: Path, info: manifest.Manifest, runner: Runner) -> None:
+        self.directory, self.info, self._run = directory, info, runner
+        self.spec, self.meta, self.device = info.spec, info.meta, info.device
+        self.batch, self.nfe = info.spec.batch, info.nfe
+        self.input_names = [i.name for i in info.inputs]
+        self._row_dims = [1 if name == "probes" else 0 for name in self.input_names]
+        self._outputs = [o.name for o in info.outputs]
+
+    def _prepare(self, x: Tensor, given: dict[str, Tensor | None]) -> list[Tensor]:
+        """Check names and per-row shapes against the manifest; tensors on the engine device, in order."""
+        unexpected = [k for k, v in given.items() if v is not None and k not in self.input_names]
+        if unexpected:
+            raise ExportError(f"this engine takes no {', '.join(unexpected)} (its inputs: {self.input_names})")
+        n = x.shape[0] if x.dim() else 0
+        out = []
+        for spec, dim, t in zip(self.info.inputs, self._row_dims, [x, *map(given.get, self.input_names[1:])]):
+            if t is None:
+                raise ExportError(f"this engine needs {spec.name!r} (shape {spec.shape}, {spec.dtype})")
+            want = spec.shape[:dim] + (n,) + spec.shape[dim + 1:]
+            if t.shape != want or n == 0:
+                raise ExportError(f"{spec.name!r} must have shape {want} (engine batch {self.batch} per call, "
+                                  f"any number of rows), got {tuple(t.shape)}")
+            out.append(t.to(self.device, spec.torch_dtype))
+        return out
+
+    def __call__(self, x: Tensor, y: Tensor | None = None, low_res: Tensor | None = None,
+                 probes: Tensor | None = None) -> EngineResult:
+        inputs = self._prepare(x, {"y": y, "low_res": low_res, "probes": probes})
+        n, b = x.shape[0], self.batch
+        if n == b:  # one call, no copies
+            outputs = self._run(inputs)
+        else:
+            chunks = []
+            for start in range(0, n, b):
+                m = min(b, n - start)
+                call = [_pad(t.narrow(d, start, m), d, b) for t, d in zip(inputs, self._row_dims)]
+                chunks.append([o[:m] for o in self._run(call)])
+            outputs = [torch.cat(parts) for parts in zip(*chunks)]
+        values = dict(zip(self._outputs, outputs))
+        return EngineResult(values["x"], values.get("log_prob"), values.get("bits_per_dim"), self.nfe)
+
+
+def load(directory: str | Path, checkpoint: str | Path | None = None) -> Engine:
+    """Load an engine directory written by ``python -m fastfm.export``; with ``checkpoint``, also check
+    that the engine was built from those weights. Raises ManifestError (an ExportError) otherwise."""
+    directory = Path(directory)
+    info = manifest.read(directory)
+    if checkpoint is not None:
+        weights = inference_file(checkpoint)
+        if not weights.is_file():
+            raise ExportError(f"no checkpoint at {weights}")
+        got = manifest.sha256(weights)
+        if got != info.checkpoint_sha256:
+            raise manifest.ManifestError(f"engine {directory} was built from other weights than {checkpoint} "
+                                         f"(sha256 {info.checkpoint_sha256[:12]}..., checkpoint {got[:12]}...)")
+    runner = BACKENDS[info.spec.backend].load(info.engine_file, info.inputs, info.outputs, info.device)
+    return Engine(directory, info, runner)

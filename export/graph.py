@@ -1,0 +1,128 @@
+"""The engine graph: a trained model and a fixed-step solver unrolled into one traced program.
+
+``SampleProgram`` runs ``fastfm.sampling.sample`` and ``LikelihoodProgram`` runs
+``fastfm.likelihood.integrate_log_likelihood`` on a time grid baked in as an fp32 buffer, so the
+solver loop (Butcher tableau coefficients as fp32 constants) unrolls into steps x stages model
+calls. Under bf16/fp16 the model's parameters are cast; the state x, the log-density
+accumulator, t and the sinusoidal time features stay fp32 (``ModelInDtype``).
+
+``trace`` turns a program into an ExportedProgram: the JVPs of the divergence are traced by
+``make_fx`` (forward-mode AD below autograd, into plain functional ATen ops; torch.export's own
+pre-dispatch trace of torch.func.jvp loses tangents through convolutions), cleaned up
+(``export.simplify``), then exported with torch.export; each backend lowers it from there.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from fastfm.build import LoadedRun
+from fastfm.likelihood import bits_per_dim, integrate_log_likelihood
+from fastfm.sampling import sample
+from fastfm.solvers import time_grid
+
+from .simplify import JVP_DECOMPOSITIONS, simplify
+from .spec import DTYPES, EngineSpec, TensorSpec, signature
+
+
+class ModelInDtype(nn.Module):
+    """v(x, t, **cond) = model(x.to(dtype), t, **cond).float(): parameters in ``dtype``, t in fp32.
+
+    The models embed t in fp32 (sinusoidal features, autocast off) and cast the features to
+    their weights' dtype; buffers (the embedding frequencies) are left in fp32.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(model)
+        for p in self.model.parameters():
+            p.data = p.data.to(dtype)
+        self.dtype = dtype
+        self.num_classes = getattr(model, "num_classes", None)
+
+    def forward(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+        cond = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in cond.items()}
+        return self.model(x.to(self.dtype), t, **cond).float()
+
+
+class _Program(nn.Module):
+    """Shared set-up: the model (in the engine dtype), the path, the grid and the input names."""
+
+    def __init__(self, run: LoadedRun, spec: EngineSpec, inputs: list[TensorSpec], grid: Tensor) -> None:
+        super().__init__()
+        dtype = DTYPES[spec.dtype]
+        self.model = run.model if dtype == torch.float32 else ModelInDtype(run.model, dtype)
+        self.path, self.spec, self.target = run.path, spec, run.meta["target"]
+        self.input_names = [i.name for i in inputs]
+        self.register_buffer("grid", grid)
+        label = -1 if spec.class_label is None else spec.class_label
+        self.register_buffer("label", torch.tensor([label], dtype=torch.long))
+
+    def _split(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor | None, Tensor | None, dict[str, Tensor]]:
+        """(x, y, probes, extra conditioning) from the positional engine inputs."""
+        a = dict(zip(self.input_names, inputs))
+        x = a["x0"] if "x0" in a else a["x1"]
+        y = a.get("y")
+        if y is None and self.spec.class_label is not None:
+            y = self.label.expand(x.shape[0])
+        cond = {"low_res": a["low_res"]} if "low_res" in a else {}
+        return x, y, a.get("probes"), cond
+
+
+class SampleProgram(_Program):
+    """(x0 [, y, low_res, probes]) -> (x(1) [, log p_1(x(1))]): noise pushed from t = 0 to 1."""
+
+    def __init__(self, run: LoadedRun, spec: EngineSpec, inputs: list[TensorSpec]) -> None:
+        t0, t1 = run.path.time_interval(run.meta["target"])
+        super().__init__(run, spec, inputs, time_grid(spec.steps, t0, t1))
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        x0, y, probes, cond = self._split(inputs)
+        res = sample(self.model, self.path, x0, method=self.spec.solver, grid=self.grid, target=self.target, y=y,
+                     guidance=self.spec.guidance, log_likelihood=self.spec.log_likelihood, probes=probes, **cond)
+        return (res.x,) if res.log_prob is None else (res.x, res.log_prob)
+
+
+class LikelihoodProgram(_Program):
+    """(x1 [, y, low_res, probes]) -> (x(0), log p_1(x1) [, bits/dim]): data pulled from t = 1 to 0,
+    log p_1(x1) = log p_0(x(0)) + int_0^1 div v dt, bits/dim as in ``fastfm.likelihood``."""
+
+    def __init__(self, run: LoadedRun, spec: EngineSpec, inputs: list[TensorSpec], levels: int | None) -> None:
+        t0, t1 = run.path.time_interval(run.meta["target"])
+        super().__init__(run, spec, inputs, time_grid(spec.steps, t1, t0))
+        self.levels = levels
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        x1, y, probes, cond = self._split(inputs)
+        res = integrate_log_likelihood(self.model, self.path, x1, method=self.spec.solver, grid=self.grid,
+                                       target=self.target, probes=probes, y=y, **cond)
+        if self.levels is None:
+            return res.x0, res.log_prob
+        return res.x0, res.log_prob, bits_per_dim(res.log_prob, x1[0].numel(), self.levels)
+
+
+def build_program(run: LoadedRun, spec: EngineSpec) -> _Program:
+    """The eval-mode program of a validated spec."""
+    inputs, outputs = signature(spec, run.meta)
+    if spec.task == "sample":
+        return SampleProgram(run, spec, inputs).eval()
+    levels = run.meta["data"].get("levels") if any(o.name == "bits_per_dim" for o in outputs) else None
+    return LikelihoodProgram(run, spec, inputs, levels).eval()
+
+
+def trace(program: nn.Module, example: list[Tensor]) -> torch.export.ExportedProgram:
+    """ExportedProgram of ``program(*example)`` with static shapes: traced to functional ATen with fake
+    tensors (nothing is computed), simplified, then exported (parameters become its constants)."""
+    functional = torch.func.functionalize(program, remove="mutations")
+    with torch.no_grad():
+        gm = make_fx(functional, JVP_DECOMPOSITIONS, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
+        return torch.export.export(simplify(gm), tuple(example))
+
+
+def example_inputs(inputs: list[TensorSpec], device: torch.device | str = "cpu") -> list[Tensor]:
+    """Zeros of the engine's input shapes (for tracing)."""
+    return [torch.zeros(i.shape, dtype=i.torch_dtype, device=device) for i in inputs]

@@ -1,0 +1,478 @@
+"""Engines from ``python -m fastfm.export`` against the eager sampler and likelihood.
+
+Models are random-initialised and perturbed (so no zero-initialised layer hides a bug), saved like
+a training run (ema.safetensors + model.json). Each engine is built once per module; every
+parity test recomputes its eager reference here, on rows that are not a multiple of the
+engine's static batch (so chunking and padding are exercised). AOTInductor compiles take
+seconds on 2 cores, so every solver is covered with ONNX and AOTI gets one build per task.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+from conftest import call, last_json
+from fastfm.export import Engine, EngineSpec, ExportError, ManifestError, export_engine, load, parity
+from fastfm.export import __main__ as export_cli
+from fastfm.export.backends import check_available
+from fastfm.export.graph import build_program, example_inputs, trace
+from fastfm.export.spec import signature, validate
+
+import fastfm
+from fastfm import evaluate, sample
+from fastfm.build import load_run
+from fastfm.checkpoint import save_inference
+from fastfm.likelihood import bits_per_dim, log_likelihood
+from fastfm.models import build_model
+from fastfm.sampling import sample as eager_sample
+
+MLP = {"name": "mlp", "dim": 2, "hidden": 32, "depth": 2}
+UNET = {"name": "unet", "in_channels": 1, "image_size": 8, "model_channels": 8, "channel_mult": [1],
+        "num_res_blocks": 1}
+VECTOR = {"name": "checkerboard", "shape": [2], "kind": "vector", "levels": None, "num_classes": None}
+DIGITS = {"name": "digits", "shape": [1, 8, 8], "kind": "image", "levels": 17, "num_classes": 10}
+RUNS: dict[str, tuple[dict[str, Any], dict[str, Any], int]] = {  # model config, data, superres factor
+    "mlp": (MLP, VECTOR, 0),
+    "mlp_gelu": ({**MLP, "activation": "gelu"}, VECTOR, 0),
+    "mlp_cond": ({**MLP, "num_classes": 3}, VECTOR, 0),
+    "unet": (UNET, DIGITS, 0),
+    "unet_cond": ({**UNET, "num_classes": 10}, DIGITS, 0),
+    "unet_sr": ({**UNET, "low_res_channels": 1}, DIGITS, 2),
+}
+TOL = {"fp32": dict(atol=2e-4, rtol=1e-4), "fp16": dict(atol=5e-2, rtol=2e-2), "bf16": dict(atol=2e-1, rtol=5e-2)}
+ROWS = 11  # not a multiple of the engines' batch 8 (MLP) or 4 (UNet)
+
+
+def make_run(out: Path, config: dict[str, Any], data: dict[str, Any], superres: int, seed: int = 0) -> Path:
+    """A run directory with perturbed random weights and run_meta-style metadata."""
+    model = build_model(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    meta = {"fastfm_version": fastfm.__version__, "model": model.config, "path": {"name": "condot", "args": {}},
+            "source": "gaussian", "seed": 0, "target": "velocity", "superres": superres, "data": data}
+    save_inference(out, model.state_dict(), meta)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("export_runs")
+    return {name: make_run(root / name, *args) for name, args in RUNS.items()}
+
+
+@pytest.fixture(scope="module")
+def build(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Engine]:
+    """build(run, **spec) -> the loaded engine, built once per module."""
+    root = tmp_path_factory.mktemp("engines")
+    cache: dict[tuple, Engine] = {}
+
+    def get(run: str, **spec: Any) -> Engine:
+        key = (run, tuple(sorted(spec.items())))
+        if key not in cache:
+            spec.setdefault("batch", 4 if run.startswith("unet") else 8)
+            out = root / f"engine{len(cache)}"
+            export_engine(runs[run], EngineSpec(**spec), out, device="cpu")
+            cache[key] = load(out)
+        return cache[key]
+
+    return get
+
+
+def inputs(engine: Engine, rows: int = ROWS, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Random engine inputs for ``rows`` rows (labels cycling, Rademacher probes)."""
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for spec in engine.info.inputs:
+        shape = (rows, *spec.shape[1:]) if spec.name != "probes" else (spec.shape[0], rows, *spec.shape[2:])
+        if spec.name == "y":
+            out["y"] = torch.arange(rows) % engine.meta["model"]["num_classes"]
+        elif spec.name == "probes":
+            out["probes"] = torch.randint(0, 2, shape, generator=gen).float() * 2 - 1
+        else:
+            out[spec.name] = torch.randn(shape, generator=gen)
+    return out
+
+
+def reference(run_dir: Path, engine: Engine, given: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The eager fp32 outputs for the same inputs, through fastfm.sampling / fastfm.likelihood."""
+    run = load_run(run_dir)
+    spec = engine.spec
+    cond = dict(given)
+    x = cond.pop("x0", None) if spec.task == "sample" else cond.pop("x1")
+    if spec.class_label is not None:
+        cond["y"] = torch.full((x.shape[0],), spec.class_label)
+    opts = dict(method=spec.solver, steps=spec.steps, target=run.meta["target"], **cond)
+    with torch.no_grad():
+        if spec.task == "sample":
+            res = eager_sample(run.model, run.path, x, guidance=spec.guidance, log_likelihood=spec.log_likelihood,
+                               **opts)
+            return {"x": res.x, "log_prob": res.log_prob}
+        lik = log_likelihood(run.model, run.path, x, **opts)
+        return {"x": lik.x0, "log_prob": lik.log_prob}
+
+
+def assert_parity(run_dir: Path, engine: Engine, rows: int = ROWS) -> dict[str, torch.Tensor]:
+    given = inputs(engine, rows)
+    got = _call(engine, given)
+    ref = reference(run_dir, engine, given)
+    tol = TOL[engine.spec.dtype]
+    assert got.x.shape == ref["x"].shape and got.nfe == engine.spec.nfe
+    torch.testing.assert_close(got.x, ref["x"], **tol)
+    if ref["log_prob"] is not None:
+        torch.testing.assert_close(got.log_prob, ref["log_prob"], **tol)
+    else:
+        assert got.log_prob is None
+    return {"x": got.x, "log_prob": got.log_prob, "bits_per_dim": got.bits_per_dim}
+
+
+def _call(engine: Engine, given: dict[str, torch.Tensor]):
+    given = dict(given)
+    x = given.pop("x0") if engine.spec.task == "sample" else given.pop("x1")
+    return engine(x, **given)
+
+
+# ------------------------------------------------------------------------- parity with eager
+
+
+@pytest.mark.parametrize("solver", ["euler", "midpoint", "heun", "rk4"])
+def test_onnx_sampler_with_log_likelihood_every_solver(build, runs, solver: str) -> None:
+    engine = build("mlp", task="sample", solver=solver, steps=2, backend="onnx", log_likelihood=True)
+    assert engine.spec.divergence == "exact" and engine.input_names == ["x0"]
+    out = assert_parity(runs["mlp"], engine)
+    assert torch.isfinite(out["log_prob"]).all()
+
+
+@pytest.mark.parametrize("backend", ["onnx", "aoti"])
+def test_exact_likelihood(build, runs, backend: str) -> None:
+    engine = build("mlp", task="likelihood", solver="heun", steps=2, backend=backend)
+    out = assert_parity(runs["mlp"], engine)
+    assert out["bits_per_dim"] is None  # vector data: nats only
+
+
+def test_aoti_sampler(build, runs) -> None:
+    engine = build("mlp", task="sample", solver="midpoint", steps=3, backend="aoti")
+    assert engine.info.engine_file.suffix == ".pt2"
+    out = assert_parity(runs["mlp"], engine)
+    assert out["log_prob"] is None
+
+
+def test_hutchinson_likelihood_takes_probes(build, runs) -> None:
+    engine = build("mlp", task="likelihood", solver="midpoint", steps=2, backend="onnx", divergence="hutchinson",
+                   probes=3)
+    assert engine.input_names == ["x1", "probes"] and engine.info.inputs[1].shape == (3, 8, 2)
+    assert_parity(runs["mlp"], engine)
+    given = inputs(engine)
+    other = dict(given, probes=given["probes"].roll(1, dims=1))  # each row gets another row's probes
+    assert not torch.allclose(_call(engine, given).log_prob, _call(engine, other).log_prob)
+
+
+def test_gelu_jvp_decomposes_for_onnx(build, runs) -> None:
+    assert_parity(runs["mlp_gelu"], build("mlp_gelu", task="likelihood", solver="euler", steps=2, backend="onnx"))
+
+
+def test_unet_aoti_sampler(build, runs) -> None:
+    assert_parity(runs["unet"], build("unet", task="sample", solver="euler", steps=2, backend="aoti"), rows=5)
+
+
+def test_unet_hutchinson_likelihood_with_bits_per_dim(build, runs) -> None:
+    engine = build("unet", task="likelihood", solver="midpoint", steps=1, backend="onnx")
+    assert engine.spec.divergence == "hutchinson" and engine.spec.probes == 1  # auto: 64 dims > 16
+    out = assert_parity(runs["unet"], engine, rows=5)
+    torch.testing.assert_close(out["bits_per_dim"], bits_per_dim(out["log_prob"], 64, 17))
+
+
+def test_guided_conditional_sampler(build, runs) -> None:
+    engine = build("unet_cond", task="sample", solver="midpoint", steps=1, backend="onnx", guidance=3.0)
+    assert engine.input_names == ["x0", "y"]
+    out = assert_parity(runs["unet_cond"], engine, rows=5)
+    given = inputs(engine, rows=5)
+    run = load_run(runs["unet_cond"])
+    with torch.no_grad():
+        unguided = eager_sample(run.model, run.path, given["x0"], method="midpoint", steps=1, y=given["y"]).x
+    assert (out["x"] - unguided).abs().max() > 1e-3  # the guidance scale is really baked in
+
+
+def test_conditional_likelihood_takes_labels(build, runs) -> None:
+    engine = build("mlp_cond", task="likelihood", solver="rk4", steps=1, backend="onnx")
+    assert engine.input_names == ["x1", "y"]
+    assert_parity(runs["mlp_cond"], engine)
+
+
+def test_baked_class_label(build, runs) -> None:
+    engine = build("mlp_cond", task="sample", solver="euler", steps=2, backend="onnx", class_label=2)
+    assert engine.input_names == ["x0"]
+    assert_parity(runs["mlp_cond"], engine)
+    with pytest.raises(ExportError, match="takes no y"):
+        engine(torch.zeros(3, 2), y=torch.zeros(3, dtype=torch.long))
+
+
+def test_superres_engine_takes_low_res(build, runs) -> None:
+    engine = build("unet_sr", task="sample", solver="heun", steps=1, backend="onnx")
+    assert engine.input_names == ["x0", "low_res"] and engine.info.inputs[1].shape == (4, 1, 4, 4)
+    assert_parity(runs["unet_sr"], engine, rows=5)
+    with pytest.raises(ExportError, match="needs 'low_res'"):
+        engine(torch.zeros(2, 1, 8, 8))
+
+
+def test_bf16_engine(build, runs) -> None:
+    engine = build("mlp", task="sample", solver="midpoint", steps=2, backend="aoti", dtype="bf16",
+                   log_likelihood=True)
+    assert engine.info.parity["tolerance"] == vars(parity.TOLERANCES["bf16"])
+    assert_parity(runs["mlp"], engine)
+
+
+def test_fp16_onnx_engine(build, runs) -> None:
+    assert_parity(runs["mlp"], build("mlp", task="sample", solver="midpoint", steps=2, backend="onnx", dtype="fp16"))
+
+
+def test_bf16_graph_keeps_time_state_and_outputs_fp32(runs) -> None:
+    run = load_run(runs["mlp"])
+    # batch 4096: the time features are computed in the graph (small batches get them precomputed)
+    spec = validate(EngineSpec(task="sample", solver="euler", steps=1, batch=4096, dtype="bf16",
+                               log_likelihood=True), run.meta)
+    ins, _ = signature(spec, run.meta)
+    ep = trace(build_program(run, spec), example_inputs(ins))
+    dtypes = {}
+    for n in ep.graph.nodes:
+        if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor):
+            dtypes.setdefault(n.target._schema.name.split("::")[-1], set()).add(n.meta["val"].dtype)
+    assert dtypes["cos"] == dtypes["sin"] == {torch.float32}  # sinusoidal time features
+    assert dtypes["addmm"] == {torch.bfloat16}  # every layer of the model
+    outs = [a.meta["val"] for a in ep.graph.output_node().args[0]]
+    assert [o.dtype for o in outs] == [torch.float32, torch.float32]
+
+
+def test_traced_jvps_drop_zero_tangents_and_repeated_primals(runs) -> None:
+    """Exact 2D divergence: per evaluation one primal pass plus two tangent passes, no more GEMMs."""
+    run = load_run(runs["mlp"])
+
+    def gemms(task: str) -> int:
+        spec = validate(EngineSpec(task=task, solver="euler", steps=1, batch=2), run.meta)
+        ep = trace(build_program(run, spec), example_inputs(signature(spec, run.meta)[0]))
+        return sum(str(n.target) in ("aten.mm.default", "aten.addmm.default") for n in ep.graph.nodes)
+
+    assert gemms("sample") == 3  # one evaluation of the model's 3 layers on x (the time MLP is precomputed)
+    # + one tangent pass through the 3 layers per coordinate; 12 without zero folding (x dW products),
+    # 11 without merging the JVPs' primal passes
+    assert gemms("likelihood") == 3 + 2 * 3
+
+
+# ------------------------------------------------------------------------- engine calls
+
+
+def test_engine_call_errors(build) -> None:
+    engine = build("mlp", task="likelihood", solver="heun", steps=2, backend="onnx")
+    with pytest.raises(ExportError, match=r"'x1' must have shape \(5, 2\)"):
+        engine(torch.zeros(5, 3))
+    with pytest.raises(ExportError, match="takes no probes"):
+        engine(torch.zeros(5, 2), probes=torch.zeros(1, 5, 2))
+    x = torch.randn(20, 2, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(engine(x[:3]).log_prob, engine(x).log_prob[:3])  # rows never mix, padded or not
+
+
+# ------------------------------------------------------------------------- manifests
+
+
+@pytest.fixture
+def engine_copy(build, tmp_path: Path) -> Path:
+    engine = build("mlp", task="sample", solver="euler", steps=2, backend="onnx", log_likelihood=True)
+    return Path(shutil.copytree(engine.directory, tmp_path / "engine"))
+
+
+def _edit(directory: Path, change: Callable[[dict], None]) -> None:
+    body = json.loads((directory / "manifest.json").read_text())
+    change(body)
+    (directory / "manifest.json").write_text(json.dumps(body))
+
+
+def test_manifest_contents(engine_copy: Path, runs) -> None:
+    body = json.loads((engine_copy / "manifest.json").read_text())
+    assert body["spec"]["task"] == "sample" and body["nfe"] == 2 and body["spec"]["batch"] == 8
+    assert body["inputs"] == [{"name": "x0", "shape": [8, 2], "dtype": "float32"}]
+    assert [o["name"] for o in body["outputs"]] == ["x", "log_prob"]
+    assert set(body["versions"]) >= {"torch", "onnx", "onnxruntime"}
+    assert body["parity"]["ok"] and body["parity"]["outputs"]["x"]["cosine"] > 0.99999
+    assert len(body["checkpoint"]["sha256"]) == 64 and body["grid"] == [0.0, 0.5, 1.0]
+    load(engine_copy, checkpoint=runs["mlp"])  # the same weights: accepted
+
+
+@pytest.mark.parametrize("corruption, message", [
+    (lambda d: (d / "manifest.json").write_text("{not json"), "corrupt"),
+    (lambda d: _edit(d, lambda b: b.pop("parity")), r"lacks \['parity'\]"),
+    (lambda d: _edit(d, lambda b: b.update(schema=99)), "schema 99"),
+    (lambda d: _edit(d, lambda b: b["spec"].update(backend="tflite")), "unknown backend 'tflite'"),
+    (lambda d: _edit(d, lambda b: b["inputs"][0].update(shape=[4, 2])), "do not follow from its spec"),
+    (lambda d: _edit(d, lambda b: b.update(nfe=7)), "nfe 7"),
+    (lambda d: (d / "engine.onnx").write_bytes((d / "engine.onnx").read_bytes() + b"x"), "sha256"),
+    (lambda d: (d / "engine.onnx").unlink(), "missing"),
+    (lambda d: (d / "manifest.json").unlink(), "not an engine directory"),
+], ids=["json", "missing-key", "schema", "backend", "inputs", "nfe", "sha256", "engine-file", "no-manifest"])
+def test_corrupt_manifest(engine_copy: Path, corruption, message: str) -> None:
+    corruption(engine_copy)
+    with pytest.raises(ManifestError, match=message):
+        load(engine_copy)
+
+
+def test_engine_from_other_weights(engine_copy: Path, runs) -> None:
+    with pytest.raises(ManifestError, match="other weights"):
+        load(engine_copy, checkpoint=runs["mlp_gelu"])
+
+
+# ------------------------------------------------------------------------- bad requests
+
+
+@pytest.mark.parametrize("run, spec, message", [
+    ("mlp", dict(solver="dopri5"), "unknown solver 'dopri5'"),
+    ("mlp", dict(backend="tflite"), "unknown backend"),
+    ("mlp", dict(dtype="int8"), "unknown dtype"),
+    ("mlp", dict(steps=0), "steps must be >= 1"),
+    ("mlp", dict(batch=0), "batch must be >= 1"),
+    ("mlp", dict(guidance=2.0), "needs a class-conditional model"),
+    ("mlp", dict(class_label=0), "class label 0 invalid: the model has no classes"),
+    ("mlp_cond", dict(class_label=3), r"classes 0\.\.2"),
+    ("mlp_cond", dict(task="likelihood", guidance=2.0), "guidance applies to sampling"),
+    ("mlp_cond", dict(task="likelihood", class_label=1), "class label applies to sampling"),
+    ("mlp", dict(task="likelihood", log_likelihood=True), "always returns log p"),
+    ("mlp", dict(divergence="hutchinson"), "needs a likelihood"),
+    ("mlp", dict(backend="cudagraph"), "needs a CUDA GPU"),
+    ("mlp", dict(backend="onnx", dtype="bf16"), "no bf16 kernels"),
+])
+def test_bad_requests_fail_before_building(runs, tmp_path: Path, run: str, spec: dict, message: str) -> None:
+    out = tmp_path / "engine"
+    full = {"task": "sample", "solver": "euler", "steps": 1, "batch": 2, **spec}
+    with pytest.raises(ExportError, match=message):
+        export_engine(runs[run], EngineSpec(**full), out, device="cpu")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_tensorrt") is not None, reason="torch-tensorrt is installed")
+def test_tensorrt_missing_is_named() -> None:
+    with pytest.raises(ExportError, match=r"needs the torch-tensorrt package \(pip install torch-tensorrt\)"):
+        check_available("tensorrt", torch.device("cpu"))
+
+
+def test_exact_divergence_of_images_warns(runs) -> None:
+    run = load_run(runs["unet"])
+    with pytest.warns(UserWarning, match="64 JVPs per evaluation"):
+        spec = validate(EngineSpec(task="likelihood", solver="euler", steps=1, batch=1, divergence="exact"),
+                        run.meta)
+    assert spec.divergence == "exact" and signature(spec, run.meta)[0][-1].name == "x1"  # no probes input
+
+
+def test_low_res_for_plain_model_and_existing_out(runs, tmp_path: Path) -> None:
+    spec = EngineSpec(task="sample", solver="euler", steps=1, batch=2)
+    with pytest.raises(ExportError, match="not trained for super-resolution"):
+        export_engine(runs["unet"], spec, tmp_path / "a", device="cpu", low_res=torch.zeros(2, 1, 4, 4))
+    with pytest.raises(ExportError, match="low-res inputs must have shape"):
+        export_engine(runs["unet_sr"], spec, tmp_path / "b", device="cpu", low_res=torch.zeros(2, 1, 3, 3))
+    (tmp_path / "c").mkdir()
+    with pytest.raises(ExportError, match="exists; pass force"):
+        export_engine(runs["mlp"], spec, tmp_path / "c", device="cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_failed_parity_writes_nothing(runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(parity.TOLERANCES, "fp32", parity.Tolerance(atol=0.0, rtol=0.0, min_cosine=2.0))
+    out = tmp_path / "engine"
+    with pytest.raises(ExportError, match="parity check failed, engine not written"):
+        export_engine(runs["mlp"], EngineSpec(task="sample", solver="euler", steps=1, batch=2, backend="onnx"), out,
+                      device="cpu")
+    assert list(tmp_path.iterdir()) == []  # no engine, no temporary directory
+
+
+# ------------------------------------------------------------------------- command lines
+
+
+def test_cli_export_sample_evaluate(runs, tmp_path: Path) -> None:
+    out = tmp_path / "lik"
+    summary = json.loads(call(export_cli.main, ["--checkpoint", str(runs["mlp"]), "--task", "likelihood",
+                                                "--solver", "midpoint", "--steps", "2", "--batch", "16",
+                                                "--backend", "onnx", "--device", "cpu", "--out", str(out)]))
+    assert summary["nfe"] == 4 and summary["divergence"] == "exact" and (out / "manifest.json").is_file()
+    via_engine = last_json(call(evaluate.main, ["--engine", str(out), "--checkpoint", str(runs["mlp"]),
+                                                "--n", "40"]))
+    eager = last_json(call(evaluate.main, ["--checkpoint", str(runs["mlp"]), "--solver", "midpoint", "--steps", "2",
+                                           "--n", "40", "--n-samples", "10", "--device", "cpu"]))
+    assert via_engine["test"]["nll_nats"] == pytest.approx(eager["test"]["nll_nats"], abs=1e-4)
+    assert via_engine["test"]["nfe"] == eager["test"]["nfe"] == 4 and "quality" not in via_engine
+    with pytest.raises(SystemExit, match="--steps 3 conflicts with the engine"):
+        call(evaluate.main, ["--engine", str(out), "--steps", "3"])
+    with pytest.raises(SystemExit, match="likelihood engine; this command needs a sample engine"):
+        call(sample.main, ["--engine", str(out)])
+
+
+def test_cli_sample_with_engine_matches_eager(build, runs, tmp_path: Path) -> None:
+    engine = build("mlp", task="sample", solver="euler", steps=2, backend="onnx", log_likelihood=True)
+    s = last_json(call(sample.main, ["--engine", str(engine.directory), "--n", "21", "--log-likelihood",
+                                     "--out", str(tmp_path / "e")]))
+    e = last_json(call(sample.main, ["--checkpoint", str(runs["mlp"]), "--solver", "euler", "--steps", "2", "--n", "21",
+                                     "--log-likelihood", "--device", "cpu", "--out", str(tmp_path / "g")]))
+    assert s["nfe"] == e["nfe"] == 2 and s["backend"] == "onnx"
+    np.testing.assert_allclose(np.load(tmp_path / "e" / "samples.npy"), np.load(tmp_path / "g" / "samples.npy"),
+                               atol=1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "e" / "log_prob.npy"), np.load(tmp_path / "g" / "log_prob.npy"),
+                               atol=1e-4)
+
+
+def test_cli_errors(runs, tmp_path: Path) -> None:
+    out = tmp_path / "engine"
+    for argv, message in [(["--checkpoint", str(runs["mlp"]), "--steps", "0"], "steps must be >= 1"),
+                          (["--checkpoint", str(runs["mlp"]), "--backend", "cudagraph"], "needs a CUDA GPU"),
+                          (["--checkpoint", str(tmp_path / "no-run")], "no checkpoint at")]:
+        with pytest.raises(SystemExit) as e:
+            export_cli.main(["--task", "sample", "--out", str(out), "--device", "cpu", *argv])
+        assert str(e.value.code).startswith("error: ") and message in str(e.value.code)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gpu_benchmark_script_runs_on_cpu(tmp_path: Path) -> None:
+    """benchmarks/gpu/bench_export.py, minus its CUDA-only backends, on tiny models."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / "bench_export.py"
+    module_spec = importlib.util.spec_from_file_location("bench_export", path)
+    bench = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(bench)
+    assert "cudagraph" not in bench.implementations("cpu") and "aoti" in bench.implementations("cpu")
+    out = tmp_path / "gpu.json"
+    result = bench.main([str(out), "--device", "cpu", "--quick", "--impls", "flow_matching,eager,onnx",
+                         "--rounds", "2"])
+    assert json.loads(out.read_text()) == result
+    rows = result["results"]
+    assert [r for r in rows if "error" in r] == []
+    assert {(r["model"], r["task"], r["impl"]) for r in rows} == {
+        (m, t, i) for m, t in [("mlp", "sample"), ("mlp", "likelihood"), ("unet", "sample")]
+        for i in ("flow_matching", "eager", "onnx")}
+    assert all(r["speedup_vs_flow_matching"] > 0 and r["max_abs_vs_eager"] < 1e-2 for r in rows)
+
+
+# ------------------------------------------------------------------------- CUDA
+
+
+def _ort_cuda() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["aoti", "cudagraph", pytest.param("onnx", marks=pytest.mark.skipif(
+    not _ort_cuda(), reason="onnxruntime has no CUDAExecutionProvider"))])
+def test_cuda_engines(runs, tmp_path: Path, backend: str) -> None:
+    out = tmp_path / backend
+    export_engine(runs["mlp"], EngineSpec(task="sample", solver="midpoint", steps=2, batch=8, backend=backend,
+                                          log_likelihood=True), out, device="cuda")
+    engine = load(out)
+    assert engine.device.type == "cuda"
+    given = inputs(engine)
+    got = _call(engine, {k: v.cuda() for k, v in given.items()})
+    ref = reference(runs["mlp"], engine, given)
+    torch.testing.assert_close(got.x.cpu(), ref["x"], atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(got.log_prob.cpu(), ref["log_prob"], atol=1e-3, rtol=1e-3)
