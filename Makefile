@@ -37,7 +37,7 @@ bench-train: $(STAMP)
 	$(PY) benchmarks/summarize.py .benchmarks/cpu_train_raw.json benchmarks/results/cpu_train.json
 
 # Exported-engine benchmarks on CPU (pytest-benchmark) against eager, torch.compile and flow_matching's
-# ODESolver, summarised into benchmarks/results/cpu_export.json (about 20 minutes on 2 cores).
+# ODESolver, summarised into benchmarks/results/cpu_export.json (about 15 minutes on 2 cores).
 .PHONY: bench-export
 bench-export: $(STAMP)
 	$(PY) -m pytest -q benchmarks/test_export_cpu.py --benchmark-json=.benchmarks/cpu_export_raw.json

@@ -1,7 +1,7 @@
 """Backends: build an engine file from the traced program, and load it back as a runner.
 
 A runner maps the engine's inputs (tensors in signature order, on the engine's device) to its
-outputs. Every backend gets the same decomposed, simplified ExportedProgram:
+outputs. Every backend gets the same simplified ExportedProgram and lowers it its own way:
 
     aoti       torch._inductor.aoti_compile_and_package -> .pt2, aoti_load_package (CPU and CUDA)
     onnx       torch.onnx.export(dynamo=True, opset 18, static shapes) -> .onnx, onnxruntime
@@ -13,6 +13,7 @@ outputs. Every backend gets the same decomposed, simplified ExportedProgram:
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,8 @@ from .spec import ExportError, TensorSpec
 
 Runner = Callable[[list[Tensor]], list[Tensor]]
 ONNX_OPSET = 18
-# Batch-1 GEMVs on CPU as inductor-generated reductions (multi-threaded, weights streamed once)
-# rather than single-threaded BLAS calls; larger batches keep the BLAS GEMMs.
+# CPU: weights frozen as constants (prepacked for oneDNN), and batch-1 GEMVs as inductor-generated
+# reductions (multi-threaded) rather than single-threaded BLAS calls; larger batches keep BLAS GEMMs.
 AOTI_CPU_CONFIGS = {"freezing": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}}
 
 
@@ -57,7 +58,7 @@ def _build_aoti(ep: torch.export.ExportedProgram, example: list[Tensor], path: P
 
 
 def _load_aoti(path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: torch.device) -> Runner:
-    module = torch._inductor.aoti_load_package(str(path))
+    module = torch._inductor.aoti_load_package(str(path), device_index=-1 if device.index is None else device.index)
     return lambda xs: list(module(*xs))
 
 
@@ -81,7 +82,7 @@ def _load_onnx(path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], 
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
     try:
         session = ort.InferenceSession(str(path), providers=providers)
-    except Exception as e:
+    except Exception as e:  # onnxruntime raises its own exception types
         raise ExportError(f"onnxruntime cannot load {path}: {e}") from None
     in_names = [i.name for i in session.get_inputs()]
     out_names = [o.name for o in session.get_outputs()]
@@ -112,14 +113,13 @@ def _build_tensorrt(ep: torch.export.ExportedProgram, example: list[Tensor], pat
 def _load_exported(path: Path) -> torch.nn.Module:
     try:
         return torch.export.load(str(path)).module()
-    except Exception as e:
+    except Exception as e:  # any deserialisation failure means a corrupt or incompatible engine
         raise ExportError(f"cannot load the exported program {path}: {e}") from None
 
 
 def _load_tensorrt(path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: torch.device) -> Runner:
     check_available("tensorrt", device)
-    import torch_tensorrt
-
+    importlib.import_module("torch_tensorrt")  # registers the TensorRT engine ops the saved program calls
     module = _load_exported(path)
     return lambda xs: list(module(*xs))
 

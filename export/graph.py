@@ -50,17 +50,20 @@ class ModelInDtype(nn.Module):
 
 
 class _Program(nn.Module):
-    """Shared set-up: the model (in the engine dtype), the path, the grid and the input names."""
+    """Shared set-up: the model (in the engine dtype), the path, the input names, the time grid over
+    ``path.time_interval`` (t = 0 -> 1 for sampling, 1 -> 0 for likelihoods) and a baked class label."""
 
-    def __init__(self, run: LoadedRun, spec: EngineSpec, inputs: list[TensorSpec], grid: Tensor) -> None:
+    def __init__(self, run: LoadedRun, spec: EngineSpec, inputs: list[TensorSpec]) -> None:
         super().__init__()
         dtype = DTYPES[spec.dtype]
         self.model = run.model if dtype == torch.float32 else ModelInDtype(run.model, dtype)
         self.path, self.spec, self.target = run.path, spec, run.meta["target"]
         self.input_names = [i.name for i in inputs]
-        self.register_buffer("grid", grid)
-        label = -1 if spec.class_label is None else spec.class_label
-        self.register_buffer("label", torch.tensor([label], dtype=torch.long))
+        t0, t1 = run.path.time_interval(self.target)
+        self.register_buffer("grid", time_grid(spec.steps, t0, t1) if spec.task == "sample"
+                             else time_grid(spec.steps, t1, t0))
+        if spec.class_label is not None:
+            self.register_buffer("label", torch.tensor([spec.class_label]))
 
     def _split(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor | None, Tensor | None, dict[str, Tensor]]:
         """(x, y, probes, extra conditioning) from the positional engine inputs."""
@@ -76,10 +79,6 @@ class _Program(nn.Module):
 class SampleProgram(_Program):
     """(x0 [, y, low_res, probes]) -> (x(1) [, log p_1(x(1))]): noise pushed from t = 0 to 1."""
 
-    def __init__(self, run: LoadedRun, spec: EngineSpec, inputs: list[TensorSpec]) -> None:
-        t0, t1 = run.path.time_interval(run.meta["target"])
-        super().__init__(run, spec, inputs, time_grid(spec.steps, t0, t1))
-
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         x0, y, probes, cond = self._split(inputs)
         res = sample(self.model, self.path, x0, method=self.spec.solver, grid=self.grid, target=self.target, y=y,
@@ -92,8 +91,7 @@ class LikelihoodProgram(_Program):
     log p_1(x1) = log p_0(x(0)) + int_0^1 div v dt, bits/dim as in ``fastfm.likelihood``."""
 
     def __init__(self, run: LoadedRun, spec: EngineSpec, inputs: list[TensorSpec], levels: int | None) -> None:
-        t0, t1 = run.path.time_interval(run.meta["target"])
-        super().__init__(run, spec, inputs, time_grid(spec.steps, t1, t0))
+        super().__init__(run, spec, inputs)
         self.levels = levels
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
@@ -116,7 +114,7 @@ def build_program(run: LoadedRun, spec: EngineSpec) -> _Program:
 
 def trace(program: nn.Module, example: list[Tensor]) -> torch.export.ExportedProgram:
     """ExportedProgram of ``program(*example)`` with static shapes: traced to functional ATen with fake
-    tensors (nothing is computed), simplified, then exported (parameters become its constants)."""
+    tensors, simplified (``export.simplify``), then exported; parameters become its constants."""
     functional = torch.func.functionalize(program, remove="mutations")
     with torch.no_grad():
         gm = make_fx(functional, JVP_DECOMPOSITIONS, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)

@@ -11,6 +11,9 @@ Forward-mode AD (the divergence's JVPs) leaves work in the graph that eager PyTo
 3. Ops with no ONNX translation: the activations' *_backward ops that JVP formulas emit are
    decomposed into elementwise ops while tracing (``JVP_DECOMPOSITIONS``, a make_fx table:
    ``run_decompositions`` keeps them).
+
+Then everything that depends only on constants (the weights and the baked time grid: the time
+embedding of every solver stage) is precomputed.
 """
 
 from __future__ import annotations
