@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from fastfm.build import LoadedRun
@@ -112,13 +112,18 @@ def build_program(run: LoadedRun, spec: EngineSpec) -> _Program:
     return LikelihoodProgram(run, spec, inputs, levels).eval()
 
 
-def trace(program: nn.Module, example: list[Tensor]) -> torch.export.ExportedProgram:
-    """ExportedProgram of ``program(*example)`` with static shapes: traced to functional ATen with fake
-    tensors, simplified (``export.simplify``), then exported; parameters become its constants."""
+def trace_aten(program: nn.Module, example: list[Tensor]) -> fx.GraphModule:
+    """``program(*example)`` traced to functional ATen with fake tensors (static shapes)."""
     functional = torch.func.functionalize(program, remove="mutations")
     with torch.no_grad():
-        gm = make_fx(functional, JVP_DECOMPOSITIONS, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
-        return torch.export.export(simplify(gm), tuple(example))
+        return make_fx(functional, JVP_DECOMPOSITIONS, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
+
+
+def trace(program: nn.Module, example: list[Tensor]) -> torch.export.ExportedProgram:
+    """ExportedProgram of ``program(*example)``: ``trace_aten``, simplified (``export.simplify``), then
+    exported; parameters become its constants."""
+    with torch.no_grad():
+        return torch.export.export(simplify(trace_aten(program, example)), tuple(example))
 
 
 def example_inputs(inputs: list[TensorSpec], device: torch.device | str = "cpu") -> list[Tensor]:

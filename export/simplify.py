@@ -12,14 +12,19 @@ Forward-mode AD (the divergence's JVPs) leaves work in the graph that eager PyTo
    decomposed into elementwise ops while tracing (``JVP_DECOMPOSITIONS``, a make_fx table:
    ``run_decompositions`` keeps them).
 
+4. Products with concatenated inputs. The MLP's first layer multiplies [x, e(t)] (and its
+   tangents [dx, 0]) by W: split by blocks of W's rows, x W_x + e(t) W_e, zero blocks dropped,
+   so the constant block e(t) W_e can be precomputed (``split_cat_products``).
+
 Then everything that depends only on constants (the weights and the baked time grid: the time
-embedding of every solver stage) is precomputed.
+embedding of every solver stage and its product with the first layer) is precomputed; a large
+constant that is one row broadcast over the batch is kept as that row and expanded.
 """
 
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable
+from typing import Any, Callable, Container
 
 import torch
 from torch import fx
@@ -164,27 +169,98 @@ def merge_common(gm: fx.GraphModule) -> int:
     return removed
 
 
-def fold_constants(gm: fx.GraphModule, max_numel: int = 1 << 16) -> int:
+def _computable(n: fx.Node, known: Container[fx.Node]) -> bool:
+    """Whether pure op n can be evaluated from the ``known`` constants: its tensor inputs are all
+    known, or it has none (eye, arange); zero sources stay in the graph for ``fold_zeros``."""
+    return (n.op == "call_function" and _pure(n) and _name(n) not in ("full", "full_like", "zeros")
+            and all(x in known for x in n.all_input_nodes))
+
+
+def _constant_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes whose value depends on constants only (parameters, buffers, the baked time grid)."""
+    const: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" or _computable(n, const):
+            const.add(n)
+    return const
+
+
+def split_cat_products(gm: fx.GraphModule) -> int:
+    """Rewrite mm(cat([a_1, ..., a_m], -1), W) (and addmm(b, ...)) as the sum of a_i W_i over the
+    row blocks W_i of W where a block a_i is zero (dropped) or constant: b + sum_const a_i W_i is a
+    constant to precompute, and the rest stays addmm(that, a_j, W_j). Returns the products rewritten."""
+    g = gm.graph
+    const = _constant_nodes(gm)
+    rewritten = 0
+    for n in list(g.nodes):
+        if n.target not in (aten.mm.default, aten.addmm.default) or n.kwargs:  # addmm with beta, alpha: left as is
+            continue
+        lhs, rhs = n.args[-2], n.args[-1]
+        if not (isinstance(lhs, fx.Node) and lhs.target is aten.cat.default and lhs.args[1:] in ((), (1,), (-1,))
+                and any(_is_zero_source(p) or p in const for p in lhs.args[0])):
+            continue
+        val = n.meta["val"]
+        blocks: list[tuple[fx.Node, fx.Node]] = []
+        with g.inserting_before(n):
+            offset = 0
+            for piece in lhs.args[0]:
+                width = piece.meta["val"].shape[1]
+                if not _is_zero_source(piece):
+                    block = g.call_function(aten.slice.Tensor, (rhs, 0, offset, offset + width))
+                    block.meta["val"] = rhs.meta["val"][offset:offset + width]
+                    blocks.append((piece, block))
+                offset += width
+            total = n.args[0] if n.target is aten.addmm.default else None
+            for piece, block in sorted(blocks, key=lambda pb: pb[0] not in const):  # constant terms first
+                args = (piece, block) if total is None else (total, piece, block)
+                total = g.call_function(aten.mm.default if total is None else aten.addmm.default, args)
+                total.meta["val"] = val
+            if total is None:
+                total = g.call_function(aten.full.default, (list(val.shape), 0),
+                                        {"dtype": val.dtype, "layout": torch.strided, "device": val.device,
+                                         "pin_memory": False})
+        total.meta = dict(n.meta)
+        n.replace_all_uses_with(total)
+        g.erase_node(n)
+        rewritten += 1
+    g.eliminate_dead_code()
+    return rewritten
+
+
+def _broadcast_row(value: torch.Tensor) -> bool:
+    """Whether every row (index along dim 0) of ``value`` equals the first."""
+    return value.dim() > 0 and value.shape[0] > 1 and torch.equal(value, value[:1].expand_as(value))
+
+
+def fold_constants(gm: fx.GraphModule, max_numel: int = 1 << 16, max_computed: int = 1 << 24) -> int:
     """Precompute the ops whose inputs are all constants (parameters, buffers, the baked time grid):
-    the time embedding of every solver stage, for one. Results above ``max_numel`` elements (values
-    broadcast over a large batch) stay computed at run time. Returns the number of nodes removed."""
+    the time embedding of every solver stage, for one. A result above ``max_numel`` elements is kept
+    only when it is one row broadcast over the batch (stored as the row, expanded at run time);
+    others, and anything above ``max_computed``, stay computed at run time. Returns the number of
+    nodes removed."""
     g = gm.graph
     before = len(g.nodes)
     known: dict[fx.Node, Any] = {}
     for n in g.nodes:
         if n.op == "get_attr":
             known[n] = getattr(gm, n.target)
-        elif (n.op == "call_function" and _pure(n) and _name(n) not in ("full", "full_like", "zeros")
-              and all(x in known for x in n.all_input_nodes) and n.all_input_nodes):
+        elif _computable(n, known):
             val = n.meta.get("val")
-            if isinstance(val, torch.Tensor) and val.numel() <= max_numel:
-                known[n] = n.target(*fx.map_arg(n.args, known.__getitem__), **fx.map_arg(n.kwargs, known.__getitem__))
+            if isinstance(val, torch.Tensor) and val.numel() <= max_computed:
+                value = n.target(*fx.map_arg(n.args, known.__getitem__), **fx.map_arg(n.kwargs, known.__getitem__))
+                if value.numel() <= max_numel or _broadcast_row(value):
+                    known[n] = value
     frontier = [n for n in known if n.op == "call_function" and any(u not in known for u in n.users)]
     for i, n in enumerate(frontier):
         name = f"_folded_{i}"
-        gm.register_buffer(name, known[n])
+        value = known[n]
+        row = value.numel() > max_numel
+        gm.register_buffer(name, value[:1].clone() if row else value)
         with g.inserting_before(n):
             c = g.get_attr(name)
+            if row:
+                c.meta = {"val": n.meta["val"][:1]}
+                c = g.call_function(aten.expand.default, (c, list(value.shape)))
         c.meta = dict(n.meta)
         n.replace_all_uses_with(c)
     g.eliminate_dead_code()
@@ -192,9 +268,9 @@ def fold_constants(gm: fx.GraphModule, max_numel: int = 1 << 16) -> int:
 
 
 def simplify(gm: fx.GraphModule) -> fx.GraphModule:
-    """Fold zeros and merge common subexpressions until neither changes the graph, then precompute
-    constant subgraphs (in place)."""
-    while fold_zeros(gm) + merge_common(gm):
+    """Fold zeros, merge common subexpressions and split products of concatenations until none
+    changes the graph, then precompute constant subgraphs (in place)."""
+    while fold_zeros(gm) + merge_common(gm) + split_cat_products(gm):
         pass
     fold_constants(gm)
     gm.graph.lint()

@@ -22,7 +22,7 @@ from conftest import call, last_json
 from fastfm.export import Engine, EngineSpec, ExportError, ManifestError, export_engine, load, parity
 from fastfm.export import __main__ as export_cli
 from fastfm.export.backends import check_available
-from fastfm.export.graph import build_program, example_inputs, trace
+from fastfm.export.graph import build_program, example_inputs, trace, trace_aten
 from fastfm.export.spec import signature, validate
 
 import fastfm
@@ -236,18 +236,17 @@ def test_fp16_onnx_engine(build, runs) -> None:
 
 def test_bf16_graph_keeps_time_state_and_outputs_fp32(runs) -> None:
     run = load_run(runs["mlp"])
-    # batch 4096: the time features are computed in the graph (small batches get them precomputed)
-    spec = validate(EngineSpec(task="sample", solver="euler", steps=1, batch=4096, dtype="bf16",
+    spec = validate(EngineSpec(task="sample", solver="euler", steps=1, batch=64, dtype="bf16",
                                log_likelihood=True), run.meta)
     ins, _ = signature(spec, run.meta)
-    ep = trace(build_program(run, spec), example_inputs(ins))
+    program, example = build_program(run, spec), example_inputs(ins)
     dtypes = {}
-    for n in ep.graph.nodes:
+    for n in trace_aten(program, example).graph.nodes:  # before the time features are precomputed
         if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor):
             dtypes.setdefault(n.target._schema.name.split("::")[-1], set()).add(n.meta["val"].dtype)
     assert dtypes["cos"] == dtypes["sin"] == {torch.float32}  # sinusoidal time features
     assert dtypes["addmm"] == {torch.bfloat16}  # every layer of the model
-    outs = [a.meta["val"] for a in ep.graph.output_node().args[0]]
+    outs = [a.meta["val"] for a in trace(program, example).graph.output_node().args[0]]
     assert [o.dtype for o in outs] == [torch.float32, torch.float32]
 
 
@@ -261,9 +260,61 @@ def test_traced_jvps_drop_zero_tangents_and_repeated_primals(runs) -> None:
         return sum(str(n.target) in ("aten.mm.default", "aten.addmm.default") for n in ep.graph.nodes)
 
     assert gemms("sample") == 3  # one evaluation of the model's 3 layers on x (the time MLP is precomputed)
-    # + one tangent pass through the 3 layers per coordinate; 12 without zero folding (x dW products),
-    # 11 without merging the JVPs' primal passes
-    assert gemms("likelihood") == 3 + 2 * 3
+    # + one tangent pass per coordinate through the 2 layers after the first (the first layer's tangent
+    # e_i W is a constant); 12 without zero folding (x dW products), 11 without merging the JVPs'
+    # primal passes, 9 without splitting [x, e(t)] W
+    assert gemms("likelihood") == 3 + 2 * 2
+
+
+@pytest.mark.parametrize("batch", [1, 4096])
+def test_time_features_of_the_first_layer_are_precomputed(runs, batch: int) -> None:
+    """[x, e(t)] W = x W_x + e(t) W_e with e(t) W_e a constant per stage (a row expanded over a large batch):
+    the first layer multiplies only the 2 coordinates of x, and no time features are left to compute."""
+    run = load_run(runs["mlp"])
+    spec = validate(EngineSpec(task="sample", solver="midpoint", steps=2, batch=batch), run.meta)
+    ep = trace(build_program(run, spec), example_inputs(signature(spec, run.meta)[0]))
+    names = [n.target._schema.name.split("::")[-1] for n in ep.graph.nodes if n.op == "call_function"]
+    assert {"cat", "cos", "sin"}.isdisjoint(names)
+    first = [n for n in ep.graph.nodes if str(n.target) == "aten.addmm.default"][0]
+    assert tuple(first.args[1].meta["val"].shape) == (batch, 2)
+    consts = [v for k, v in ep.state_dict.items()] + list(ep.constants.values())
+    assert max(c.numel() for c in consts) < 4096 * 64  # broadcast constants are kept as one row
+
+
+def test_split_and_fold_keep_values() -> None:
+    """The simplifications against the plain graph on odd sizes: a product with [x, c, 0, x^2]
+    (constant and zero blocks), a constant broadcast over the batch, a large non-broadcast constant."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fastfm.export.simplify import simplify
+
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(3 + 5 + 4 + 3, 7))
+            self.b = torch.nn.Parameter(torch.randn(7))
+            self.c = torch.nn.Parameter(torch.randn(1, 5))
+            self.big = torch.nn.Parameter(torch.randn(300, 300))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            n = x.shape[0]
+            parts = [x, torch.sin(self.c).expand(n, 5), torch.zeros(n, 4), x * x]
+            h = torch.addmm(self.b, torch.cat(parts, -1), self.w)
+            return h.sum() + (self.big @ self.big).sum() + torch.cat([torch.zeros(n, 3), x], -1).mm(self.w[:6]).sum()
+
+    net = Net().eval()
+    x = torch.randn(70001, 3)
+    with torch.no_grad():
+        gm = simplify(make_fx(net, tracing_mode="fake", _allow_non_fake_inputs=True)(x))
+        torch.testing.assert_close(gm(x), net(x), rtol=1e-4, atol=1e-2)
+    names = [str(n.target) for n in gm.graph.nodes]
+    assert "aten.cat.default" not in names and "aten.sin.default" not in names
+    # x and x^2 blocks, the x block of the second product, and big @ big: a large constant that is not
+    # a broadcast row stays computed at run time
+    assert names.count("aten.addmm.default") == 2 and names.count("aten.mm.default") == 2
+    assert max(b.numel() for b in gm.buffers()) < 70001  # the 70001-row constants are kept as one row
 
 
 # ------------------------------------------------------------------------- engine calls
