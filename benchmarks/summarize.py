@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 
 def speedups(rows: list[dict]) -> None:
@@ -42,11 +43,17 @@ def summarize(raw: dict) -> dict:
             "datetime": raw.get("datetime"), "results": rows}
 
 
-if __name__ == "__main__":
+def write_summary(summarize_fn: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+    """Summarize the pytest-benchmark JSON named by argv[1] into the file argv[2]; returns the summary."""
     src, dst = Path(sys.argv[1]), Path(sys.argv[2])
-    out = summarize(json.loads(src.read_text()))
+    out = summarize_fn(json.loads(src.read_text()))
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    out = write_summary(summarize)
     for r in out["results"]:
         if "baseline" in r:
             sp = r[f"speedup_vs_{r['baseline']}"]

@@ -8,11 +8,10 @@ batch 1024 >= 4x faster than flow_matching).
 
 from __future__ import annotations
 
-import json
-import sys
 from importlib.metadata import version
-from pathlib import Path
 from typing import Any
+
+from summarize import write_summary
 
 GOALS = {("mlp", "sample", 1): 8.0, ("mlp", "likelihood", 1024): 4.0}
 
@@ -47,10 +46,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    src, dst = Path(sys.argv[1]), Path(sys.argv[2])
-    out = summarize(json.loads(src.read_text()))
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_text(json.dumps(out, indent=2))
+    out = write_summary(summarize)
     for r in out["results"]:
         fm, eager = r["speedup_vs_flow_matching"], r["speedup_vs_eager"]
         print(f"{r['model']:5s} {r['task']:10s} b{r['batch']:<5d} {r['impl']:14s} {1e3 * r['median_s']:10.3f} ms "
