@@ -227,6 +227,9 @@ def split_cat_products(gm: fx.GraphModule) -> int:
     return rewritten
 
 
+_VIEW_OPS = (aten.view.default, aten._unsafe_view.default)
+
+
 def _broadcast_row(value: torch.Tensor) -> bool:
     """Whether every row (index along dim 0) of ``value`` equals the first."""
     return value.dim() > 0 and value.shape[0] > 1 and torch.equal(value, value[:1].expand_as(value))
@@ -235,7 +238,7 @@ def _broadcast_row(value: torch.Tensor) -> bool:
 def fold_constants(gm: fx.GraphModule, max_numel: int = 1 << 16, max_computed: int = 1 << 24) -> int:
     """Precompute the ops whose inputs are all constants (parameters, buffers, the baked time grid):
     the time embedding of every solver stage, for one. A result above ``max_numel`` elements is kept
-    only when it is one row broadcast over the batch (stored as the row, expanded at run time);
+    only when it is one row broadcast over the batch (held, and stored, as the row expanded);
     others, and anything above ``max_computed``, stay computed at run time. Returns the number of
     nodes removed."""
     g = gm.graph
@@ -247,9 +250,13 @@ def fold_constants(gm: fx.GraphModule, max_numel: int = 1 << 16, max_computed: i
         elif _computable(n, known):
             val = n.meta.get("val")
             if isinstance(val, torch.Tensor) and val.numel() <= max_computed:
-                value = n.target(*fx.map_arg(n.args, known.__getitem__), **fx.map_arg(n.kwargs, known.__getitem__))
-                if value.numel() <= max_numel or _broadcast_row(value):
+                # reshape for view: a view of an expanded row may need a copy
+                op = aten.reshape.default if n.target in _VIEW_OPS else n.target
+                value = op(*fx.map_arg(n.args, known.__getitem__), **fx.map_arg(n.kwargs, known.__getitem__))
+                if value.numel() <= max_numel:
                     known[n] = value
+                elif _broadcast_row(value):
+                    known[n] = value[:1].clone().expand(value.shape)
     frontier = [n for n in known if n.op == "call_function" and any(u not in known for u in n.users)]
     for i, n in enumerate(frontier):
         name = f"_folded_{i}"
@@ -263,6 +270,9 @@ def fold_constants(gm: fx.GraphModule, max_numel: int = 1 << 16, max_computed: i
                 c = g.call_function(aten.expand.default, (c, list(value.shape)))
         c.meta = dict(n.meta)
         n.replace_all_uses_with(c)
+        for u in c.users if row else ():  # an expanded row is not contiguous: a view of it may need a copy
+            if u.target in _VIEW_OPS:
+                u.target = aten.reshape.default
     g.eliminate_dead_code()
     return before - len(g.nodes)
 

@@ -283,7 +283,7 @@ def test_time_features_of_the_first_layer_are_precomputed(runs, batch: int) -> N
 
 def test_split_and_fold_keep_values() -> None:
     """The simplifications against the plain graph on odd sizes: a product with [x, c, 0, x^2]
-    (constant and zero blocks), a constant broadcast over the batch, a large non-broadcast constant."""
+    (constant and zero blocks), constants broadcast over the batch, a large non-broadcast constant."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from fastfm.export.simplify import simplify
@@ -302,7 +302,9 @@ def test_split_and_fold_keep_values() -> None:
             n = x.shape[0]
             parts = [x, torch.sin(self.c).expand(n, 5), torch.zeros(n, 4), x * x]
             h = torch.addmm(self.b, torch.cat(parts, -1), self.w)
-            return h.sum() + (self.big @ self.big).sum() + torch.cat([torch.zeros(n, 3), x], -1).mm(self.w[:6]).sum()
+            rows = torch.cos(self.c.expand(n, 5)).view(-1)  # a view of a broadcast row (held compact while folding)
+            return (h.sum() + (self.big @ self.big).sum() + torch.cat([torch.zeros(n, 3), x], -1).mm(self.w[:6]).sum()
+                    + rows.sum())
 
     net = Net().eval()
     x = torch.randn(70001, 3)
