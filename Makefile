@@ -32,7 +32,7 @@ bench: $(STAMP)
 # Training-step benchmarks beside flow_matching's and torchcfm's plain loops (torchcfm without its
 # heavy optional dependencies: only its ConditionalFlowMatcher is used).
 bench-train: $(STAMP)
-	$(PY) -m pip install -q ".[bench]" && $(PY) -m pip install -q --no-deps torchcfm
+	$(PY) -m pip install -q -e ".[bench]" && $(PY) -m pip install -q --no-deps torchcfm
 	$(PY) -m pytest -q benchmarks/test_train_cpu.py --benchmark-json=.benchmarks/cpu_train_raw.json
 	$(PY) benchmarks/summarize.py .benchmarks/cpu_train_raw.json benchmarks/results/cpu_train.json
 

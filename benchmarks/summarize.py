@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +21,17 @@ def speedups(rows: list[dict]) -> None:
         if "baseline" in r:
             base = median.get((r["case"], r["baseline"]))
             r[f"speedup_vs_{r['baseline']}"] = base / r["median_s"] if base else None
+
+
+def versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    """Installed versions of the packages a run compared (None where one is missing)."""
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def summarize(raw: dict) -> dict:
@@ -40,6 +52,7 @@ def summarize(raw: dict) -> dict:
     return {"machine": {"cpu": cpu.get("brand_raw"), "cores": cpu.get("count"), "arch": machine.get("machine"),
                         "python": machine.get("python_version"), "torch": machine.get("torch"),
                         "torch_threads": machine.get("torch_threads")},
+            "versions": versions(("torch", "flow_matching", "torchcfm")),
             "datetime": raw.get("datetime"), "results": rows}
 
 

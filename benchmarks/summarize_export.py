@@ -8,10 +8,9 @@ batch 1024 >= 4x faster than flow_matching).
 
 from __future__ import annotations
 
-from importlib.metadata import version
 from typing import Any
 
-from summarize import write_summary
+from summarize import versions, write_summary
 
 GOALS = {("mlp", "sample", 1): 8.0, ("mlp", "likelihood", 1024): 4.0}
 
@@ -40,7 +39,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "machine": {"platform": f"{machine.get('system')} {machine.get('release')} {machine.get('machine')}",
                     "processor": machine.get("cpu", {}).get("brand_raw"), "cpu_count": machine.get("cpu", {}).get("count"),
                     "torch_threads": machine.get("torch_threads"), "python": machine.get("python_version")},
-        "versions": {name: version(name) for name in ("torch", "onnxruntime", "onnx", "flow_matching")},
+        "versions": versions(("torch", "onnxruntime", "onnx", "flow_matching")),
         "datetime": raw.get("datetime"), "goals": goals, "results": rows,
     }
 
