@@ -67,8 +67,24 @@ class Engine:
             if t.shape != want or n == 0:
                 raise ExportError(f"{spec.name!r} must have shape {want} (engine batch {self.batch} per call, "
                                   f"any number of rows), got {tuple(t.shape)}")
+            self._check_values(spec.name, t, spec.torch_dtype)
             out.append(t.to(self.device, spec.torch_dtype))
         return out
+
+    def _check_values(self, name: str, t: Tensor, dtype: torch.dtype) -> None:
+        """Floating inputs finite; labels integers in 0..C-1 (an engine indexes its class embedding unchecked)."""
+        if dtype.is_floating_point:
+            if t.is_complex():
+                raise ExportError(f"{name!r} must be a real tensor, got {t.dtype}")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ExportError(f"{name!r} contains NaN or Inf")
+            return
+        classes = self.meta["model"].get("num_classes")
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ExportError(f"{name!r} must hold integer class labels, got {t.dtype}")
+        lo, hi = int(t.min()), int(t.max())
+        if classes is not None and (lo < 0 or hi >= classes):
+            raise ExportError(f"{name!r} must hold class labels in 0..{classes - 1}, got values in {lo}..{hi}")
 
     def __call__(self, x: Tensor, y: Tensor | None = None, low_res: Tensor | None = None,
                  probes: Tensor | None = None) -> EngineResult:

@@ -205,6 +205,19 @@ def test_conditional_likelihood_takes_labels(build, runs) -> None:
     engine = build("mlp_cond", task="likelihood", solver="rk4", steps=1, backend="onnx")
     assert engine.input_names == ["x1", "y"]
     assert_parity(runs["mlp_cond"], engine)
+    x, y = torch.zeros(3, 2), torch.tensor([0, 1, 2])
+    classes = load_run(runs["mlp_cond"]).meta["model"]["num_classes"]
+    with pytest.raises(ExportError, match=rf"'y' must hold class labels in 0..{classes - 1}, got values in 0..{classes}"):
+        engine(x, y=torch.tensor([0, 1, classes]))
+    with pytest.raises(ExportError, match=r"'y' must hold class labels in .*got values in -1..1"):
+        engine(x, y=torch.tensor([-1, 0, 1]))
+    with pytest.raises(ExportError, match="'y' must hold integer class labels, got torch.float32"):
+        engine(x, y=y.float())
+    with pytest.raises(ExportError, match="'x1' contains NaN or Inf"):
+        engine(torch.tensor([[0.0, float("nan")], [0.0, 0.0], [1.0, 1.0]]), y=y)
+    with pytest.raises(ExportError, match="'x1' contains NaN or Inf"):
+        engine(torch.full((3, 2), float("inf")), y=y)
+    assert torch.isfinite(engine(x, y=y).log_prob).all()
 
 
 def test_baked_class_label(build, runs) -> None:

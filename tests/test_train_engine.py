@@ -4,6 +4,7 @@ periodic evaluation, telemetry, channels_last, and bad distributed configuration
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -167,3 +168,21 @@ def test_batch_not_divisible_by_world_and_accum(tmp_path):
     cfg = TrainConfig(**{**BASE, "batch_size": 60, "grad_accum": 4, "out": str(tmp_path)}).validate()
     with pytest.raises(ConfigError, match="divisible by world size x grad_accum = 8 x 4"):
         train_mod.Trainer(cfg, DistEnv(rank=0, world=8))
+
+
+def test_gpu_training_benchmark_script_runs_on_cpu(tmp_path):
+    """benchmarks/gpu/bench_train.py on the CPU: tiny UNet, eager in this process and under one-rank torchrun DDP."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / "bench_train.py"
+    spec = importlib.util.spec_from_file_location("bench_train", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "gpu_train.json"
+    result = bench.main([str(out), "--device", "cpu", "--quick", "--modes", "eager"])
+    assert json.loads(out.read_text()) == result
+    rows = result["results"]
+    assert [r["mode"] for r in rows] == ["eager", "ddp-1rank-eager"], rows
+    for r in rows:
+        assert r["img_per_s"] > 0 and r["flops_per_img"] > 0 and r["mfu"] is None and r["loss"] == r["loss"]
+    assert rows[1]["loss"] == pytest.approx(rows[0]["loss"], rel=1e-5)  # DDP on one rank trains the same steps
+    with pytest.raises(SystemExit):
+        bench.main([str(out), "--device", "cpu", "--modes", "eager,fast"])

@@ -5,7 +5,8 @@
 1. Correctness: compiled Triton kernels against kernels/reference.py on odd shapes, fp32/bf16/fp16,
    x0 given and seeded (same stream as the reference), loss gradient against autograd.
 2. Speed (triton.testing.do_bench, median ms): Triton vs eager reference vs torch.compile of the
-   reference, as GB/s and % of the measured device-to-device copy bandwidth.
+   reference (x0 given only: inductor ran past 20 minutes compiling the seeded Philox reference on
+   the CPU), as GB/s and % of the measured device-to-device copy bandwidth.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def bench() -> list[dict]:
                     ("loss", "compile"): lambda: compiled["loss"](v, x1, c, dd, z, 3, 1.0),
                 }
                 for (op, impl), fn in cands.items():
+                    if impl == "compile" and z is None:  # inductor does not finish compiling the Philox reference
+                        continue
                     ms = do_bench(fn)
                     nbytes = path_bytes if op == "path" else loss_bytes
                     gbs = nbytes / ms / 1e6
