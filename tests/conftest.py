@@ -10,8 +10,10 @@ if not torch.cuda.is_available():  # run Triton kernels in the interpreter; must
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import contextlib
+import importlib.util
 import io
 import json
+from types import ModuleType
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +26,15 @@ TINY_MLP = ["--model-args", "hidden=32", "depth=2"]
 # One level, no attention below the middle block: a few thousand parameters on 8x8 digits.
 TINY_UNET = ["--model-args", "model_channels=8", "channel_mult=[1]", "num_res_blocks=1"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def gpu_bench_script(name: str) -> ModuleType:
+    """benchmarks/gpu/<name>.py loaded as a module (the scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def train_argv(out: str | Path, *extra: str, model: list[str] | None = None, steps: int = 3) -> list[str]:

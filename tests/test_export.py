@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 import torch
-from conftest import call, last_json
+from conftest import call, gpu_bench_script, last_json
 from fastfm.export import Engine, EngineSpec, ExportError, ManifestError, export_engine, load, parity
 from fastfm.export import __main__ as export_cli
 from fastfm.export.backends import check_available
@@ -502,10 +502,7 @@ def test_cli_errors(runs, tmp_path: Path) -> None:
 
 def test_gpu_benchmark_script_runs_on_cpu(tmp_path: Path) -> None:
     """benchmarks/gpu/bench_export.py, minus its CUDA-only backends, on tiny models."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / "bench_export.py"
-    module_spec = importlib.util.spec_from_file_location("bench_export", path)
-    bench = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(bench)
+    bench = gpu_bench_script("bench_export")
     assert "cudagraph" not in bench.implementations("cpu") and "aoti" in bench.implementations("cpu")
     out = tmp_path / "gpu.json"
     result = bench.main([str(out), "--device", "cpu", "--quick", "--impls", "flow_matching,eager,onnx",

@@ -4,7 +4,6 @@ periodic evaluation, telemetry, channels_last, and bad distributed configuration
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,7 +18,7 @@ from fastfm.checkpoint import load_training_state
 from fastfm.config import ConfigError, TrainConfig
 from fastfm.distributed import DistEnv
 
-from conftest import TINY_UNET
+from conftest import TINY_UNET, gpu_bench_script
 
 BASE = dict(data="moons", batch_size=64, steps=5, warmup=2, device="cpu", log_every=1, eval_n=20, n_samples=20,
             eval_steps=2, model_args={"hidden": 32, "depth": 2})
@@ -172,10 +171,7 @@ def test_batch_not_divisible_by_world_and_accum(tmp_path):
 
 def test_gpu_training_benchmark_script_runs_on_cpu(tmp_path):
     """benchmarks/gpu/bench_train.py on the CPU: tiny UNet, eager in this process and under one-rank torchrun DDP."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / "bench_train.py"
-    spec = importlib.util.spec_from_file_location("bench_train", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = gpu_bench_script("bench_train")
     out = tmp_path / "gpu_train.json"
     result = bench.main([str(out), "--device", "cpu", "--quick", "--modes", "eager"])
     assert json.loads(out.read_text()) == result
