@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fastfm.kernels import cpu, reference
+from fastfm.kernels.rng import philox_state
 
 SIZES = [(256, 2), (256, 64), (256, 1024), (256, 12288)]
 IMPLS = ["cpp", "eager", "compile"]
@@ -64,7 +65,7 @@ def test_path(benchmark, record_bandwidth, size, noise, impl):
     fn = _impl("path", impl)
     x0 = x0 if noise == "x0" else None
     benchmark.group = f"path {size[0]}x{size[1]}"
-    benchmark(fn, x1, a, b, c, d, x0, 7, 1.0)
+    benchmark(fn, x1, a, b, c, d, x0, None if x0 is not None else philox_state(7), 1.0)
     n = x1.numel() * 4
     record_bandwidth(n * (4 if x0 is not None else 3), op="path", impl=impl, noise=noise, size=list(size))
 
@@ -78,10 +79,11 @@ def test_loss_forward_backward(benchmark, record_bandwidth, size, noise, impl):
     fwd, bwd = _impl("loss", impl), _impl("loss_grad", impl)
     x0 = x0 if noise == "x0" else None
     grad = torch.ones(size[0])
+    rng = None if x0 is not None else philox_state(7)
 
     def step():
-        fwd(v, x1, c, d, x0, 7, 1.0)
-        return bwd(grad, v, x1, c, d, x0, 7, 1.0)
+        fwd(v, x1, c, d, x0, rng, 1.0)
+        return bwd(grad, v, x1, c, d, x0, rng, 1.0)
 
     benchmark.group = f"loss {size[0]}x{size[1]}"
     benchmark(step)

@@ -597,28 +597,44 @@ template <class P> P* ptr(uint64_t p) { return reinterpret_cast<P*>(static_cast<
 // ------------------------------------------------------------------------------------------------
 // Entry points (raw pointers; all validation of shapes/dtypes/contiguity is in kernels/cpu.py)
 
+// The noise state of a seeded op, read from the int64 tensor rng = [seed, offset] (kernels/rng.py).
+struct Stream {
+    uint64_t seed = 0;
+    int64_t offset = 0;
+};
+
+Stream read_stream(uint64_t x0, uint64_t rng) {
+    Stream s;
+    if (x0 != 0) return s;  // x0 given: no noise is drawn and rng is not read
+    if (rng == 0) throw std::invalid_argument("fastfm._C: rng (the int64 noise state [seed, offset]) is null");
+    const int64_t* st = reinterpret_cast<const int64_t*>(static_cast<uintptr_t>(rng));
+    s.seed = static_cast<uint64_t>(st[0]);
+    s.offset = st[1];
+    return s;
+}
+
 // The fields every op shares: work plan, x1, x0 (0: seeded), the target coefficients, noise keys.
-Args make_args(int64_t B, int64_t D, uint64_t x1, uint64_t x0, uint64_t c, uint64_t d, uint64_t seed,
-               double stdv, int64_t offset) {
+Args make_args(int64_t B, int64_t D, uint64_t x1, uint64_t x0, uint64_t c, uint64_t d, const Stream& S,
+               double stdv) {
     Args A;
     A.plan = make_plan(B, D);
     A.x1 = ptr<const void>(x1);
     A.x0 = ptr<const void>(x0);
     A.c = ptr<const float>(c);
     A.d = ptr<const float>(d);
-    A.keys = make_keys(seed);
-    A.offset = offset;
+    A.keys = make_keys(S.seed);
+    A.offset = S.offset;
     A.stdv = stdv;
     return A;
 }
 
 void affine_path(uint64_t xt, uint64_t target, uint64_t x1, uint64_t x0, uint64_t a, uint64_t b, uint64_t c,
-                 uint64_t d, int64_t B, int64_t D, int dtype, uint64_t seed, double stdv,
-                 int64_t offset) {
+                 uint64_t d, int64_t B, int64_t D, int dtype, uint64_t rng, double stdv) {
     const bool seeded = x0 == 0;
-    check_sizes(B, D, seeded, offset);
+    const Stream S = read_stream(x0, rng);
+    check_sizes(B, D, seeded, S.offset);
     if (B * D == 0) return;
-    Args A = make_args(B, D, x1, x0, c, d, seed, stdv, offset);
+    Args A = make_args(B, D, x1, x0, c, d, S, stdv);
     A.out0 = ptr<void>(xt);
     A.out1 = ptr<void>(target);
     A.a = ptr<const float>(a);
@@ -629,16 +645,17 @@ void affine_path(uint64_t xt, uint64_t target, uint64_t x1, uint64_t x0, uint64_
 }
 
 void cfm_loss(uint64_t out, uint64_t v, uint64_t x1, uint64_t x0, uint64_t c, uint64_t d, int64_t B, int64_t D,
-              int dtype, uint64_t seed, double stdv, int64_t offset) {
+              int dtype, uint64_t rng, double stdv) {
     const bool seeded = x0 == 0;
-    check_sizes(B, D, seeded, offset);
+    const Stream S = read_stream(x0, rng);
+    check_sizes(B, D, seeded, S.offset);
     float* loss = ptr<float>(out);
     if (B == 0) return;
     if (D == 0) {
         for (int64_t r = 0; r < B; ++r) loss[r] = std::nanf("");
         return;
     }
-    Args A = make_args(B, D, x1, x0, c, d, seed, stdv, offset);
+    Args A = make_args(B, D, x1, x0, c, d, S, stdv);
     std::vector<double> partial(static_cast<size_t>(B * A.plan.nck));
     A.partial = partial.data();
     A.v = ptr<const void>(v);
@@ -654,12 +671,12 @@ void cfm_loss(uint64_t out, uint64_t v, uint64_t x1, uint64_t x0, uint64_t c, ui
 }
 
 void cfm_loss_grad(uint64_t out, uint64_t grad, uint64_t v, uint64_t x1, uint64_t x0, uint64_t c, uint64_t d,
-                   int64_t B, int64_t D, int dtype, uint64_t seed, double stdv,
-                 int64_t offset) {
+                   int64_t B, int64_t D, int dtype, uint64_t rng, double stdv) {
     const bool seeded = x0 == 0;
-    check_sizes(B, D, seeded, offset);
+    const Stream S = read_stream(x0, rng);
+    check_sizes(B, D, seeded, S.offset);
     if (B * D == 0) return;
-    Args A = make_args(B, D, x1, x0, c, d, seed, stdv, offset);
+    Args A = make_args(B, D, x1, x0, c, d, S, stdv);
     A.out0 = ptr<void>(out);
     A.g = ptr<const float>(grad);
     A.v = ptr<const void>(v);
@@ -705,12 +722,13 @@ PYBIND11_MODULE(_C, m) {
     using namespace pybind11::literals;
     using release = py::call_guard<py::gil_scoped_release>;
     m.def("affine_path", &affine_path, release(), "xt"_a, "target"_a, "x1"_a, "x0"_a, "a"_a, "b"_a, "c"_a, "d"_a,
-          "B"_a, "D"_a, "dtype"_a, "seed"_a, "std"_a, "offset"_a = 0,
-          "x_t = a x0 + b x1 and (target != 0) target = c x0 + d x1; x0 == 0: regenerate from the seed");
+          "B"_a, "D"_a, "dtype"_a, "rng"_a, "std"_a,
+          "x_t = a x0 + b x1 and (target != 0) target = c x0 + d x1; x0 == 0: draw from the stream of "
+          "rng = int64 [seed, offset]");
     m.def("cfm_loss", &cfm_loss, release(), "out"_a, "v"_a, "x1"_a, "x0"_a, "c"_a, "d"_a, "B"_a, "D"_a, "dtype"_a,
-          "seed"_a, "std"_a, "offset"_a = 0, "per-sample (B,) float32 loss mean_j (v - c x0 - d x1)^2");
+          "rng"_a, "std"_a, "per-sample (B,) float32 loss mean_j (v - c x0 - d x1)^2");
     m.def("cfm_loss_grad", &cfm_loss_grad, release(), "out"_a, "grad"_a, "v"_a, "x1"_a, "x0"_a, "c"_a, "d"_a, "B"_a,
-          "D"_a, "dtype"_a, "seed"_a, "std"_a, "offset"_a = 0, "dL/dv = grad_b 2 (v - target) / D");
+          "D"_a, "dtype"_a, "rng"_a, "std"_a, "dL/dv = grad_b 2 (v - target) / D");
     m.def("randn", &randn, release(), "out"_a, "n"_a, "seed"_a, "offset"_a = 0,
           "float32 standard normals n1 of the seed's Philox stream at element offsets [offset, offset + n)");
     m.def("get_max_threads", &get_max_threads, "OpenMP threads the kernels use");

@@ -1,9 +1,11 @@
 """The engine graph: a trained model and a fixed-step solver unrolled into one traced program.
 
 ``SampleProgram`` runs ``fastfm.sampling.sample`` and ``LikelihoodProgram`` runs
-``fastfm.likelihood.integrate_log_likelihood`` on a time grid baked in as an fp32 buffer, so the
-solver loop (Butcher tableau coefficients as fp32 constants) unrolls into steps x stages model
-calls. Under bf16/fp16 the model's parameters are cast; the state x, the log-density
+``fastfm.likelihood.integrate_log_likelihood`` on a fixed time grid, so the solver loop (Butcher
+tableau coefficients as fp32 constants) unrolls into steps x stages model calls. Everything the
+program creates (the grid, a baked class label) is made on the device of its input, so the same
+program traces for CPU and CUDA engines; ``trace`` checks that no tensor of the exported graph
+lives elsewhere. Under bf16/fp16 the model's parameters are cast; the state x, the log-density
 accumulator, t and the sinusoidal time features stay fp32 (``ModelInDtype``).
 
 ``trace`` turns a program into an ExportedProgram: the JVPs of the divergence are traced by
@@ -26,7 +28,7 @@ from fastfm.sampling import sample
 from fastfm.solvers import time_grid
 
 from .simplify import JVP_DECOMPOSITIONS, simplify
-from .spec import DTYPES, EngineSpec, TensorSpec, signature
+from .spec import DTYPES, EngineSpec, ExportError, TensorSpec, signature
 
 
 class ModelInDtype(nn.Module):
@@ -60,28 +62,32 @@ class _Program(nn.Module):
         self.path, self.spec, self.target = run.path, spec, run.meta["target"]
         self.input_names = [i.name for i in inputs]
         t0, t1 = run.path.time_interval(self.target)
-        self.register_buffer("grid", time_grid(spec.steps, t0, t1) if spec.task == "sample"
-                             else time_grid(spec.steps, t1, t0))
-        if spec.class_label is not None:
-            self.register_buffer("label", torch.tensor([spec.class_label]))
+        self.ends = (t0, t1) if spec.task == "sample" else (t1, t0)
 
-    def _split(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor | None, Tensor | None, dict[str, Tensor]]:
-        """(x, y, probes, extra conditioning) from the positional engine inputs."""
+    @property
+    def grid(self) -> Tensor:
+        """The fixed fp32 time grid (on the CPU; the traced program makes it on its input's device)."""
+        return time_grid(self.spec.steps, *self.ends)
+
+    def _split(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None,
+                                                           dict[str, Tensor]]:
+        """(x, grid, y, probes, extra conditioning) from the positional engine inputs; the grid and a baked
+        label are made on x's device."""
         a = dict(zip(self.input_names, inputs))
         x = a["x0"] if "x0" in a else a["x1"]
         y = a.get("y")
         if y is None and self.spec.class_label is not None:
-            y = self.label.expand(x.shape[0])
+            y = torch.full((x.shape[0],), self.spec.class_label, dtype=torch.int64, device=x.device)
         cond = {"low_res": a["low_res"]} if "low_res" in a else {}
-        return x, y, a.get("probes"), cond
+        return x, time_grid(self.spec.steps, *self.ends, device=x.device), y, a.get("probes"), cond
 
 
 class SampleProgram(_Program):
     """(x0 [, y, low_res, probes]) -> (x(1) [, log p_1(x(1))]): noise pushed from t = 0 to 1."""
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        x0, y, probes, cond = self._split(inputs)
-        res = sample(self.model, self.path, x0, method=self.spec.solver, grid=self.grid, target=self.target, y=y,
+        x0, grid, y, probes, cond = self._split(inputs)
+        res = sample(self.model, self.path, x0, method=self.spec.solver, grid=grid, target=self.target, y=y,
                      guidance=self.spec.guidance, log_likelihood=self.spec.log_likelihood, probes=probes, **cond)
         return (res.x,) if res.log_prob is None else (res.x, res.log_prob)
 
@@ -95,8 +101,8 @@ class LikelihoodProgram(_Program):
         self.levels = levels
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        x1, y, probes, cond = self._split(inputs)
-        res = integrate_log_likelihood(self.model, self.path, x1, method=self.spec.solver, grid=self.grid,
+        x1, grid, y, probes, cond = self._split(inputs)
+        res = integrate_log_likelihood(self.model, self.path, x1, method=self.spec.solver, grid=grid,
                                        target=self.target, probes=probes, y=y, **cond)
         if self.levels is None:
             return res.x0, res.log_prob
@@ -121,9 +127,26 @@ def trace_aten(program: nn.Module, example: list[Tensor]) -> fx.GraphModule:
 
 def trace(program: nn.Module, example: list[Tensor]) -> torch.export.ExportedProgram:
     """ExportedProgram of ``program(*example)``: ``trace_aten``, simplified (``export.simplify``), then
-    exported; parameters become its constants."""
+    exported; parameters become its constants. Raises ExportError if a tensor of the program is not
+    on the inputs' device (:func:`off_device`)."""
     with torch.no_grad():
-        return torch.export.export(simplify(trace_aten(program, example)), tuple(example))
+        ep = torch.export.export(simplify(trace_aten(program, example)), tuple(example))
+    stray = off_device(ep, example[0].device)
+    if stray:
+        raise ExportError(f"the engine program holds tensors off its device {example[0].device}: "
+                          f"{', '.join(stray[:8])}{' ...' if len(stray) > 8 else ''}")
+    return ep
+
+
+def off_device(ep: torch.export.ExportedProgram, device: torch.device) -> list[str]:
+    """'name (device)' of every node value, weight and constant of ``ep`` that is not on ``device``: what a
+    program made on a fixed device (a CPU grid, a CPU constant) instead of its input's, which fails or
+    copies from the host on every call of a CUDA engine."""
+    stray = [f"{n.name} ({v.device})" for n in ep.graph.nodes
+             if isinstance(v := n.meta.get("val"), Tensor) and v.device != device]
+    held = {**ep.state_dict, **ep.constants}
+    stray += [f"{k} ({v.device})" for k, v in held.items() if isinstance(v, Tensor) and v.device != device]
+    return stray
 
 
 def example_inputs(inputs: list[TensorSpec], device: torch.device | str = "cpu") -> list[Tensor]:

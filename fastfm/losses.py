@@ -2,7 +2,8 @@
 
 x_t comes from the fused path op and the loss from the fused CFM loss op (fastfm.kernels.ops):
 neither the target nor, with ``x0=None``, the noise x0 = std * N(0, I) is ever stored; the
-backward pass regenerates the noise from ``seed``.
+backward pass regenerates the noise from the state ``rng = [seed, offset]`` (an int64 tensor on
+the data's device, fastfm.kernels.rng).
 """
 
 from __future__ import annotations
@@ -26,19 +27,19 @@ class LossOutput:
 
 
 def cfm_loss(model: nn.Module, path: AffinePath, x0: Tensor | None, x1: Tensor, t: Tensor, target: str = "velocity",
-             weight: Callable[[Tensor], Tensor] | None = None, seed: int = 0, noise_offset: int = 0,
+             weight: Callable[[Tensor], Tensor] | None = None, rng: Tensor | None = None,
              **conditioning: Tensor) -> LossOutput:
     """Regress the model on the path's target at x_t; ``weight(t)`` reweights samples per t.
 
-    x0 = None draws the source noise inside the kernels from ``seed`` (Gaussian sources only),
-    from element ``noise_offset`` of its stream (a shard of a batch takes its rows' noise).
+    x0 = None draws the source noise inside the kernels from the stream of ``rng`` (Gaussian sources
+    only; a shard of a batch passes its rows' offset, see ``fastfm.kernels.ops.noise_state``).
     """
     if x0 is None and not isinstance(path.source, Gaussian):
         raise ValueError(f"in-kernel noise needs a Gaussian source; this path's source is {path.source!r}: pass x0")
     std = path.source.std if isinstance(path.source, Gaussian) else 1.0
     coef = path.coefficients(t, target)
-    x_t, _ = ops.affine_path(x1, coef.a, coef.b, coef.c, coef.d, x0, seed, std, write_target=False, offset=noise_offset)
+    x_t, _ = ops.affine_path(x1, coef.a, coef.b, coef.c, coef.d, x0, rng, std, write_target=False)
     v = model(x_t, t, **conditioning)
-    per_sample = ops.cfm_loss(v.to(x1.dtype), x1, coef.c, coef.d, x0, seed, std, noise_offset)
+    per_sample = ops.cfm_loss(v.to(x1.dtype), x1, coef.c, coef.d, x0, rng, std)
     w = per_sample if weight is None else weight(t).float() * per_sample
     return LossOutput(w.mean(), per_sample)

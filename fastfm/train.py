@@ -36,6 +36,7 @@ from fastfm.densities import Gaussian
 from fastfm.distributed import DistEnv
 from fastfm.evaluation import generate, sample_quality, save_samples_png, test_nll
 from fastfm.guidance import drop_labels
+from fastfm.kernels.rng import philox_state
 from fastfm.losses import cfm_loss
 from fastfm.models import build_model
 from fastfm.paths import AffinePath, get_path
@@ -89,14 +90,15 @@ class LossStep(nn.Module):
         super().__init__()
         self.model, self.path, self.target, self.superres, self.bf16 = model, path, target, superres, bf16
 
-    def forward(self, x0: Tensor | None, x1: Tensor, t: Tensor, y: Tensor | None, seed: int,
-                offset: int) -> Tensor:
+    def forward(self, x0: Tensor | None, x1: Tensor, t: Tensor, y: Tensor | None, rng: Tensor | None) -> Tensor:
+        """x0 None: the kernels draw it from the noise state ``rng`` (int64 [seed, offset] on x1's device),
+        an input like the data, so a new seed never recompiles the step."""
         cond = {} if y is None else {"y": y}
         if self.superres:
             cond["low_res"] = F.avg_pool2d(x1, self.superres)
-        with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return cfm_loss(self.model, self.path, x0, x1, t, self.target, seed=seed, noise_offset=offset,
-                            **cond).loss
+        bf16 = torch.autocast(x1.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        with bf16:
+            return cfm_loss(self.model, self.path, x0, x1, t, self.target, rng=rng, **cond).loss
 
 
 def channels_last(cfg: TrainConfig, device: torch.device, image: bool) -> bool:
@@ -172,12 +174,13 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         for i in range(cfg.grad_accum):
             mb = slice(i * m, (i + 1) * m)
-            offset = 0 if x0 is not None else (rows.start + i * m) * dim
+            # this micro-batch's rows of the global batch's noise stream, as a device tensor
+            rng = None if x0 is not None else philox_state(seed, (rows.start + i * m) * dim, numel=m * dim).to(
+                dev, non_blocking=True)
             last = i == cfg.grad_accum - 1
             sync = self.step_fn.no_sync() if env.active and not last else contextlib.nullcontext()
             with sync:
-                loss = self.step_fn(None if x0 is None else x0[mb], x1[mb], t[mb], None if y is None else y[mb],
-                                    seed, offset)
+                loss = self.step_fn(None if x0 is None else x0[mb], x1[mb], t[mb], None if y is None else y[mb], rng)
                 (loss / cfg.grad_accum).backward()
             total += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))

@@ -1,8 +1,9 @@
 """Fused CPU kernels (C++/OpenMP, ``fastfm._C``), installed as ``fastfm.kernels.cpu``.
 
 Same ops and noise stream as :mod:`fastfm.kernels.reference` (the spec), without materialising
-the noise or the target: x0 is either given or regenerated from the seed's Philox4x32-10 stream
-(element i of x0 = std * n1(Philox(counter=(i, 0, 0, 0), key=seed)), Triton's ``tl.randn``).
+the noise or the target: x0 is either given or regenerated from a Philox4x32-10 stream (element i
+of x0 = std * n1(Philox(counter=(offset + i, 0, 0, 0), key=seed)), Triton's ``tl.randn``), with
+``rng = [seed, offset]`` the int64 CPU tensor of kernels/rng.py, read by the extension itself.
 
 Tensors: CPU, batch first (B, ...), D = numel / B elements per sample; x1, x0 and v share one
 dtype among float32, float64 and bfloat16 (bf16 computed in fp32; fp64 in double with the noise
@@ -11,7 +12,7 @@ shape (B,). Non-contiguous inputs are made contiguous; contiguous ones are passe
 as raw data pointers to the extension, which releases the GIL and runs OpenMP threads
 (``OMP_NUM_THREADS`` or :func:`set_num_threads`).
 
-Determinism: noise, x_t, target and gradients depend only on the inputs and the seed; the loss
+Determinism: noise, x_t, target and gradients depend only on the inputs and the state; the loss
 reduction uses a work split that depends on (B, D) only, so every result is bitwise the same for
 any number of threads.
 """
@@ -22,6 +23,8 @@ import operator
 
 import torch
 from torch import Tensor
+
+from fastfm.kernels.rng import check_state, check_stream, signed_seed
 
 try:
     from fastfm import _C
@@ -34,8 +37,6 @@ else:
 __all__ = ["affine_path", "available", "cfm_loss", "cfm_loss_grad", "get_num_threads", "randn", "set_num_threads"]
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
-_MAX_STREAM = 2**31
-_SEED_MASK = 2**64 - 1
 
 
 def available() -> bool:
@@ -96,22 +97,11 @@ def _coef(name: str, t: object, batch: int) -> Tensor:
     return _contig(t)
 
 
-def _seed(seed: object) -> int:
-    try:
-        return operator.index(seed) & _SEED_MASK
-    except TypeError:
-        raise ValueError(f"seed must be an integer, got {type(seed).__name__}") from None
-
-
-def _noise_args(x0: object, x1: Tensor, seed: object, std: object,
-                offset: object) -> tuple[Tensor | None, int, float, int]:
+def _noise_args(x0: object, x1: Tensor, rng: object, std: object) -> tuple[Tensor | None, Tensor | None, float]:
+    """(x0, None, 1) when x0 is given; (None, the checked state, std) when the kernel draws it."""
     if x0 is not None:
-        return _like("x0", x0, x1), 0, 1.0, 0
-    offset = operator.index(offset)
-    if offset < 0 or offset + x1.numel() > _MAX_STREAM:
-        raise ValueError(f"noise streams are indexed by int32 element offsets; [{offset}, {offset + x1.numel()}) "
-                         f"does not lie in [0, 2^31) (pass x0 explicitly above 2^31)")
-    return None, _seed(seed), float(std), offset
+        return _like("x0", x0, x1), None, 1.0
+    return None, check_state(rng, x1), float(std)
 
 
 def _ptr(t: Tensor | None) -> int:
@@ -124,42 +114,41 @@ def _sizes(x1: Tensor) -> tuple[int, int]:
 
 
 def affine_path(x1: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None,
-                seed: int = 0, std: float = 1.0, write_target: bool = True,
-                offset: int = 0) -> tuple[Tensor, Tensor | None]:
+                rng: Tensor | None = None, std: float = 1.0, write_target: bool = True) -> tuple[Tensor, Tensor | None]:
     """(x_t, target) = (a x0 + b x1, c x0 + d x1) in x1's dtype and shape.
 
-    x0 is given, or drawn as ``std`` times the seed's stream from element ``offset`` on. ``write_target=False`` skips the
-    target entirely and returns (x_t, None).
+    x0 is given, or drawn as ``std`` times the stream of ``rng = [seed, offset]``. ``write_target=False`` skips
+    the target entirely and returns (x_t, None).
     """
     lib = _lib()
     x1 = _data("x1", x1)
     batch, dim = _sizes(x1)
     a, b, c, d = (_coef(n, t, batch) for n, t in (("a", a), ("b", b), ("c", c), ("d", d)))
-    x0, seed, std, offset = _noise_args(x0, x1, seed, std, offset)
+    x0, rng, std = _noise_args(x0, x1, rng, std)
     x_t = _alloc(tuple(x1.shape), x1.dtype)
     target = _alloc(tuple(x1.shape), x1.dtype) if write_target else None
     lib.affine_path(_ptr(x_t), _ptr(target), _ptr(x1), _ptr(x0), _ptr(a), _ptr(b), _ptr(c), _ptr(d),
-                    batch, dim, _DTYPE_CODES[x1.dtype], seed, std, offset)
+                    batch, dim, _DTYPE_CODES[x1.dtype], _ptr(rng), std)
     return x_t, target
 
 
-def cfm_loss(v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None, seed: int = 0,
-             std: float = 1.0, offset: int = 0) -> Tensor:
+def cfm_loss(v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None, rng: Tensor | None = None,
+             std: float = 1.0) -> Tensor:
     """Per-sample loss (B,) float32: mean over non-batch dims of (v - (c x0 + d x1))^2 (double accumulation)."""
     lib = _lib()
     x1 = _data("x1", x1)
     v = _like("v", v, x1)
     batch, dim = _sizes(x1)
     c, d = _coef("c", c, batch), _coef("d", d, batch)
-    x0, seed, std, offset = _noise_args(x0, x1, seed, std, offset)
+    x0, rng, std = _noise_args(x0, x1, rng, std)
     out = _alloc((batch,), torch.float32)
     lib.cfm_loss(_ptr(out), _ptr(v), _ptr(x1), _ptr(x0), _ptr(c), _ptr(d), batch, dim, _DTYPE_CODES[x1.dtype],
-                 seed, std, offset)
+                 _ptr(rng), std)
     return out
 
 
 def cfm_loss_grad(grad: Tensor, v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None,
-                  seed: int = 0, std: float = 1.0, offset: int = 0) -> Tensor:
+                  rng: Tensor | None = None, std: float = 1.0) -> Tensor:
     """dL/dv = grad[b] 2 (v - (c x0 + d x1)) / D in v's dtype; the noise is regenerated, never stored."""
     lib = _lib()
     x1 = _data("x1", x1)
@@ -167,10 +156,10 @@ def cfm_loss_grad(grad: Tensor, v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0:
     batch, dim = _sizes(x1)
     grad = _coef("grad", grad, batch)
     c, d = _coef("c", c, batch), _coef("d", d, batch)
-    x0, seed, std, offset = _noise_args(x0, x1, seed, std, offset)
+    x0, rng, std = _noise_args(x0, x1, rng, std)
     out = _alloc(tuple(v.shape), v.dtype)
     lib.cfm_loss_grad(_ptr(out), _ptr(grad), _ptr(v), _ptr(x1), _ptr(x0), _ptr(c), _ptr(d), batch, dim,
-                      _DTYPE_CODES[x1.dtype], seed, std, offset)
+                      _DTYPE_CODES[x1.dtype], _ptr(rng), std)
     return out
 
 
@@ -178,10 +167,11 @@ def randn(seed: int, numel: int, offset: int = 0) -> Tensor:
     """Standard normals (float32) of the seed's stream at element offsets [offset, offset + numel)."""
     lib = _lib()
     numel, offset = operator.index(numel), operator.index(offset)
-    if numel < 0 or offset < 0 or offset + numel > _MAX_STREAM:
-        raise ValueError(f"noise stream offsets must lie in [0, 2^31), got [{offset}, {offset + numel})")
+    if numel < 0:
+        raise ValueError(f"numel must be >= 0, got {numel}")
+    check_stream(offset, numel)
     out = _alloc((numel,), torch.float32)
-    lib.randn(_ptr(out), numel, _seed(seed), offset)
+    lib.randn(_ptr(out), numel, signed_seed(seed) & (2**64 - 1), offset)
     return out
 
 

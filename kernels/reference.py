@@ -1,11 +1,13 @@
 """Plain-PyTorch references: the spec every kernel (Triton, C++) is tested against.
 
-Noise stream. Element i (flat, row-major index into x1) of x0 is
+Noise stream. With the state ``rng = [seed, offset]`` (an int64 tensor on the data's device,
+kernels/rng.py), element i (flat, row-major index into x1) of x0 is
 
     x0[i] = std * n1(Philox4x32-10(counter = (offset + i, 0, 0, 0), key = (seed_lo, seed_hi)))
 
-``offset`` (default 0) lets a shard of a batch (a DDP rank, a micro-batch) draw exactly the rows
-of the whole batch's noise: rows [r, r + m) of a batch of D-element samples use offset r * D.
+``offset`` lets a shard of a batch (a DDP rank, a micro-batch) draw exactly the rows of the whole
+batch's noise: rows [r, r + m) of a batch of D-element samples use offset r * D. The state is read
+with tensor ops (no host sync), so the reference runs inside a CUDA graph too.
 
 with Triton's ``tl.randn`` conventions: the first two output words become uniforms
 u = (w as int32, negatives mapped to ~w) * 4.6566127342e-10, and Box-Muller gives
@@ -23,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastfm.kernels.rng import check_state, philox_state
+
 PHILOX_KEY_A, PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
 PHILOX_ROUND_A, PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
 UINT_TO_FLOAT = 4.6566127342e-10
@@ -38,8 +42,9 @@ def _mul_hi_lo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
     return hi, lo
 
 
-def philox4x32(seed: int, offsets: Tensor, rounds: int = 10) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Philox4x32 with counter (offset, 0, 0, 0) and key from the 64-bit seed; words as int64 in [0, 2^32)."""
+def philox4x32(seed: int | Tensor, offsets: Tensor, rounds: int = 10) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Philox4x32 with counter (offset, 0, 0, 0) and key from the 64-bit seed (an int, or an int64 tensor
+    holding its bits); words as int64 in [0, 2^32)."""
     c0 = offsets.to(torch.int64) & _M32
     c1 = torch.zeros_like(c0)
     c2 = torch.zeros_like(c0)
@@ -63,10 +68,12 @@ def _uniform(w: Tensor) -> Tensor:
 
 def randn(seed: int, numel: int, device: torch.device | str = "cpu", offset: int = 0) -> Tensor:
     """Standard normals (float32) of the stream for ``seed`` at element offsets [offset, offset + numel)."""
-    if offset < 0 or offset + numel > 2**31:
-        raise ValueError(f"noise streams are indexed by int32 element offsets; [{offset}, {offset + numel}) "
-                         f"does not lie in [0, 2^31)")
-    w0, w1, _, _ = philox4x32(seed, torch.arange(offset, offset + numel, device=device))
+    return randn_state(philox_state(seed, offset, device, numel), numel)
+
+
+def randn_state(rng: Tensor, numel: int) -> Tensor:
+    """Standard normals (float32) of the stream of state ``rng = [seed, offset]``, elements [0, numel)."""
+    w0, w1, _, _ = philox4x32(rng[0], torch.arange(numel, device=rng.device) + rng[1])
     u1 = torch.clamp_min(_uniform(w0), 1.0e-7)
     th = torch.tensor(6.283185307179586, dtype=torch.float32) * _uniform(w1)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(th)
@@ -76,33 +83,34 @@ def _bcast(c: Tensor, x: Tensor) -> Tensor:
     return c.to(x.dtype).reshape(c.shape[0], *([1] * (x.dim() - 1)))
 
 
-def _math(x1: Tensor, x0: Tensor | None, seed: int, std: float, offset: int) -> tuple[Tensor, Tensor]:
-    """(x0, x1) in the math dtype (fp64 for fp64 inputs, else fp32); x0 drawn from the seed if not given."""
+def _math(x1: Tensor, x0: Tensor | None, rng: Tensor | None, std: float) -> tuple[Tensor, Tensor]:
+    """(x0, x1) in the math dtype (fp64 for fp64 inputs, else fp32); x0 drawn from ``rng`` if not given."""
     dtype = torch.float64 if x1.dtype == torch.float64 else torch.float32
-    z = x0 if x0 is not None else std * randn(seed, x1.numel(), x1.device, offset).reshape(x1.shape)
-    return z.to(dtype), x1.to(dtype)
+    if x0 is None:
+        x0 = std * randn_state(check_state(rng, x1), x1.numel()).reshape(x1.shape)
+    return x0.to(dtype), x1.to(dtype)
 
 
 def affine_path(x1: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None,
-                seed: int = 0, std: float = 1.0, offset: int = 0) -> tuple[Tensor, Tensor]:
-    """(x_t, target) in x1's dtype, computed in fp32 (fp64 for fp64 inputs)."""
-    z, x = _math(x1, x0, seed, std, offset)
+                rng: Tensor | None = None, std: float = 1.0, write_target: bool = True) -> tuple[Tensor, Tensor | None]:
+    """(x_t, target) in x1's dtype, computed in fp32 (fp64 for fp64 inputs); target None if not write_target."""
+    z, x = _math(x1, x0, rng, std)
     x_t = _bcast(a, x) * z + _bcast(b, x) * x
-    target = _bcast(c, x) * z + _bcast(d, x) * x
-    return x_t.to(x1.dtype), target.to(x1.dtype)
+    target = (_bcast(c, x) * z + _bcast(d, x) * x).to(x1.dtype) if write_target else None
+    return x_t.to(x1.dtype), target
 
 
-def cfm_loss(v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None, seed: int = 0,
-             std: float = 1.0, offset: int = 0) -> Tensor:
+def cfm_loss(v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None, rng: Tensor | None = None,
+             std: float = 1.0) -> Tensor:
     """Per-sample loss (B,) returned in fp32: mean over non-batch dims of (v - c x0 - d x1)^2."""
-    z, x = _math(x1, x0, seed, std, offset)
+    z, x = _math(x1, x0, rng, std)
     r = v.to(x.dtype) - (_bcast(c, x) * z + _bcast(d, x) * x)
     return r.pow(2).reshape(r.shape[0], -1).mean(1).to(torch.float32)
 
 
 def cfm_loss_grad(grad: Tensor, v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None,
-                  seed: int = 0, std: float = 1.0, offset: int = 0) -> Tensor:
+                  rng: Tensor | None = None, std: float = 1.0) -> Tensor:
     """dL/dv for upstream per-sample gradients ``grad`` (B,), in v's dtype."""
-    z, x = _math(x1, x0, seed, std, offset)
+    z, x = _math(x1, x0, rng, std)
     r = v.to(x.dtype) - (_bcast(c, x) * z + _bcast(d, x) * x)
     return (_bcast(grad, x) * (2.0 / (x[0].numel())) * r).to(v.dtype)

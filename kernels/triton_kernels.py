@@ -7,15 +7,18 @@ Three kernels, all memory-bound, all math in fp32 (loads are upcast, stores cast
 * ``cfm_loss_grad`` g_b * 2 (v - target) / D in v's dtype; the noise is regenerated, not stored.
 
 Noise: when ``x0`` is None the source sample is drawn inside the kernel as
-``std * tl.randn(seed, i)`` with ``i`` the int32 flat (row-major) element index into x1 — the same
-Philox4x32-10 stream as ``reference.randn`` — and is never read from or written to memory.
-Kernels specialise on the constexpr ``HAS_X0`` so the noise-only variant never touches an x0 pointer.
+``std * tl.randn(seed, offset + i)`` with ``i`` the int32 flat (row-major) element index into x1 — the
+same Philox4x32-10 stream as ``reference.randn`` — and is never read from or written to memory. The
+seed and offset are read inside the kernel from the int64 state tensor ``rng = [seed, offset]``
+(kernels/rng.py): every scalar a launch passes is a shape-derived int32 or a float, so a compiled
+graph never specialises on (or recompiles for) a seed, and a CUDA graph replays with a new one.
+Kernels specialise on the constexpr ``HAS_X0`` so the noise-only variant never touches an x0 or rng pointer.
 
 Launches go through ``torch.library.wrap_triton`` so the launchers can be called inside a
 ``torch.library.triton_op`` and traced by torch.compile / torch.export.
 
-Unused pointer arguments (x0 when ``HAS_X0`` is False, target when ``WRITE_TARGET`` is False) get x1,
-an input that is only read, so tracing never sees an output passed twice.
+Unused pointer arguments (x0 when ``HAS_X0`` is False, rng when it is True, target when ``WRITE_TARGET``
+is False) get an input that is only read, so tracing never sees an output passed twice.
 
 Interpreter mode (CPU testing): Triton picks interpreter or compiler when ``@triton.jit`` decorates a
 function, its own library (tl.randn, ...) included, so ``TRITON_INTERPRET=1`` must be set before
@@ -24,13 +27,14 @@ triton is imported (tests/conftest.py does this on machines without CUDA).
 
 from __future__ import annotations
 
-import operator
 import os
 
 import torch
 import triton  # an ImportError here is the only way this module fails to import without triton
 import triton.language as tl
 from torch import Tensor
+
+from fastfm.kernels.rng import check_state
 
 try:  # torch >= 2.6
     from torch.library import wrap_triton
@@ -55,16 +59,21 @@ _LOSS_BLOCK_MIN = 16
 
 
 @triton.jit
-def _source(x0_ptr, offs, mask, seed, std, noise_offset, HAS_X0: tl.constexpr):
-    """x0 at flat offsets: loaded, or std * tl.randn(seed, noise_offset + offs) when no x0 is stored."""
-    if HAS_X0:
-        return tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    return std * tl.randn(seed, noise_offset + offs)
+def _source(x0_ptr, rng_ptr, offs, mask, std, HAS_X0: tl.constexpr):
+    """x0 at flat offsets: loaded, or std * tl.randn(seed, offset + offs) with [seed, offset] = rng
+    (int64; the offset is an int32 stream counter) when no x0 is stored."""
+    if HAS_X0:  # if/else, not an early return: the compiler must not see the noise branch at all
+        z = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        seed = tl.load(rng_ptr)
+        noise_offset = tl.load(rng_ptr + 1).to(tl.int32)
+        z = std * tl.randn(seed, noise_offset + offs)
+    return z
 
 
 @triton.jit
-def _affine_path_kernel(x1_ptr, x0_ptr, a_ptr, b_ptr, c_ptr, d_ptr, xt_ptr, tgt_ptr,
-                        N, D, seed, std, noise_offset,
+def _affine_path_kernel(x1_ptr, x0_ptr, rng_ptr, a_ptr, b_ptr, c_ptr, d_ptr, xt_ptr, tgt_ptr,
+                        N, D, std,
                         HAS_X0: tl.constexpr, WRITE_TARGET: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     start = pid * BLOCK  # <= N - 1 < 2^31: no overflow
@@ -73,7 +82,7 @@ def _affine_path_kernel(x1_ptr, x0_ptr, a_ptr, b_ptr, c_ptr, d_ptr, xt_ptr, tgt_
     offs = start + idx
     row = offs // D
     x1 = tl.load(x1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    z = _source(x0_ptr, offs, mask, seed, std, noise_offset, HAS_X0)
+    z = _source(x0_ptr, rng_ptr, offs, mask, std, HAS_X0)
     a = tl.load(a_ptr + row, mask=mask, other=0.0)
     b = tl.load(b_ptr + row, mask=mask, other=0.0)
     tl.store(xt_ptr + offs, (a * z + b * x1).to(xt_ptr.dtype.element_ty), mask=mask)
@@ -84,8 +93,8 @@ def _affine_path_kernel(x1_ptr, x0_ptr, a_ptr, b_ptr, c_ptr, d_ptr, xt_ptr, tgt_
 
 
 @triton.jit
-def _cfm_loss_partial_kernel(v_ptr, x1_ptr, x0_ptr, c_ptr, d_ptr, part_ptr,
-                             D, NB, seed, std, noise_offset,
+def _cfm_loss_partial_kernel(v_ptr, x1_ptr, x0_ptr, rng_ptr, c_ptr, d_ptr, part_ptr,
+                             D, NB, std,
                              HAS_X0: tl.constexpr, BLOCK: tl.constexpr):
     # One program per (row, chunk) pair, flattened to a 1-D grid of B * NB programs (no 65535
     # limit on either factor); writes the chunk's sum of squared residuals to part[row, chunk].
@@ -98,7 +107,7 @@ def _cfm_loss_partial_kernel(v_ptr, x1_ptr, x0_ptr, c_ptr, d_ptr, part_ptr,
     offs = row * D + start + idx  # row * D + (valid col) < N < 2^31
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x1 = tl.load(x1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    z = _source(x0_ptr, offs, mask, seed, std, noise_offset, HAS_X0)
+    z = _source(x0_ptr, rng_ptr, offs, mask, std, HAS_X0)
     c = tl.load(c_ptr + row)
     d = tl.load(d_ptr + row)
     r = v - (c * z + d * x1)
@@ -107,8 +116,8 @@ def _cfm_loss_partial_kernel(v_ptr, x1_ptr, x0_ptr, c_ptr, d_ptr, part_ptr,
 
 
 @triton.jit
-def _cfm_loss_grad_kernel(g_ptr, v_ptr, x1_ptr, x0_ptr, c_ptr, d_ptr, out_ptr,
-                          N, D, scale, seed, std, noise_offset,
+def _cfm_loss_grad_kernel(g_ptr, v_ptr, x1_ptr, x0_ptr, rng_ptr, c_ptr, d_ptr, out_ptr,
+                          N, D, scale, std,
                           HAS_X0: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     start = pid * BLOCK
@@ -118,7 +127,7 @@ def _cfm_loss_grad_kernel(g_ptr, v_ptr, x1_ptr, x0_ptr, c_ptr, d_ptr, out_ptr,
     row = offs // D
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x1 = tl.load(x1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    z = _source(x0_ptr, offs, mask, seed, std, noise_offset, HAS_X0)
+    z = _source(x0_ptr, rng_ptr, offs, mask, std, HAS_X0)
     g = tl.load(g_ptr + row, mask=mask, other=0.0)
     c = tl.load(c_ptr + row, mask=mask, other=0.0)
     d = tl.load(d_ptr + row, mask=mask, other=0.0)
@@ -192,20 +201,6 @@ def _check_coef(name: str, t, x1: Tensor) -> Tensor:
     return t.to(torch.float32).contiguous()
 
 
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool):
-        raise TypeError("seed must be an int, got bool")
-    try:
-        seed = operator.index(seed)
-    except TypeError:
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}") from None
-    if not -(2**63) <= seed < 2**64:
-        raise ValueError(f"seed must fit in 64 bits, got {seed}")
-    if seed >= 2**63:  # same 64 bits, as a signed value (Triton then sees an int64 argument)
-        seed -= 2**64
-    return seed
-
-
 def _check_std(std) -> float:
     if isinstance(std, Tensor):
         raise TypeError("std must be a Python float, not a tensor")
@@ -215,15 +210,8 @@ def _check_std(std) -> float:
         raise TypeError(f"std must be a float, got {type(std).__name__}") from None
 
 
-def _check_offset(offset, numel: int) -> int:
-    offset = operator.index(offset)
-    if not 0 <= offset <= MAX_NUMEL + 1 - numel:
-        raise ValueError(f"noise streams are indexed by int32 element offsets; [{offset}, {offset + numel}) "
-                         f"does not lie in [0, 2^31)")
-    return offset
-
-
-def _prepare(x1: Tensor, x0: Tensor | None, v: Tensor | None, seed, std, offset):
+def _prepare(x1: Tensor, x0: Tensor | None, v: Tensor | None, rng, std):
+    """Checked, contiguous (x1, x0 or None, v or None, the pointer for rng, B, N, D, std)."""
     _check_data("x1", x1)
     if x0 is not None:
         _check_data("x0", x0, x1)
@@ -235,8 +223,8 @@ def _prepare(x1: Tensor, x0: Tensor | None, v: Tensor | None, seed, std, offset)
     x1c = x1.contiguous()
     x0c = x0.contiguous() if x0 is not None else None
     vc = v.contiguous() if v is not None else None
-    offset = 0 if x0 is not None else _check_offset(offset, N)
-    return x1c, x0c, vc, B, N, D, _check_seed(seed), _check_std(std), offset
+    state = check_state(rng, x1) if x0 is None else x1c  # never read when x0 is given
+    return x1c, x0c, vc, state, B, N, D, _check_std(std)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,13 +233,12 @@ def _prepare(x1: Tensor, x0: Tensor | None, v: Tensor | None, seed, std, offset)
 
 
 def affine_path(x1: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None,
-                seed: int = 0, std: float = 1.0, write_target: bool = True,
-                offset: int = 0) -> tuple[Tensor, Tensor | None]:
+                rng: Tensor | None = None, std: float = 1.0, write_target: bool = True) -> tuple[Tensor, Tensor | None]:
     """(x_t, target) = (a x0 + b x1, c x0 + d x1) in x1's dtype/shape; target is None if not write_target.
 
-    ``x0`` None draws ``std * randn`` from the seed's Philox stream (from element ``offset``) in the kernel.
+    ``x0`` None draws ``std * randn`` in the kernel from the stream of ``rng = [seed, offset]`` (kernels/rng.py).
     """
-    x1c, x0c, _, _, N, D, seed, std, offset = _prepare(x1, x0, None, seed, std, offset)
+    x1c, x0c, _, state, _, N, D, std = _prepare(x1, x0, None, rng, std)
     a, b = _check_coef("a", a, x1), _check_coef("b", b, x1)
     if write_target:
         c, d = _check_coef("c", c, x1), _check_coef("d", d, x1)
@@ -263,8 +250,8 @@ def affine_path(x1: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, x0: Tens
         return x_t, target
     grid = (triton.cdiv(N, _BLOCK),)
     _launch(_affine_path_kernel, grid,
-            x1c, x0c if x0c is not None else x1c, a, b, c, d, x_t, target if write_target else x1c,
-            N, D, seed, std, offset,
+            x1c, x0c if x0c is not None else x1c, state, a, b, c, d, x_t, target if write_target else x1c,
+            N, D, std,
             HAS_X0=x0c is not None, WRITE_TARGET=bool(write_target), BLOCK=_BLOCK)
     return x_t, target
 
@@ -273,36 +260,36 @@ def _loss_block(D: int) -> int:
     return min(_LOSS_BLOCK_MAX, max(_LOSS_BLOCK_MIN, triton.next_power_of_2(D)))
 
 
-def cfm_loss(v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None, seed: int = 0,
-             std: float = 1.0, offset: int = 0) -> Tensor:
+def cfm_loss(v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None, rng: Tensor | None = None,
+             std: float = 1.0) -> Tensor:
     """Per-sample CFM loss (B,) fp32: mean over non-batch dims of (v - c x0 - d x1)^2.
 
     Deterministic: per-(row, chunk) partial sums to a (B, nblocks) fp32 buffer, then ``sum(1) / D``.
     """
-    x1c, x0c, vc, B, N, D, seed, std, offset = _prepare(x1, x0, v, seed, std, offset)
+    x1c, x0c, vc, state, B, N, D, std = _prepare(x1, x0, v, rng, std)
     c, d = _check_coef("c", c, x1), _check_coef("d", d, x1)
     block = _loss_block(D)
     nb = triton.cdiv(D, block)
     partial = _empty((B, nb), torch.float32, x1.device)
     if N > 0:
         _launch(_cfm_loss_partial_kernel, (B * nb,),
-                vc, x1c, x0c if x0c is not None else x1c, c, d, partial,
-                D, nb, seed, std, offset,
+                vc, x1c, x0c if x0c is not None else x1c, state, c, d, partial,
+                D, nb, std,
                 HAS_X0=x0c is not None, BLOCK=block)
     return partial.sum(1) / D
 
 
 def cfm_loss_grad(grad: Tensor, v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None,
-                  seed: int = 0, std: float = 1.0, offset: int = 0) -> Tensor:
-    """dL/dv = grad[b] * 2 (v - c x0 - d x1) / D in v's dtype/shape (noise regenerated from ``seed``)."""
-    x1c, x0c, vc, _, N, D, seed, std, offset = _prepare(x1, x0, v, seed, std, offset)
+                  rng: Tensor | None = None, std: float = 1.0) -> Tensor:
+    """dL/dv = grad[b] * 2 (v - c x0 - d x1) / D in v's dtype/shape (noise regenerated from ``rng``)."""
+    x1c, x0c, vc, state, _, N, D, std = _prepare(x1, x0, v, rng, std)
     g = _check_coef("grad", grad, x1)
     c, d = _check_coef("c", c, x1), _check_coef("d", d, x1)
     out = _empty(v.shape, v.dtype, v.device)
     if N == 0:
         return out
     _launch(_cfm_loss_grad_kernel, (triton.cdiv(N, _BLOCK),),
-            g, vc, x1c, x0c if x0c is not None else x1c, c, d, out,
-            N, D, 2.0 / D, seed, std, offset,
+            g, vc, x1c, x0c if x0c is not None else x1c, state, c, d, out,
+            N, D, 2.0 / D, std,
             HAS_X0=x0c is not None, BLOCK=_BLOCK)
     return out

@@ -12,6 +12,7 @@ import pytest
 import torch
 from fastfm.kernels import cpu as K
 from fastfm.kernels import reference as R
+from fastfm.kernels.rng import philox_state as _rng
 
 needs_ext = pytest.mark.skipif(not K.available(), reason="fastfm._C is not built")
 
@@ -62,9 +63,9 @@ def _flat(t):
     return None if t is None else t.reshape(t.shape[0], -1)
 
 
-def _ref_loss(v, x1, c, d, x0=None, seed=0, std=1.0):
+def _ref_loss(v, x1, c, d, x0=None, rng=None, std=1.0):
     # The reference reduces with flatten(1): give it (B, D) views (same loss).
-    return R.cfm_loss(_flat(v), _flat(x1), c, d, x0=_flat(x0), seed=seed, std=std)
+    return R.cfm_loss(_flat(v), _flat(x1), c, d, x0=_flat(x0), rng=rng, std=std)
 
 
 def _close(actual, expected, **tol):
@@ -83,7 +84,7 @@ def _close(actual, expected, **tol):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_affine_path_matches_reference(shape, dtype, seeded):
     x1, x0, _, (a, b, c, d, _) = _inputs(shape, dtype)
-    kw = {"seed": 1234567, "std": 0.7} if seeded else {"x0": x0}
+    kw = {"rng": _rng(1234567), "std": 0.7} if seeded else {"x0": x0}
     x_t, target = K.affine_path(x1, a, b, c, d, **kw)
     rx_t, rtarget = R.affine_path(x1, a, b, c, d, **kw)
     _close(x_t, rx_t, **_tol(dtype, seeded))
@@ -100,7 +101,7 @@ def test_affine_path_matches_reference(shape, dtype, seeded):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_cfm_loss_and_grad_match_reference(shape, dtype, seeded):
     x1, x0, v, (_, _, c, d, g) = _inputs(shape, dtype, seed=1)
-    kw = {"seed": 99, "std": 1.3} if seeded else {"x0": x0}
+    kw = {"rng": _rng(99), "std": 1.3} if seeded else {"x0": x0}
     loss = K.cfm_loss(v, x1, c, d, **kw)
     ref = _ref_loss(v, x1, c, d, **kw)
     # Losses accumulate in double (the reference in the input's math dtype).
@@ -117,7 +118,7 @@ def test_cfm_loss_and_grad_match_reference(shape, dtype, seeded):
 @pytest.mark.parametrize("shape", [(3,), (5, 7), (2, 3, 17, 19), (2, 9001)], ids=str)
 def test_cfm_loss_grad_matches_autograd(shape, dtype, seeded):
     x1, x0, v, (_, _, c, d, g) = _inputs(shape, dtype, seed=2)
-    kw = {"seed": 5, "std": 0.9} if seeded else {"x0": x0}
+    kw = {"rng": _rng(5), "std": 0.9} if seeded else {"x0": x0}
     v = v.requires_grad_(True)
     (expected,) = torch.autograd.grad(_ref_loss(v, x1, c, d, **kw), v, grad_outputs=g)
     grad = K.cfm_loss_grad(g, v.detach(), x1, c, d, **kw)
@@ -143,12 +144,12 @@ def test_empty_inputs():
     for shape in [(0,), (0, 5)]:
         x1 = torch.zeros(shape)
         e = torch.zeros(0)
-        x_t, target = K.affine_path(x1, e, e, e, e)
+        x_t, target = K.affine_path(x1, e, e, e, e, rng=_rng(0))
         assert x_t.shape == target.shape == x1.shape
-        assert K.cfm_loss(x1, x1, e, e).shape == (0,)
-        assert K.cfm_loss_grad(e, x1, x1, e, e).shape == x1.shape
+        assert K.cfm_loss(x1, x1, e, e, rng=_rng(0)).shape == (0,)
+        assert K.cfm_loss_grad(e, x1, x1, e, e, rng=_rng(0)).shape == x1.shape
     x1, c = torch.zeros(3, 0), torch.ones(3)
-    assert torch.isnan(K.cfm_loss(x1, x1, c, c)).all()  # mean over no elements, like torch
+    assert torch.isnan(K.cfm_loss(x1, x1, c, c, rng=_rng(0))).all()  # mean over no elements, like torch
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,14 +174,14 @@ def test_ops_draw_the_seed_stream():
     z = std * K.randn(seed, math.prod(shape)).reshape(shape)
     x1 = torch.randn(shape)
     one, zero = torch.ones(3), torch.zeros(3)
-    x_t, target = K.affine_path(x1, one, zero, zero, one, seed=seed, std=std)
+    x_t, target = K.affine_path(x1, one, zero, zero, one, rng=_rng(seed), std=std)
     assert torch.equal(x_t, z) and torch.equal(target, x1)
     # With the noise passed explicitly the ops agree bitwise with the seeded ones.
     _, _, v, (a, b, c, d, g) = _inputs(shape, torch.float32)
-    assert all(torch.equal(p, q) for p, q in zip(K.affine_path(x1, a, b, c, d, seed=seed, std=std),
+    assert all(torch.equal(p, q) for p, q in zip(K.affine_path(x1, a, b, c, d, rng=_rng(seed), std=std),
                                                   K.affine_path(x1, a, b, c, d, x0=z)))
-    assert torch.equal(K.cfm_loss(v, x1, c, d, seed=seed, std=std), K.cfm_loss(v, x1, c, d, x0=z))
-    assert torch.equal(K.cfm_loss_grad(g, v, x1, c, d, seed=seed, std=std), K.cfm_loss_grad(g, v, x1, c, d, x0=z))
+    assert torch.equal(K.cfm_loss(v, x1, c, d, rng=_rng(seed), std=std), K.cfm_loss(v, x1, c, d, x0=z))
+    assert torch.equal(K.cfm_loss_grad(g, v, x1, c, d, rng=_rng(seed), std=std), K.cfm_loss_grad(g, v, x1, c, d, x0=z))
 
 
 def _corr(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -206,7 +207,7 @@ def test_noise_statistics():
     # Rows of one batch are different parts of the stream: uncorrelated.
     rows = 4
     one, zero = torch.ones(rows), torch.zeros(rows)
-    x_t, _ = K.affine_path(torch.zeros(rows, n // rows), one, zero, zero, zero, seed=7, write_target=False)
+    x_t, _ = K.affine_path(torch.zeros(rows, n // rows), one, zero, zero, zero, rng=_rng(7), write_target=False)
     row_sigma = 5 / math.sqrt(n // rows)
     for i in range(rows - 1):
         assert abs(_corr(x_t[i], x_t[i + 1])) < row_sigma
@@ -220,8 +221,8 @@ def test_determinism_across_calls_threads_and_isas(restore_threads):
         out = []
         for shape in [(1, 50007), (64, 1001), (4099, 2)]:
             x1, _, v, (a, b, c, d, g) = _inputs(shape, torch.float32, seed=4)
-            out += list(K.affine_path(x1, a, b, c, d, seed=31, std=1.1))
-            out += [K.cfm_loss(v, x1, c, d, seed=31), K.cfm_loss_grad(g, v, x1, c, d, seed=31)]
+            out += list(K.affine_path(x1, a, b, c, d, rng=_rng(31), std=1.1))
+            out += [K.cfm_loss(v, x1, c, d, rng=_rng(31)), K.cfm_loss_grad(g, v, x1, c, d, rng=_rng(31))]
         return out
 
     base = run()
@@ -270,7 +271,13 @@ def test_bad_inputs_raise_value_error_naming_the_argument():
         K.affine_path(x1, [1.0] * 4, b, c, d)
     with pytest.raises(ValueError, match="x1 must have a batch dimension"):
         K.affine_path(torch.tensor(1.0), a[:1], b[:1], c[:1], d[:1])
-    with pytest.raises(ValueError, match="seed must be an integer"):
-        K.affine_path(x1, a, b, c, d, seed=1.5)
-    with pytest.raises(ValueError, match="noise stream offsets"):
+    with pytest.raises(TypeError, match="seed must be an int"):
+        _rng(1.5)
+    with pytest.raises(ValueError, match="rng .* is required when x0 is None"):
+        K.affine_path(x1, a, b, c, d)
+    with pytest.raises(ValueError, match="int64 tensor of shape"):
+        K.affine_path(x1, a, b, c, d, rng=torch.tensor([1, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match="int32 element offsets"):
         K.randn(0, 10, offset=2**31 - 5)
+    with pytest.raises(ValueError, match="int32 element offsets"):  # an out-of-stream state made on the device
+        K.affine_path(x1, a, b, c, d, rng=torch.tensor([0, 2**31 - 5]))

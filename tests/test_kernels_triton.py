@@ -18,6 +18,7 @@ triton = pytest.importorskip("triton")
 
 from fastfm.kernels import reference as ref
 from fastfm.kernels import triton_kernels as tk
+from fastfm.kernels.rng import philox_state
 
 DEVICE = "cpu" if tk.interpret_mode() else "cuda"
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
@@ -41,6 +42,11 @@ def poison(monkeypatch):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(tk, "_empty", nan_empty)
+
+
+def _rng(seed, offset=0):
+    """The int64 noise state [seed, offset] on the test device."""
+    return philox_state(seed, offset, DEVICE)
 
 
 def _gen(seed=0):
@@ -98,9 +104,9 @@ def test_launches_go_through_wrap_triton(monkeypatch):
 
     monkeypatch.setattr(tk, "wrap_triton", spy)
     x1, _, v, a, b, c, d, g = _data((2, 5), torch.float32)
-    tk.affine_path(x1, a, b, c, d)
-    tk.cfm_loss(v, x1, c, d)
-    tk.cfm_loss_grad(g, v, x1, c, d)
+    tk.affine_path(x1, a, b, c, d, rng=_rng(0))
+    tk.cfm_loss(v, x1, c, d, rng=_rng(0))
+    tk.cfm_loss_grad(g, v, x1, c, d, rng=_rng(0))
     assert len(calls) == 3
 
 
@@ -113,8 +119,8 @@ def test_launches_go_through_wrap_triton(monkeypatch):
 def test_affine_path_matches_reference(shape, dtype, given_x0):
     x1, x0, _, a, b, c, d, _ = _data(shape, dtype)
     x0 = x0 if given_x0 else None
-    xt, tg = tk.affine_path(x1, a, b, c, d, x0=x0, seed=SEED, std=STD)
-    rxt, rtg = ref.affine_path(x1, a, b, c, d, x0=x0, seed=SEED, std=STD)
+    xt, tg = tk.affine_path(x1, a, b, c, d, x0=x0, rng=_rng(SEED), std=STD)
+    rxt, rtg = ref.affine_path(x1, a, b, c, d, x0=x0, rng=_rng(SEED), std=STD)
     _close(xt, rxt, dtype)
     _close(tg, rtg, dtype)
 
@@ -131,11 +137,11 @@ def test_affine_path_without_target(monkeypatch, given_x0):
     monkeypatch.setattr(tk, "_empty", counting_empty)
     x1, x0, _, a, b, c, d, _ = _data((3, 1500), torch.float32)
     x0 = x0 if given_x0 else None
-    xt, tg = tk.affine_path(x1, a, b, c, d, x0=x0, seed=SEED, std=STD, write_target=False)
+    xt, tg = tk.affine_path(x1, a, b, c, d, x0=x0, rng=_rng(SEED), std=STD, write_target=False)
     assert tg is None and allocs == [(3, 1500)]
-    _close(xt, ref.affine_path(x1, a, b, c, d, x0=x0, seed=SEED, std=STD)[0], torch.float32)
+    _close(xt, ref.affine_path(x1, a, b, c, d, x0=x0, rng=_rng(SEED), std=STD)[0], torch.float32)
     # c, d are not used at all without a target: any value (even a wrong shape) is ignored
-    xt2, _ = tk.affine_path(x1, a, b, None, None, x0=x0, seed=SEED, std=STD, write_target=False)
+    xt2, _ = tk.affine_path(x1, a, b, None, None, x0=x0, rng=_rng(SEED), std=STD, write_target=False)
     assert torch.equal(xt, xt2)
 
 
@@ -145,14 +151,14 @@ def test_small_blocks_many_programs(monkeypatch):
     monkeypatch.setattr(tk, "_LOSS_BLOCK_MAX", 16)
     x1, x0, v, a, b, c, d, g = _data((5, 3, 13), torch.float32)
     for z in (None, x0):
-        xt, tg = tk.affine_path(x1, a, b, c, d, x0=z, seed=SEED, std=STD)
-        rxt, rtg = ref.affine_path(x1, a, b, c, d, x0=z, seed=SEED, std=STD)
+        xt, tg = tk.affine_path(x1, a, b, c, d, x0=z, rng=_rng(SEED), std=STD)
+        rxt, rtg = ref.affine_path(x1, a, b, c, d, x0=z, rng=_rng(SEED), std=STD)
         _close(xt, rxt, torch.float32)
         _close(tg, rtg, torch.float32)
-        loss = tk.cfm_loss(v, x1, c, d, x0=z, seed=SEED, std=STD)
-        torch.testing.assert_close(loss, ref.cfm_loss(v, x1, c, d, x0=z, seed=SEED, std=STD), rtol=1e-5, atol=1e-6)
-        _close(tk.cfm_loss_grad(g, v, x1, c, d, x0=z, seed=SEED, std=STD),
-               ref.cfm_loss_grad(g, v, x1, c, d, x0=z, seed=SEED, std=STD), torch.float32)
+        loss = tk.cfm_loss(v, x1, c, d, x0=z, rng=_rng(SEED), std=STD)
+        torch.testing.assert_close(loss, ref.cfm_loss(v, x1, c, d, x0=z, rng=_rng(SEED), std=STD), rtol=1e-5, atol=1e-6)
+        _close(tk.cfm_loss_grad(g, v, x1, c, d, x0=z, rng=_rng(SEED), std=STD),
+               ref.cfm_loss_grad(g, v, x1, c, d, x0=z, rng=_rng(SEED), std=STD), torch.float32)
 
 
 def test_non_contiguous_inputs():
@@ -164,18 +170,18 @@ def test_non_contiguous_inputs():
     rxt, rtg = ref.affine_path(x1t, a, b, c, d, x0=x0t)
     _close(xt, rxt, torch.float32)
     _close(tg, rtg, torch.float32)
-    torch.testing.assert_close(tk.cfm_loss(vt, x1t, c, d, seed=3), ref.cfm_loss(vt, x1t, c, d, seed=3),
+    torch.testing.assert_close(tk.cfm_loss(vt, x1t, c, d, rng=_rng(3)), ref.cfm_loss(vt, x1t, c, d, rng=_rng(3)),
                                rtol=1e-5, atol=1e-6)
-    _close(tk.cfm_loss_grad(g, vt, x1t, c, d, seed=3), ref.cfm_loss_grad(g, vt, x1t, c, d, seed=3), torch.float32)
+    _close(tk.cfm_loss_grad(g, vt, x1t, c, d, rng=_rng(3)), ref.cfm_loss_grad(g, vt, x1t, c, d, rng=_rng(3)), torch.float32)
 
 
 def test_empty_batch():
     x1 = torch.zeros(0, 5, device=DEVICE)
     e = torch.zeros(0, device=DEVICE)
-    xt, tg = tk.affine_path(x1, e, e, e, e)
+    xt, tg = tk.affine_path(x1, e, e, e, e, rng=_rng(0))
     assert xt.shape == tg.shape == (0, 5)
-    assert tk.cfm_loss(x1, x1, e, e).shape == (0,)
-    assert tk.cfm_loss_grad(e, x1, x1, e, e).shape == (0, 5)
+    assert tk.cfm_loss(x1, x1, e, e, rng=_rng(0)).shape == (0,)
+    assert tk.cfm_loss_grad(e, x1, x1, e, e, rng=_rng(0)).shape == (0, 5)
 
 
 # ---------------------------------------------------------------------------------------- noise
@@ -185,7 +191,7 @@ def _noise(seed, shape, std=1.0):
     """x_t with a = 1, b = 0 on x1 = 0: exactly the kernel's in-register noise."""
     x1 = torch.zeros(shape, device=DEVICE)
     one, zero = torch.ones(shape[0], device=DEVICE), torch.zeros(shape[0], device=DEVICE)
-    return tk.affine_path(x1, one, zero, zero, zero, seed=seed, std=std, write_target=False)[0]
+    return tk.affine_path(x1, one, zero, zero, zero, rng=_rng(seed), std=std, write_target=False)[0]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 77, 2**31 + 7, 2**40 + 3, 2**64 - 1])
@@ -215,13 +221,13 @@ def test_noise_seeds_differ_and_statistics():
 def test_cfm_loss_and_grad_match_reference(shape, dtype, given_x0):
     x1, x0, v, _, _, c, d, g = _data(shape, dtype, seed=1)
     x0 = x0 if given_x0 else None
-    loss = tk.cfm_loss(v, x1, c, d, x0=x0, seed=SEED, std=STD)
-    expected = ref.cfm_loss(_2d(v), _2d(x1), c, d, x0=_2d(x0), seed=SEED, std=STD)
+    loss = tk.cfm_loss(v, x1, c, d, x0=x0, rng=_rng(SEED), std=STD)
+    expected = ref.cfm_loss(_2d(v), _2d(x1), c, d, x0=_2d(x0), rng=_rng(SEED), std=STD)
     assert loss.dtype == torch.float32 and loss.shape == (shape[0],)
     # fp32 math on the same (upcast) inputs on both sides: only the summation order differs
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
-    grad = tk.cfm_loss_grad(g, v, x1, c, d, x0=x0, seed=SEED, std=STD)
-    _close(grad, ref.cfm_loss_grad(g, v, x1, c, d, x0=x0, seed=SEED, std=STD), dtype)
+    grad = tk.cfm_loss_grad(g, v, x1, c, d, x0=x0, rng=_rng(SEED), std=STD)
+    _close(grad, ref.cfm_loss_grad(g, v, x1, c, d, x0=x0, rng=_rng(SEED), std=STD), dtype)
 
 
 @pytest.mark.parametrize("given_x0", [False, True], ids=["seeded", "x0"])
@@ -230,16 +236,16 @@ def test_cfm_loss_grad_matches_autograd(shape, given_x0):
     x1, x0, v, _, _, c, d, g = _data(shape, torch.float32, seed=2)
     x0 = x0 if given_x0 else None
     vr = v.clone().requires_grad_(True)
-    (expected,) = torch.autograd.grad(ref.cfm_loss(vr, x1, c, d, x0=x0, seed=SEED, std=STD), vr, grad_outputs=g)
-    grad = tk.cfm_loss_grad(g, v, x1, c, d, x0=x0, seed=SEED, std=STD)
+    (expected,) = torch.autograd.grad(ref.cfm_loss(vr, x1, c, d, x0=x0, rng=_rng(SEED), std=STD), vr, grad_outputs=g)
+    grad = tk.cfm_loss_grad(g, v, x1, c, d, x0=x0, rng=_rng(SEED), std=STD)
     torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
 
 
 def test_cfm_loss_is_deterministic_and_consistent_with_path():
     x1, _, v, a, b, c, d, _ = _data((3, 1500), torch.float32, seed=3)
-    l1 = tk.cfm_loss(v, x1, c, d, seed=SEED, std=STD)
-    assert torch.equal(l1, tk.cfm_loss(v, x1, c, d, seed=SEED, std=STD))
-    _, target = tk.affine_path(x1, a, b, c, d, seed=SEED, std=STD)
+    l1 = tk.cfm_loss(v, x1, c, d, rng=_rng(SEED), std=STD)
+    assert torch.equal(l1, tk.cfm_loss(v, x1, c, d, rng=_rng(SEED), std=STD))
+    _, target = tk.affine_path(x1, a, b, c, d, rng=_rng(SEED), std=STD)
     torch.testing.assert_close(l1, (v - target).pow(2).mean(1), rtol=1e-5, atol=1e-6)
 
 
@@ -249,22 +255,26 @@ def test_cfm_loss_is_deterministic_and_consistent_with_path():
 def _bad_calls():
     x1, x0, v, a, b, c, d, g = _data((3, 4), torch.float32)
     meta = torch.empty((3, 4), device="meta")
+    r = _rng(0)
     cases = {
         "dtype mismatch": lambda: tk.affine_path(x1, a, b, c, d, x0=x0.half()),
-        "dtype mismatch ": lambda: tk.cfm_loss(v.bfloat16(), x1, c, d),
+        "dtype mismatch ": lambda: tk.cfm_loss(v.bfloat16(), x1, c, d, rng=r),
         "shape mismatch": lambda: tk.affine_path(x1, a, b, c, d, x0=x0[:, :3]),
-        "shape mismatch ": lambda: tk.cfm_loss_grad(g, v.reshape(4, 3), x1, c, d),
+        "shape mismatch ": lambda: tk.cfm_loss_grad(g, v.reshape(4, 3), x1, c, d, rng=r),
         "device mismatch": lambda: tk.affine_path(x1, a, b, c, d, x0=meta),
-        "device mismatch  ": lambda: tk.cfm_loss(v, x1, c.to("meta"), d),
-        "shape (B,)": lambda: tk.affine_path(x1, a[:2], b, c, d),
-        "shape (B,) ": lambda: tk.cfm_loss(v, x1, c.reshape(3, 1), d),
-        "shape (B,)  ": lambda: tk.cfm_loss_grad(g[:1], v, x1, c, d),
-        "unsupported dtype": lambda: tk.affine_path(x1.double(), a, b, c, d),
-        "unsupported dtype ": lambda: tk.cfm_loss(v.int(), x1.int(), c, d),
+        "device mismatch  ": lambda: tk.cfm_loss(v, x1, c.to("meta"), d, rng=r),
+        "device mismatch: rng": lambda: tk.affine_path(x1, a, b, c, d, rng=r.to("meta")),
+        "shape (B,)": lambda: tk.affine_path(x1, a[:2], b, c, d, rng=r),
+        "shape (B,) ": lambda: tk.cfm_loss(v, x1, c.reshape(3, 1), d, rng=r),
+        "shape (B,)  ": lambda: tk.cfm_loss_grad(g[:1], v, x1, c, d, rng=r),
+        "unsupported dtype": lambda: tk.affine_path(x1.double(), a, b, c, d, rng=r),
+        "unsupported dtype ": lambda: tk.cfm_loss(v.int(), x1.int(), c, d, rng=r),
         "2**31": lambda: tk.affine_path(torch.empty((2, 2**30), device="meta"), a[:2], b[:2], c[:2], d[:2]),
-        "batch dimension": lambda: tk.affine_path(torch.tensor(1.0, device=DEVICE), a, b, c, d),
-        "64 bits": lambda: tk.affine_path(x1, a, b, c, d, seed=2**64),
-        "floating": lambda: tk.affine_path(x1, a.long(), b, c, d),
+        "batch dimension": lambda: tk.affine_path(torch.tensor(1.0, device=DEVICE), a, b, c, d, rng=r),
+        "64 bits": lambda: tk.affine_path(x1, a, b, c, d, rng=_rng(2**64)),
+        "floating": lambda: tk.affine_path(x1, a.long(), b, c, d, rng=r),
+        "is required when x0 is None": lambda: tk.cfm_loss(v, x1, c, d),
+        "int64 tensor of shape (2,)": lambda: tk.affine_path(x1, a, b, c, d, rng=r[:1]),
     }
     return cases
 
@@ -278,13 +288,15 @@ def test_bad_inputs_raise_value_error(message):
 def test_wrong_argument_types_raise_type_error():
     x1, _, _, a, b, c, d, _ = _data((3, 4), torch.float32)
     with pytest.raises(TypeError, match="seed"):
-        tk.affine_path(x1, a, b, c, d, seed=1.5)
+        _rng(1.5)
+    with pytest.raises(TypeError, match="rng must be the int64 tensor"):
+        tk.affine_path(x1, a, b, c, d, rng=7)
     with pytest.raises(TypeError, match="std"):
-        tk.affine_path(x1, a, b, c, d, std="big")
+        tk.affine_path(x1, a, b, c, d, std="big", rng=_rng(0))
     with pytest.raises(TypeError, match="x1 must be a torch.Tensor"):
         tk.affine_path(x1.tolist(), a, b, c, d)
     with pytest.raises(TypeError, match="coefficient c"):
-        tk.cfm_loss(x1, x1, 0.5, d)
+        tk.cfm_loss(x1, x1, 0.5, d, rng=_rng(0))
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="interpreter check")
@@ -292,7 +304,7 @@ def test_cpu_tensors_without_interpreter_raise(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x1, _, _, a, b, c, d, _ = _data((2, 3), torch.float32)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        tk.affine_path(x1, a, b, c, d)
+        tk.affine_path(x1, a, b, c, d, rng=_rng(0))
 
 
 def test_import_without_triton_is_an_import_error():

@@ -19,6 +19,7 @@ import triton
 from triton.testing import do_bench
 
 from fastfm.kernels import reference, triton_kernels
+from fastfm.kernels.rng import philox_state
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
@@ -33,12 +34,13 @@ def check() -> list[dict]:
             v = torch.randn(shape, device="cuda", generator=g).to(dtype)
             a, b, c, d = (torch.randn(shape[0], device="cuda", generator=g) for _ in range(4))
             for noise in (x0, None):
-                xt, tg = triton_kernels.affine_path(x1, a, b, c, d, noise, 11, 0.5)
-                rxt, rtg = reference.affine_path(x1, a, b, c, d, noise, 11, 0.5)
-                loss = triton_kernels.cfm_loss(v, x1, c, d, noise, 11, 0.5)
-                rloss = reference.cfm_loss(v, x1, c, d, noise, 11, 0.5)
-                grad = triton_kernels.cfm_loss_grad(torch.ones_like(loss), v, x1, c, d, noise, 11, 0.5)
-                rgrad = reference.cfm_loss_grad(torch.ones_like(loss), v, x1, c, d, noise, 11, 0.5)
+                rng = philox_state(11, device="cuda") if noise is None else None
+                xt, tg = triton_kernels.affine_path(x1, a, b, c, d, noise, rng, 0.5)
+                rxt, rtg = reference.affine_path(x1, a, b, c, d, noise, rng, 0.5)
+                loss = triton_kernels.cfm_loss(v, x1, c, d, noise, rng, 0.5)
+                rloss = reference.cfm_loss(v, x1, c, d, noise, rng, 0.5)
+                grad = triton_kernels.cfm_loss_grad(torch.ones_like(loss), v, x1, c, d, noise, rng, 0.5)
+                rgrad = reference.cfm_loss_grad(torch.ones_like(loss), v, x1, c, d, noise, rng, 0.5)
                 err = max(float((p.float() - q.float()).abs().max()) for p, q in
                           [(xt, rxt), (tg, rtg), (loss, rloss), (grad, rgrad)])
                 scale = max(1.0, float(rxt.float().abs().max()), float(rloss.abs().max()))
@@ -50,8 +52,9 @@ def check() -> list[dict]:
 def bench() -> list[dict]:
     rows = []
     eager = {"path": reference.affine_path, "loss": reference.cfm_loss}
-    compiled = {k: torch.compile(f, dynamic=False) for k, f in eager.items()}
     for b, d in [(256, 2), (256, 1024), (256, 12288), (1024, 12288), (4096, 3072)]:
+        torch._dynamo.reset()  # a fresh compile per size: never the recompile limit's silent eager fallback
+        compiled = {k: torch.compile(f, dynamic=False) for k, f in eager.items()}
         for dtype in (torch.float32, torch.bfloat16):
             x1, x0, v = (torch.randn(b, d, device="cuda", dtype=dtype) for _ in range(3))
             a, bb, c, dd = (torch.rand(b, device="cuda") for _ in range(4))
@@ -61,15 +64,16 @@ def bench() -> list[dict]:
             copy_gbs = 2 * es / copy_ms / 1e6
             for noise in ("x0", "seed"):
                 z = x0 if noise == "x0" else None
+                rng = philox_state(3, device="cuda") if z is None else None
                 path_bytes = es * (4 if z is not None else 3)
                 loss_bytes = es * (2 + (z is not None))
                 cands = {
-                    ("path", "triton"): lambda: triton_kernels.affine_path(x1, a, bb, c, dd, z, 3, 1.0),
-                    ("path", "eager"): lambda: eager["path"](x1, a, bb, c, dd, z, 3, 1.0),
-                    ("path", "compile"): lambda: compiled["path"](x1, a, bb, c, dd, z, 3, 1.0),
-                    ("loss", "triton"): lambda: triton_kernels.cfm_loss(v, x1, c, dd, z, 3, 1.0),
-                    ("loss", "eager"): lambda: eager["loss"](v, x1, c, dd, z, 3, 1.0),
-                    ("loss", "compile"): lambda: compiled["loss"](v, x1, c, dd, z, 3, 1.0),
+                    ("path", "triton"): lambda: triton_kernels.affine_path(x1, a, bb, c, dd, z, rng, 1.0),
+                    ("path", "eager"): lambda: eager["path"](x1, a, bb, c, dd, z, rng, 1.0),
+                    ("path", "compile"): lambda: compiled["path"](x1, a, bb, c, dd, z, rng, 1.0),
+                    ("loss", "triton"): lambda: triton_kernels.cfm_loss(v, x1, c, dd, z, rng, 1.0),
+                    ("loss", "eager"): lambda: eager["loss"](v, x1, c, dd, z, rng, 1.0),
+                    ("loss", "compile"): lambda: compiled["loss"](v, x1, c, dd, z, rng, 1.0),
                 }
                 for (op, impl), fn in cands.items():
                     if impl == "compile" and z is None:  # inductor does not finish compiling the Philox reference

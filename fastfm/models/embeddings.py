@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 from torch import Tensor, nn
+
+
+def fp32_region(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast switched off on ``device_type`` (a no-op where autocast does not exist, e.g. ``meta``,
+    on which the CPU tests trace programs to see device bugs)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class SinusoidalEmbedding(nn.Module):
@@ -33,7 +42,7 @@ class SinusoidalEmbedding(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         """Map times ``t`` of shape (B,) to float32 embeddings of shape (B, dim)."""
-        with torch.autocast(device_type=t.device.type, enabled=False):
+        with fp32_region(t.device.type):
             args = (t.to(torch.float32) * self.scale)[:, None] * self.freqs.float()[None, :]
             emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
             if self.dim % 2:

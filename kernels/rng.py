@@ -1,0 +1,64 @@
+"""The noise-stream state every backend reads: one int64 tensor ``[seed, offset]`` on the data's device.
+
+Element i (flat, row-major over x1) of the in-kernel noise is drawn from the Philox4x32-10 stream keyed
+by ``seed`` (its 64 bits, as a signed int64) at counter ``offset + i`` (kernels/reference.py gives the
+stream). The state is a device tensor, never a Python int: a compiled graph or a CUDA graph takes a new
+seed as new data (no recompile, no re-capture), and every backend (Triton, C++, reference) reads it
+inside the kernel, so the three ops have one signature.
+
+The stream is indexed by int32 counters: ``[offset, offset + numel)`` must lie in ``[0, 2^31)``.
+:func:`philox_state` checks that on the host when the state is made from Python ints; a state tensor
+built on the device is the caller's promise.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import Tensor
+
+STREAM_LENGTH = 2**31
+
+
+def signed_seed(seed: object) -> int:
+    """A 64-bit seed as the signed int64 with the same bits (seeds in [2^63, 2^64) wrap to negatives)."""
+    if isinstance(seed, bool) or not hasattr(seed, "__index__"):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    seed = operator.index(seed)
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed must fit in 64 bits, got {seed}")
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+def check_stream(offset: int, numel: int) -> None:
+    """Raise ValueError unless elements [offset, offset + numel) of the stream exist (int32 counters)."""
+    if offset < 0 or offset + numel > STREAM_LENGTH:
+        raise ValueError(f"noise streams are indexed by int32 element offsets; [{offset}, {offset + numel}) "
+                         f"does not lie in [0, 2^31)")
+
+
+def philox_state(seed: int, offset: int = 0, device: torch.device | str | None = None,
+                 numel: int = 0) -> Tensor:
+    """The int64 state ``[seed, offset]`` on ``device``; ``numel`` elements from ``offset`` must be in the stream."""
+    if isinstance(offset, bool) or not hasattr(offset, "__index__"):
+        raise TypeError(f"offset must be an int, got {type(offset).__name__}")
+    offset = operator.index(offset)
+    check_stream(offset, numel)
+    return torch.tensor([signed_seed(seed), offset], dtype=torch.int64, device=device)
+
+
+def check_state(rng: object, x1: Tensor) -> Tensor:
+    """Validate the noise state of an op drawing x0 for data ``x1``: an int64 tensor of shape (2,) on x1's
+    device; returned contiguous."""
+    if rng is None:
+        raise ValueError("rng (the int64 noise state [seed, offset]) is required when x0 is None")
+    if not isinstance(rng, Tensor):
+        raise TypeError(f"rng must be the int64 tensor [seed, offset] (fastfm.kernels.rng.philox_state), "
+                        f"got {type(rng).__name__}")
+    if rng.dtype != torch.int64 or tuple(rng.shape) != (2,):
+        raise ValueError(f"rng must be an int64 tensor of shape (2,) = [seed, offset], got {rng.dtype} "
+                         f"of shape {tuple(rng.shape)}")
+    if rng.device != x1.device:
+        raise ValueError(f"device mismatch: rng is on {rng.device} but x1 is on {x1.device}")
+    return rng.contiguous()

@@ -1,0 +1,163 @@
+"""CPU guards for GPU bugs: programs traced on a device that is not the CPU, kernels compiled for sm_90.
+
+Code that is only ever traced with CPU tensors hides every tensor it makes on the CPU by default (a
+time grid, a label, a constant): on a GPU they meet CUDA tensors and the trace fails ("found two
+different devices cpu, cuda:0"). Here the same programs run on the ``meta`` device, where such a
+tensor fails the same way ("Tensor on device cpu is not on the expected device meta"), and the
+exported graphs are audited for any tensor off the inputs' device. (Fake CUDA tensors would be closer,
+but a CPU-only torch cannot index them or autocast on them.) The Triton kernels, which the CPU tests
+otherwise run in the interpreter, are compiled for an H100/H200 (sm_90) by Triton's real compiler.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_export import RUNS, make_run
+
+from fastfm.build import load_run
+from fastfm.export import ExportError
+from fastfm.export.graph import build_program, example_inputs, off_device, trace
+from fastfm.export.spec import EngineSpec, signature, validate
+from fastfm.kernels.rng import philox_state
+from fastfm.models import build_model
+from fastfm.paths import get_path
+from fastfm.train import LossStep
+
+META = torch.device("meta")
+
+ENGINES = [  # (run, spec): every task, solver, dtype, conditioning and divergence kind
+    ("mlp", dict(task="sample", solver="euler", steps=2, batch=4)),
+    ("mlp", dict(task="sample", solver="rk4", steps=2, batch=4, log_likelihood=True)),
+    ("mlp", dict(task="likelihood", solver="heun", steps=2, batch=4)),
+    ("mlp", dict(task="likelihood", solver="midpoint", steps=2, batch=4, divergence="hutchinson", probes=2)),
+    ("mlp", dict(task="sample", solver="midpoint", steps=2, batch=4, dtype="bf16")),
+    ("mlp_cond", dict(task="sample", solver="midpoint", steps=2, batch=4, guidance=2.0)),
+    ("mlp_cond", dict(task="sample", solver="midpoint", steps=2, batch=4, class_label=1, guidance=1.5)),
+    ("unet", dict(task="likelihood", solver="euler", steps=1, batch=2)),
+    ("unet", dict(task="sample", solver="midpoint", steps=2, batch=2, dtype="fp16")),
+    ("unet_cond", dict(task="sample", solver="euler", steps=2, batch=2, class_label=3, guidance=2.0)),
+    ("unet_cond", dict(task="likelihood", solver="euler", steps=1, batch=2, dtype="bf16")),
+    ("unet_sr", dict(task="sample", solver="heun", steps=1, batch=2)),
+    ("unet_sr", dict(task="likelihood", solver="euler", steps=1, batch=2)),
+]
+
+
+@pytest.fixture(scope="module")
+def meta_runs(tmp_path_factory: pytest.TempPathFactory):
+    """Loaded runs with their models moved to the meta device (weights gone, shapes and dtypes kept)."""
+    root = tmp_path_factory.mktemp("meta_runs")
+    runs = {}
+    for name in {r for r, _ in ENGINES}:
+        run = load_run(make_run(root / name, *RUNS[name]))
+        run.model.to(META)
+        runs[name] = run
+    return runs
+
+
+@pytest.mark.parametrize("name,spec", ENGINES, ids=[f"{r}-{'-'.join(map(str, s.values()))}" for r, s in ENGINES])
+def test_engine_programs_trace_on_the_inputs_device(meta_runs, name, spec):
+    """The engine program (model, solver, grid, labels, divergence, folded constants) is made on the
+    device of its inputs: traced, simplified and exported on meta, nothing of it is on the CPU.
+    (On commit f3b4950 every case failed here: the time grid was a CPU buffer.)"""
+    run = meta_runs[name]
+    spec = validate(EngineSpec(**spec), run.meta)
+    inputs, _ = signature(spec, run.meta)
+    ep = trace(build_program(run, spec), example_inputs(inputs, META))
+    assert off_device(ep, META) == []
+    assert {v.device for v in ep.state_dict.values()} <= {META}
+
+
+def test_off_device_audit_names_stray_tensors():
+    """A 0-d CPU tensor mixes with device tensors in eager PyTorch and in tracing, but becomes a CPU
+    constant of the engine (a host copy per call): ``trace`` refuses it, naming it."""
+
+    class Stray(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+            return (x * torch.tensor(2.0),)
+
+    with pytest.raises(ExportError, match=r"off its device meta: .*\(cpu\)"):
+        trace(Stray(), [torch.zeros(3, device=META)])
+    ep = trace(Stray(), [torch.zeros(3)])  # on the CPU the same constant is where it belongs
+    assert off_device(ep, torch.device("cpu")) == []
+
+
+TRAIN_STEPS = {  # (model config, data shape, path, target, class-conditional, superres)
+    "mlp": ({"name": "mlp", "dim": 2, "hidden": 32, "depth": 2}, (2,), "condot", "velocity", False, 0),
+    "mlp_vp_x1": ({"name": "mlp", "dim": 2, "hidden": 32, "depth": 2}, (2,), "vp", "x1", False, 0),
+    "unet_cond": ({"name": "unet", "in_channels": 1, "image_size": 8, "model_channels": 8, "channel_mult": [1],
+                   "num_res_blocks": 1, "num_classes": 10}, (1, 8, 8), "condot", "velocity", True, 0),
+    "unet_sr": ({"name": "unet", "in_channels": 1, "image_size": 8, "model_channels": 8, "channel_mult": [1],
+                 "num_res_blocks": 1, "low_res_channels": 1}, (1, 8, 8), "trig", "x0", False, 2),
+}
+
+
+@pytest.mark.parametrize("name", list(TRAIN_STEPS))
+def test_compiled_training_step_runs_on_the_inputs_device(name):
+    """The compiled loss step (path op, model, CFM loss, fused backward) on meta tensors, fullgraph: no
+    CPU tensor meets the device's, and a new noise state per step (seed and offset, a device tensor)
+    never recompiles. (bf16 autocast does not exist on meta; tests/test_cuda.py runs it on a GPU.)"""
+    from torch._dynamo.utils import counters
+
+    config, shape, path, target, cond, superres = TRAIN_STEPS[name]
+    torch.manual_seed(0)
+    model = build_model(config).to(META)
+    step = torch.compile(LossStep(model, get_path(path), target, superres, bf16=False), fullgraph=True,
+                         backend="aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    b = 4
+    for i in range(3):
+        x1, t = torch.empty(b, *shape, device=META), torch.empty(b, device=META)
+        y = torch.zeros(b, dtype=torch.int64, device=META) if cond else None
+        loss = step(None, x1, t, y, philox_state(1000 + i, i * b * x1[0].numel(), META))
+        loss.backward()
+        assert loss.device == META and loss.shape == ()
+        assert all(p.grad is not None and p.grad.device == META for p in model.parameters())
+        model.zero_grad()
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_scalar_launch_arguments_must_fit_int32():
+    """The rule the sm_90 check applies to every launch: a Python int above int32 (a seed) is refused."""
+    pytest.importorskip("triton")
+    from fastfm.kernels import targets
+
+    assert targets._type_of("N", 2**31 - 1) == "i32"
+    assert targets._type_of("std", 0.5) == "fp32"
+    assert targets._type_of("rng_ptr", torch.empty(2, dtype=torch.int64, device=META)) == "*i64"
+    with pytest.raises(ValueError, match="rng tensor"):
+        targets._type_of("seed", 2**40)
+
+
+def test_kernel_variants_compile_for_sm90(tmp_path: Path):
+    """Every launch the Triton ops make (3 dtypes, x0 given or drawn, target or not, every loss block
+    size), recorded on meta tensors for two different seeds and offsets (identical launches: the state
+    is a tensor), compiled by Triton for sm_90 to a cubin with no register spills. Runs without the
+    interpreter, in a subprocess. (On commit f3b4950 this failed: the seed was a scalar launch argument.)"""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "targets.json"
+    proc = subprocess.run([sys.executable, "-m", "fastfm.kernels.targets", "--arch", "90", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    variants = report["variants"]
+    seen = {(v["kernel"], v["signature"]["x1_ptr"] if "x1_ptr" in v["signature"] else v["signature"]["v_ptr"],
+             v["constexprs"]["HAS_X0"]) for v in variants}
+    for kernel in ("_affine_path_kernel", "_cfm_loss_partial_kernel", "_cfm_loss_grad_kernel"):
+        for dtype in ("*fp32", "*bf16", "*fp16"):
+            for has_x0 in (True, False):
+                assert (kernel, dtype, has_x0) in seen, (kernel, dtype, has_x0)
+    assert {v["constexprs"]["BLOCK"] for v in variants if v["kernel"] == "_cfm_loss_partial_kernel"} == {16, 32, 1024}
+    for v in variants:
+        assert v["signature"]["rng_ptr"] == "*i64" or v["constexprs"]["HAS_X0"], v
+        assert all(t != "i64" for t in v["signature"].values()), v  # no 64-bit scalar: nothing seed-like
+        assert v["LOCAL"] == 0 and v["REG"] <= 255, v  # no spills
+        assert v["ptx_bytes"] > 0
