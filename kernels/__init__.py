@@ -1,4 +1,6 @@
-"""Fused kernels (Triton on CUDA, C++ on CPU), installed as ``fastfm.kernels``.
+"""Fused kernels, installed as ``fastfm.kernels``: the affine path op and the CFM loss.
 
-Filled by the kernels issue; the engine uses the plain PyTorch reference ops until then.
+``ops`` registers them as torch.library custom ops dispatched by device (Triton on CUDA, the C++
+extension on CPU, the plain-PyTorch ``reference`` spec on request); ``rng`` holds the noise state
+every backend reads; ``targets`` compiles every Triton launch for a GPU target without a GPU.
 """

@@ -514,28 +514,3 @@ def test_gpu_benchmark_script_runs_on_cpu(tmp_path: Path) -> None:
         (m, t, i) for m, t in [("mlp", "sample"), ("mlp", "likelihood"), ("unet", "sample")]
         for i in ("flow_matching", "eager", "onnx")}
     assert all(r["speedup_vs_flow_matching"] > 0 and r["max_abs_vs_eager"] < 1e-2 for r in rows)
-
-
-# ------------------------------------------------------------------------- CUDA
-
-
-def _ort_cuda() -> bool:
-    import onnxruntime
-
-    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("backend", ["aoti", "cudagraph", pytest.param("onnx", marks=pytest.mark.skipif(
-    not _ort_cuda(), reason="onnxruntime has no CUDAExecutionProvider"))])
-def test_cuda_engines(runs, tmp_path: Path, backend: str) -> None:
-    out = tmp_path / backend
-    export_engine(runs["mlp"], EngineSpec(task="sample", solver="midpoint", steps=2, batch=8, backend=backend,
-                                          log_likelihood=True), out, device="cuda")
-    engine = load(out)
-    assert engine.device.type == "cuda"
-    given = inputs(engine)
-    got = _call(engine, {k: v.cuda() for k, v in given.items()})
-    ref = reference(runs["mlp"], engine, given)
-    torch.testing.assert_close(got.x.cpu(), ref["x"], atol=1e-3, rtol=1e-3)
-    torch.testing.assert_close(got.log_prob.cpu(), ref["log_prob"], atol=1e-3, rtol=1e-3)

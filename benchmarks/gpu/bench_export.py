@@ -37,9 +37,12 @@ from export_cases import MODELS, QUICK, WORKLOADS, check, inputs, make_runs, run
 GOALS = {("mlp", "sample", 1): 8.0, ("mlp", "likelihood", 1024): 4.0}
 
 
+PEERS = ("flow_matching",)
+
+
 def implementations(device: str) -> list[str]:
-    """What can run on this device and installation."""
-    impls = ["flow_matching", "eager", "compile", "aoti", "aoti_bf16"]
+    """What can run on this device and installation (peers only where installed: see ``missing``)."""
+    impls = [p for p in PEERS if importlib.util.find_spec(p) is not None] + ["eager", "compile", "aoti", "aoti_bf16"]
     if device == "cuda":
         impls += ["cudagraph", "cudagraph_bf16"]
         if importlib.util.find_spec("torch_tensorrt") is not None:
@@ -117,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              for (m, t, b), g in GOALS.items()]
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "torch": torch.__version__, "cuda": torch.version.cuda, "quick": args.quick, "implementations": impls,
+              "missing": [p for p in PEERS if importlib.util.find_spec(p) is None],
               "goals": goals, "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

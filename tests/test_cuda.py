@@ -1,0 +1,136 @@
+"""CUDA tests: the compiled training step and every engine kind on a GPU (skipped without one).
+
+On a GPU machine: ``pytest tests/test_cuda.py`` (``benchmarks/gpu/check.sh`` runs it with the other
+CUDA checks). What the CPU can see of the same bugs is in tests/test_devices.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_training
+from test_export import TOL, _call, inputs, reference, runs  # noqa: F401 (runs: the module's run fixture)
+
+from fastfm.export import EngineSpec, export_engine, load
+from fastfm.kernels.rng import philox_state
+from fastfm.models import build_model
+from fastfm.paths import get_path
+from fastfm.train import LossStep
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+STEPS = {  # model config, data shape, class-conditional, superres
+    "mlp": ({"name": "mlp", "dim": 2, "hidden": 64, "depth": 3}, (2,), False, 0),
+    "unet_cond": ({"name": "unet", "in_channels": 1, "image_size": 8, "model_channels": 16, "channel_mult": [1, 2],
+                   "num_res_blocks": 1, "num_classes": 10}, (1, 8, 8), True, 0),
+    "unet_sr": ({"name": "unet", "in_channels": 1, "image_size": 8, "model_channels": 16, "channel_mult": [1],
+                 "num_res_blocks": 1, "low_res_channels": 1}, (1, 8, 8), False, 2),
+}
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(STEPS))
+def test_compiled_training_step_matches_eager(name: str, bf16: bool):
+    """inductor's step (Triton path and loss kernels inside) against the eager step, same weights, data and
+    noise state, for 3 optimizer steps: finite losses equal to bf16 tolerance, one graph for every seed."""
+    from torch._dynamo.utils import counters
+
+    config, shape, cond, superres = STEPS[name]
+    torch.manual_seed(0)
+    model = build_model(config).cuda()
+    twin = copy.deepcopy(model)
+    path = get_path("condot")
+    compiled = torch.compile(LossStep(model, path, "velocity", superres, bf16), fullgraph=True)
+    eager = LossStep(twin, path, "velocity", superres, bf16)
+    opts = [torch.optim.SGD(m.parameters(), lr=1e-2) for m in (model, twin)]
+    torch._dynamo.reset()
+    counters.clear()
+    tol = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-4, atol=1e-5)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for i in range(3):
+        x1 = torch.randn(16, *shape, device="cuda", generator=g)
+        t = torch.rand(16, device="cuda", generator=g)
+        y = torch.randint(0, 10, (16,), device="cuda", generator=g) if cond else None
+        rng = philox_state(2**40 + 7 * i, 16 * i * x1[0].numel(), "cuda")
+        losses = [step(None, x1, t, y, rng) for step in (compiled, eager)]
+        for loss, opt in zip(losses, opts):
+            assert torch.isfinite(loss)
+            loss.backward()
+        torch.testing.assert_close(losses[0], losses[1], **tol)
+        for p, q in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=tol["rtol"] * 5, atol=tol["atol"] * 5)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+TRAIN_RUNS = {
+    "default": ["--data", "checkerboard"],
+    "accum": ["--data", "moons", "--grad-accum", "2"],
+    "unet_cond": ["--data", "digits", "--class-cond", "--model-args", "model_channels=8", "channel_mult=[1]",
+                  "num_res_blocks=1"],
+    "unet_sr": ["--data", "digits", "--superres", "2", "--model-args", "model_channels=8", "channel_mult=[1]",
+                "num_res_blocks=1"],
+}
+
+
+@pytest.mark.parametrize("variant", list(TRAIN_RUNS))
+def test_train_compile_bf16_on_cuda(tmp_path: Path, variant: str):
+    """``python -m fastfm.train --compile --bf16 --device cuda``: the README's main job and its variants."""
+    run = run_training(tmp_path / variant, "--compile", "--bf16", "--device", "cuda", "--log-every", "2",
+                       *TRAIN_RUNS[variant], steps=6)
+    assert run.summary["skipped_steps"] == 0
+    assert torch.isfinite(torch.tensor(run.summary["last"]["loss"]))
+    assert torch.isfinite(torch.tensor(run.summary["test"]["nll_nats"]))
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _ort_cuda() -> bool:
+    if not _has("onnxruntime"):
+        return False
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+BACKENDS = ["aoti", "cudagraph",
+            pytest.param("onnx", marks=pytest.mark.skipif(not _ort_cuda(), reason="no onnxruntime CUDA provider")),
+            pytest.param("tensorrt", marks=pytest.mark.skipif(not _has("torch_tensorrt"), reason="no torch-tensorrt"))]
+ENGINES = {  # run, spec: sampling and likelihood, MLP and UNet, every dtype, guided and super-resolution
+    "mlp-sample-loglik": ("mlp", dict(task="sample", solver="midpoint", steps=2, batch=8, log_likelihood=True)),
+    "mlp-likelihood": ("mlp", dict(task="likelihood", solver="heun", steps=2, batch=8)),
+    "mlp-sample-bf16": ("mlp", dict(task="sample", solver="rk4", steps=2, batch=8, dtype="bf16")),
+    "mlp-guided-label": ("mlp_cond", dict(task="sample", solver="midpoint", steps=2, batch=8, guidance=2.0,
+                                          class_label=1)),
+    "unet-likelihood-hutchinson": ("unet", dict(task="likelihood", solver="euler", steps=2, batch=4,
+                                                divergence="hutchinson", probes=2)),
+    "unet-guided-fp16": ("unet_cond", dict(task="sample", solver="midpoint", steps=2, batch=4, guidance=1.5,
+                                           dtype="fp16")),
+    "unet-superres": ("unet_sr", dict(task="sample", solver="euler", steps=2, batch=4)),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(ENGINES))
+def test_cuda_engine_matches_eager(runs, tmp_path: Path, case: str, backend: str):  # noqa: F811 (fixture)
+    run, spec = ENGINES[case]
+    out = tmp_path / f"{case}-{backend}"
+    export_engine(runs[run], EngineSpec(backend=backend, **spec), out, device="cuda")
+    engine = load(out)
+    assert engine.device.type == "cuda"
+    given = inputs(engine)
+    got = _call(engine, {k: v.cuda() for k, v in given.items()})
+    ref = reference(runs[run], engine, given)
+    tol = dict(TOL[engine.spec.dtype])
+    tol["atol"] = max(tol["atol"], 1e-3)  # GPU GEMMs (TF32 off, other reduction orders) against the CPU
+    torch.testing.assert_close(got.x.cpu(), ref["x"], **tol)
+    if ref["log_prob"] is not None:
+        torch.testing.assert_close(got.log_prob.cpu(), ref["log_prob"], **tol)
