@@ -112,11 +112,12 @@ def test_resume_with_another_world_size_is_an_error(single, tmp_path):
         trainer.restore(state)
 
 
-def test_compile_bf16_has_no_recompiles_after_warmup(tmp_path):
+def test_compile_bf16_never_recompiles(tmp_path):
+    """The per-step noise seed is a device tensor: the first step's graph serves every later one."""
     summary = _one(tmp_path, compile=True, bf16=True, steps=8)
     recs = [r for r in _records(tmp_path) if "loss" in r]
     graphs = [r["compiled_graphs"] for r in recs]
-    assert graphs[2:] == [graphs[2]] * (len(graphs) - 2), f"recompiled after warm-up: {graphs}"
+    assert len(recs) >= 4 and graphs == [graphs[0]] * len(graphs), f"recompiled: {graphs}"
     assert all(r["loss"] is not None and r["loss"] == r["loss"] for r in recs)
     assert summary["last"]["skipped_steps"] == 0
 
