@@ -277,12 +277,25 @@ def fold_constants(gm: fx.GraphModule, max_numel: int = 1 << 16, max_computed: i
     return before - len(g.nodes)
 
 
+def drop_unused_tensors(gm: fx.GraphModule) -> int:
+    """Delete the module's own tensors (traced constants, buffers) that no node reads any more: a folded
+    constant's source (a data-dependent density's parameters moved to the input's device, say) would
+    otherwise still be exported with the engine, on its original device. Returns how many went."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    stale = [k for k, v in vars(gm).items() if isinstance(v, torch.Tensor) and k not in used]
+    stale += [k for k in gm._buffers if k not in used]
+    for name in stale:
+        delattr(gm, name)
+    return len(stale)
+
+
 def simplify(gm: fx.GraphModule) -> fx.GraphModule:
     """Fold zeros, merge common subexpressions and split products of concatenations until none
-    changes the graph, then precompute constant subgraphs (in place)."""
+    changes the graph, then precompute constant subgraphs and drop the tensors left unread (in place)."""
     while fold_zeros(gm) + merge_common(gm) + split_cat_products(gm):
         pass
     fold_constants(gm)
+    drop_unused_tensors(gm)
     gm.graph.lint()
     gm.recompile()
     return gm

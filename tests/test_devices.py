@@ -46,7 +46,19 @@ ENGINES = [  # (run, spec): every task, solver, dtype, conditioning and divergen
     ("unet_cond", dict(task="likelihood", solver="euler", steps=1, batch=2, dtype="bf16")),
     ("unet_sr", dict(task="sample", solver="heun", steps=1, batch=2)),
     ("unet_sr", dict(task="likelihood", solver="euler", steps=1, batch=2)),
+    ("mlp_gmm", dict(task="likelihood", solver="midpoint", steps=2, batch=4)),  # base density's parameters
 ]
+
+
+def _make(root: Path, name: str) -> Path:
+    """A run of test_export's RUNS; ``mlp_gmm``: the MLP as a linear interpolant from a Gaussian-mixture base,
+    whose log-density (CPU parameters moved to the input's device) the likelihood engine evaluates."""
+    if name != "mlp_gmm":
+        return make_run(root / name, *RUNS[name])
+    out = make_run(root / name, *RUNS["mlp"])
+    meta = json.loads((out / "model.json").read_text())
+    (out / "model.json").write_text(json.dumps({**meta, "source": "gmm", "path": {"name": "linear", "args": {}}}))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +67,7 @@ def meta_runs(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("meta_runs")
     runs = {}
     for name in {r for r, _ in ENGINES}:
-        run = load_run(make_run(root / name, *RUNS[name]))
+        run = load_run(_make(root, name))
         run.model.to(META)
         runs[name] = run
     return runs
@@ -72,6 +84,23 @@ def test_engine_programs_trace_on_the_inputs_device(meta_runs, name, spec):
     ep = trace(build_program(run, spec), example_inputs(inputs, META))
     assert off_device(ep, META) == []
     assert {v.device for v in ep.state_dict.values()} <= {META}
+
+
+def test_gmm_base_likelihood_engine_matches_eager(tmp_path: Path):
+    """The same Gaussian-mixture-base likelihood engine built for real on the CPU: its folded density
+    parameters give the eager log-likelihood (and the unread CPU originals are not in the engine)."""
+    from fastfm.export import export_engine, load
+    from fastfm.likelihood import log_likelihood
+
+    run_dir = _make(tmp_path, "mlp_gmm")
+    export_engine(run_dir, EngineSpec(task="likelihood", solver="midpoint", steps=2, batch=8), tmp_path / "e",
+                  device="cpu")
+    x = torch.randn(11, 2, generator=torch.Generator().manual_seed(0))
+    got = load(tmp_path / "e")(x)
+    run = load_run(run_dir)
+    with torch.no_grad():
+        ref = log_likelihood(run.model, run.path, x, method="midpoint", steps=2)
+    torch.testing.assert_close(got.log_prob, ref.log_prob, atol=2e-4, rtol=1e-4)
 
 
 def test_off_device_audit_names_stray_tensors():
