@@ -7,6 +7,10 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install train test bench bench-train clean
 
+# Benchmark summaries go to $(RESULTS): untracked by default; `make bench RESULTS=benchmarks/results`
+# records a run over the committed result files.
+RESULTS ?= .benchmarks/results
+
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -18,30 +22,30 @@ install: $(STAMP)
 
 # 2D checkerboard, MLP, CondOT path, compiled with bf16 autocast: a few minutes on 2 CPU cores.
 train: $(STAMP)
-	$(PY) -m fastfm.train --compile --bf16 --out runs/default
+	$(PY) -m fastfm.train --compile --bf16 --out runs/default --force
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# CPU kernel benchmarks (pytest-benchmark), summarised into benchmarks/results/cpu_kernels.json.
+# CPU kernel benchmarks (pytest-benchmark), summarised into $(RESULTS)/cpu_kernels.json.
 bench: $(STAMP)
 	$(PY) -m pytest -q benchmarks/test_kernels_cpu.py --benchmark-max-time=0.5 \
 		--benchmark-json=.benchmarks/cpu_kernels_raw.json
-	$(PY) benchmarks/summarize.py .benchmarks/cpu_kernels_raw.json benchmarks/results/cpu_kernels.json
+	$(PY) benchmarks/summarize.py .benchmarks/cpu_kernels_raw.json $(RESULTS)/cpu_kernels.json
 
 # Training-step benchmarks beside flow_matching's and torchcfm's plain loops (torchcfm without its
 # heavy optional dependencies: only its ConditionalFlowMatcher is used).
 bench-train: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]" && $(PY) -m pip install -q --no-deps torchcfm
 	$(PY) -m pytest -q benchmarks/test_train_cpu.py --benchmark-json=.benchmarks/cpu_train_raw.json
-	$(PY) benchmarks/summarize.py .benchmarks/cpu_train_raw.json benchmarks/results/cpu_train.json
+	$(PY) benchmarks/summarize.py .benchmarks/cpu_train_raw.json $(RESULTS)/cpu_train.json
 
 # Exported-engine benchmarks on CPU (pytest-benchmark) against eager, torch.compile and flow_matching's
-# ODESolver, summarised into benchmarks/results/cpu_export.json (about 15 minutes on 2 cores).
+# ODESolver, summarised into $(RESULTS)/cpu_export.json (about 15 minutes on 2 cores).
 .PHONY: bench-export
 bench-export: $(STAMP)
 	$(PY) -m pytest -q benchmarks/test_export_cpu.py --benchmark-json=.benchmarks/cpu_export_raw.json
-	$(PY) benchmarks/summarize_export.py .benchmarks/cpu_export_raw.json benchmarks/results/cpu_export.json
+	$(PY) benchmarks/summarize_export.py .benchmarks/cpu_export_raw.json $(RESULTS)/cpu_export.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .benchmarks

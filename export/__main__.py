@@ -3,7 +3,8 @@
     python -m fastfm.export --checkpoint runs/default --task sample --solver midpoint --steps 16 \\
         --batch 1 --backend aoti --out engines/sample-b1
 
-Prints the manifest summary as JSON; errors are ``error: ...`` on stderr with exit status 1.
+Reports each stage as it finishes (``export: traced ... (3.1 s)``) on stderr, then prints the
+manifest summary as JSON on stdout; errors are ``error: ...`` on stderr with exit status 1.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 import numpy as np
 import torch
 
+from fastfm import helpformat
 from fastfm.solvers import TABLEAUS
 
 from .build import export_engine
@@ -22,30 +24,42 @@ from .spec import BACKENDS, DIVERGENCES, DTYPES, TASKS, EngineSpec
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fastfm.export", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="run directory, its ema.safetensors, or a checkpoint.pt")
-    p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--solver", default="midpoint", choices=tuple(TABLEAUS), help="fixed-step solver")
-    p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--batch", type=int, default=1, help="static batch of one engine call")
-    p.add_argument("--backend", default="aoti", choices=BACKENDS)
-    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
-                   help="model dtype (the state, log-density and time stay fp32)")
-    p.add_argument("--out", required=True, help="engine directory to write")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (the engine runs there)")
-    p.add_argument("--log-likelihood", action="store_true", help="sampling engine also returns log p of its samples")
-    p.add_argument("--divergence", default="auto", choices=DIVERGENCES,
-                   help="exact (D JVPs) or hutchinson (probes as an engine input); auto: exact up to 16 dims")
-    p.add_argument("--probes", type=int, default=1, help="Hutchinson probes per evaluation")
-    p.add_argument("--class-label", type=int, default=None,
-                   help="bake this class into the engine (default: labels y are an engine input)")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale, baked in (sampling)")
-    p.add_argument("--low-res", default=None,
-                   help="super-resolution models: .npy of low-res images for the parity probe batch "
-                        "(default: downsampled prior draws); the engine takes low_res as an input")
-    p.add_argument("--seed", type=int, default=0, help="seed of the parity probe batch")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p = helpformat.parser("export", __doc__.splitlines()[0])
+    what = p.add_argument_group("what to build")
+    what.add_argument("--checkpoint", required=True, help="run directory, its ema.safetensors, or a checkpoint.pt")
+    what.add_argument("--task", required=True, choices=TASKS,
+                      help="sample: noise -> data; likelihood: data -> latent and log p")
+    what.add_argument("--out", required=True, help="engine directory to write")
+    what.add_argument("--force", action="store_true", help="replace --out if it exists")
+    solver = p.add_argument_group("solver")
+    solver.add_argument("--solver", default="midpoint", choices=tuple(TABLEAUS), help="fixed-step solver")
+    solver.add_argument("--steps", type=int, default=16, help="solver steps, unrolled into the engine")
+    engine = p.add_argument_group("engine")
+    engine.add_argument("--backend", default="aoti", choices=BACKENDS, help="how the engine is compiled and run")
+    engine.add_argument("--batch", type=int, default=1, help="static batch of one engine call")
+    engine.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
+                        help="model dtype (the state, log-density and time stay fp32)")
+    engine.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (the engine runs there)")
+    engine.add_argument("--seed", type=int, default=0, help="seed of the parity probe batch")
+    cond = p.add_argument_group("conditioning")
+    cond.add_argument("--class-label", type=int, default=None,
+                      help="bake this class into the engine (default: labels y are an engine input)")
+    cond.add_argument("--guidance", type=float, default=1.0,
+                      help="classifier-free guidance scale, baked in (sampling)")
+    cond.add_argument("--low-res", default=None,
+                      help="super-resolution models: .npy of low-res images for the parity probe batch "
+                           "(default: downsampled prior draws); the engine takes low_res as an input")
+    lik = p.add_argument_group("likelihood")
+    lik.add_argument("--log-likelihood", action="store_true",
+                     help="sampling engine also returns log p of its samples")
+    lik.add_argument("--divergence", default="auto", choices=DIVERGENCES,
+                     help="exact (D JVPs) or hutchinson (probes as an engine input); auto: exact up to 16 dims")
+    lik.add_argument("--probes", type=int, default=1, help="Hutchinson probes per evaluation")
     return p
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
             except (OSError, ValueError) as e:
                 raise ValueError(f"cannot read --low-res {args.low_res}: {e}") from None
         info = export_engine(args.checkpoint, spec, args.out, device=args.device, seed=args.seed, low_res=low_res,
-                             force=args.force)
+                             force=args.force, progress=_progress)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps({"out": args.out, "engine": str(info.engine_file), "task": info.spec.task,

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -52,13 +53,26 @@ def check_available(backend: str, device: torch.device, dtype: str = "fp32") -> 
         raise ExportError(f"backend {backend!r} needs a CUDA GPU (the engine device is {device})")
 
 
+@contextmanager
+def _loading(loader: str, path: Path) -> Iterator[None]:
+    """Any failure of ``loader`` to read the engine file ``path`` (a corrupt or incompatible engine) as one
+    ExportError line naming it."""
+    try:
+        yield
+    except Exception as e:  # each loader raises its own exception types
+        lines = str(e).strip().splitlines()
+        reason = lines[0] if lines else type(e).__name__
+        raise ExportError(f"{loader} cannot load the engine file {path}: {reason}") from None
+
+
 def _build_aoti(ep: torch.export.ExportedProgram, example: list[Tensor], path: Path, names: list[str]) -> None:
     configs = AOTI_CPU_CONFIGS if example[0].device.type == "cpu" else {}
     torch._inductor.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=configs)
 
 
 def _load_aoti(path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: torch.device) -> Runner:
-    module = torch._inductor.aoti_load_package(str(path), device_index=-1 if device.index is None else device.index)
+    with _loading("AOTInductor", path):
+        module = torch._inductor.aoti_load_package(str(path), device_index=-1 if device.index is None else device.index)
     return lambda xs: list(module(*xs))
 
 
@@ -80,10 +94,8 @@ def _load_onnx(path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], 
             raise ExportError("this ONNX engine was built for CUDA, but onnxruntime has no CUDAExecutionProvider "
                               "(pip install onnxruntime-gpu)")
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
-    try:
+    with _loading("onnxruntime", path):
         session = ort.InferenceSession(str(path), providers=providers)
-    except Exception as e:  # onnxruntime raises its own exception types
-        raise ExportError(f"onnxruntime cannot load {path}: {e}") from None
     in_names = [i.name for i in session.get_inputs()]
     out_names = [o.name for o in session.get_outputs()]
     np_dtype = {torch.float32: np.float32, torch.int64: np.int64}
@@ -111,10 +123,8 @@ def _build_tensorrt(ep: torch.export.ExportedProgram, example: list[Tensor], pat
 
 
 def _load_exported(path: Path) -> torch.nn.Module:
-    try:
+    with _loading("torch.export", path):
         return torch.export.load(str(path)).module()
-    except Exception as e:  # any deserialisation failure means a corrupt or incompatible engine
-        raise ExportError(f"cannot load the exported program {path}: {e}") from None
 
 
 def _load_tensorrt(path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: torch.device) -> Runner:

@@ -22,13 +22,12 @@ from typing import Any
 
 import torch
 
-from fastfm.evaluation import EXACT_MAX_DIM
+from fastfm.divergence import DIVERGENCES, EXACT_MAX_DIM, resolve_divergence
 from fastfm.solvers import TABLEAUS, nfe_per_step
 
 TASKS = ("sample", "likelihood")
 BACKENDS = ("aoti", "onnx", "tensorrt", "cudagraph")
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DIVERGENCES = ("auto", "exact", "hutchinson")
 
 
 class ExportError(ValueError):
@@ -122,9 +121,7 @@ def validate(spec: EngineSpec, meta: dict[str, Any]) -> EngineSpec:
                               "or log_likelihood=True")
         return replace(spec, divergence="none", probes=0)
     dim = math.prod(_data(meta)[0])
-    divergence = spec.divergence
-    if divergence == "auto":
-        divergence = "exact" if dim <= EXACT_MAX_DIM else "hutchinson"
+    divergence = resolve_divergence(spec.divergence, dim)
     if divergence == "exact" and dim > EXACT_MAX_DIM:
         warnings.warn(f"exact divergence of a {dim}-dimensional field unrolls {dim} JVPs per evaluation "
                       f"({dim * spec.nfe} in the graph); consider divergence='hutchinson'", stacklevel=2)

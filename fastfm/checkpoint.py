@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -65,13 +67,26 @@ def save_training_state(state: dict, path: str | Path) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def _load_error(path: str | Path, e: Exception) -> CheckpointError:
+    """One line for a file torch.load refused or could not read: a pickled reference to a Python object
+    (a class, a function) is refused as unsafe; anything else is reported with the reader's own first line."""
+    if isinstance(e, pickle.UnpicklingError):  # torch re-raises the unpickler's error inside advice to load unsafely
+        unsafe = re.search(r"GLOBAL (\S+)", str(e))
+        if unsafe:
+            return CheckpointError(f"corrupt or unsafe checkpoint {path}: refused, it contains objects other than "
+                                   f"tensors and plain containers (unsafe pickle referencing {unsafe[1]})")
+        e = e.__context__ or e
+    lines = str(e).strip().splitlines()
+    return CheckpointError(f"corrupt or unsafe checkpoint {path}: {lines[0] if lines else type(e).__name__}")
+
+
 def load_training_state(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint at {path}") from None
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt or unsafe file
-        raise CheckpointError(f"corrupt or unsafe checkpoint {path}: {e}") from None
+        raise _load_error(path, e) from None
 
 
 def save_inference(run_dir: str | Path, weights: dict[str, torch.Tensor], meta: dict) -> None:

@@ -8,8 +8,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fastfm import helpformat
 from fastfm.build import LoadedRun, load_run, resolve_device
 from fastfm.data import Dataset, get_dataset
+from fastfm.divergence import DIVERGENCES
 from fastfm.export import Engine, load
 from fastfm.solvers import SOLVERS, check_grid
 
@@ -17,24 +19,29 @@ from fastfm.solvers import SOLVERS, check_grid
 EAGER_DEFAULTS = {"solver": "midpoint", "steps": 32, "divergence": "auto", "probes": 1}
 
 
-def inference_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--checkpoint", default=None,
-                   help="run directory, its ema.safetensors, or a checkpoint.pt (required unless --engine)")
-    p.add_argument("--engine", default=None,
-                   help="engine directory from python -m fastfm.export, run instead of the eager solver "
-                        "(its solver, steps, divergence and guidance are fixed; with --checkpoint, the "
-                        "weights are checked against it)")
-    p.add_argument("--solver", default=None, choices=SOLVERS, help="ODE solver (default midpoint)")
-    p.add_argument("--steps", type=int, default=None, help="fixed-step solver steps (default 32)")
-    p.add_argument("--grid", default=None,
-                   help="user time grid t_0,...,t_n in [0, 1] (comma-separated; overrides --steps)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--batch-size", type=int, default=1000)
-    p.add_argument("--divergence", default=None, choices=("auto", "exact", "hutchinson"),
-                   help="likelihood divergence: exact (D JVPs), hutchinson, auto (default: exact up to 16 dims)")
-    p.add_argument("--probes", type=int, default=None, help="Hutchinson probes (default 1)")
+def inference_parser(command: str, description: str) -> argparse.ArgumentParser:
+    """The options ``sample`` and ``evaluate`` share, in groups; each command adds its own group."""
+    p = helpformat.parser(command, description)
+    model = p.add_argument_group("model")
+    model.add_argument("--checkpoint", default=None,
+                       help="run directory, its ema.safetensors, or a checkpoint.pt (required unless --engine)")
+    model.add_argument("--engine", default=None,
+                       help="engine directory from python -m fastfm.export, run instead of the eager solver "
+                            "(its solver, steps, divergence and guidance are fixed; with --checkpoint, the "
+                            "weights are checked against it)")
+    model.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    solver = p.add_argument_group("solver")
+    solver.add_argument("--solver", default=None, choices=SOLVERS, help="ODE solver (default midpoint)")
+    solver.add_argument("--steps", type=int, default=None, help="fixed-step solver steps (default 32)")
+    solver.add_argument("--grid", default=None,
+                        help="user time grid t_0,...,t_n in [0, 1] (comma-separated; overrides --steps)")
+    lik = p.add_argument_group("likelihood")
+    lik.add_argument("--divergence", default=None, choices=DIVERGENCES,
+                     help="likelihood divergence: exact (D JVPs), hutchinson, auto (default: exact up to 16 dims)")
+    lik.add_argument("--probes", type=int, default=None, help="Hutchinson probes (default 1)")
+    run = p.add_argument_group("run")
+    run.add_argument("--seed", type=int, default=0, help="seed of the prior draws and probes")
+    run.add_argument("--batch-size", type=int, default=1000, help="points per solver batch")
     return p
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from fastfm.couplings import COUPLINGS
+from fastfm.data import DATASETS
+from fastfm.divergence import DIVERGENCES
 from fastfm.paths import PATHS, TARGETS
 from fastfm.solvers import SOLVERS
 from fastfm.timesteps import TIME_SAMPLERS
@@ -39,76 +42,118 @@ def parse_kv(items: list[str]) -> dict[str, Any]:
     return out
 
 
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric option: finite, ``lo <= v`` (``lo < v`` if ``lo_open``) and ``v < hi``."""
+
+    lo: float
+    hi: float = math.inf
+    lo_open: bool = False
+
+    def __contains__(self, v: float) -> bool:
+        return math.isfinite(v) and (v > self.lo if self.lo_open else v >= self.lo) and v < self.hi
+
+    def __str__(self) -> str:
+        if self.hi < math.inf:
+            return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi})"
+        if self.lo_open:
+            return "positive" if self.lo == 0 else f"> {self.lo}"
+        return f">= {self.lo}"
+
+
+POSITIVE = Range(0, lo_open=True)
+GROUPS = ("data", "model", "path and target", "training", "optimisation", "evaluation", "output and checkpoints",
+          "device and performance")
+"""The sections of ``--help``, in order; every option names one in its field metadata."""
+
+
+def option(default: Any, group: str, help: str, allowed: Range | None = None) -> Any:
+    """A config field: its default (a dict default is a fresh empty dict), --help group and text, allowed range."""
+    meta = {"group": group, "help": help, "range": allowed}
+    return field(default_factory=dict, metadata=meta) if default == {} else field(default=default, metadata=meta)
+
+
 @dataclass
 class TrainConfig:
-    """Every option of ``python -m fastfm.train``; help texts are the field metadata."""
+    """Every option of ``python -m fastfm.train``; groups, help texts and ranges are the field metadata."""
 
-    data: str = field(default="checkerboard", metadata={"help": "data set name, npy:PATH or folder:PATH"})
-    path: str = field(default="condot", metadata={"help": f"probability path: {', '.join(PATHS)}"})
-    path_args: dict = field(default_factory=dict, metadata={"help": "path parameters KEY=VALUE (sigma_min, beta_max, ...)"})
-    source: str = field(default="gaussian", metadata={"help": "source density: gaussian, or a data set name (interpolants)"})
-    target: str = field(default="velocity", metadata={"help": f"prediction target: {', '.join(TARGETS)}"})
-    coupling: str = field(default="independent", metadata={"help": f"coupling: {', '.join(COUPLINGS)}"})
-    time_sampler: str = field(default="uniform", metadata={"help": f"t distribution: {', '.join(TIME_SAMPLERS)}"})
-    model: str = field(default="auto", metadata={"help": "mlp, unet, or auto (mlp for vectors, unet for images)"})
-    model_args: dict = field(default_factory=dict, metadata={"help": "model constructor arguments KEY=VALUE"})
-    class_cond: bool = field(default=False, metadata={"help": "condition on class labels (classifier-free guidance)"})
-    label_dropout: float = field(default=0.1, metadata={"help": "probability of the null label in training"})
-    superres: int = field(default=0, metadata={"help": "super-resolution: condition on x1 downsampled by this factor (0: off)"})
-    steps: int = field(default=5000, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=1024, metadata={"help": "global batch size (all ranks and micro-batches)"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (DDP syncs on the last)"})
-    coupling_scope: str = field(default="rank", metadata={"help": "minibatch coupling over each rank's rows (rank) or the global batch (global)"})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup: int = field(default=100, metadata={"help": "linear learning-rate warm-up steps"})
-    lr_schedule: str = field(default="constant", metadata={"help": "after warm-up: constant or cosine (to 0)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: off)"})
-    ema_halflife_kimg: float = field(default=500.0, metadata={"help": "EMA half-life in thousands of samples"})
-    ema_rampup: float = field(default=0.05, metadata={"help": "EMA half-life at most this fraction of samples seen (0: off)"})
-    max_bad_steps: int = field(default=10, metadata={"help": "stop after this many non-finite steps in a row"})
-    resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint.pt if it exists"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
-    out: str = field(default="runs/default", metadata={"help": "output directory"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the training step"})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast (t, embeddings and loss stay fp32)"})
-    memory_format: str = field(default="auto", metadata={"help": "image models: channels_last, contiguous, or auto (channels_last on CUDA)"})
-    log_every: int = field(default=100, metadata={"help": "steps between metrics lines"})
-    ckpt_every: int = field(default=1000, metadata={"help": "steps between checkpoints"})
-    eval_every: int = field(default=0, metadata={"help": "steps between evaluations (test NLL, sample PNG; 0: final only)"})
-    eval_solver: str = field(default="midpoint", metadata={"help": f"solver for final NLL and samples: {', '.join(SOLVERS)}"})
-    eval_steps: int = field(default=32, metadata={"help": "solver steps for final NLL and samples"})
-    eval_n: int = field(default=2000, metadata={"help": "test points for the final NLL"})
-    n_samples: int = field(default=2000, metadata={"help": "samples in the final plot (64 for images)"})
+    data: str = option("checkerboard", "data", f"data set: {', '.join(DATASETS)}, npy:PATH, npz:PATH or folder:PATH")
+    source: str = option("gaussian", "data", "source density: gaussian, or a data set name (interpolants)")
+    model: str = option("auto", "model", "mlp, unet, or auto (mlp for vectors, unet for images)")
+    model_args: dict = option({}, "model", "model constructor arguments KEY=VALUE")
+    class_cond: bool = option(False, "model", "condition on class labels (classifier-free guidance)")
+    label_dropout: float = option(0.1, "model", "probability of the null label in training", Range(0, 1))
+    superres: int = option(0, "model", "super-resolution: condition on x1 downsampled by this factor (0: off)",
+                           Range(0))
+    path: str = option("condot", "path and target", f"probability path: {', '.join(PATHS)}")
+    path_args: dict = option({}, "path and target", "path parameters KEY=VALUE (sigma_min, beta_max, ...)")
+    target: str = option("velocity", "path and target", f"prediction target: {', '.join(TARGETS)}")
+    coupling: str = option("independent", "path and target", f"coupling: {', '.join(COUPLINGS)}")
+    coupling_scope: str = option("rank", "path and target",
+                                 "minibatch coupling over each rank's rows (rank) or the global batch (global)")
+    time_sampler: str = option("uniform", "path and target", f"t distribution: {', '.join(TIME_SAMPLERS)}")
+    steps: int = option(5000, "training", "optimizer steps", Range(1))
+    batch_size: int = option(1024, "training", "global batch size (all ranks and micro-batches)", Range(1))
+    grad_accum: int = option(1, "training", "micro-batches per optimizer step (DDP syncs on the last)", Range(1))
+    max_bad_steps: int = option(10, "training", "stop after this many non-finite steps in a row", Range(1))
+    seed: int = option(0, "training", "random seed", Range(0, 2**63))
+    lr: float = option(1e-3, "optimisation", "AdamW learning rate", POSITIVE)
+    weight_decay: float = option(0.0, "optimisation", "AdamW weight decay", Range(0))
+    warmup: int = option(100, "optimisation", "linear learning-rate warm-up steps (0: none)", Range(0))
+    lr_schedule: str = option("constant", "optimisation", "after warm-up: constant or cosine (to 0)")
+    grad_clip: float = option(1.0, "optimisation", "max gradient norm (0: off)", Range(0))
+    ema_halflife_kimg: float = option(500.0, "optimisation", "EMA half-life in thousands of samples", POSITIVE)
+    ema_rampup: float = option(0.05, "optimisation",
+                               "EMA half-life at most this fraction of samples seen (0: off)", Range(0))
+    eval_every: int = option(0, "evaluation", "steps between evaluations (test NLL, sample PNG; 0: final only)",
+                             Range(0))
+    eval_solver: str = option("midpoint", "evaluation", f"solver for final NLL and samples: {', '.join(SOLVERS)}")
+    eval_steps: int = option(32, "evaluation", "solver steps for final NLL and samples", Range(1))
+    eval_n: int = option(2000, "evaluation", "test points for the final NLL (at most: see --eval-budget)", Range(1))
+    eval_budget: float = option(-1.0, "evaluation",
+                                "seconds an evaluation may take (measured per point before it starts; fewer test "
+                                "points and samples when they do not fit): -1 the training time so far, at least "
+                                "10 s; 0 no limit", Range(-1))
+    eval_divergence: str = option("auto", "evaluation",
+                                  "divergence of the evaluation NLL: auto (exact up to 16 dimensions, Hutchinson "
+                                  "above), exact (D JVPs per evaluation), hutchinson")
+    n_samples: int = option(2000, "evaluation", "samples in the final plot (64 for images)", Range(1))
+    out: str = option("runs/default", "output and checkpoints", "output directory (run directory)")
+    resume: bool = option(False, "output and checkpoints", "continue the run in OUT from its checkpoint.pt")
+    force: bool = option(False, "output and checkpoints", "replace the run already in OUT (without --resume)")
+    log_every: int = option(100, "output and checkpoints", "steps between metrics lines", Range(1))
+    ckpt_every: int = option(1000, "output and checkpoints", "steps between checkpoints", Range(1))
+    device: str = option("auto", "device and performance", "cpu, cuda, cuda:N or auto")
+    compile: bool = option(False, "device and performance", "torch.compile the training step")
+    bf16: bool = option(False, "device and performance", "bf16 autocast (t, embeddings and loss stay fp32)")
+    memory_format: str = option("auto", "device and performance",
+                                "image models: channels_last, contiguous, or auto (channels_last on CUDA)")
 
     def validate(self) -> "TrainConfig":
+        """One ``ConfigError`` for the first bad option: out of its range, unknown name, or contradictory."""
+        for f in dataclasses.fields(self):
+            value, allowed = getattr(self, f.name), f.metadata["range"]
+            if allowed is not None and value not in allowed:
+                raise ConfigError(f"{f.name} must be {allowed}, got {value!r}")
         checks = [
             (self.path in PATHS, f"unknown path {self.path!r}; choose one of {PATHS}"),
             (self.target in TARGETS, f"unknown target {self.target!r}; choose one of {TARGETS}"),
             (self.coupling in COUPLINGS, f"unknown coupling {self.coupling!r}; choose one of {COUPLINGS}"),
             (self.time_sampler in TIME_SAMPLERS, f"unknown time sampler {self.time_sampler!r}; choose one of {TIME_SAMPLERS}"),
             (self.eval_solver in SOLVERS, f"unknown solver {self.eval_solver!r}; choose one of {SOLVERS}"),
+            (self.eval_budget == -1 or self.eval_budget >= 0,
+             f"eval_budget must be -1 (auto), 0 (no limit) or seconds > 0, got {self.eval_budget}"),
+            (self.eval_divergence in DIVERGENCES,
+             f"unknown eval_divergence {self.eval_divergence!r}; choose one of {DIVERGENCES}"),
             (self.model in ("auto", "mlp", "unet"), f"unknown model {self.model!r}; choose auto, mlp or unet"),
-            (self.steps >= 1 and self.batch_size >= 1, "steps and batch_size must be >= 1"),
-            (self.eval_steps >= 1 and self.eval_n >= 1 and self.n_samples >= 1, "eval_steps, eval_n, n_samples must be >= 1"),
-            (self.lr > 0, f"lr must be positive, got {self.lr}"),
-            (self.ema_halflife_kimg > 0, f"ema_halflife_kimg must be positive, got {self.ema_halflife_kimg}"),
-            (self.ema_rampup >= 0, f"ema_rampup must be >= 0, got {self.ema_rampup}"),
             (self.lr_schedule in ("constant", "cosine"), f"unknown lr_schedule {self.lr_schedule!r}; choose constant or cosine"),
-            (self.max_bad_steps >= 1, f"max_bad_steps must be >= 1, got {self.max_bad_steps}"),
-            (0.0 <= self.label_dropout < 1.0, f"label_dropout must be in [0, 1), got {self.label_dropout}"),
-            (self.log_every >= 1 and self.ckpt_every >= 1, "log_every and ckpt_every must be >= 1"),
-            (self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}"),
-            (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
-            (self.batch_size % max(1, self.grad_accum) == 0,
+            (self.batch_size % self.grad_accum == 0,
              f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}"),
             (self.coupling_scope in ("rank", "global"), f"unknown coupling_scope {self.coupling_scope!r}; choose rank or global"),
             (self.memory_format in ("auto", "channels_last", "contiguous"),
              f"unknown memory_format {self.memory_format!r}; choose auto, channels_last or contiguous"),
             (not (self.source != "gaussian" and self.path in ("vp", "ve")),
              f"path {self.path!r} is a Gaussian diffusion path; a data source needs an interpolant (linear, trig, condot)"),
-            (self.superres >= 0, f"superres must be >= 0, got {self.superres}"),
             (not (self.coupling.endswith("-label") and not self.class_cond),
              f"coupling {self.coupling!r} needs class labels: add --class-cond"),
         ]
@@ -122,19 +167,30 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def build_parser(cls: type = TrainConfig, description: str = "") -> argparse.ArgumentParser:
-    """Flags from the dataclass fields: bools become --x/--no-x, dicts repeated KEY=VALUE lists."""
-    p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+def _help(f: dataclasses.Field) -> str:
+    """A field's help text, allowed range and default in the style of the other commands' --help (no default
+    shown for an off flag or an empty dict): "optimizer steps; >= 1 (default: 5000)"."""
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    allowed = "" if f.metadata["range"] is None else f"; {f.metadata['range']}"
+    shown = "" if default is False or default == {} else f" (default: {default})"
+    return f"{f.metadata['help']}{allowed}{shown}".replace("%", "%%")
+
+
+def build_parser(cls: type = TrainConfig, description: str = "", prog: str | None = None) -> argparse.ArgumentParser:
+    """Flags from the dataclass fields, in their --help groups: bools become --x/--no-x, dicts repeated
+    KEY=VALUE lists."""
+    p = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     p.add_argument("--config", type=str, help="JSON file of options (flags override it)")
+    groups = {title: p.add_argument_group(title) for title in GROUPS}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        kind, help_ = hints[f.name], f.metadata.get("help", "")
+        group, kind, help_ = groups[f.metadata["group"]], hints[f.name], _help(f)
         if kind is bool:
-            p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=help_)
+            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=help_)
         elif kind is dict:
-            p.add_argument(_flag(f.name), nargs="*", metavar="KEY=VALUE", help=help_)
+            group.add_argument(_flag(f.name), nargs="*", metavar="KEY=VALUE", help=help_)
         else:
-            p.add_argument(_flag(f.name), type=kind, help=help_)
+            group.add_argument(_flag(f.name), type=kind, help=help_)
     return p
 
 
@@ -157,9 +213,10 @@ def from_dict(d: dict, cls: type = TrainConfig) -> Any:
     return cls(**values)
 
 
-def parse_config(argv: list[str] | None = None, cls: type = TrainConfig, description: str = "") -> Any:
+def parse_config(argv: list[str] | None = None, cls: type = TrainConfig, description: str = "",
+                 prog: str | None = None) -> Any:
     """CLI flags (+ optional JSON file) -> validated config; bad input exits with one clear message."""
-    args = vars(build_parser(cls, description).parse_args(sys.argv[1:] if argv is None else argv))
+    args = vars(build_parser(cls, description, prog).parse_args(sys.argv[1:] if argv is None else argv))
     try:
         values: dict[str, Any] = {}
         if "config" in args:

@@ -16,7 +16,19 @@ from torch import Tensor
 from fastfm.solvers import Field
 
 PROBES = ("rademacher", "gaussian")
+DIVERGENCES = ("auto", "exact", "hutchinson")
+EXACT_MAX_DIM = 16
 VectorField = Callable[[Tensor, Tensor], Tensor]
+
+
+def resolve_divergence(divergence: str, dim: int) -> str:
+    """'exact' or 'hutchinson': ``auto`` is exact up to EXACT_MAX_DIM = 16 dimensions (D JVPs per
+    evaluation), Hutchinson above."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
+    if divergence == "auto":
+        return "exact" if dim <= EXACT_MAX_DIM else "hutchinson"
+    return divergence
 
 
 def divergence_exact(v: VectorField, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:

@@ -8,14 +8,16 @@ import sys
 from pathlib import Path
 
 from fastfm.cli import inference_parser, low_res_of, run_dataset, setup, setup_engine
-from fastfm.evaluation import engine_generate, engine_nll, generate, sample_quality, test_nll
+from fastfm.evaluation import engine_generate, engine_nll, generate, sample_quality, steps_run, test_nll
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = inference_parser("Evaluate a trained flow matching model on its held-out data.")
-    p.add_argument("--n", type=int, default=2000, help="test points for the NLL")
-    p.add_argument("--n-samples", type=int, default=2000, help="samples for the quality metrics (vector data)")
-    p.add_argument("--out", default=None, help="write the results JSON here as well")
+    p = inference_parser("evaluate", "Evaluate a trained flow matching model on its held-out data: test NLL "
+                         "(nats; bits/dim for images) and, for vector data, sample quality.")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--n", type=int, default=2000, help="test points for the NLL")
+    g.add_argument("--n-samples", type=int, default=2000, help="samples for the quality metrics (vector data)")
+    g.add_argument("--out", default=None, help="write the results JSON here as well")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.n < 1 or args.n_samples < 1:
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
                 res = generate(run.model, run.path, n, run.shape, target=meta["target"], method=args.solver,
                                grid=args.grid, steps=args.steps, seed=args.seed, cond=cond_s,
                                batch_size=args.batch_size)
-            result["quality"] = {**sample_quality(res.x, data.test[:n], args.seed), "n": n, "nfe": res.nfe}
+            result["quality"] = {**sample_quality(res.x, data.test[:n], args.seed), "n": n, "nfe": res.nfe,
+                                 "solver": args.solver, "steps": steps_run(args.solver, args.steps, args.grid)}
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     text = json.dumps(result, indent=2)

@@ -1,39 +1,61 @@
 """Evaluation shared by training and ``python -m fastfm.evaluate``: test NLL, samples, quality.
 
 ``cond`` maps conditioning keywords (``y`` labels, ``low_res`` images) to per-sample tensors,
-sliced along with the batch.
+sliced along with the batch. Every solve shows its progress per model evaluation, with an ETA;
+the per-point costs measured here let training size its unrequested evaluation to a time budget.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from fastfm.data import to_pixels
-from fastfm.divergence import make_probes
+from fastfm.divergence import make_probes, resolve_divergence
 from fastfm.likelihood import bits_per_dim, log_likelihood
 from fastfm.metrics import energy_distance, sliced_wasserstein
 from fastfm.paths import AffinePath
 from fastfm.plotting import grid_png, scatter_png
 from fastfm.sampling import SampleResult, draw_prior, sample
+from fastfm.solvers import TABLEAUS, nfe_per_step
 
-EXACT_MAX_DIM = 16
-DIVERGENCES = ("auto", "exact", "hutchinson")
 
 
 def _probes(divergence: str, dim: int, n_probes: int, shape: tuple[int, ...], gen: torch.Generator,
             device: torch.device) -> Tensor | None:
-    """None for the exact divergence; Rademacher probes for Hutchinson (auto: exact up to 16 dims)."""
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
-    if divergence == "exact" or (divergence == "auto" and dim <= EXACT_MAX_DIM):
+    """None for the exact divergence; Rademacher probes for Hutchinson."""
+    if resolve_divergence(divergence, dim) == "exact":
         return None
     return make_probes(n_probes, shape, "rademacher", gen).to(device)
+
+
+class Progress(nn.Module):
+    """``model`` that advances a progress bar on every call (one per model evaluation, JVPs included)."""
+
+    def __init__(self, model: nn.Module, bar: tqdm) -> None:
+        super().__init__()
+        self.model, self.bar = model, bar
+        self.num_classes = getattr(model, "num_classes", None)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        out = self.model(*args, **kwargs)
+        self.bar.update(1)
+        return out
+
+
+def _calls(method: str, steps: int, grid: Tensor | None, divergence: str | None, dim: int, n_probes: int) -> int | None:
+    """Model calls of one batch's solve (None for adaptive solvers): NFE x (D exact JVPs, k probes or 1)."""
+    if method not in TABLEAUS:
+        return None
+    n_steps = steps if grid is None else grid.numel() - 1
+    per_eval = 1 if divergence is None else (dim if divergence == "exact" else n_probes)
+    return n_steps * nfe_per_step(method) * per_eval
 
 
 def _on(grid: Tensor | None, device: torch.device) -> Tensor | None:
@@ -44,25 +66,94 @@ def _slice(cond: dict[str, Tensor] | None, i: int, m: int, device: torch.device)
     return {k: v[i:i + m].to(device) for k, v in (cond or {}).items()}
 
 
+def points_within(budget_s: float | None, seconds_per_point: float, n_min: int, n_max: int) -> int:
+    """How many points a time budget pays for: clamp(budget / seconds per point, n_min, n_max); all
+    n_max without a budget."""
+    if budget_s is None:
+        return n_max
+    return int(min(n_max, max(n_min, budget_s // max(seconds_per_point, 1e-9))))
+
+
+def _timed(fn: Callable[[int], Any], k: int) -> float:
+    """Seconds of ``fn(k)`` after one warm-up call ``fn(1)`` (first calls pay one-time set-up costs)."""
+    fn(1)
+    start = time.perf_counter()
+    fn(k)
+    return time.perf_counter() - start
+
+
+TIMED_POINTS = 32  # points of the timed step: enough that per-call overhead does not dominate
+
+
+def nll_seconds_per_point(model: nn.Module, path: AffinePath, x: Tensor, *, target: str = "velocity",
+                          method: str = "midpoint", steps: int = 32, divergence: str = "auto", n_probes: int = 1,
+                          cond: dict[str, Tensor] | None = None) -> float:
+    """Seconds one test point costs in :func:`test_nll`: one solver step (with its divergence) timed on
+    the first TIMED_POINTS points of x, times ``steps`` (small batches overestimate: the safe side)."""
+    if method not in TABLEAUS:
+        raise ValueError(f"a timed NLL needs a fixed-step solver, got {method!r}")
+    dim, k = x[0].numel(), min(len(x), TIMED_POINTS)
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+
+    def step(m: int) -> None:
+        xb = x[:m].to(device)
+        with torch.no_grad():
+            log_likelihood(model, path, xb, method=method, steps=1, target=target,
+                           probes=_probes(divergence, dim, n_probes, tuple(xb.shape), gen, device),
+                           **_slice(cond, 0, m, device))
+
+    return _timed(step, k) / k * steps
+
+
+def sample_seconds_per_point(model: nn.Module, path: AffinePath, shape: tuple[int, ...], *, target: str = "velocity",
+                             method: str = "midpoint", steps: int = 32, cond: dict[str, Tensor] | None = None) -> float:
+    """Seconds one sample costs in :func:`generate`: one solver step timed on up to TIMED_POINTS samples
+    (as many as ``cond`` has rows), times ``steps``."""
+    if method not in TABLEAUS:
+        raise ValueError(f"a timed sampler needs a fixed-step solver, got {method!r}")
+    k = min(TIMED_POINTS, *(len(v) for v in cond.values())) if cond else TIMED_POINTS
+
+    def step(m: int) -> None:
+        generate(model, path, m, shape, target=target, method=method, steps=1, cond=cond, progress=False)
+
+    return _timed(step, k) / k * steps
+
+
 def test_nll(model: nn.Module, path: AffinePath, x: Tensor, *, target: str = "velocity", levels: int | None = None,
              method: str = "midpoint", steps: int = 32, grid: Tensor | None = None, divergence: str = "auto",
              n_probes: int = 1, batch_size: int = 500, seed: int = 0, cond: dict[str, Tensor] | None = None,
              progress: bool = True) -> dict[str, Any]:
-    """Mean NLL in nats (and bits/dim for discrete data) of test points x, with field evaluations."""
+    """Mean NLL in nats (and bits/dim for discrete data) of test points x, with field evaluations; a
+    progress bar counts model evaluations over all batches (with an ETA)."""
     dim = x[0].numel()
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    logps, nfe, kind = [], 0, "exact"
-    for i in tqdm(range(0, x.shape[0], batch_size), desc="test NLL", disable=not progress, leave=False):
-        xb = x[i:i + batch_size].to(device)
-        probes = _probes(divergence, dim, n_probes, tuple(xb.shape), gen, device)
-        kind = "exact" if probes is None else f"hutchinson x{n_probes}"
-        res = log_likelihood(model, path, xb, method=method, steps=steps, grid=_on(grid, device), target=target,
-                             probes=probes,
-                             **_slice(cond, i, xb.shape[0], device))
-        logps.append(res.log_prob.cpu())
-        nfe = res.nfe
-    return nll_summary(torch.cat(logps), dim, levels, nfe=nfe, solver=method, steps=steps, divergence=kind)
+    kind = resolve_divergence(divergence, dim)
+    batches = -(-x.shape[0] // batch_size)
+    calls = _calls(method, steps, grid, kind, dim, n_probes)
+    logps, nfe = [], 0
+    with tqdm(total=None if calls is None else calls * batches, desc=f"test NLL ({x.shape[0]} points, {kind})",
+              unit="eval", disable=not progress, leave=False) as bar:
+        counted = Progress(model, bar)
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i:i + batch_size].to(device)
+            probes = _probes(kind, dim, n_probes, tuple(xb.shape), gen, device)
+            with torch.no_grad():  # forward-mode JVPs only: no autograd graph to keep
+                res = log_likelihood(counted, path, xb, method=method, steps=steps, grid=_on(grid, device),
+                                     target=target, probes=probes, **_slice(cond, i, xb.shape[0], device))
+            logps.append(res.log_prob.cpu())
+            nfe = res.nfe
+    label = kind if kind == "exact" else f"hutchinson x{n_probes}"
+    return nll_summary(torch.cat(logps), dim, levels, nfe=nfe, solver=method, steps=steps_run(method, steps, grid),
+                       divergence=label)
+
+
+def steps_run(method: str, steps: int, grid: Tensor | None) -> int | str:
+    """The steps that ran: the grid's for a user grid, 'adaptive' for adaptive solvers."""
+    if method not in TABLEAUS:
+        return "adaptive"
+    return steps if grid is None else grid.numel() - 1
 
 
 def nll_summary(logp: Tensor, dim: int, levels: int | None, **info: Any) -> dict[str, Any]:
@@ -106,26 +197,31 @@ def generate(model: nn.Module, path: AffinePath, n: int, shape: tuple[int, ...],
              method: str = "midpoint", steps: int = 32, grid: Tensor | None = None, seed: int = 0,
              guidance: float = 1.0,
              cond: dict[str, Tensor] | None = None, log_likelihood: bool = False, divergence: str = "auto",
-             n_probes: int = 1, batch_size: int = 4096) -> SampleResult:
-    """n samples from the prior pushed to t = 1 in batches; optionally their log-likelihood in the same pass."""
+             n_probes: int = 1, batch_size: int = 4096, progress: bool = True) -> SampleResult:
+    """n samples from the prior pushed to t = 1 in batches; optionally their log-likelihood in the same pass.
+    A progress bar counts model evaluations (with an ETA)."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     dim = math.prod(shape)
+    kind = resolve_divergence(divergence, dim) if log_likelihood else None
+    calls = _calls(method, steps, grid, kind, dim, n_probes)
     xs, logps, nfe = [], [], 0
-    for i in range(0, n, batch_size):
-        m = min(batch_size, n - i)
-        x0 = draw_prior(path, m, shape, gen).to(device)
-        probes = _probes(divergence, dim, n_probes, (m, *shape), gen, device) if log_likelihood else None
-        c = _slice(cond, i, m, device)
-        y = c.pop("y", None)
-        with torch.set_grad_enabled(False):
-            res = sample(model, path, x0, method=method, steps=steps, grid=_on(grid, device), target=target, y=y,
-                         guidance=guidance,
-                         log_likelihood=log_likelihood, probes=probes, **c)
-        xs.append(res.x.cpu())
-        if res.log_prob is not None:
-            logps.append(res.log_prob.cpu())
-        nfe = res.nfe
+    with tqdm(total=None if calls is None else calls * -(-n // batch_size), desc=f"sampling ({n})", unit="eval",
+              leave=False, disable=not progress) as bar:
+        counted = Progress(model, bar)
+        for i in range(0, n, batch_size):
+            m = min(batch_size, n - i)
+            x0 = draw_prior(path, m, shape, gen).to(device)
+            probes = _probes(kind, dim, n_probes, (m, *shape), gen, device) if log_likelihood else None
+            c = _slice(cond, i, m, device)
+            y = c.pop("y", None)
+            with torch.set_grad_enabled(False):
+                res = sample(counted, path, x0, method=method, steps=steps, grid=_on(grid, device), target=target,
+                             y=y, guidance=guidance, log_likelihood=log_likelihood, probes=probes, **c)
+            xs.append(res.x.cpu())
+            if res.log_prob is not None:
+                logps.append(res.log_prob.cpu())
+            nfe = res.nfe
     return SampleResult(torch.cat(xs), nfe, torch.cat(logps) if logps else None)
 
 

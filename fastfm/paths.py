@@ -34,6 +34,16 @@ class SchedulerOutput:
 
 
 @dataclass(frozen=True)
+class Endpoints:
+    """alpha and sigma at t = 0 and t = 1, from the schedule's formulas: a zero here is an exact zero."""
+
+    alpha_0: float
+    sigma_0: float
+    alpha_1: float
+    sigma_1: float
+
+
+@dataclass(frozen=True)
 class Coefficients:
     """x_t = a x0 + b x1 and target = c x0 + d x1, per sample (B,) in fp32: all a path op needs."""
 
@@ -50,10 +60,15 @@ class PathSample:
     t: Tensor
 
 
+ENDPOINT_ATOL = 1e-9
+
+
 class Scheduler:
     """Base class: subclasses implement ``__call__(t) -> SchedulerOutput`` and set ``config``.
 
-    ``singular_at_one`` marks schedules whose sigma'_t diverges as t -> 1 (VP).
+    ``singular_at_one`` marks schedules whose sigma'_t diverges as t -> 1 (VP). ``endpoints`` gives
+    alpha and sigma at t = 0 and 1; the built-in schedules state them in closed form (so trig's
+    sigma_1 is 0, not fp32 cos(pi/2) = -4.4e-8).
     """
 
     config: dict
@@ -61,6 +76,16 @@ class Scheduler:
 
     def __call__(self, t: Tensor) -> SchedulerOutput:
         raise NotImplementedError
+
+    def endpoints(self) -> Endpoints:
+        """For a schedule given only as code: evaluated in float64, values within ENDPOINT_ATOL = 1e-9
+        of 0 taken as exact zeros (float64 rounding of an exact zero, e.g. cos(pi/2) = 6e-17)."""
+        s = self(torch.tensor([0.0, 1.0], dtype=torch.float64))
+
+        def snap(v: Tensor) -> float:
+            return 0.0 if abs(float(v)) <= ENDPOINT_ATOL else float(v)
+
+        return Endpoints(snap(s.alpha_t[0]), snap(s.sigma_t[0]), snap(s.alpha_t[1]), snap(s.sigma_t[1]))
 
 
 class CondOTScheduler(Scheduler):
@@ -75,6 +100,9 @@ class CondOTScheduler(Scheduler):
     def __call__(self, t: Tensor) -> SchedulerOutput:
         one = torch.ones_like(t)
         return SchedulerOutput(t, 1 - (1 - self.sigma_min) * t, one, -(1 - self.sigma_min) * one)
+
+    def endpoints(self) -> Endpoints:
+        return Endpoints(0.0, 1.0, 1.0, self.sigma_min)
 
 
 class VPScheduler(Scheduler):
@@ -100,6 +128,11 @@ class VPScheduler(Scheduler):
         d_alpha = 0.5 * alpha * beta
         return SchedulerOutput(alpha, sigma, d_alpha, -alpha * d_alpha / sigma.clamp_min(_EPS))
 
+    def endpoints(self) -> Endpoints:
+        """alpha_0 = exp(-T(1)/2) > 0, sigma_0 = sqrt(1 - alpha_0^2); alpha_1 = 1, sigma_1 = 0."""
+        big_t = self.beta_min + 0.5 * (self.beta_max - self.beta_min)  # T(1)
+        return Endpoints(math.exp(-0.5 * big_t), math.sqrt(-math.expm1(-big_t)), 1.0, 0.0)
+
 
 class VEScheduler(Scheduler):
     """VE diffusion: alpha_t = 1, sigma_t = s_min (s_max / s_min)^(1 - t); sigma'_t = -sigma_t log(s_max / s_min)."""
@@ -115,6 +148,9 @@ class VEScheduler(Scheduler):
         sigma = self.sigma_min * torch.exp((1 - t) * log_ratio)
         return SchedulerOutput(torch.ones_like(t), sigma, torch.zeros_like(t), -log_ratio * sigma)
 
+    def endpoints(self) -> Endpoints:
+        return Endpoints(1.0, self.sigma_max, 1.0, self.sigma_min)
+
 
 class TrigScheduler(Scheduler):
     """Trigonometric interpolant: alpha_t = sin(pi t / 2), sigma_t = cos(pi t / 2)."""
@@ -124,6 +160,9 @@ class TrigScheduler(Scheduler):
     def __call__(self, t: Tensor) -> SchedulerOutput:
         h = 0.5 * math.pi
         return SchedulerOutput(torch.sin(h * t), torch.cos(h * t), h * torch.cos(h * t), -h * torch.sin(h * t))
+
+    def endpoints(self) -> Endpoints:
+        return Endpoints(0.0, 1.0, 1.0, 0.0)
 
 
 class AffineScheduler(Scheduler):
@@ -163,17 +202,16 @@ class AffinePath:
     def __init__(self, scheduler: Scheduler, source: Density | None = None) -> None:
         self.scheduler = scheduler
         self.source: Density = source if source is not None else Gaussian(1.0)
-        ends = scheduler(torch.tensor([0.0, 1.0]))
-        self._alpha_0, self._sigma_1 = float(ends.alpha_t[0]), float(ends.sigma_t[1])
-        self.prior: Density = scaled(self.source, float(ends.sigma_t[0]))
+        self.ends = scheduler.endpoints()
+        self.prior: Density = scaled(self.source, self.ends.sigma_0)
 
     def time_interval(self, target: str = "velocity") -> tuple[float, float]:
         """[t_start, t_end] on which the sampled field is finite: an end moves in by T_EPS = 1e-3 where
         the x1 conversion divides by sigma_1 = 0, the x0 conversion by alpha_0 = 0, or sigma'_t
         diverges at t = 1 (VP). Sampling and likelihood integrate over this interval. Pure Python
-        (endpoint values cached at construction), so traced solves have no host syncs."""
-        lo = T_EPS if target == "x0" and self._alpha_0 == 0.0 else 0.0
-        singular = self.scheduler.singular_at_one or (target == "x1" and self._sigma_1 == 0.0)
+        (the schedule's exact end points, computed once), so traced solves have no host syncs."""
+        lo = T_EPS if target == "x0" and self.ends.alpha_0 == 0.0 else 0.0
+        singular = self.scheduler.singular_at_one or (target == "x1" and self.ends.sigma_1 == 0.0)
         return lo, 1.0 - T_EPS if singular else 1.0
 
     def coefficients(self, t: Tensor, target: str = "velocity") -> Coefficients:

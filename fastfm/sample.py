@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from fastfm.cli import inference_parser, low_res_of, run_dataset, setup, setup_engine
-from fastfm.evaluation import engine_generate, generate, save_samples_png
+from fastfm.evaluation import engine_generate, generate, save_samples_png, steps_run
 
 
 def _load_low_res(path: str) -> torch.Tensor:
@@ -21,14 +21,17 @@ def _load_low_res(path: str) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = inference_parser("Sample from a trained flow matching model.")
-    p.add_argument("--n", type=int, default=None, help="number of samples (default 2000 vectors, 64 images)")
-    p.add_argument("--class-label", type=int, default=None,
+    p = inference_parser("sample", "Sample from a trained flow matching model; writes samples.npy, samples.png "
+                         "(and log_prob.npy) to --out.")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--n", type=int, default=None, help="number of samples (default 2000 vectors, 64 images)")
+    g.add_argument("--class-label", type=int, default=None,
                    help="class to sample (conditional models; default: cycle through all classes)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale w (default 1: none)")
-    p.add_argument("--low-res", default=None, help="super-resolution inputs as .npy (default: the test set's)")
-    p.add_argument("--log-likelihood", action="store_true", help="also integrate the samples' log-likelihood")
-    p.add_argument("--out", default=None, help="output directory (default: CHECKPOINT_DIR/samples)")
+    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale w (default 1: none)")
+    g.add_argument("--low-res", default=None, help="super-resolution inputs as .npy (default: the test set's)")
+    g.add_argument("--log-likelihood", action="store_true", help="also integrate the samples' log-likelihood")
+    g.add_argument("--out", default=None,
+                   help="output directory (default: CHECKPOINT_DIR/samples, or ENGINE_DIR/samples with --engine)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.n is not None and args.n < 1:
@@ -75,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "samples.npy", res.x.numpy())
     save_samples_png(res.x, out / "samples.png", kind, meta["data"]["levels"])
-    summary = {"n": n, "nfe": res.nfe, "solver": args.solver, "steps": args.steps, "guidance": guidance,
+    summary = {"n": n, "nfe": res.nfe, "solver": args.solver, "steps": steps_run(args.solver, args.steps, args.grid),
+               "guidance": guidance,
                "samples": str(out / "samples.npy"), "png": str(out / "samples.png")}
     if engine:
         summary.update(engine=args.engine, backend=engine.spec.backend, dtype=engine.spec.dtype)

@@ -103,7 +103,11 @@ def odeint_adaptive(f: Field, y0: State, grid: Tensor, method: str = "dopri5", r
         nfe += 1
         return f(t, y)
 
-    ys = odeint(counted, y0, grid, rtol=rtol, atol=atol, method=method)
+    try:
+        ys = odeint(counted, y0, grid, rtol=rtol, atol=atol, method=method)
+    except AssertionError as e:  # torchdiffeq asserts on a step size that underflows
+        raise ValueError(f"{method} could not integrate this field ({e}; {nfe} evaluations): it is too stiff near "
+                         f"an end of the time interval; use a fixed-step solver (e.g. rk4) or looser rtol/atol") from None
     final = ys[-1] if isinstance(ys, Tensor) else tuple(s[-1] for s in ys)
     return SolveResult(final, nfe, ys if return_intermediates else None)
 

@@ -28,25 +28,81 @@ from tqdm import tqdm
 
 from fastfm import distributed
 from fastfm.build import build_source, model_config, resolve_device, run_meta
-from fastfm.checkpoint import CHECKPOINT, load_training_state, save_inference, save_training_state
+from fastfm.checkpoint import (CHECKPOINT, EMA_WEIGHTS, META, atomic_write, load_training_state, save_inference,
+                               save_training_state)
 from fastfm.config import ConfigError, TrainConfig, parse_config
 from fastfm.couplings import get_coupling
 from fastfm.data import get_dataset
 from fastfm.densities import Gaussian
 from fastfm.distributed import DistEnv
-from fastfm.evaluation import generate, sample_quality, save_samples_png, test_nll
+from fastfm.evaluation import (TIMED_POINTS, generate, nll_seconds_per_point, points_within, sample_quality,
+                               sample_seconds_per_point, save_samples_png, test_nll)
 from fastfm.guidance import drop_labels
 from fastfm.kernels.rng import philox_state
 from fastfm.losses import cfm_loss
 from fastfm.models import build_model
 from fastfm.paths import AffinePath, get_path
+from fastfm.solvers import TABLEAUS
 from fastfm.telemetry import flops_per_sample, peak_flops, peak_memory_mb
 from fastfm.timesteps import TimeSampler
+
+
+METRICS = "metrics.jsonl"
+RUN_FILES = (CHECKPOINT, METRICS, "config.json", EMA_WEIGHTS)
+"""Files that make a directory a run directory: a new run there needs --force."""
+ATOMIC_FILES = (CHECKPOINT, EMA_WEIGHTS, META, METRICS)
+"""Files written by ``atomic_write``, whose temporaries (.NAME.XXXXXXXX.tmp) a killed run can leave behind."""
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def check_out_dir(cfg: TrainConfig) -> None:
+    """--resume needs OUT/checkpoint.pt; a new run must not replace another run's files unless --force."""
+    out = Path(cfg.out)
+    if cfg.resume:
+        if not (out / CHECKPOINT).is_file():
+            raise ConfigError(f"--resume: there is no {CHECKPOINT} in {out}; check --out, or drop --resume to "
+                              "start a new run")
+        return
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not cfg.force:
+        raise ConfigError(f"{out} already holds a run ({', '.join(found)}); pass --resume to continue it or "
+                          "--force to replace it")
+
+
+def _logged_after(line: str, step: int) -> bool:
+    """Whether a metrics.jsonl line was logged after ``step``, or torn by a kill mid-write."""
+    try:
+        return json.loads(line).get("step", 0) > step
+    except json.JSONDecodeError:
+        return True
+
+
+def prepare_out_dir(cfg: TrainConfig, resumed_at: int | None) -> None:
+    """Rank 0, before the first step: remove a killed run's temporary files; on resume drop the metrics rows
+    logged after the checkpoint (atomic rewrite), else start the metrics afresh and remove the weights of a
+    run --force replaces; write config.json."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ATOMIC_FILES:
+        for tmp in out.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+    metrics = out / METRICS
+    if resumed_at is None:
+        for name in (CHECKPOINT, EMA_WEIGHTS, META):
+            (out / name).unlink(missing_ok=True)
+        metrics.write_text("")
+    elif metrics.exists():
+        rows = [line for line in metrics.read_text().splitlines() if not _logged_after(line, resumed_at)]
+        atomic_write(metrics, lambda tmp: Path(tmp).write_text("".join(row + "\n" for row in rows)))
+    (out / "config.json").write_text(json.dumps(cfg.__dict__, indent=2, sort_keys=True))
+
+
+EVAL_BUDGET_MIN_S = 10.0  # the automatic evaluation budget never goes below this
+EVAL_MIN_POINTS = 8  # an evaluation measures at least this many test points and samples
 
 
 class TrainingDiverged(ValueError):
@@ -245,47 +301,79 @@ class Trainer:
             return (x, torch.rand(n, device=dev)), cond
         return flops_per_sample(self.model, inputs)
 
-    def evaluate(self, png: Path) -> dict[str, Any]:
-        """Test NLL of the EMA model (fixed-step solver), a sample PNG and (vectors) sample quality."""
+    def eval_budget(self, trained_s: float) -> float | None:
+        """Seconds an evaluation may take (None: no limit): --eval-budget, or (-1) the training time so far,
+        at least EVAL_BUDGET_MIN_S, so an evaluation nobody asked for never costs much more than the training."""
+        if self.cfg.eval_budget == 0:
+            return None
+        return self.cfg.eval_budget if self.cfg.eval_budget > 0 else max(EVAL_BUDGET_MIN_S, trained_s)
+
+    def evaluate(self, png: Path, trained_s: float) -> dict[str, Any]:
+        """A sample PNG, (vectors) sample quality and the test NLL of the EMA model (fixed-step solver),
+        sized to the evaluation budget before they run: up to half of it for the samples, the rest for
+        the NLL, each point's cost measured on a few points first (``eval_plan`` in the summary)."""
         cfg, data, ema, path = self.cfg, self.data, self.ema, self.path
-        test = data.test[: cfg.eval_n]
-        nll = None
-        if path.prior.has_log_prob:
-            nll = test_nll(ema, path, test, target=cfg.target, levels=data.levels, method=cfg.eval_solver,
-                           steps=cfg.eval_steps, seed=cfg.seed, cond=eval_conditioning(cfg, data, len(test)))
+        started, budget = time.perf_counter(), self.eval_budget(trained_s)
+        timed = budget is not None and cfg.eval_solver in TABLEAUS  # adaptive solvers run as asked
+        solve = dict(target=cfg.target, method=cfg.eval_solver, steps=cfg.eval_steps)
+        plan: dict[str, Any] = {"budget_s": budget if timed else None}
         n = min(cfg.n_samples, len(data.test)) if data.kind == "vector" else min(cfg.n_samples, 64, len(data.test))
-        res = generate(ema, path, n, data.shape, target=cfg.target, method=cfg.eval_solver, steps=cfg.eval_steps,
-                       seed=cfg.seed, cond=eval_conditioning(cfg, data, n))
+        if timed:
+            per = sample_seconds_per_point(ema, path, data.shape, cond=eval_conditioning(cfg, data, TIMED_POINTS),
+                                           **solve)
+            n = points_within(budget / 2, per, min(n, EVAL_MIN_POINTS), n)
+            plan["sample_seconds_per_point"] = per
+        res = generate(ema, path, n, data.shape, seed=cfg.seed, cond=eval_conditioning(cfg, data, n), **solve)
         png.parent.mkdir(parents=True, exist_ok=True)
         save_samples_png(res.x, png, data.kind, data.levels, data.test,
                          title=f"{cfg.data}, {cfg.path}, {cfg.eval_solver} x {cfg.eval_steps}")
-        summary = {"test": nll, "samples_png": str(png), "sample_nfe": res.nfe}
+        plan["samples"] = n
+        nll = None
+        if path.prior.has_log_prob:
+            test = data.test[: cfg.eval_n]
+            opts = dict(solve, divergence=cfg.eval_divergence, cond=eval_conditioning(cfg, data, len(test)))
+            if timed:
+                per = nll_seconds_per_point(ema, path, test, **opts)
+                left = budget - (time.perf_counter() - started)
+                test = test[: points_within(left, per, min(len(test), EVAL_MIN_POINTS), len(test))]
+                plan["nll_seconds_per_point"] = per
+            plan["nll_points"] = len(test)
+            nll = test_nll(ema, path, test, levels=data.levels, seed=cfg.seed, **opts)
+        plan["seconds"] = time.perf_counter() - started
+        summary = {"test": nll, "samples_png": str(png), "sample_nfe": res.nfe, "eval_plan": plan}
         if data.kind == "vector":
             summary["quality"] = sample_quality(res.x, data.test)
         return summary
 
     def fit(self) -> dict[str, Any]:
-        """Run (or resume) the job; returns the final summary (also the last line of metrics.jsonl)."""
+        """Run (or resume) the job; returns the final summary (also the last line of metrics.jsonl) on rank 0,
+        {} on the other ranks and when a resumed run has no steps left."""
         cfg, env, dev = self.cfg, self.env, self.device
         out = Path(cfg.out)
-        state = load_training_state(out / CHECKPOINT) if cfg.resume and (out / CHECKPOINT).exists() else None
+        check_out_dir(cfg)
+        distributed.barrier(env)  # every rank has looked at OUT before rank 0 writes to it
+        state = load_training_state(out / CHECKPOINT) if cfg.resume else None
         start = 0 if state is None else self.restore(state)
-        metrics = out / "metrics.jsonl"
+        if start >= cfg.steps:
+            if env.main:
+                print(f"nothing to do: checkpoint at step {start} >= --steps {cfg.steps}")
+            return {}
+        metrics = out / METRICS
         if env.main:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.json").write_text(json.dumps(cfg.__dict__, indent=2, sort_keys=True))
-            if state is None:
-                metrics.write_text("")
+            prepare_out_dir(cfg, None if state is None else start)
         flops, peak = self._flops_per_sample(), peak_flops(dev, cfg.bf16)
         bad_run = torch.zeros((), dtype=torch.int64, device=dev)
         skipped = torch.zeros((), dtype=torch.int64, device=dev)
         loss_sum, taken = torch.zeros((), device=dev), torch.zeros((), device=dev)
-        pbar = tqdm(range(start + 1, cfg.steps + 1), desc="train", dynamic_ncols=True, initial=start,
-                    total=cfg.steps, disable=not env.main)
+        pbar = tqdm(desc="train", dynamic_ncols=True, initial=start, total=cfg.steps, disable=not env.main)
         t_start = t_last = time.perf_counter()
         n_since, rec = 0, {}
-        for step in pbar:
+        for step in range(start + 1, cfg.steps + 1):
             loss, grad_norm, bad = self.train_step(step)
+            warm_up = step == start + 1  # compiles the step: left out of the bar's rate and ETA
+            if warm_up:
+                pbar.unpause()
+            pbar.update()
             bad_run = (bad_run + bad) * bad
             skipped += bad
             loss_sum += torch.where(bad, 0.0, loss)
@@ -315,15 +403,18 @@ class Trainer:
                     append_jsonl(metrics, rec)
                     pbar.set_postfix(loss=f"{mean_loss:.4f}" if n_taken else "skipped", img_s=f"{rate:.0f}",
                                      lr=f"{rec['lr']:.2e}")
+            elif warm_up:  # and out of the next logged rate (unless it is all that interval holds)
+                t_last, n_since = time.perf_counter(), 0
             if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps and env.main:
-                snap = self.evaluate(out / "samples" / f"step_{step:07d}.png")
+                snap = self.evaluate(out / "samples" / f"step_{step:07d}.png", time.perf_counter() - t_start)
                 append_jsonl(metrics, {"step": step, "eval": snap})
             if step % cfg.ckpt_every == 0 and step != cfg.steps:
                 self.save(step)
+        pbar.close()
         self.save(cfg.steps)
         summary: dict[str, Any] = {}
         if env.main:
-            summary = self.evaluate(out / "samples.png")
+            summary = self.evaluate(out / "samples.png", time.perf_counter() - t_start)
             summary.update(steps=cfg.steps, world=env.world, wall_s=time.perf_counter() - t_start,
                            last=rec, skipped_steps=int(skipped))
             append_jsonl(metrics, {"final": summary})
@@ -331,7 +422,8 @@ class Trainer:
         return summary
 
 
-RESUMABLE = {"resume", "steps", "log_every", "ckpt_every", "out", "device", "eval_n", "n_samples", "eval_every"}
+RESUMABLE = {"resume", "force", "steps", "log_every", "ckpt_every", "out", "device", "eval_n", "n_samples",
+             "eval_every", "eval_budget", "eval_divergence"}
 
 
 def eval_conditioning(cfg: TrainConfig, data: Any, n: int) -> dict[str, Tensor]:
@@ -365,7 +457,7 @@ def summary_line(summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(argv, TrainConfig, "Train a flow matching model.")
+    cfg = parse_config(argv, TrainConfig, "Train a flow matching model.", prog="python -m fastfm.train")
     try:
         summary = train(cfg)
     except ValueError as e:

@@ -52,6 +52,32 @@ def call(main: Callable[[list[str]], None], argv: list[str]) -> str:
     return buf.getvalue()
 
 
+def cli_error(main: Callable[[list[str]], None], argv: list[str]) -> str:
+    """The one-line error an entry point exits with (``error: ...``) for ``argv``."""
+    with pytest.raises(SystemExit) as e:
+        call(main, argv)
+    msg = str(e.value.code)
+    assert msg.startswith("error: "), msg
+    return msg
+
+
+def help_text(main: Callable[[list[str]], None], columns: int = 120) -> str:
+    """What ``main(["--help"])`` prints (at a fixed terminal width); it must exit with 0."""
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(columns)
+    try:
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as e:
+            main(["--help"])
+    finally:
+        if old is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = old
+    assert e.value.code == 0
+    return buf.getvalue()
+
+
 def last_json(stdout: str) -> Any:
     """The JSON object a CLI prints last (train: one line; evaluate: indented, the whole tail)."""
     start = stdout.rfind("\n{")

@@ -20,7 +20,7 @@ import torch
 from fastfm import evaluate, sample, train
 from fastfm.config import TrainConfig, parse_config
 
-from conftest import TINY_UNET, Run, call, is_png, last_json, run_training, train_argv
+from conftest import TINY_UNET, Run, call, cli_error, is_png, last_json, run_training, train_argv
 
 INFER = ["--device", "cpu", "--steps", "2"]
 RUN_FILES = ("checkpoint.pt", "ema.safetensors", "model.json", "config.json", "metrics.jsonl", "samples.png")
@@ -51,19 +51,7 @@ def assert_healthy_run(run: Run) -> None:
 
 
 def train_error(argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as e:
-        call(train.main, argv)
-    msg = str(e.value.code)
-    assert msg.startswith("error: "), msg
-    return msg
-
-
-def cli_error(main, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as e:
-        call(main, argv)
-    msg = str(e.value.code)
-    assert msg.startswith("error: "), msg
-    return msg
+    return cli_error(train.main, argv)
 
 
 # ---------------------------------------------------------------------------------------------

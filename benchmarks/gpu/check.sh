@@ -60,7 +60,7 @@ ENGINES='"$PY" -m fastfm.export --checkpoint "$RUN" --task sample --solver midpo
     "$PY" -m fastfm.evaluate --engine "$OUT/engines/nll" --checkpoint "$RUN" --n 2000 --out "$OUT/engine_eval.json"'
 
 stage install 60 "$PY" -m pip install -q --no-deps --no-build-isolation -e .
-stage train 100 "$PY" -m fastfm.train --compile --bf16 --device cuda --out "$RUN"
+stage train 100 "$PY" -m fastfm.train --compile --bf16 --device cuda --out "$RUN" --force
 stage engines 100 bash -c "$ENGINES"
 stage tests 120 "$PY" -m pytest -q -rA -x tests/test_cuda.py tests/test_kernels_triton.py -p no:cacheprovider
 stage bench_kernels 30 "$PY" benchmarks/gpu/bench_kernels.py "$OUT/gpu_kernels.json"
