@@ -112,8 +112,8 @@ class TrainConfig:
     eval_n: int = option(2000, "evaluation", "test points for the final NLL (at most: see --eval-budget)", Range(1))
     eval_budget: float = option(-1.0, "evaluation",
                                 "seconds an evaluation may take (measured per point before it starts; fewer test "
-                                "points and samples when they do not fit): -1 the training time so far, at least "
-                                "10 s; 0 no limit", Range(-1))
+                                "points and samples when they do not fit): -1 a quarter of the training time so "
+                                "far, at least 10 s; 0 no limit", Range(-1))
     eval_divergence: str = option("auto", "evaluation",
                                   "divergence of the evaluation NLL: auto (exact up to 16 dimensions, Hutchinson "
                                   "above), exact (D JVPs per evaluation), hutchinson")

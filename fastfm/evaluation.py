@@ -75,24 +75,37 @@ def points_within(budget_s: float | None, seconds_per_point: float, n_min: int, 
 
 
 def _timed(fn: Callable[[int], Any], k: int) -> float:
-    """Seconds of ``fn(k)`` after one warm-up call ``fn(1)`` (first calls pay one-time set-up costs)."""
-    fn(1)
+    """Seconds of one call ``fn(k)``."""
     start = time.perf_counter()
     fn(k)
     return time.perf_counter() - start
 
 
-TIMED_POINTS = 32  # points of the timed step: enough that per-call overhead does not dominate
+TIMED_POINTS = 32  # the first timed batch
+TIMED_MIN_S = 0.1  # a timed call this long amortises per-call overhead
+
+
+def _seconds_per_point(fn: Callable[[int], Any], k_max: int) -> float:
+    """Seconds per point of ``fn(k)``: after a warm-up call ``fn(1)`` (one-time set-up costs), k = 32, 128,
+    512, ... up to ``k_max`` until one call takes TIMED_MIN_S, so a small model's per-call overhead is
+    spread as in the real batches while a large model is timed on 32 points."""
+    fn(1)
+    k = min(TIMED_POINTS, k_max)
+    while True:
+        seconds = _timed(fn, k)
+        if seconds >= TIMED_MIN_S or k >= k_max:
+            return seconds / k
+        k = min(4 * k, k_max)
 
 
 def nll_seconds_per_point(model: nn.Module, path: AffinePath, x: Tensor, *, target: str = "velocity",
                           method: str = "midpoint", steps: int = 32, divergence: str = "auto", n_probes: int = 1,
-                          cond: dict[str, Tensor] | None = None) -> float:
+                          batch_size: int = 500, cond: dict[str, Tensor] | None = None) -> float:
     """Seconds one test point costs in :func:`test_nll`: one solver step (with its divergence) timed on
-    the first TIMED_POINTS points of x, times ``steps`` (small batches overestimate: the safe side)."""
+    the first points of x (``_seconds_per_point``, at most a batch), times ``steps``."""
     if method not in TABLEAUS:
         raise ValueError(f"a timed NLL needs a fixed-step solver, got {method!r}")
-    dim, k = x[0].numel(), min(len(x), TIMED_POINTS)
+    dim = x[0].numel()
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)
 
@@ -103,21 +116,22 @@ def nll_seconds_per_point(model: nn.Module, path: AffinePath, x: Tensor, *, targ
                            probes=_probes(divergence, dim, n_probes, tuple(xb.shape), gen, device),
                            **_slice(cond, 0, m, device))
 
-    return _timed(step, k) / k * steps
+    return _seconds_per_point(step, min(len(x), batch_size)) * steps
 
 
-def sample_seconds_per_point(model: nn.Module, path: AffinePath, shape: tuple[int, ...], *, target: str = "velocity",
-                             method: str = "midpoint", steps: int = 32, cond: dict[str, Tensor] | None = None) -> float:
-    """Seconds one sample costs in :func:`generate`: one solver step timed on up to TIMED_POINTS samples
-    (as many as ``cond`` has rows), times ``steps``."""
+def sample_seconds_per_point(model: nn.Module, path: AffinePath, shape: tuple[int, ...], n: int, *,
+                             target: str = "velocity", method: str = "midpoint", steps: int = 32,
+                             cond: dict[str, Tensor] | None = None) -> float:
+    """Seconds one of ``n`` samples costs in :func:`generate`: one solver step timed on up to n samples (as
+    many as ``cond`` has rows; ``_seconds_per_point``), times ``steps``."""
     if method not in TABLEAUS:
         raise ValueError(f"a timed sampler needs a fixed-step solver, got {method!r}")
-    k = min(TIMED_POINTS, *(len(v) for v in cond.values())) if cond else TIMED_POINTS
+    k_max = min(n, *(len(v) for v in cond.values())) if cond else n
 
     def step(m: int) -> None:
         generate(model, path, m, shape, target=target, method=method, steps=1, cond=cond, progress=False)
 
-    return _timed(step, k) / k * steps
+    return _seconds_per_point(step, k_max) * steps
 
 
 def test_nll(model: nn.Module, path: AffinePath, x: Tensor, *, target: str = "velocity", levels: int | None = None,

@@ -35,8 +35,8 @@ from fastfm.couplings import get_coupling
 from fastfm.data import get_dataset
 from fastfm.densities import Gaussian
 from fastfm.distributed import DistEnv
-from fastfm.evaluation import (TIMED_POINTS, generate, nll_seconds_per_point, points_within, sample_quality,
-                               sample_seconds_per_point, save_samples_png, test_nll)
+from fastfm.evaluation import (generate, nll_seconds_per_point, points_within, sample_quality, sample_seconds_per_point,
+                               save_samples_png, test_nll)
 from fastfm.guidance import drop_labels
 from fastfm.kernels.rng import philox_state
 from fastfm.losses import cfm_loss
@@ -101,7 +101,8 @@ def prepare_out_dir(cfg: TrainConfig, resumed_at: int | None) -> None:
     (out / "config.json").write_text(json.dumps(cfg.__dict__, indent=2, sort_keys=True))
 
 
-EVAL_BUDGET_MIN_S = 10.0  # the automatic evaluation budget never goes below this
+EVAL_BUDGET_FRACTION = 0.25  # the automatic evaluation budget: this fraction of the training time
+EVAL_BUDGET_MIN_S = 10.0  # and never below this
 EVAL_MIN_POINTS = 8  # an evaluation measures at least this many test points and samples
 
 
@@ -302,11 +303,14 @@ class Trainer:
         return flops_per_sample(self.model, inputs)
 
     def eval_budget(self, trained_s: float) -> float | None:
-        """Seconds an evaluation may take (None: no limit): --eval-budget, or (-1) the training time so far,
-        at least EVAL_BUDGET_MIN_S, so an evaluation nobody asked for never costs much more than the training."""
+        """Seconds an evaluation may take (None: no limit): --eval-budget, or (-1) EVAL_BUDGET_FRACTION of the
+        training time so far, at least EVAL_BUDGET_MIN_S: an evaluation nobody asked for adds a quarter to
+        the run, not a multiple of it."""
         if self.cfg.eval_budget == 0:
             return None
-        return self.cfg.eval_budget if self.cfg.eval_budget > 0 else max(EVAL_BUDGET_MIN_S, trained_s)
+        if self.cfg.eval_budget > 0:
+            return self.cfg.eval_budget
+        return max(EVAL_BUDGET_MIN_S, EVAL_BUDGET_FRACTION * trained_s)
 
     def evaluate(self, png: Path, trained_s: float) -> dict[str, Any]:
         """A sample PNG, (vectors) sample quality and the test NLL of the EMA model (fixed-step solver),
@@ -319,8 +323,7 @@ class Trainer:
         plan: dict[str, Any] = {"budget_s": budget if timed else None}
         n = min(cfg.n_samples, len(data.test)) if data.kind == "vector" else min(cfg.n_samples, 64, len(data.test))
         if timed:
-            per = sample_seconds_per_point(ema, path, data.shape, cond=eval_conditioning(cfg, data, TIMED_POINTS),
-                                           **solve)
+            per = sample_seconds_per_point(ema, path, data.shape, n, cond=eval_conditioning(cfg, data, n), **solve)
             n = points_within(budget / 2, per, min(n, EVAL_MIN_POINTS), n)
             plan["sample_seconds_per_point"] = per
         res = generate(ema, path, n, data.shape, seed=cfg.seed, cond=eval_conditioning(cfg, data, n), **solve)

@@ -33,23 +33,27 @@ def test_points_within_a_budget():
 
 
 def test_measured_costs_are_one_timed_step_scaled(monkeypatch):
-    """Per-point seconds come from one timed solver step on a few points (a 1-step solve, really run),
-    scaled by the steps; no fixed-step solver, no estimate."""
+    """Per-point seconds come from one timed solver step (a 1-step solve, really run), scaled by the steps;
+    the timed batch grows (32, 128, 512, ... up to a batch) until a call is long enough to amortise
+    per-call overhead. No fixed-step solver, no estimate."""
+    seconds = {32: 0.01, 128: 0.02, 500: 0.5}
     timed = []
 
     def fake_timed(fn, k):
         fn(k)
         timed.append(k)
-        return 0.8
+        return seconds.get(k, 0.8)
 
     monkeypatch.setattr(evaluation, "_timed", fake_timed)
     torch.manual_seed(0)
     unet = build_model(UNET).eval()
     path = get_path("condot")
-    assert nll_seconds_per_point(unet, path, torch.randn(40, 1, 8, 8), steps=64) == pytest.approx(0.8 / 32 * 64)
+    assert nll_seconds_per_point(unet, path, torch.randn(600, 1, 8, 8), steps=64) == pytest.approx(0.5 / 500 * 64)
+    assert timed == [32, 128, 500]  # grown while calls were short, capped at the batch
+    timed.clear()
     assert nll_seconds_per_point(unet, path, torch.randn(3, 1, 8, 8), steps=10) == pytest.approx(0.8 / 3 * 10)
-    assert sample_seconds_per_point(unet, path, (1, 8, 8), steps=32) == pytest.approx(0.8 / 32 * 32)
-    assert timed == [32, 3, 32]
+    assert sample_seconds_per_point(unet, path, (1, 8, 8), 40, steps=32) == pytest.approx(0.8 / 40 * 32)
+    assert timed == [3, 32, 40]
     with pytest.raises(ValueError, match="fixed-step"):
         nll_seconds_per_point(unet, path, torch.randn(4, 1, 8, 8), method="dopri5")
 
