@@ -23,6 +23,7 @@ from fastfm.metrics import energy_distance, sliced_wasserstein
 from fastfm.paths import AffinePath
 from fastfm.plotting import grid_png, scatter_png
 from fastfm.sampling import SampleResult, draw_prior, sample
+from fastfm.sde import Diffusion, sde_sample
 from fastfm.solvers import TABLEAUS, nfe_per_step
 
 
@@ -211,14 +212,18 @@ def generate(model: nn.Module, path: AffinePath, n: int, shape: tuple[int, ...],
              method: str = "midpoint", steps: int = 32, grid: Tensor | None = None, seed: int = 0,
              guidance: float = 1.0,
              cond: dict[str, Tensor] | None = None, log_likelihood: bool = False, divergence: str = "auto",
-             n_probes: int = 1, batch_size: int = 4096, progress: bool = True) -> SampleResult:
-    """n samples from the prior pushed to t = 1 in batches; optionally their log-likelihood in the same pass.
-    A progress bar counts model evaluations (with an ETA)."""
+             n_probes: int = 1, batch_size: int = 4096, progress: bool = True,
+             diffusion: Diffusion | None = None) -> SampleResult:
+    """n samples from the prior pushed to t = 1 in batches; optionally their log-likelihood in the same pass,
+    or (``diffusion``: eps(t)) with the SDE sampler of ``fastfm.sde`` instead of the ODE. A progress bar
+    counts model evaluations (with an ETA)."""
+    if diffusion is not None and (log_likelihood or grid is not None):
+        raise ValueError("the SDE sampler takes --steps (Euler-Maruyama); no --grid and no --log-likelihood")
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     dim = math.prod(shape)
     kind = resolve_divergence(divergence, dim) if log_likelihood else None
-    calls = _calls(method, steps, grid, kind, dim, n_probes)
+    calls = steps + 1 if diffusion is not None else _calls(method, steps, grid, kind, dim, n_probes)
     xs, logps, nfe = [], [], 0
     with tqdm(total=None if calls is None else calls * -(-n // batch_size), desc=f"sampling ({n})", unit="eval",
               leave=False, disable=not progress) as bar:
@@ -230,8 +235,13 @@ def generate(model: nn.Module, path: AffinePath, n: int, shape: tuple[int, ...],
             c = _slice(cond, i, m, device)
             y = c.pop("y", None)
             with torch.set_grad_enabled(False):
-                res = sample(counted, path, x0, method=method, steps=steps, grid=_on(grid, device), target=target,
-                             y=y, guidance=guidance, log_likelihood=log_likelihood, probes=probes, **c)
+                if diffusion is not None:
+                    res = sde_sample(counted, path, x0, diffusion=diffusion, steps=steps, target=target,
+                                     generator=gen, y=y, guidance=guidance, **c)
+                else:
+                    res = sample(counted, path, x0, method=method, steps=steps, grid=_on(grid, device),
+                                 target=target, y=y, guidance=guidance, log_likelihood=log_likelihood,
+                                 probes=probes, **c)
             xs.append(res.x.cpu())
             if res.log_prob is not None:
                 logps.append(res.log_prob.cpu())

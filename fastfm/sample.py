@@ -11,6 +11,7 @@ import torch
 
 from fastfm.cli import inference_parser, low_res_of, run_dataset, setup, setup_engine
 from fastfm.evaluation import engine_generate, generate, save_samples_png, steps_run
+from fastfm.sde import parse_diffusion
 
 
 def _load_low_res(path: str) -> torch.Tensor:
@@ -29,6 +30,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="class to sample (conditional models; default: cycle through all classes)")
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale w (default 1: none)")
     g.add_argument("--low-res", default=None, help="super-resolution inputs as .npy (default: the test set's)")
+    g.add_argument("--sde", action="store_true",
+                   help="sample with the SDE dX = [v + eps/2 score] dt + sqrt(eps) dW (Euler-Maruyama over --steps; "
+                        "Gaussian-base paths): same marginals as the ODE")
+    g.add_argument("--diffusion", default="1",
+                   help="eps(t) of --sde: a constant C, or sin2:C for C sin^2(pi t) (vanishing at both ends)")
     g.add_argument("--log-likelihood", action="store_true", help="also integrate the samples' log-likelihood")
     g.add_argument("--out", default=None,
                    help="output directory (default: CHECKPOINT_DIR/samples, or ENGINE_DIR/samples with --engine)")
@@ -64,13 +70,16 @@ def main(argv: list[str] | None = None) -> None:
             cond.update({"low_res": low[:n]} if low is not None else low_res_of(meta, run_dataset(meta).test[:n]))
             n = min(n, cond["low_res"].shape[0])
             cond = {k: v[:n] for k, v in cond.items()}
+        diffusion = parse_diffusion(args.diffusion) if args.sde else None
+        if engine and diffusion is not None:
+            raise ValueError("--sde samples eagerly: exported engines run the ODE (drop --engine)")
         if engine:
             res = engine_generate(engine, n, seed=args.seed, cond=cond)
         else:
             res = generate(run.model, run.path, n, run.shape, target=meta["target"], method=args.solver,
                            grid=args.grid, steps=args.steps, seed=args.seed, guidance=guidance, cond=cond,
                            log_likelihood=args.log_likelihood, divergence=args.divergence, n_probes=args.probes,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, diffusion=diffusion)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     base = Path(args.checkpoint or args.engine)
@@ -78,9 +87,12 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "samples.npy", res.x.numpy())
     save_samples_png(res.x, out / "samples.png", kind, meta["data"]["levels"])
-    summary = {"n": n, "nfe": res.nfe, "solver": args.solver, "steps": steps_run(args.solver, args.steps, args.grid),
+    summary = {"n": n, "nfe": res.nfe, "solver": "euler-maruyama" if diffusion else args.solver,
+               "steps": args.steps if diffusion else steps_run(args.solver, args.steps, args.grid),
                "guidance": guidance,
                "samples": str(out / "samples.npy"), "png": str(out / "samples.png")}
+    if diffusion:
+        summary["diffusion"] = str(diffusion)
     if engine:
         summary.update(engine=args.engine, backend=engine.spec.backend, dtype=engine.spec.dtype)
     if res.log_prob is not None:
