@@ -23,9 +23,9 @@ from fastfm.metrics import energy_distance, sliced_wasserstein
 from fastfm.paths import AffinePath
 from fastfm.plotting import grid_png, scatter_png
 from fastfm.sampling import SampleResult, draw_prior, sample
+from fastfm.score import score_interval
 from fastfm.sde import Diffusion, sde_sample
 from fastfm.solvers import TABLEAUS, nfe_per_step
-
 
 
 def _probes(divergence: str, dim: int, n_probes: int, shape: tuple[int, ...], gen: torch.Generator,
@@ -223,7 +223,10 @@ def generate(model: nn.Module, path: AffinePath, n: int, shape: tuple[int, ...],
     gen = torch.Generator().manual_seed(seed)
     dim = math.prod(shape)
     kind = resolve_divergence(divergence, dim) if log_likelihood else None
-    calls = steps + 1 if diffusion is not None else _calls(method, steps, grid, kind, dim, n_probes)
+    if diffusion is not None:  # one call per Euler-Maruyama step, and the denoising jump short of t = 1
+        calls = steps + (score_interval(path, target)[1] < 1.0)
+    else:
+        calls = _calls(method, steps, grid, kind, dim, n_probes)
     xs, logps, nfe = [], [], 0
     with tqdm(total=None if calls is None else calls * -(-n // batch_size), desc=f"sampling ({n})", unit="eval",
               leave=False, disable=not progress) as bar:

@@ -190,3 +190,16 @@ def test_kernel_variants_compile_for_sm90(tmp_path: Path):
         assert all(t != "i64" for t in v["signature"].values()), v  # no 64-bit scalar: nothing seed-like
         assert v["LOCAL"] == 0 and v["REG"] <= 255, v  # no spills
         assert v["ptx_bytes"] > 0
+
+
+@pytest.mark.parametrize("name,target", [("condot", "velocity"), ("vp", "x0"), ("trig", "x1")])
+def test_sde_sampler_runs_on_the_inputs_device(name, target):
+    """The SDE sampler (grid, diffusion, score, noise, denoising jump) on a meta model and prior: every
+    tensor it makes follows its input, with the noise drawn from a CPU generator and moved."""
+    from fastfm.sde import parse_diffusion, sde_sample
+
+    model = build_model({"name": "mlp", "dim": 2, "hidden": 16, "depth": 2}).to(META)
+    x0 = torch.empty(4, 2, device=META)
+    res = sde_sample(model, get_path(name), x0, diffusion=parse_diffusion("sin2:2"), steps=3, target=target,
+                     generator=torch.Generator().manual_seed(0))
+    assert res.x.device == META and res.x.shape == (4, 2) and res.nfe == 4

@@ -76,6 +76,9 @@ def test_progress_counts_every_model_evaluation():
         calls.clear()
         generate(model, get_path("condot"), 10, (3,), method="midpoint", steps=5, batch_size=4)
         assert len(calls) == 3 * 5 * 2
+        calls.clear()  # the SDE sampler: a call per step, and a denoising jump where t = 1 is cut short
+        generate(model, get_path("condot"), 10, (3,), steps=5, batch_size=4, diffusion=lambda t: t * 0 + 1)
+        assert len(calls) == 3 * 6
     finally:
         Progress.forward = real
     assert out["steps"] == 3 and out["nfe"] == 6

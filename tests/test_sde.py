@@ -6,7 +6,7 @@ sampler's. Two permutation tests, fixed seeds:
 - the spread about the mixture's means (mean squared distance to the nearest mean, 4000 + 4000 points),
   a statistic aimed at what a wrong score changes, must accept them and reject a score planted 10% too
   large: with eps = 5 that narrows the clusters by ~9% in mean squared distance, about 4 standard
-  errors at this size (energy distance does not see it at 2000 points: measured p = 0.29-0.51).
+  errors at this size (energy distance does not see it at 1500-2000 points: measured p = 0.29-0.51).
 """
 
 from __future__ import annotations
