@@ -8,14 +8,15 @@
 //   cfm_loss_grad:  dL/dv_bj = g_b * 2 (v_bj - target_bj) / D
 //
 // with per-sample float32 coefficients and x0 either given or regenerated on the fly from the
-// Philox4x32-10 stream of Triton's tl.randn (element i of x0 = std * n1(Philox(offset + i, seed))), so
-// the noise and the target are never materialised.
+// Philox4x32-10 stream of kernels/reference.py: element (r, j) of x0 is std * n_{j mod 4}, the four
+// Box-Muller normals of Philox(counter = (j / 4, offset + r, 0, 0), key = seed), so the noise and the
+// target are never materialised, and one Philox call serves four elements.
 //
 // Numerics.
 //  * float32 and bfloat16 are computed in float32 (bf16 loads are bit shifts, stores round to
 //    nearest even, NaN -> 0x7FC0 like c10::BFloat16); float64 is computed in double with the
 //    noise (std * n1) generated in float32 and widened.
-//  * The noise uses our own branch-free float32 log and cos (Cephes polynomials, ~1 ulp; within
+//  * The noise uses our own branch-free float32 log and sin/cos (Cephes polynomials, ~1 ulp; within
 //    1e-6 of the torch-computed reference stream), so the same code runs in vector lanes
 //    and scalar tails: a noise value depends only on its index and the seed, never on the vector
 //    width, the thread count or the work split. Philox is exact integer arithmetic and the build
@@ -142,8 +143,9 @@ FFM_INLINE float log_f32(float x) {
     return r;
 }
 
-// cos(t) for t in [0, 2 pi]: Cody-Waite reduction by pi/2 (3-part constant), Cephes kernels.
-FFM_INLINE float cos_f32(float t) {
+// (cos t, sin t) for t in [0, 2 pi]: Cody-Waite reduction by pi/2 (3-part constant), Cephes kernels,
+// one reduction for both.
+FFM_INLINE void sincos_f32(float t, float& cos_t, float& sin_t) {
     int32_t k = static_cast<int32_t>(t * 0.636619772367581343f + 0.5f);  // round(t / (pi/2)), t >= 0
     float fk = static_cast<float>(k);
     float r = ((t - fk * 1.5703125f) - fk * 4.837512969970703125e-4f) - fk * 7.54978995489188216e-8f;
@@ -151,26 +153,50 @@ FFM_INLINE float cos_f32(float t) {
     float s = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * r + r;
     float c = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z -
               0.5f * z + 1.0f;
-    float v = (k & 1) ? s : c;                                // quadrant 0: c, 1: -s, 2: -c, 3: s
-    uint32_t sign = static_cast<uint32_t>((k + 1) & 2) << 30;
-    return as_float(as_bits(v) ^ sign);
+    // quadrant k: cos = c, -s, -c, s; sin = s, c, -s, -c
+    const bool odd = k & 1;
+    cos_t = as_float(as_bits(odd ? s : c) ^ (static_cast<uint32_t>((k + 1) & 2) << 30));
+    sin_t = as_float(as_bits(odd ? c : s) ^ (static_cast<uint32_t>(k & 2) << 30));
 }
 
 FFM_INLINE uint32_t mulhi(uint32_t a, uint32_t b) {
     return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
 }
 
-// Box-Muller on the first two Philox words: n1 = sqrt(-2 log max(u(w0), 1e-7)) cos(2 pi u(w1)).
-FFM_INLINE float box_muller(uint32_t w0, uint32_t w1) {
+// Box-Muller on two Philox words: R (cos th, sin th), R = sqrt(-2 log max(u(w), 1e-7)), th = 2 pi u(w2).
+FFM_INLINE void box_muller(uint32_t w, uint32_t w2, float& n0, float& n1) {
     // max(u, 1e-7) on the bit patterns (both non-negative): an integer max, not a branch.
-    float u1 = as_float(std::max(as_bits(uniform(w0)), 0x33D6BF95u));
-    float th = 6.283185307179586f * uniform(w1);
-    return std::sqrt(-2.0f * log_f32(u1)) * cos_f32(th);
+    float u = as_float(std::max(as_bits(uniform(w)), 0x33D6BF95u));
+    float r = std::sqrt(-2.0f * log_f32(u));
+    float c, s;
+    sincos_f32(6.283185307179586f * uniform(w2), c, s);
+    n0 = r * c;
+    n1 = r * s;
 }
 
-// Portable Philox: n1 of tl.randn for flat element index i (< 2^31), counter (i, 0, 0, 0).
-FFM_INLINE float philox_randn(uint32_t i, const Keys& K) {
-    uint32_t c0 = i, c1 = 0, c2 = 0, c3 = 0;
+// Noise blocks: out[j] = x0 noise at (row, col + j), 0 <= j < n <= kBlock, col a multiple of 4. Philox
+// runs for the n / 4 counters (col / 4 + k, row) (rounded up: out must hold 4 ceil(n / 4) floats) into
+// the planar words w[0..3][k], then Box-Muller writes out[4k + (0, 1, 2, 3)].
+constexpr int64_t kBlock = 512;  // elements per noise block (stack buffers)
+constexpr int64_t kGroups = kBlock / 4;
+using NoiseFn = void (*)(float* __restrict out, uint32_t row, int64_t col, int64_t n, const Keys& K);
+using Words = uint32_t[4][kGroups];
+
+FFM_INLINE void box_muller_block(float* __restrict out, const Words& w, int64_t groups) {
+    alignas(64) float n[4][kGroups];
+#pragma omp simd
+    for (int64_t k = 0; k < groups; ++k) {
+        box_muller(w[0][k], w[1][k], n[0][k], n[1][k]);
+        box_muller(w[2][k], w[3][k], n[2][k], n[3][k]);
+    }
+    for (int64_t k = 0; k < groups; ++k)
+        for (int l = 0; l < 4; ++l) out[4 * k + l] = n[l][k];
+}
+
+// Portable Philox4x32-10 at counter (c0, c1, 0, 0).
+FFM_INLINE void philox(uint32_t c0, uint32_t c1, const Keys& K, uint32_t& o0, uint32_t& o1, uint32_t& o2,
+                       uint32_t& o3) {
+    uint32_t c2 = 0, c3 = 0;
 #pragma GCC unroll 10
     for (int r = 0; r < kRounds; ++r) {
         uint32_t n0 = mulhi(kRoundB, c2) ^ c1 ^ K.k0[r];
@@ -180,17 +206,20 @@ FFM_INLINE float philox_randn(uint32_t i, const Keys& K) {
         c0 = n0;
         c2 = n2;
     }
-    return box_muller(c0, c1);
+    o0 = c0;
+    o1 = c1;
+    o2 = c2;
+    o3 = c3;
 }
 
-// Noise blocks: out[j] = n1(start + j), 0 <= j < n <= kBlock.
-constexpr int64_t kBlock = 512;  // elements per noise block (stack buffers)
-using NoiseFn = void (*)(float* __restrict out, int64_t start, int64_t n, const Keys& K);
-
-void noise_portable(float* __restrict out, int64_t start, int64_t n, const Keys& K) {
-    const uint32_t s = static_cast<uint32_t>(start);
+void noise_portable(float* __restrict out, uint32_t row, int64_t col, int64_t n, const Keys& K) {
+    alignas(64) Words w;
+    const int64_t groups = (n + 3) / 4;
+    const uint32_t g0 = static_cast<uint32_t>(col / 4);
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) out[j] = philox_randn(s + static_cast<uint32_t>(j), K);
+    for (int64_t k = 0; k < groups; ++k)
+        philox(g0 + static_cast<uint32_t>(k), row, K, w[0][k], w[1][k], w[2][k], w[3][k]);
+    box_muller_block(out, w, groups);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -200,14 +229,9 @@ void noise_portable(float* __restrict out, int64_t start, int64_t n, const Keys&
 // auto-vectorised for the same target. Integer Philox is exact and the float code has no FMA
 // contraction (-ffp-contract=off), so every path gives bitwise the same noise.
 
-FFM_INLINE void box_muller_block(float* __restrict out, const uint32_t* __restrict w0,
-                                 const uint32_t* __restrict w1, int64_t n) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) out[j] = box_muller(w0[j], w1[j]);
-}
-
 #define FFM_PHILOX_BLOCK(V, W, SET1, ADD, XOR, MULHILO, LOAD_IOTA, STORE)                         \
-    alignas(64) uint32_t w0[kBlock], w1[kBlock];                                                  \
+    alignas(64) Words w;                                                                          \
+    const int64_t groups = (n + 3) / 4;                                                           \
     const V ra = SET1(static_cast<int>(kRoundA)), rb = SET1(static_cast<int>(kRoundB));           \
     V k0[kRounds], k1[kRounds];                                                                   \
     for (int r = 0; r < kRounds; ++r) {                                                           \
@@ -215,13 +239,14 @@ FFM_INLINE void box_muller_block(float* __restrict out, const uint32_t* __restri
         k1[r] = SET1(static_cast<int>(K.k1[r]));                                                  \
     }                                                                                             \
     const V step = SET1(W);                                                                       \
-    V ctr = ADD(SET1(static_cast<int>(static_cast<uint32_t>(start))), LOAD_IOTA);                 \
-    for (int64_t j = 0; j < n; j += 2 * W) { /* two independent vectors per step, for ILP */    \
-        /* round 0 with c1 = c2 = c3 = 0: c0' = k0, c1' = 0, (c2', c3') from A * counter */         \
+    V ctr = ADD(SET1(static_cast<int>(static_cast<uint32_t>(col / 4))), LOAD_IOTA);               \
+    const V row0 = XOR(SET1(static_cast<int>(row)), k0[0]);                                       \
+    for (int64_t j = 0; j < groups; j += 2 * W) { /* two independent vectors per step, for ILP */ \
+        /* round 0 with c2 = c3 = 0: c0' = row ^ k0, c1' = 0, (c2', c3') from A * counter */        \
         V c0, c1 = SET1(0), c2, c3, d0, d1 = SET1(0), d2, d3;                                     \
         MULHILO(ra, ctr, c2, c3);                                                                 \
         MULHILO(ra, ADD(ctr, step), d2, d3);                                                      \
-        c0 = d0 = k0[0];                                                                          \
+        c0 = d0 = row0;                                                                           \
         c2 = XOR(c2, k1[0]);                                                                      \
         d2 = XOR(d2, k1[0]);                                                                      \
         _Pragma("GCC unroll 9") for (int r = 1; r < kRounds; ++r) {                               \
@@ -239,13 +264,17 @@ FFM_INLINE void box_muller_block(float* __restrict out, const uint32_t* __restri
             d1 = mb;                                                                              \
             d3 = ma;                                                                              \
         }                                                                                         \
-        STORE(w0 + j, c0);                                                                        \
-        STORE(w1 + j, c1);                                                                        \
-        STORE(w0 + j + W, d0);                                                                    \
-        STORE(w1 + j + W, d1);                                                                    \
+        STORE(w[0] + j, c0);                                                                      \
+        STORE(w[1] + j, c1);                                                                      \
+        STORE(w[2] + j, c2);                                                                      \
+        STORE(w[3] + j, c3);                                                                      \
+        STORE(w[0] + j + W, d0);                                                                  \
+        STORE(w[1] + j + W, d1);                                                                  \
+        STORE(w[2] + j + W, d2);                                                                  \
+        STORE(w[3] + j + W, d3);                                                                  \
         ctr = ADD(ctr, ADD(step, step));                                                          \
     }                                                                                             \
-    box_muller_block(out, w0, w1, n);
+    box_muller_block(out, w, groups);
 
 // SSE2 (baseline x86-64): no 32-bit blend, use masks.
 FFM_INLINE void mulhilo_sse2(__m128i a, __m128i x, __m128i& hi, __m128i& lo) {
@@ -256,7 +285,7 @@ FFM_INLINE void mulhilo_sse2(__m128i a, __m128i x, __m128i& hi, __m128i& lo) {
 }
 #define FFM_SSE2_MULHILO(a, x, hi, lo) mulhilo_sse2(a, x, hi, lo)
 #define FFM_SSE2_STORE(p, v) _mm_store_si128(reinterpret_cast<__m128i*>(p), v)
-void noise_sse2(float* __restrict out, int64_t start, int64_t n, const Keys& K) {
+void noise_sse2(float* __restrict out, uint32_t row, int64_t col, int64_t n, const Keys& K) {
     FFM_PHILOX_BLOCK(__m128i, 4, _mm_set1_epi32, _mm_add_epi32, _mm_xor_si128, FFM_SSE2_MULHILO,
                      _mm_setr_epi32(0, 1, 2, 3), FFM_SSE2_STORE)
 }
@@ -268,7 +297,8 @@ __attribute__((target("avx2"))) FFM_INLINE void mulhilo_avx2(__m256i a, __m256i 
 }
 #define FFM_AVX2_MULHILO(a, x, hi, lo) mulhilo_avx2(a, x, hi, lo)
 #define FFM_AVX2_STORE(p, v) _mm256_store_si256(reinterpret_cast<__m256i*>(p), v)
-__attribute__((target("avx2"))) void noise_avx2(float* __restrict out, int64_t start, int64_t n, const Keys& K) {
+__attribute__((target("avx2"))) void noise_avx2(float* __restrict out, uint32_t row, int64_t col, int64_t n,
+                                                   const Keys& K) {
     FFM_PHILOX_BLOCK(__m256i, 8, _mm256_set1_epi32, _mm256_add_epi32, _mm256_xor_si256, FFM_AVX2_MULHILO,
                      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), FFM_AVX2_STORE)
 }
@@ -284,7 +314,7 @@ __attribute__((target("avx512f"))) FFM_INLINE void mulhilo_avx512(__m512i a, __m
 }
 #define FFM_AVX512_MULHILO(a, x, hi, lo) mulhilo_avx512(a, x, hi, lo)
 #define FFM_AVX512_STORE(p, v) _mm512_store_si512(reinterpret_cast<void*>(p), v)
-__attribute__((target("avx512f"))) void noise_avx512(float* __restrict out, int64_t start, int64_t n,
+__attribute__((target("avx512f"))) void noise_avx512(float* __restrict out, uint32_t row, int64_t col, int64_t n,
                                                      const Keys& K) {
     FFM_PHILOX_BLOCK(__m512i, 16, _mm512_set1_epi32, _mm512_add_epi32, _mm512_xor_si512, FFM_AVX512_MULHILO,
                      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), FFM_AVX512_STORE)
@@ -328,7 +358,9 @@ void select_noise(const std::string& name) {
     throw std::invalid_argument("fastfm._C: noise path '" + name + "' is unknown or not supported by this CPU");
 }
 
-FFM_INLINE void gen_noise(float* __restrict out, int64_t start, int64_t n, const Keys& K) { g_noise(out, start, n, K); }
+FFM_INLINE void gen_noise(float* __restrict out, uint32_t row, int64_t col, int64_t n, const Keys& K) {
+    g_noise(out, row, col, n, K);
+}
 
 // ------------------------------------------------------------------------------------------------
 // dtypes
@@ -419,12 +451,14 @@ struct Args {
     const void* v = nullptr;
     const float *a = nullptr, *b = nullptr, *c = nullptr, *d = nullptr, *g = nullptr;
     Keys keys{};
-    int64_t offset = 0;           // element offset of x0[0] in the noise stream
+    int64_t offset = 0;           // row offset of x0's first row in the noise stream
     double stdv = 1.0;
 };
 
 // Calls f(row, i0, n, z) for each row segment [i0, i0 + n) of task t, where z(j) gives x0 at
-// flat index i0 + j in the compute type (regenerated noise or the given x0).
+// flat index i0 + j in the compute type (regenerated noise or the given x0). Seeded segments are cut
+// into noise blocks of kBlock elements; every segment starts at column 0 or at a chunk start (a
+// multiple of 64), so every noise block starts at a column that is a multiple of 4.
 template <class T, bool SEEDED, class F>
 FFM_INLINE void for_segments(const Args& A, int64_t t, F&& f) {
     using C = typename Traits<T>::C;
@@ -432,23 +466,22 @@ FFM_INLINE void for_segments(const Args& A, int64_t t, F&& f) {
     int64_t s, e;
     task_range(P, t, s, e);
     alignas(64) float nz[kBlock];
-    const float stdf = static_cast<float>(A.stdv);  // x0 = std * n1 in float32 (then widened)
+    const float stdf = static_cast<float>(A.stdv);  // x0 = std * n in float32 (then widened)
     const T* x0 = static_cast<const T*>(A.x0);
-    for (int64_t p = s; p < e; p += (SEEDED ? kBlock : e - s)) {
-        const int64_t q = SEEDED ? std::min(e, p + kBlock) : e;
-        if (SEEDED) gen_noise(nz, A.offset + p, q - p, A.keys);
-        for (int64_t i = p; i < q;) {
-            const int64_t row = i / P.D;
-            const int64_t se = std::min(q, (row + 1) * P.D);
-            const float* nzp = nz + (i - p);
-            const T* x0p = SEEDED ? nullptr : x0 + i;
-            auto z = [=](int64_t j) -> C {
-                if constexpr (SEEDED) return static_cast<C>(stdf * nzp[j]);
+    for (int64_t i = s; i < e;) {
+        const int64_t row = i / P.D;
+        const int64_t se = std::min(e, (row + 1) * P.D);
+        for (int64_t p = i; p < se; p += (SEEDED ? kBlock : se - i)) {
+            const int64_t q = SEEDED ? std::min(se, p + kBlock) : se;
+            if (SEEDED) gen_noise(nz, static_cast<uint32_t>(A.offset + row), p - row * P.D, q - p, A.keys);
+            const T* x0p = SEEDED ? nullptr : x0 + p;
+            auto z = [&](int64_t j) -> C {
+                if constexpr (SEEDED) return static_cast<C>(stdf * nz[j]);
                 else return Traits<T>::load(x0p, j);
             };
-            f(row, i, se - i, z);
-            i = se;
+            f(row, p, q - p, z);
         }
+        i = se;
     }
 }
 
@@ -548,8 +581,14 @@ FFM_DEFINE_TASKS(float, f32)
 FFM_DEFINE_TASKS(double, f64)
 FFM_DEFINE_TASKS(bf16, bf16)
 
-void randn_task(float* out, int64_t s, int64_t n, const Keys& K) {
-    for (int64_t p = 0; p < n; p += kBlock) gen_noise(out + p, s + p, std::min(kBlock, n - p), K);
+// Row `row` of the stream (dim normals) into out, through a block buffer (noise blocks round up to 4).
+void randn_row(float* out, uint32_t row, int64_t dim, const Keys& K) {
+    alignas(64) float nz[kBlock];
+    for (int64_t p = 0; p < dim; p += kBlock) {
+        const int64_t m = std::min(kBlock, dim - p);
+        gen_noise(nz, row, p, m, K);
+        std::memcpy(out + p, nz, static_cast<size_t>(m) * sizeof(float));
+    }
 }
 
 enum Op { kAffineZT, kAffineZN, kAffineST, kAffineSN, kLossZ, kLossS, kGradZ, kGradS, kNumOps };
@@ -586,10 +625,10 @@ void run_tasks(TaskFn fn, const Args& A, bool seeded) {
 void check_sizes(int64_t B, int64_t D, bool seeded, int64_t offset) {
     if (B < 0 || D < 0) throw std::invalid_argument("fastfm._C: negative size");
     if (D > 0 && B > INT64_MAX / D) throw std::invalid_argument("fastfm._C: size overflow");
-    if (seeded && (offset < 0 || offset > (int64_t(1) << 31) - B * D))
-        throw std::invalid_argument("fastfm._C: noise streams are indexed by int32 element offsets; [" +
-                                    std::to_string(offset) + ", " + std::to_string(offset + B * D) +
-                                    ") does not lie in [0, 2^31)");
+    if (seeded && (offset < 0 || offset > (int64_t(1) << 32) - B))
+        throw std::invalid_argument("fastfm._C: noise streams are indexed by uint32 row offsets; rows [" +
+                                    std::to_string(offset) + ", " + std::to_string(offset + B) +
+                                    ") do not lie in [0, 2^32)");
 }
 
 template <class P> P* ptr(uint64_t p) { return reinterpret_cast<P*>(static_cast<uintptr_t>(p)); }
@@ -683,21 +722,17 @@ void cfm_loss_grad(uint64_t out, uint64_t grad, uint64_t v, uint64_t x1, uint64_
     run_tasks(pick(dtype, seeded ? kGradS : kGradZ), A, seeded);
 }
 
-// First n normals of the seed's stream (float32), starting at element offset `offset`.
-void randn(uint64_t out, int64_t n, uint64_t seed, int64_t offset) {
-    if (n < 0 || offset < 0 || offset + n > (int64_t(1) << 31))
-        throw std::invalid_argument("fastfm._C.randn: element offsets must lie in [0, 2^31)");
-    if (n == 0) return;
+// Rows [offset, offset + rows) of the seed's stream, dim float32 normals each, into out (rows x dim).
+void randn(uint64_t out, int64_t rows, int64_t dim, uint64_t seed, int64_t offset) {
+    if (rows < 0 || dim < 0) throw std::invalid_argument("fastfm._C.randn: negative size");
+    check_sizes(rows, dim, true, offset);
+    if (rows * dim == 0) return;
     float* o = ptr<float>(out);
     const Keys K = make_keys(seed);
-    const int64_t nt = (n + kChunk - 1) / kChunk;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (nt > 1 && n * 8 >= kParallelMin && !omp_in_parallel())
+#pragma omp parallel for schedule(static) if (rows > 1 && rows * dim * 8 >= kParallelMin && !omp_in_parallel())
 #endif
-    for (int64_t t = 0; t < nt; ++t) {
-        const int64_t s = t * kChunk, m = std::min(kChunk, n - s);
-        randn_task(o + s, offset + s, m, K);
-    }
+    for (int64_t r = 0; r < rows; ++r) randn_row(o + r * dim, static_cast<uint32_t>(offset + r), dim, K);
 }
 
 int get_max_threads() {
@@ -729,8 +764,8 @@ PYBIND11_MODULE(_C, m) {
           "rng"_a, "std"_a, "per-sample (B,) float32 loss mean_j (v - c x0 - d x1)^2");
     m.def("cfm_loss_grad", &cfm_loss_grad, release(), "out"_a, "grad"_a, "v"_a, "x1"_a, "x0"_a, "c"_a, "d"_a, "B"_a,
           "D"_a, "dtype"_a, "rng"_a, "std"_a, "dL/dv = grad_b 2 (v - target) / D");
-    m.def("randn", &randn, release(), "out"_a, "n"_a, "seed"_a, "offset"_a = 0,
-          "float32 standard normals n1 of the seed's Philox stream at element offsets [offset, offset + n)");
+    m.def("randn", &randn, release(), "out"_a, "rows"_a, "dim"_a, "seed"_a, "offset"_a = 0,
+          "float32 standard normals of the seed's Philox stream, rows [offset, offset + rows) of dim each");
     m.def("get_max_threads", &get_max_threads, "OpenMP threads the kernels use");
     m.def("set_num_threads", &set_num_threads, "n"_a, "set the OpenMP thread count of the calling thread");
 #ifdef _OPENMP

@@ -226,13 +226,13 @@ class Trainer:
         y = None if y is None else y[rows].to(dev, non_blocking=True)
         if x0 is not None:
             x0, x1, y = self._couple(x0[rows].to(dev, non_blocking=True), x1, y, seed)
-        m, dim = x1.shape[0] // cfg.grad_accum, x1[0].numel()
+        m = x1.shape[0] // cfg.grad_accum
         total = torch.zeros((), device=dev)
         self.opt.zero_grad(set_to_none=True)
         for i in range(cfg.grad_accum):
             mb = slice(i * m, (i + 1) * m)
             # this micro-batch's rows of the global batch's noise stream, as a device tensor
-            rng = None if x0 is not None else philox_state(seed, (rows.start + i * m) * dim, numel=m * dim).to(
+            rng = None if x0 is not None else philox_state(seed, rows.start + i * m, rows=m).to(
                 dev, non_blocking=True)
             last = i == cfg.grad_accum - 1
             sync = self.step_fn.no_sync() if env.active and not last else contextlib.nullcontext()

@@ -1,9 +1,10 @@
 """Fused CPU kernels (C++/OpenMP, ``fastfm._C``), installed as ``fastfm.kernels.cpu``.
 
 Same ops and noise stream as :mod:`fastfm.kernels.reference` (the spec), without materialising
-the noise or the target: x0 is either given or regenerated from a Philox4x32-10 stream (element i
-of x0 = std * n1(Philox(counter=(offset + i, 0, 0, 0), key=seed)), Triton's ``tl.randn``), with
-``rng = [seed, offset]`` the int64 CPU tensor of kernels/rng.py, read by the extension itself.
+the noise or the target: x0 is either given or regenerated from the Philox4x32-10 stream of the
+reference (element (r, j) of x0 = std * word j mod 4 of the Box-Muller normals of
+Philox(counter=(j // 4, offset + r, 0, 0), key=seed)), with ``rng = [seed, offset]`` the int64 CPU
+tensor of kernels/rng.py, read by the extension itself.
 
 Tensors: CPU, batch first (B, ...), D = numel / B elements per sample; x1, x0 and v share one
 dtype among float32, float64 and bfloat16 (bf16 computed in fp32; fp64 in double with the noise
@@ -163,15 +164,15 @@ def cfm_loss_grad(grad: Tensor, v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0:
     return out
 
 
-def randn(seed: int, numel: int, offset: int = 0) -> Tensor:
-    """Standard normals (float32) of the seed's stream at element offsets [offset, offset + numel)."""
+def randn(seed: int, rows: int, dim: int, offset: int = 0) -> Tensor:
+    """Standard normals (float32, shape (rows, dim)) of the seed's stream, rows [offset, offset + rows)."""
     lib = _lib()
-    numel, offset = operator.index(numel), operator.index(offset)
-    if numel < 0:
-        raise ValueError(f"numel must be >= 0, got {numel}")
-    check_stream(offset, numel)
-    out = _alloc((numel,), torch.float32)
-    lib.randn(_ptr(out), numel, signed_seed(seed) & (2**64 - 1), offset)
+    rows, dim, offset = operator.index(rows), operator.index(dim), operator.index(offset)
+    if rows < 0 or dim < 0:
+        raise ValueError(f"rows and dim must be >= 0, got {rows} and {dim}")
+    check_stream(offset, rows)
+    out = _alloc((rows, dim), torch.float32)
+    lib.randn(_ptr(out), rows, dim, signed_seed(seed) & (2**64 - 1), offset)
     return out
 
 

@@ -154,12 +154,13 @@ def _check_batch(x: Tensor, **coefs: Tensor) -> None:
 
 
 def noise_state(x1: Tensor, seed: int = 0, offset: int = 0) -> Tensor:
-    """The noise state ``[seed, offset]`` for drawing x0 like ``x1`` (on its device; offset range checked).
+    """The noise state ``[seed, offset]`` for drawing x0 like ``x1`` (on its device): its rows are rows
+    [offset, offset + B) of the stream (range checked).
 
     Made from Python ints, so a traced caller would bake the seed in: compiled and captured code takes
     the state as an input instead (the trainer makes one per micro-batch).
     """
-    return philox_state(seed, offset, x1.device, x1.numel())
+    return philox_state(seed, offset, x1.device, x1.shape[0])
 
 
 def affine_path(x1: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None,

@@ -1,18 +1,19 @@
 """Plain-PyTorch references: the spec every kernel (Triton, C++) is tested against.
 
 Noise stream. With the state ``rng = [seed, offset]`` (an int64 tensor on the data's device,
-kernels/rng.py), element i (flat, row-major index into x1) of x0 is
+kernels/rng.py) and x1 viewed as (B, D), element (r, j) of x0 is
 
-    x0[i] = std * n1(Philox4x32-10(counter = (offset + i, 0, 0, 0), key = (seed_lo, seed_hi)))
+    x0[r, j] = std * n_{j mod 4},   (w0, w1, w2, w3) = Philox4x32-10(counter = (j // 4, offset + r, 0, 0),
+                                                                     key = (seed_lo, seed_hi))
+    (n0, n1) = BoxMuller(w0, w1),   (n2, n3) = BoxMuller(w2, w3)
 
-``offset`` lets a shard of a batch (a DDP rank, a micro-batch) draw exactly the rows of the whole
-batch's noise: rows [r, r + m) of a batch of D-element samples use offset r * D. The state is read
-with tensor ops (no host sync), so the reference runs inside a CUDA graph too.
-
-with Triton's ``tl.randn`` conventions: the first two output words become uniforms
-u = (w as int32, negatives mapped to ~w) * 4.6566127342e-10, and Box-Muller gives
-n1 = sqrt(-2 log max(u1, 1e-7)) cos(2 pi u2). Backends agree up to float rounding
-of log/sqrt/cos (documented tolerance: 1e-5 absolute for |n| < 6).
+with Triton's conventions: a word becomes the uniform u = (w as int32, negatives mapped to ~w) *
+4.6566127342e-10, and BoxMuller(w, w') = R (cos th, sin th), R = sqrt(-2 log max(u, 1e-7)), th = 2 pi u'.
+One Philox call gives four normals (a GPU kernel spends a quarter of the integer work of one call per
+element), and ``offset`` counts rows: rows [r0, r0 + m) of a batch (a DDP rank, a micro-batch) draw
+those rows of the whole batch's noise with offset r0. The state is read with tensor ops (no host
+sync), so the reference runs inside a CUDA graph too. Backends agree up to float rounding of
+log/sqrt/cos/sin (documented tolerance: 1e-5 absolute).
 
 Ops (per-sample fp32 coefficients a, b, c, d of shape (B,), D = elements per sample):
     affine_path:    x_t = a x0 + b x1,  target = c x0 + d x1
@@ -21,6 +22,8 @@ Ops (per-sample fp32 coefficients a, b, c, d of shape (B,), D = elements per sam
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -42,11 +45,10 @@ def _mul_hi_lo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
     return hi, lo
 
 
-def philox4x32(seed: int | Tensor, offsets: Tensor, rounds: int = 10) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Philox4x32 with counter (offset, 0, 0, 0) and key from the 64-bit seed (an int, or an int64 tensor
-    holding its bits); words as int64 in [0, 2^32)."""
-    c0 = offsets.to(torch.int64) & _M32
-    c1 = torch.zeros_like(c0)
+def philox4x32(seed: int | Tensor, c0: Tensor, c1: Tensor, rounds: int = 10) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Philox4x32 with counter (c0, c1, 0, 0) (broadcast together) and key from the 64-bit seed (an int, or an
+    int64 tensor holding its bits); words as int64 in [0, 2^32)."""
+    c0, c1 = torch.broadcast_tensors(c0.to(torch.int64) & _M32, c1.to(torch.int64) & _M32)
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
     k0, k1 = seed & _M32, (seed >> 32) & _M32
@@ -66,17 +68,27 @@ def _uniform(w: Tensor) -> Tensor:
     return x.to(torch.float32) * torch.tensor(UINT_TO_FLOAT, dtype=torch.float32)
 
 
-def randn(seed: int, numel: int, device: torch.device | str = "cpu", offset: int = 0) -> Tensor:
-    """Standard normals (float32) of the stream for ``seed`` at element offsets [offset, offset + numel)."""
-    return randn_state(philox_state(seed, offset, device, numel), numel)
+def _box_muller(w: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
+    """R cos th, R sin th with R = sqrt(-2 log max(u(w), 1e-7)), th = 2 pi u(w2) (float32)."""
+    r = torch.sqrt(-2.0 * torch.log(torch.clamp_min(_uniform(w), 1.0e-7)))
+    th = torch.tensor(6.283185307179586, dtype=torch.float32) * _uniform(w2)
+    return r * torch.cos(th), r * torch.sin(th)
 
 
-def randn_state(rng: Tensor, numel: int) -> Tensor:
-    """Standard normals (float32) of the stream of state ``rng = [seed, offset]``, elements [0, numel)."""
-    w0, w1, _, _ = philox4x32(rng[0], torch.arange(numel, device=rng.device) + rng[1])
-    u1 = torch.clamp_min(_uniform(w0), 1.0e-7)
-    th = torch.tensor(6.283185307179586, dtype=torch.float32) * _uniform(w1)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(th)
+def randn(seed: int, rows: int, dim: int, device: torch.device | str = "cpu", offset: int = 0) -> Tensor:
+    """Standard normals (float32, shape (rows, dim)) of the stream for ``seed``, rows [offset, offset + rows)."""
+    return randn_state(philox_state(seed, offset, device, rows), rows, dim)
+
+
+def randn_state(rng: Tensor, rows: int, dim: int) -> Tensor:
+    """Standard normals (float32, shape (rows, dim)) of the stream of state ``rng = [seed, offset]``."""
+    groups = (dim + 3) // 4
+    c0 = torch.arange(groups, device=rng.device)
+    c1 = torch.arange(rows, device=rng.device)[:, None] + rng[1]
+    w0, w1, w2, w3 = philox4x32(rng[0], c0, c1)
+    n0, n1 = _box_muller(w0, w1)
+    n2, n3 = _box_muller(w2, w3)
+    return torch.stack((n0, n1, n2, n3), dim=-1).reshape(rows, 4 * groups)[:, :dim]
 
 
 def _bcast(c: Tensor, x: Tensor) -> Tensor:
@@ -87,7 +99,7 @@ def _math(x1: Tensor, x0: Tensor | None, rng: Tensor | None, std: float) -> tupl
     """(x0, x1) in the math dtype (fp64 for fp64 inputs, else fp32); x0 drawn from ``rng`` if not given."""
     dtype = torch.float64 if x1.dtype == torch.float64 else torch.float32
     if x0 is None:
-        x0 = std * randn_state(check_state(rng, x1), x1.numel()).reshape(x1.shape)
+        x0 = std * randn_state(check_state(rng, x1), x1.shape[0], math.prod(x1.shape[1:])).reshape(x1.shape)
     return x0.to(dtype), x1.to(dtype)
 
 

@@ -1,14 +1,18 @@
 """The noise-stream state every backend reads: one int64 tensor ``[seed, offset]`` on the data's device.
 
-Element i (flat, row-major over x1) of the in-kernel noise is drawn from the Philox4x32-10 stream keyed
-by ``seed`` (its 64 bits, as a signed int64) at counter ``offset + i`` (kernels/reference.py gives the
-stream). The state is a device tensor, never a Python int: a compiled graph or a CUDA graph takes a new
-seed as new data (no recompile, no re-capture), and every backend (Triton, C++, reference) reads it
-inside the kernel, so the three ops have one signature.
+Stream (kernels/reference.py gives it in plain PyTorch). For data x1 viewed as (B, D), element (r, j) of
+the in-kernel noise is word ``j mod 4`` of four normals drawn from one Philox4x32-10 call keyed by
+``seed`` (its 64 bits, as a signed int64) at counter ``(j // 4, offset + r, 0, 0)``: one Philox call
+serves four elements, and ``offset`` counts *rows*, so a shard of a batch (a DDP rank, a micro-batch)
+holding rows [r0, r0 + m) draws exactly those rows of the whole batch's noise with offset r0, whatever D.
 
-The stream is indexed by int32 counters: ``[offset, offset + numel)`` must lie in ``[0, 2^31)``.
-:func:`philox_state` checks that on the host when the state is made from Python ints; a state tensor
-built on the device is the caller's promise.
+The state is a device tensor, never a Python int: a compiled graph or a CUDA graph takes a new seed as
+new data (no recompile, no re-capture), and every backend (Triton, C++, reference) reads it inside the
+kernel, so the three ops have one signature.
+
+The row counter is a uint32: rows ``[offset, offset + B)`` must lie in ``[0, 2^32)``. :func:`philox_state`
+checks that on the host when the state is made from Python ints; a state tensor built on the device is
+the caller's promise.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import operator
 import torch
 from torch import Tensor
 
-STREAM_LENGTH = 2**31
+STREAM_ROWS = 2**32
 
 
 def signed_seed(seed: object) -> int:
@@ -31,20 +35,19 @@ def signed_seed(seed: object) -> int:
     return seed - 2**64 if seed >= 2**63 else seed
 
 
-def check_stream(offset: int, numel: int) -> None:
-    """Raise ValueError unless elements [offset, offset + numel) of the stream exist (int32 counters)."""
-    if offset < 0 or offset + numel > STREAM_LENGTH:
-        raise ValueError(f"noise streams are indexed by int32 element offsets; [{offset}, {offset + numel}) "
-                         f"does not lie in [0, 2^31)")
+def check_stream(offset: int, rows: int) -> None:
+    """Raise ValueError unless rows [offset, offset + rows) of the stream exist (uint32 row counters)."""
+    if offset < 0 or offset + rows > STREAM_ROWS:
+        raise ValueError(f"noise streams are indexed by uint32 row offsets; rows [{offset}, {offset + rows}) "
+                         f"do not lie in [0, 2^32)")
 
 
-def philox_state(seed: int, offset: int = 0, device: torch.device | str | None = None,
-                 numel: int = 0) -> Tensor:
-    """The int64 state ``[seed, offset]`` on ``device``; ``numel`` elements from ``offset`` must be in the stream."""
+def philox_state(seed: int, offset: int = 0, device: torch.device | str | None = None, rows: int = 0) -> Tensor:
+    """The int64 state ``[seed, offset]`` on ``device``; ``rows`` rows from row ``offset`` must be in the stream."""
     if isinstance(offset, bool) or not hasattr(offset, "__index__"):
         raise TypeError(f"offset must be an int, got {type(offset).__name__}")
     offset = operator.index(offset)
-    check_stream(offset, numel)
+    check_stream(offset, rows)
     return torch.tensor([signed_seed(seed), offset], dtype=torch.int64, device=device)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ class Launch:
     signature: tuple[tuple[str, str], ...]
     constexprs: tuple[tuple[str, Any], ...]
     scalars: tuple[tuple[str, Any], ...]  # the non-tensor runtime arguments, by name
+    options: tuple[tuple[str, Any], ...] = ()  # launch options (num_warps)
 
 
 def _type_of(name: str, value: Any) -> str:
@@ -76,13 +78,14 @@ def record(fn: Callable[[], Any]) -> list[Launch]:
     def recorder(kernel, grid, *args, **kwargs) -> None:
         names = kernel.arg_names
         constexpr = {names[p.num] for p in kernel.params if p.is_constexpr}
-        bound = dict(zip(names, args)) | kwargs
+        bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
         runtime = {k: v for k, v in bound.items() if k not in constexpr}
         launches.append(Launch(
             kernel.__name__,
             tuple((k, "constexpr" if k in constexpr else _type_of(k, bound[k])) for k in names),
             tuple(sorted((k, v) for k, v in bound.items() if k in constexpr)),
-            tuple((k, v) for k, v in runtime.items() if not isinstance(v, Tensor))))
+            tuple((k, v) for k, v in runtime.items() if not isinstance(v, Tensor)),
+            tuple(sorted((k, v) for k, v in kwargs.items() if k not in names))))
 
     real = tk._launch
     tk._launch = recorder
@@ -98,7 +101,7 @@ def _variants(seed: int, offset: int) -> Callable[[], None]:
 
     def run() -> None:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            for d in (2, 17, 3072):  # loss blocks 16, 32 and the 1024 maximum (several chunks per row)
+            for d in (2, 17, 3072, 12288):  # tiles of many rows, a few, and one row in several column blocks
                 x1 = torch.empty(5, d, dtype=dtype, device="meta")
                 coef = torch.empty(5, device="meta")
                 rng = philox_state(seed, offset, "meta")
@@ -138,12 +141,46 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     return {k: int(fields[k]) for k in ("REG", "STACK", "SHARED", "LOCAL")}
 
 
+def _specialised(launch: Launch) -> tuple[dict[str, str], dict[str, Any], dict[tuple[int, ...], list]]:
+    """(signature, constexprs, attrs) as Triton's launcher specialises a real launch: 16-byte aligned
+    pointers (torch's allocations), integers divisible by 16 marked so, integers equal to 1 made constexpr."""
+    signature, constexprs = dict(launch.signature), dict(launch.constexprs)
+    scalars = dict(launch.scalars)
+    attrs: dict[tuple[int, ...], list] = {}
+    for i, (name, kind) in enumerate(launch.signature):
+        value = scalars.get(name)
+        if kind == "i32" and value == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+        elif kind.startswith("*") or (kind == "i32" and value % 16 == 0):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+_WIDTH = re.compile(r"\b(ld|st)\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b")
+
+
+def memory_accesses(ptx: str) -> dict[str, dict[int, int]]:
+    """Global loads and stores of a PTX text by width in bits (vector lanes x element bits): 128 is a
+    full 16-byte vector access."""
+    out: dict[str, dict[int, int]] = {"ld": {}, "st": {}}
+    for op, lanes, bits in _WIDTH.findall(ptx):
+        width = int(lanes or 1) * int(bits)
+        out[op][width] = out[op].get(width, 0) + 1
+    return out
+
+
 def compile_launch(launch: Launch, arch: int = 90) -> dict[str, Any]:
-    """Compile one variant for ``GPUTarget("cuda", arch, 32)``; its metadata and resource usage."""
-    src = ASTSource(_KERNELS[launch.kernel], dict(launch.signature), constexprs=dict(launch.constexprs))
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+    """Compile one variant for ``GPUTarget("cuda", arch, 32)`` as its launch specialises it; its metadata,
+    PTX instruction count, global access widths and resource usage."""
+    signature, constexprs, attrs = _specialised(launch)
+    src = ASTSource(_KERNELS[launch.kernel], signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(launch.options))
+    ptx = compiled.asm["ptx"]
+    instructions = sum(1 for ln in ptx.splitlines()
+                       if ln.strip().endswith(";") and not ln.strip().startswith((".", "//")))
     return {"kernel": launch.kernel, "signature": dict(launch.signature), "constexprs": dict(launch.constexprs),
-            "num_warps": compiled.metadata.num_warps, "ptx_bytes": len(compiled.asm["ptx"]),
+            "scalars": dict(launch.scalars), "num_warps": compiled.metadata.num_warps, "ptx_bytes": len(ptx),
+            "ptx_instructions": instructions, "global_access_bits": memory_accesses(ptx),
             **_resource_usage(compiled.asm["cubin"])}
 
 
@@ -163,8 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     result = report(args.arch)
     for v in result["variants"]:
         dtype = v["signature"].get("x1_ptr", "")[1:]
-        print(f"{v['kernel']:26s} {dtype:5s} {json.dumps(v['constexprs']):56s} regs {v['REG']:3d} "
-              f"local {v['LOCAL']}")
+        print(f"{v['kernel']:26s} {dtype:5s} D={v['scalars']['D']:<6d} {json.dumps(v['constexprs']):62s} "
+              f"regs {v['REG']:3d} local {v['LOCAL']} smem {v['SHARED']:5d} instr {v['ptx_instructions']:5d} "
+              f"ld {v['global_access_bits']['ld']} st {v['global_access_bits']['st']}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

@@ -6,10 +6,18 @@ Three kernels, all memory-bound, all math in fp32 (loads are upcast, stores cast
 * ``cfm_loss``      per-sample (1/D) sum (v - c x0 - d x1)^2 -> (B,) fp32; target never materialised.
 * ``cfm_loss_grad`` g_b * 2 (v - target) / D in v's dtype; the noise is regenerated, not stored.
 
-Noise: when ``x0`` is None the source sample is drawn inside the kernel as
-``std * tl.randn(seed, offset + i)`` with ``i`` the int32 flat (row-major) element index into x1 — the
-same Philox4x32-10 stream as ``reference.randn`` — and is never read from or written to memory. The
-seed and offset are read inside the kernel from the int64 state tensor ``rng = [seed, offset]``
+Tiling. Data is viewed as (B, D); each program owns one ROWS x COLS tile (a 1-D grid of row blocks x
+column blocks, flattened so neither factor meets CUDA's 65535 limit on grid axes 1-2). A row's
+coefficients are loaded once per tile row (no per-element gather, no per-element ``offs // D``), and a
+tile row is COLS contiguous elements, so with D a multiple of 16 (Triton's divisibility specialisation)
+the loads and stores are 128-bit vectors. Tiles hold 4096 elements of each tensor over 8 warps (16 per
+thread); :func:`tile_shape` picks the power-of-two COLS that wastes the fewest masked lanes for D.
+Element offsets are int32 (numel < 2^31).
+
+Noise: when ``x0`` is None the source sample is drawn inside the kernel, never read from or written to
+memory: one ``tl.philox`` call per four elements of a row at counter (j // 4, offset + r, 0, 0), two
+Box-Muller pairs, interleaved back to the row (the stream of ``reference.randn_state``). The seed and the
+row offset are read inside the kernel from the int64 state tensor ``rng = [seed, offset]``
 (kernels/rng.py): every scalar a launch passes is a shape-derived int32 or a float, so a compiled
 graph never specialises on (or recompiles for) a seed, and a CUDA graph replays with a new one.
 Kernels specialise on the constexpr ``HAS_X0`` so the noise-only variant never touches an x0 or rng pointer.
@@ -21,7 +29,7 @@ Unused pointer arguments (x0 when ``HAS_X0`` is False, rng when it is True, targ
 is False) get an input that is only read, so tracing never sees an output passed twice.
 
 Interpreter mode (CPU testing): Triton picks interpreter or compiler when ``@triton.jit`` decorates a
-function, its own library (tl.randn, ...) included, so ``TRITON_INTERPRET=1`` must be set before
+function, its own library (tl.philox, ...) included, so ``TRITON_INTERPRET=1`` must be set before
 triton is imported (tests/conftest.py does this on machines without CUDA).
 """
 
@@ -46,11 +54,23 @@ __all__ = ["affine_path", "cfm_loss", "cfm_loss_grad"]
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_NUMEL = 2**31 - 1  # offsets into the noise stream (and pointer offsets) are int32
 
-# Elements per program of the elementwise kernels (path op, loss backward).
-_BLOCK = 1024
-# Upper bound of the per-row chunk of the loss forward; small rows use the next power of two >= D.
-_LOSS_BLOCK_MAX = 1024
-_LOSS_BLOCK_MIN = 16
+# Elements of each tensor one program moves, over _NUM_WARPS warps: 16 per thread (64 bytes of fp32, four
+# 128-bit accesses; four Philox calls).
+_TILE = 4096
+_NUM_WARPS = 8
+
+
+def tile_shape(D: int, tile: int | None = None) -> tuple[int, int]:
+    """(ROWS, COLS) of a program's tile of ``tile`` elements (a power of two >= 4) for rows of D elements: the
+    largest power-of-two COLS in [4, tile] whose padding of D to whole column blocks is within 1/16 of the
+    least padding any COLS gives (COLS >= 4: one Philox call serves four consecutive elements of a row),
+    and ROWS = tile // COLS."""
+    tile = tile or _TILE
+    options = [2**k for k in range(2, tile.bit_length())]
+    padded = {c: triton.cdiv(max(D, 1), c) * c for c in options}
+    least = min(padded.values())
+    cols = max(c for c in options if padded[c] * 16 <= least * 17)
+    return tile // cols, cols
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,78 +79,138 @@ _LOSS_BLOCK_MIN = 16
 
 
 @triton.jit
-def _source(x0_ptr, rng_ptr, offs, mask, std, HAS_X0: tl.constexpr):
-    """x0 at flat offsets: loaded, or std * tl.randn(seed, offset + offs) with [seed, offset] = rng
-    (int64; the offset is an int32 stream counter) when no x0 is stored."""
+def _tile(B, D, NCB, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """This program's tile: row indices (ROWS,), its column block, int32 offsets and mask (ROWS, COLS)."""
+    pid = tl.program_id(0)
+    rb = pid // NCB
+    cb = pid - rb * NCB
+    rows = rb * ROWS + tl.arange(0, ROWS)
+    cols = cb * COLS + tl.arange(0, COLS)
+    mask = (rows < B)[:, None] & (cols < D)[None, :]
+    offs = rows[:, None] * D + cols[None, :]  # < B * D < 2^31 on unmasked lanes
+    return rows, cb, offs, mask
+
+
+@triton.jit
+def _log(x):
+    """Natural log of a normal positive float32 (here [1e-7, 1]): Cephes logf, branch-free (the C++
+    kernels' log_f32), a few FMAs instead of libdevice's logf."""
+    u = x.to(tl.uint32, bitcast=True)
+    e = (u >> 23).to(tl.int32) - 126  # x = m 2^e, m in [0.5, 1)
+    m = ((u & 0x007FFFFF) | 0x3F000000).to(tl.float32, bitcast=True)
+    low = m < 0.707106781186547524
+    e = tl.where(low, e - 1, e)
+    m = tl.where(low, m + m, m) - 1.0
+    z = m * m
+    p = 7.0376836292e-2 * m - 1.1514610310e-1
+    p = p * m + 1.1676998740e-1
+    p = p * m - 1.2420140846e-1
+    p = p * m + 1.4249322787e-1
+    p = p * m - 1.6668057665e-1
+    p = p * m + 2.0000714765e-1
+    p = p * m - 2.4999993993e-1
+    p = p * m + 3.3333331174e-1
+    fe = e.to(tl.float32)
+    y = p * m * z - 2.12194440e-4 * fe - 0.5 * z
+    return (m + y) + 0.693359375 * fe
+
+
+@triton.jit
+def _sincos(t):
+    """(cos t, sin t) for t in [0, 2 pi]: Cody-Waite reduction by pi/2, Cephes kernels (the C++ cos_f32),
+    one reduction for both; no slow path for huge arguments (libdevice's sinf/cosf carry one)."""
+    k = (t * 0.636619772367581343 + 0.5).to(tl.int32)  # round(t / (pi/2)), t >= 0
+    fk = k.to(tl.float32)
+    r = ((t - fk * 1.5703125) - fk * 4.837512969970703125e-4) - fk * 7.54978995489188216e-8
+    z = r * r
+    s = ((-1.9515295891e-4 * z + 8.3321608736e-3) * z - 1.6666654611e-1) * z * r + r
+    c = ((2.443315711809948e-5 * z - 1.388731625493765e-3) * z + 4.166664568298827e-2) * z * z - 0.5 * z + 1.0
+    odd = (k & 1) != 0  # quadrant k: cos = c, -s, -c, s; sin = s, c, -s, -c
+    cos_sign = (((k + 1) & 2) << 30).to(tl.uint32, bitcast=True)
+    sin_sign = ((k & 2) << 30).to(tl.uint32, bitcast=True)
+    cos = (tl.where(odd, s, c).to(tl.uint32, bitcast=True) ^ cos_sign).to(tl.float32, bitcast=True)
+    sin = (tl.where(odd, c, s).to(tl.uint32, bitcast=True) ^ sin_sign).to(tl.float32, bitcast=True)
+    return cos, sin
+
+
+@triton.jit
+def _box_muller(w, w2):
+    """R cos th, R sin th with R = sqrt(-2 log max(u(w), 1e-7)), th = 2 pi u(w2); u(w) = (int32 w, negatives
+    to ~w) * 4.6566127342e-10, Triton's uint_to_uniform_float."""
+    i = w.to(tl.int32, bitcast=True)
+    i2 = w2.to(tl.int32, bitcast=True)
+    u = tl.where(i < 0, ~i, i).to(tl.float32) * 4.6566127342e-10
+    u2 = tl.where(i2 < 0, ~i2, i2).to(tl.float32) * 4.6566127342e-10
+    r = tl.sqrt(-2.0 * _log(tl.maximum(u, 1.0e-7)))
+    cos, sin = _sincos(6.283185307179586 * u2)
+    return r * cos, r * sin
+
+
+@triton.jit
+def _source(x0_ptr, rng_ptr, rows, cb, offs, mask, std, HAS_X0: tl.constexpr, ROWS: tl.constexpr,
+            COLS: tl.constexpr):
+    """x0 on the tile: loaded, or std * the stream of rng = [seed, row offset] (int64) when no x0 is stored:
+    Philox at counter (column // 4, row offset + row, 0, 0), four normals per call, interleaved."""
     if HAS_X0:  # if/else, not an early return: the compiler must not see the noise branch at all
         z = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         seed = tl.load(rng_ptr)
-        noise_offset = tl.load(rng_ptr + 1).to(tl.int32)
-        z = std * tl.randn(seed, noise_offset + offs)
+        row_ctr = (tl.load(rng_ptr + 1) + rows).to(tl.uint32)
+        group = (cb * (COLS // 4) + tl.arange(0, COLS // 4)).to(tl.uint32)
+        zero = tl.zeros((ROWS, COLS // 4), dtype=tl.uint32)
+        w0, w1, w2, w3 = tl.philox(seed, group[None, :] + zero, row_ctr[:, None] + zero, zero, zero)
+        n0, n1 = _box_muller(w0, w1)
+        n2, n3 = _box_muller(w2, w3)
+        # join(join(n0, n2), join(n1, n3))[..., i, j] = n_{2i + j}: row-major (i, j) is the element's order
+        z = std * tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (ROWS, COLS))
     return z
 
 
 @triton.jit
 def _affine_path_kernel(x1_ptr, x0_ptr, rng_ptr, a_ptr, b_ptr, c_ptr, d_ptr, xt_ptr, tgt_ptr,
-                        N, D, std,
-                        HAS_X0: tl.constexpr, WRITE_TARGET: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    start = pid * BLOCK  # <= N - 1 < 2^31: no overflow
-    idx = tl.arange(0, BLOCK)
-    mask = idx < N - start  # lanes past the end (whose int32 offsets could wrap) are masked off
-    offs = start + idx
-    row = offs // D
+                        B, D, NCB, std,
+                        HAS_X0: tl.constexpr, WRITE_TARGET: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    rows, cb, offs, mask = _tile(B, D, NCB, ROWS, COLS)
+    in_rows = rows < B
     x1 = tl.load(x1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    z = _source(x0_ptr, rng_ptr, offs, mask, std, HAS_X0)
-    a = tl.load(a_ptr + row, mask=mask, other=0.0)
-    b = tl.load(b_ptr + row, mask=mask, other=0.0)
+    z = _source(x0_ptr, rng_ptr, rows, cb, offs, mask, std, HAS_X0, ROWS, COLS)
+    a = tl.load(a_ptr + rows, mask=in_rows, other=0.0)[:, None]
+    b = tl.load(b_ptr + rows, mask=in_rows, other=0.0)[:, None]
     tl.store(xt_ptr + offs, (a * z + b * x1).to(xt_ptr.dtype.element_ty), mask=mask)
     if WRITE_TARGET:
-        c = tl.load(c_ptr + row, mask=mask, other=0.0)
-        d = tl.load(d_ptr + row, mask=mask, other=0.0)
+        c = tl.load(c_ptr + rows, mask=in_rows, other=0.0)[:, None]
+        d = tl.load(d_ptr + rows, mask=in_rows, other=0.0)[:, None]
         tl.store(tgt_ptr + offs, (c * z + d * x1).to(tgt_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _cfm_loss_partial_kernel(v_ptr, x1_ptr, x0_ptr, rng_ptr, c_ptr, d_ptr, part_ptr,
-                             D, NB, std,
-                             HAS_X0: tl.constexpr, BLOCK: tl.constexpr):
-    # One program per (row, chunk) pair, flattened to a 1-D grid of B * NB programs (no 65535
-    # limit on either factor); writes the chunk's sum of squared residuals to part[row, chunk].
-    pid = tl.program_id(0)
-    row = pid // NB
-    blk = pid - row * NB
-    start = blk * BLOCK  # <= D - 1
-    idx = tl.arange(0, BLOCK)
-    mask = idx < D - start
-    offs = row * D + start + idx  # row * D + (valid col) < N < 2^31
+                             B, D, NCB, std,
+                             HAS_X0: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    # Each tile writes its rows' sums of squared residuals over its columns to part[row, column block].
+    rows, cb, offs, mask = _tile(B, D, NCB, ROWS, COLS)
+    in_rows = rows < B
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x1 = tl.load(x1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    z = _source(x0_ptr, rng_ptr, offs, mask, std, HAS_X0)
-    c = tl.load(c_ptr + row)
-    d = tl.load(d_ptr + row)
-    r = v - (c * z + d * x1)
-    r = tl.where(mask, r, 0.0)
-    tl.store(part_ptr + pid, tl.sum(r * r, axis=0))
+    z = _source(x0_ptr, rng_ptr, rows, cb, offs, mask, std, HAS_X0, ROWS, COLS)
+    c = tl.load(c_ptr + rows, mask=in_rows, other=0.0)[:, None]
+    d = tl.load(d_ptr + rows, mask=in_rows, other=0.0)[:, None]
+    r = tl.where(mask, v - (c * z + d * x1), 0.0)
+    tl.store(part_ptr + rows * NCB + cb, tl.sum(r * r, axis=1), mask=in_rows)
 
 
 @triton.jit
 def _cfm_loss_grad_kernel(g_ptr, v_ptr, x1_ptr, x0_ptr, rng_ptr, c_ptr, d_ptr, out_ptr,
-                          N, D, scale, std,
-                          HAS_X0: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    start = pid * BLOCK
-    idx = tl.arange(0, BLOCK)
-    mask = idx < N - start
-    offs = start + idx
-    row = offs // D
+                          B, D, NCB, scale, std,
+                          HAS_X0: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    rows, cb, offs, mask = _tile(B, D, NCB, ROWS, COLS)
+    in_rows = rows < B
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x1 = tl.load(x1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    z = _source(x0_ptr, rng_ptr, offs, mask, std, HAS_X0)
-    g = tl.load(g_ptr + row, mask=mask, other=0.0)
-    c = tl.load(c_ptr + row, mask=mask, other=0.0)
-    d = tl.load(d_ptr + row, mask=mask, other=0.0)
+    z = _source(x0_ptr, rng_ptr, rows, cb, offs, mask, std, HAS_X0, ROWS, COLS)
+    g = tl.load(g_ptr + rows, mask=in_rows, other=0.0)[:, None]
+    c = tl.load(c_ptr + rows, mask=in_rows, other=0.0)[:, None]
+    d = tl.load(d_ptr + rows, mask=in_rows, other=0.0)[:, None]
     r = v - (c * z + d * x1)
     tl.store(out_ptr + offs, ((g * scale) * r).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -232,13 +312,20 @@ def _prepare(x1: Tensor, x0: Tensor | None, v: Tensor | None, rng, std):
 # ----------------------------------------------------------------------------------------------
 
 
+def _tiles(B: int, D: int) -> tuple[tuple[int], int, int, int]:
+    """(grid, column blocks per row, ROWS, COLS) of a launch over (B, D) data."""
+    rows, cols = tile_shape(D)
+    ncb = triton.cdiv(D, cols)
+    return (triton.cdiv(B, rows) * ncb,), ncb, rows, cols
+
+
 def affine_path(x1: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None,
                 rng: Tensor | None = None, std: float = 1.0, write_target: bool = True) -> tuple[Tensor, Tensor | None]:
     """(x_t, target) = (a x0 + b x1, c x0 + d x1) in x1's dtype/shape; target is None if not write_target.
 
     ``x0`` None draws ``std * randn`` in the kernel from the stream of ``rng = [seed, offset]`` (kernels/rng.py).
     """
-    x1c, x0c, _, state, _, N, D, std = _prepare(x1, x0, None, rng, std)
+    x1c, x0c, _, state, B, N, D, std = _prepare(x1, x0, None, rng, std)
     a, b = _check_coef("a", a, x1), _check_coef("b", b, x1)
     if write_target:
         c, d = _check_coef("c", c, x1), _check_coef("d", d, x1)
@@ -248,48 +335,44 @@ def affine_path(x1: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, x0: Tens
     target = _empty(x1.shape, x1.dtype, x1.device) if write_target else None
     if N == 0:
         return x_t, target
-    grid = (triton.cdiv(N, _BLOCK),)
+    grid, ncb, rows, cols = _tiles(B, D)
     _launch(_affine_path_kernel, grid,
             x1c, x0c if x0c is not None else x1c, state, a, b, c, d, x_t, target if write_target else x1c,
-            N, D, std,
-            HAS_X0=x0c is not None, WRITE_TARGET=bool(write_target), BLOCK=_BLOCK)
+            B, D, ncb, std,
+            HAS_X0=x0c is not None, WRITE_TARGET=bool(write_target), ROWS=rows, COLS=cols, num_warps=_NUM_WARPS)
     return x_t, target
-
-
-def _loss_block(D: int) -> int:
-    return min(_LOSS_BLOCK_MAX, max(_LOSS_BLOCK_MIN, triton.next_power_of_2(D)))
 
 
 def cfm_loss(v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None, rng: Tensor | None = None,
              std: float = 1.0) -> Tensor:
     """Per-sample CFM loss (B,) fp32: mean over non-batch dims of (v - c x0 - d x1)^2.
 
-    Deterministic: per-(row, chunk) partial sums to a (B, nblocks) fp32 buffer, then ``sum(1) / D``.
+    Deterministic: per-(row, column block) partial sums to a (B, blocks) fp32 buffer, then ``sum(1) / D``.
     """
     x1c, x0c, vc, state, B, N, D, std = _prepare(x1, x0, v, rng, std)
     c, d = _check_coef("c", c, x1), _check_coef("d", d, x1)
-    block = _loss_block(D)
-    nb = triton.cdiv(D, block)
-    partial = _empty((B, nb), torch.float32, x1.device)
+    grid, ncb, rows, cols = _tiles(B, D)
+    partial = _empty((B, ncb), torch.float32, x1.device)
     if N > 0:
-        _launch(_cfm_loss_partial_kernel, (B * nb,),
+        _launch(_cfm_loss_partial_kernel, grid,
                 vc, x1c, x0c if x0c is not None else x1c, state, c, d, partial,
-                D, nb, std,
-                HAS_X0=x0c is not None, BLOCK=block)
+                B, D, ncb, std,
+                HAS_X0=x0c is not None, ROWS=rows, COLS=cols, num_warps=_NUM_WARPS)
     return partial.sum(1) / D
 
 
 def cfm_loss_grad(grad: Tensor, v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None,
                   rng: Tensor | None = None, std: float = 1.0) -> Tensor:
     """dL/dv = grad[b] * 2 (v - c x0 - d x1) / D in v's dtype/shape (noise regenerated from ``rng``)."""
-    x1c, x0c, vc, state, _, N, D, std = _prepare(x1, x0, v, rng, std)
+    x1c, x0c, vc, state, B, N, D, std = _prepare(x1, x0, v, rng, std)
     g = _check_coef("grad", grad, x1)
     c, d = _check_coef("c", c, x1), _check_coef("d", d, x1)
     out = _empty(v.shape, v.dtype, v.device)
     if N == 0:
         return out
-    _launch(_cfm_loss_grad_kernel, (triton.cdiv(N, _BLOCK),),
+    grid, ncb, rows, cols = _tiles(B, D)
+    _launch(_cfm_loss_grad_kernel, grid,
             g, vc, x1c, x0c if x0c is not None else x1c, state, c, d, out,
-            N, D, 2.0 / D, std,
-            HAS_X0=x0c is not None, BLOCK=_BLOCK)
+            B, D, ncb, 2.0 / D, std,
+            HAS_X0=x0c is not None, ROWS=rows, COLS=cols, num_warps=_NUM_WARPS)
     return out

@@ -159,19 +159,23 @@ def test_empty_inputs():
 @needs_ext
 @pytest.mark.parametrize("seed", [0, 1, 2**40 + 5, -3], ids=str)
 def test_stream_equals_reference(seed):
-    n = 1 << 15
-    ref = R.randn(seed, n + 1000)
-    got = K.randn(seed, n)
-    assert got.dtype == torch.float32
-    torch.testing.assert_close(got, ref[:n], rtol=0, atol=1e-5)
-    torch.testing.assert_close(K.randn(seed, 1000, offset=n), ref[n:], rtol=0, atol=1e-5)
+    rows, dim = 37, 1031  # odd: the last Philox call of a row serves 3 elements, and blocks of 512 split rows
+    ref = R.randn(seed, rows, dim)
+    got = K.randn(seed, rows, dim)
+    assert got.dtype == torch.float32 and got.shape == (rows, dim)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(K.randn(seed, 5, dim, offset=30), ref[30:35], rtol=0, atol=1e-5)
+    # a row's first columns do not depend on the row length
+    torch.testing.assert_close(K.randn(seed, rows, 7), ref[:, :7], rtol=0, atol=1e-5)
+    last = R.randn(seed, 2, 9, offset=2**32 - 2)  # the last rows of the stream
+    torch.testing.assert_close(K.randn(seed, 2, 9, offset=2**32 - 2), last, rtol=0, atol=1e-5)
 
 
 @needs_ext
 def test_ops_draw_the_seed_stream():
-    """Element i of x0 is std * randn(seed)[i], flat row-major over x1, in every op."""
+    """Sample r of x0 is std * row r of the seed's stream, viewed as x1's sample shape, in every op."""
     shape, seed, std = (3, 5, 701), 77, 0.25
-    z = std * K.randn(seed, math.prod(shape)).reshape(shape)
+    z = std * K.randn(seed, shape[0], math.prod(shape[1:])).reshape(shape)
     x1 = torch.randn(shape)
     one, zero = torch.ones(3), torch.zeros(3)
     x_t, target = K.affine_path(x1, one, zero, zero, one, rng=_rng(seed), std=std)
@@ -194,16 +198,17 @@ def test_noise_statistics():
     from scipy import stats
 
     n = 1 << 20
-    z = K.randn(2024, n)
+    z = K.randn(2024, 1, n)[0]
     five_sigma = 5 / math.sqrt(n)
     assert abs(z.double().mean().item()) < five_sigma
     assert abs(z.double().var().item() - 1) < 5 * math.sqrt(2 / n)
     zs = z.double().numpy()
     assert stats.kstest(zs, "norm").pvalue > 1e-3
     assert stats.normaltest(zs).pvalue > 1e-3
-    assert abs(_corr(z[:-1], z[1:])) < five_sigma  # lag-1
+    for lag in (1, 2, 3, 4):  # within and across the four normals of one Philox call
+        assert abs(_corr(z[:-lag], z[lag:])) < five_sigma
     for other in (2025, 2024 + 2**32):  # neighbouring seed; same low key word, other high word
-        assert abs(_corr(z, K.randn(other, n))) < five_sigma
+        assert abs(_corr(z, K.randn(other, 1, n)[0])) < five_sigma
     # Rows of one batch are different parts of the stream: uncorrelated.
     rows = 4
     one, zero = torch.ones(rows), torch.zeros(rows)
@@ -277,7 +282,7 @@ def test_bad_inputs_raise_value_error_naming_the_argument():
         K.affine_path(x1, a, b, c, d)
     with pytest.raises(ValueError, match="int64 tensor of shape"):
         K.affine_path(x1, a, b, c, d, rng=torch.tensor([1, 2], dtype=torch.int32))
-    with pytest.raises(ValueError, match="int32 element offsets"):
-        K.randn(0, 10, offset=2**31 - 5)
-    with pytest.raises(ValueError, match="int32 element offsets"):  # an out-of-stream state made on the device
-        K.affine_path(x1, a, b, c, d, rng=torch.tensor([0, 2**31 - 5]))
+    with pytest.raises(ValueError, match="uint32 row offsets"):
+        K.randn(0, 10, 3, offset=2**32 - 5)
+    with pytest.raises(ValueError, match="uint32 row offsets"):  # an out-of-stream state made on the device
+        K.affine_path(x1, a, b, c, d, rng=torch.tensor([0, 2**32 - 2]))

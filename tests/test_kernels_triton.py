@@ -28,9 +28,11 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (rtol, atol) for outputs stored in the given dtype: one rounding step of the dtype, plus the
 # documented 1e-5 absolute agreement of the seeded noise stream for fp32.
 TOL = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (1e-2, 1e-2), torch.float16: (1e-3, 1e-3)}
-# _BLOCK is 1024: (3, 1500) has D and B*D not multiples of it (and D > the loss chunk: several partials
-# per row); (4, 256) has D not a multiple but B*D = 1024 one; (1, 33) is a batch of one.
-SHAPES = [(1,), (3,), (5, 7), (2, 3, 17, 19), (1, 33), (3, 1500), (4, 256)]
+# Tiles are 4096 elements: (3, 1500) has rows of 2 column blocks of 1024 with a partial last one (several
+# loss partials per row); (5000, 2) has more rows than one tile holds; (4, 256) fills part of a tile
+# exactly; (1, 33) is a batch of one; (5, 7) and (2, 3, 17, 19) have D not a multiple of 4 (a row's last
+# Philox call serves fewer than four elements).
+SHAPES = [(1,), (3,), (5, 7), (2, 3, 17, 19), (1, 33), (3, 1500), (4, 256), (5000, 2)]
 SEED, STD = 1234, 0.7
 
 
@@ -146,9 +148,9 @@ def test_affine_path_without_target(monkeypatch, given_x0):
 
 
 def test_small_blocks_many_programs(monkeypatch):
-    """Tiny blocks: many programs per row and rows straddling block boundaries."""
-    monkeypatch.setattr(tk, "_BLOCK", 64)
-    monkeypatch.setattr(tk, "_LOSS_BLOCK_MAX", 16)
+    """Tiny tiles: many column blocks per row, several rows per tile, a partial last row block."""
+    monkeypatch.setattr(tk, "_TILE", 64)
+    assert tk.tile_shape(39) == (8, 8)
     x1, x0, v, a, b, c, d, g = _data((5, 3, 13), torch.float32)
     for z in (None, x0):
         xt, tg = tk.affine_path(x1, a, b, c, d, x0=z, rng=_rng(SEED), std=STD)
@@ -198,7 +200,7 @@ def _noise(seed, shape, std=1.0):
 def test_noise_matches_reference_stream(seed):
     shape = (3, 700)
     z = _noise(seed, shape)
-    expected = ref.randn(seed, 2100, DEVICE).reshape(shape)
+    expected = ref.randn(seed, *shape, DEVICE)
     torch.testing.assert_close(z, expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(_noise(seed, shape, std=2.5), 2.5 * expected, rtol=1e-6, atol=3e-5)
     assert torch.equal(z, _noise(seed, shape)), "same seed must give bit-identical noise"
