@@ -1,43 +1,69 @@
-"""GPU training throughput of a CIFAR-10-size UNet (run on a CUDA machine):
+"""GPU training throughput of a CIFAR-10-size UNet, fastfm against the flow_matching loop (run on a CUDA machine):
 
-    python benchmarks/gpu/bench_train.py OUT.json
+    python benchmarks/gpu/bench_train.py OUT.json [--budget SECONDS]
 
-Modes: eager fp32 (TF32 off), --compile, --compile --bf16, and --compile --bf16 under DDP on one
-GPU (torchrun with one rank: the all-reduce hooks and bucketing, no peer). For each: img/s,
-achieved TFLOP/s (FLOPs counted once by torch.utils.flop_counter on forward + backward), MFU
-against the device's dense peak for that precision, and peak memory. Data: random CIFAR-shaped
-images from a generated .npy, so no download.
+fastfm modes (``--modes``): eager fp32 (TF32 off), --compile, --compile --bf16, and the last mode under DDP
+on one GPU (torchrun with one rank: the all-reduce hooks and bucketing, no peer).
 
-``--device cpu --quick`` runs the same code on the CPU with a tiny UNet, a small batch and a few
-steps (gloo for the one-rank DDP mode); the test suite runs it that way, with ``--modes eager``.
-The one-rank DDP run uses the last of ``--modes``.
+Peers in the same run (``--peers``; default: the peer of each fastfm mode asked for), on the *same* model
+object built by fastfm's Trainer (same UNet, weights, memory format, data and batch), so only the loop
+differs: flow_matching's example loop (AffineProbPath + CondOTScheduler, x0 = randn, t = rand, loss
+(model(x_t, t) - dx_t)^2 mean, AdamW) as
+
+    fm-eager         eager fp32                                     (compared with fastfm ``eager``)
+    fm-compile-bf16  torch.compile(model), bf16 autocast, fused AdamW (compared with ``compile-bf16``)
+
+(no EMA, no gradient clipping: what a user writes in five lines; fastfm's step does both).
+``large_batch``: the compiled bf16 fastfm mode (or the last mode) at batch 512, for MFU.
+
+For each row: img/s, ms/step, achieved TFLOP/s (FLOPs counted once by torch.utils.flop_counter on forward +
+backward), MFU against the device's dense peak for the precision, peak memory, dynamo's graphs, graph
+breaks and recompile-limit hits (a compiled row that compiled no graph is marked ``compiled_ok`` false;
+the timed steps run with ``error_on_recompile``). ``goals``: fastfm compile-bf16 / fm-compile-bf16 >= 1.3
+and MFU >= 30 % at batch 512, as booleans (None when not measured). Data: random CIFAR-shaped images
+from a generated .npy, so no download. If flow_matching is not installed its rows say so and it is
+listed in ``missing``.
+
+Rows run most important first (compile-bf16, its peer, batch 512, eager, its peer, compile, DDP); the JSON
+is rewritten after every row; ``--budget`` records rows it has no time left for as skipped.
+``--device cpu --quick`` runs the same code on the CPU with a tiny UNet, a small batch and a few steps
+(gloo for the one-rank DDP mode); the test suite runs it that way.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from fastfm.config import TrainConfig
-from fastfm.distributed import env_from_torchrun
-from fastfm.telemetry import peak_flops, peak_memory_mb
-from fastfm.train import Trainer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (Budget, DynamoWatch, Results, TimeLimitExceeded, add_common_args, environment, log,  # noqa: E402
+                    missing, strict_dynamo, time_limit)
+
+from fastfm.config import TrainConfig  # noqa: E402
+from fastfm.distributed import env_from_torchrun  # noqa: E402
+from fastfm.telemetry import peak_flops, peak_memory_mb  # noqa: E402
+from fastfm.train import Trainer  # noqa: E402
 
 MODES = ("eager", "compile", "compile-bf16")
-FULL = {"batch": 128, "warmup": 5, "steps": 30,
+PEERS = {"fm-eager": "eager", "fm-compile-bf16": "compile-bf16"}  # peer -> the fastfm mode it is compared with
+PRIORITY = ("compile-bf16", "eager", "compile")
+GOAL_VS_PEER, GOAL_MFU = 1.3, 0.30
+FULL = {"batch": 128, "large_batch": 512, "warmup": 5, "steps": 30, "min_steps": 10, "max_timed_s": 4.0,
         "unet": {"model_channels": 128, "channel_mult": [1, 2, 2, 2], "num_res_blocks": 2,
                  "attention_resolutions": [16], "dropout": 0.1}}
-QUICK = {"batch": 4, "warmup": 2, "steps": 2,
+QUICK = {"batch": 4, "large_batch": 8, "warmup": 2, "steps": 2, "min_steps": 2, "max_timed_s": 4.0,
          "unet": {"model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [16]}}
 
 
@@ -54,29 +80,121 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run(mode: str, data: str, out: str, device: str, size: dict) -> dict:
-    """Time ``size['steps']`` optimizer steps after ``size['warmup']`` (compilation) in this process."""
-    cfg = TrainConfig(data=data, batch_size=size["batch"], steps=10**6, model="unet", model_args=size["unet"],
+def _trainer(mode: str, data: str, out: str, device: str, size: dict, batch: int) -> Trainer:
+    cfg = TrainConfig(data=data, batch_size=batch, steps=10**6, model="unet", model_args=size["unet"],
                       device=device, out=out, compile=mode != "eager", bf16="bf16" in mode).validate()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    trainer = Trainer(cfg, env_from_torchrun())
-    dev, flops = trainer.device, trainer._flops_per_sample()
+    return Trainer(cfg, env_from_torchrun())
+
+
+def _timed_steps(step: Callable[[int], Any], dev: torch.device, size: dict, compiled: bool) -> dict[str, Any]:
+    """``size['warmup']`` steps (compilation), then between ``min_steps`` and ``steps`` timed steps (stopping once
+    ``max_timed_s`` passed); a recompile during the timed steps raises."""
+    t0 = time.perf_counter()
     for i in range(size["warmup"]):
-        trainer.train_step(i + 1)
+        step(i + 1)
     _sync(dev)
+    warmup_s = time.perf_counter() - t0
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    t0 = time.perf_counter()
-    for i in range(size["steps"]):
-        loss, _, _ = trainer.train_step(size["warmup"] + i + 1)
-    _sync(dev)
-    dt = (time.perf_counter() - t0) / size["steps"]
-    peak = peak_flops(dev, cfg.bf16)
-    rate = size["batch"] / dt
-    return {"mode": mode, "img_per_s": rate, "ms_per_step": 1e3 * dt, "tflops": flops * rate / 1e12,
-            "mfu": flops * rate / peak if peak else None, "peak_mem_mb": peak_memory_mb(dev),
-            "flops_per_img": flops, "loss": float(loss), "params": sum(p.numel() for p in trainer.model.parameters())}
+    guard = strict_dynamo(error_on_recompile=True) if compiled else contextlib.nullcontext()
+    n, loss = 0, None
+    with guard:
+        t0 = time.perf_counter()
+        while n < size["steps"] and (n < size["min_steps"] or time.perf_counter() - t0 < size["max_timed_s"]):
+            loss = step(size["warmup"] + n + 1)
+            n += 1
+        _sync(dev)
+    return {"dt": (time.perf_counter() - t0) / n, "timed_steps": n, "warmup_s": warmup_s, "loss": float(loss)}
+
+
+def _row(loop: str, mode: str, batch: int, timing: dict, flops: float, dev: torch.device, bf16: bool,
+         params: int, watch: DynamoWatch | None) -> dict[str, Any]:
+    peak = peak_flops(dev, bf16)
+    rate = batch / timing["dt"]
+    row = {"loop": loop, "mode": mode, "batch": batch, "img_per_s": rate, "ms_per_step": 1e3 * timing["dt"],
+           "timed_steps": timing["timed_steps"], "warmup_s": timing["warmup_s"], "tflops": flops * rate / 1e12,
+           "mfu": flops * rate / peak if peak else None, "peak_mem_mb": peak_memory_mb(dev),
+           "flops_per_img": flops, "loss": timing["loss"], "params": params}
+    if watch is not None:
+        row["dynamo"] = watch.delta()
+        row["compiled_ok"] = row["dynamo"]["graphs"] > 0 and row["dynamo"]["recompile_limit_hits"] == 0
+    return row
+
+
+def run(mode: str, data: str, out: str, device: str, size: dict, batch: int | None = None) -> dict:
+    """fastfm's Trainer: timed optimizer steps after warm-up (compilation), in this process."""
+    torch._dynamo.reset()
+    batch = batch or size["batch"]
+    watch = DynamoWatch() if mode != "eager" else None
+    trainer = _trainer(mode, data, out, device, size, batch)
+    dev, flops = trainer.device, trainer._flops_per_sample()
+    timing = _timed_steps(lambda i: trainer.train_step(i)[0], dev, size, mode != "eager")
+    return _row("fastfm", mode, batch, timing, flops, dev, trainer.cfg.bf16,
+                sum(p.numel() for p in trainer.model.parameters()), watch)
+
+
+def run_peer(peer: str, data: str, out: str, device: str, size: dict, batch: int | None = None) -> dict:
+    """flow_matching's example loop around the model fastfm's Trainer builds (the same UNet, data, batch)."""
+    from flow_matching.path import AffineProbPath
+    from flow_matching.path.scheduler import CondOTScheduler
+
+    torch._dynamo.reset()
+    batch = batch or size["batch"]
+    compiled, bf16 = "compile" in peer, "bf16" in peer
+    trainer = _trainer("eager", data, out, device, size, batch)  # only its model, data and config are used
+    dev, model, cfg = trainer.device, trainer.model, trainer.cfg
+    flops = trainer._flops_per_sample()
+    trainer.opt = trainer.ema = None
+    watch = DynamoWatch() if compiled else None
+    net = torch.compile(model) if compiled else model
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=dev.type == "cuda")
+    path = AffineProbPath(scheduler=CondOTScheduler())
+    gen = torch.Generator().manual_seed(cfg.seed)
+    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
+    def step(i: int) -> torch.Tensor:
+        x_1 = trainer.data.sample(batch, gen)[0].to(dev, non_blocking=True)
+        x_0 = torch.randn_like(x_1)
+        t = torch.rand(x_1.shape[0], device=dev)
+        sample = path.sample(t=t, x_0=x_0, x_1=x_1)
+        with autocast():
+            loss = torch.pow(net(sample.x_t, sample.t) - sample.dx_t, 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    timing = _timed_steps(step, dev, size, compiled)
+    return _row("flow_matching", peer, batch, timing, flops, dev, bf16, sum(p.numel() for p in model.parameters()),
+                watch)
+
+
+def _ddp(mode: str, data: str, out: str, device: str, quick: bool, timeout: float | None) -> dict:
+    try:
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                               __file__, "--worker", mode, data, out, device, "quick" if quick else "full"],
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"mode": f"ddp-1rank-{mode}", "error": f"timed out after {timeout:.0f} s (the time budget)"}
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    ddp = json.loads(line[-1][7:]) if line else {"error": proc.stderr[-2000:]}
+    ddp["mode"] = f"ddp-1rank-{mode}"
+    return ddp
+
+
+def _goals(results: list[dict], peers: list[dict], large: list[dict]) -> dict[str, Any]:
+    def rate(rows: list[dict], mode: str) -> float | None:
+        return next((r["img_per_s"] for r in rows if r.get("mode") == mode and "img_per_s" in r), None)
+
+    ours, theirs = rate(results, "compile-bf16"), rate(peers, "fm-compile-bf16")
+    ratio = ours / theirs if ours and theirs else None
+    mfu = next((r.get("mfu") for r in large if r.get("mode") == "compile-bf16" and "img_per_s" in r), None)
+    return {"compile_bf16_vs_fm_compile_bf16": {"ratio": ratio, "goal": GOAL_VS_PEER,
+                                                "met": None if ratio is None else ratio >= GOAL_VS_PEER},
+            "mfu_compile_bf16_large_batch": {"mfu": mfu, "batch": large[0]["batch"] if large else None,
+                                             "goal": GOAL_MFU, "met": None if mfu is None else mfu >= GOAL_MFU}}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -92,36 +210,89 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--quick", action="store_true", help="tiny UNet, batch 4, 2 steps (checks the script)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}; DDP runs the last")
+    p.add_argument("--peers", default="auto",
+                   help=f"comma-separated subset of {tuple(PEERS)}, 'none', or 'auto' (the peers of --modes)")
+    p.add_argument("--large-batch", type=int, default=None,
+                   help="batch of the MFU row (default 512; --quick 8); 0 leaves it out")
+    p.add_argument("--no-ddp", action="store_true", help="leave out the one-rank DDP row")
+    add_common_args(p)
     args = p.parse_args(argv)
     modes = args.modes.split(",")
     if not modes or any(m not in MODES for m in modes):
         p.error(f"--modes must be a comma-separated subset of {MODES}, got {args.modes!r}")
+    if args.peers == "auto":
+        peers = [peer for peer, mode in PEERS.items() if mode in modes]
+    else:
+        peers = [] if args.peers in ("", "none") else args.peers.split(",")
+        if any(x not in PEERS for x in peers):
+            p.error(f"--peers must be a comma-separated subset of {tuple(PEERS)}, 'none' or 'auto'")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but CUDA is not available (use --device cpu --quick for a CPU check)")
     size = QUICK if args.quick else FULL
-    results = []
+    large_batch = size["large_batch"] if args.large_batch is None else args.large_batch
+    large_mode = "compile-bf16" if "compile-bf16" in modes else modes[-1]
+    absent = missing(("flow_matching",))
+    budget = Budget(args.budget)
+    res = Results(args.out, **environment(args.device), batch=size["batch"], unet=size["unet"], modes=modes,
+                  peers=peers, missing=absent, results=[], peer_results=[], large_batch=[],
+                  peer_loop="flow_matching AffineProbPath(CondOTScheduler()), loss mean((model(x_t, t) - dx_t)^2), "
+                            "AdamW (fused on CUDA); no EMA, no grad clipping; same model object as fastfm")
+
+    # the plan: (result list, label, job), most important first
+    plan: list[tuple[str, dict, Callable[[], dict]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         data = _data(Path(tmp))
-        for mode in modes:
-            results.append(run(mode, data, tmp, args.device, size))
-            torch._dynamo.reset()
-            print(json.dumps(results[-1]), flush=True)
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                               __file__, "--worker", modes[-1], data, tmp, args.device,
-                               "quick" if args.quick else "full"], capture_output=True, text=True)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        ddp = json.loads(line[-1][7:]) if line else {"error": proc.stderr[-2000:]}
-        ddp["mode"] = f"ddp-1rank-{modes[-1]}"
-        results.append(ddp)
-        print(json.dumps(ddp), flush=True)
-    eager = next((r["img_per_s"] for r in results if r["mode"] == "eager"), None)
-    for r in results:
+        for mode in sorted(modes, key=PRIORITY.index):
+            plan.append(("results", {"loop": "fastfm", "mode": mode, "batch": size["batch"]},
+                         lambda m=mode: run(m, data, tmp, args.device, size)))
+            for peer in (x for x in peers if PEERS[x] == mode):
+                plan.append(("peer_results", {"loop": "flow_matching", "mode": peer, "batch": size["batch"]},
+                             lambda x=peer: run_peer(x, data, tmp, args.device, size)))
+            if mode == large_mode and large_batch:
+                plan.append(("large_batch", {"loop": "fastfm", "mode": mode, "batch": large_batch},
+                             lambda m=mode: run(m, data, tmp, args.device, size, large_batch)))
+        for peer in (x for x in peers if PEERS[x] not in modes):
+            plan.append(("peer_results", {"loop": "flow_matching", "mode": peer, "batch": size["batch"]},
+                         lambda x=peer: run_peer(x, data, tmp, args.device, size)))
+        for key, label, job in plan:
+            if label["loop"] == "flow_matching" and absent:
+                row = {**label, "missing": "flow_matching is not installed"}
+            elif not budget.allows():
+                row = budget.skipped(dict(label))
+            else:
+                left = budget.left()
+                try:
+                    with time_limit(None if left == float("inf") else left):
+                        row = job()
+                except TimeLimitExceeded:
+                    row = {**label, "error": f"stopped: the time budget of {budget.seconds:g} s ran out during this row"}
+                except Exception as e:  # one failing mode must not lose the other rows
+                    row = {**label, "error": f"{type(e).__name__}: {e}"[:2000]}
+                torch._dynamo.reset()
+            res.append(key, row)
+            log(row)
+        if not args.no_ddp:
+            label = {"mode": f"ddp-1rank-{modes[-1]}"}
+            if budget.allows():
+                left = None if budget.seconds is None else budget.left()
+                row = _ddp(modes[-1], data, tmp, args.device, args.quick, left)
+            else:
+                row = budget.skipped(label)
+            res.append("results", row)
+            log(row)
+
+    results = sorted(res["results"], key=lambda r: (r["mode"].startswith("ddp"),
+                                                    modes.index(r["mode"]) if r["mode"] in modes else 0))
+    for r in results:  # fastfm against eager fastfm and against its flow_matching peer
+        eager = next((x["img_per_s"] for x in results if x["mode"] == "eager" and "img_per_s" in x), None)
         if eager and "img_per_s" in r:
             r["speedup_vs_eager"] = r["img_per_s"] / eager
-    cuda = args.device == "cuda"
-    out = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
-           "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None, "batch": size["batch"],
-           "unet": size["unet"], "results": results}
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    return out
+        peer = next((x for x in res["peer_results"] if PEERS[x["mode"]] == r["mode"] and "img_per_s" in x), None)
+        if peer and "img_per_s" in r:
+            r["speedup_vs_flow_matching"] = r["img_per_s"] / peer["img_per_s"]
+    res.data.update(results=results, goals=_goals(results, res["peer_results"], res["large_batch"]),
+                    **budget.record())
+    return res.finish()
 
 
 if __name__ == "__main__":

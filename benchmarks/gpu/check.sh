@@ -4,20 +4,28 @@
 #
 #     bash benchmarks/gpu/check.sh OUTDIR
 #
-# Stages, most important first, each under its own time limit (seconds; 440 in all, plus at most 5 s
-# per stage to kill what hangs), so the whole check ends inside 8 minutes whatever hangs:
-#   install        60  pip install --no-deps --no-build-isolation -e . (builds fastfm._C; nothing downloaded)
-#   train         100  python -m fastfm.train --compile --bf16 --device cuda (the default job) -> its test NLL
-#   engines        90  export a sampling engine (cudagraph) and a likelihood engine (aoti) of that run, then
+# Stages, most important first, each under its own time limit (seconds), so the whole check ends inside
+# 8 minutes whatever hangs: everything is fitted to a deadline CHECK_SECONDS (default 450) after the start,
+# plus at most 5 s per stage to kill what hangs and a few seconds for the summary:
+#   install        40  pip install --no-deps --no-build-isolation -e . (builds fastfm._C; nothing downloaded)
+#   train          75  python -m fastfm.train --compile --bf16 --device cuda (the default job) -> its test NLL
+#   engines        45  export a sampling engine (cudagraph) and a likelihood engine (aoti) of that run, then
 #                      python -m fastfm.sample --engine / python -m fastfm.evaluate --engine with them
-#   tests         100  tests/test_cuda.py (compiled step, train CLI variants, every engine kind), then the
+#   tests          50  tests/test_cuda.py (compiled step, train CLI variants, every engine kind), then the
 #                      compiled Triton kernels against the reference (tests/test_kernels_triton.py)
-#   bench_kernels  30  benchmarks/gpu/bench_kernels.py -> OUTDIR/gpu_kernels.json
-#   bench_train    30  benchmarks/gpu/bench_train.py   -> OUTDIR/gpu_train.json
-#   bench_export   30  benchmarks/gpu/bench_export.py  -> OUTDIR/gpu_export.json
+#   benchmarks    the time left to the deadline (>= 240 s when the stages above use their limits), split
+#                 3 : 4 : 3, each share taken when its stage starts, so time an earlier stage leaves goes
+#                 to the later ones; each script gets --budget (its limit - 15 s for start-up and the final
+#                 JSON), runs its most important rows first, records the rows it has no time for as
+#                 skipped, and rewrites its JSON after every row, so even a killed script leaves results:
+#     bench_kernels   benchmarks/gpu/bench_kernels.py -> OUTDIR/gpu_kernels.json
+#     bench_train     benchmarks/gpu/bench_train.py   -> OUTDIR/gpu_train.json (eager and compile-bf16,
+#                     their flow_matching peers, batch 512 MFU, one-rank DDP)
+#     bench_export    benchmarks/gpu/bench_export.py  -> OUTDIR/gpu_export.json
 # Everything printed goes to OUTDIR/check.log; OUTDIR/check.json holds the device, versions, each
-# stage's status (ok, failed with its exit code, or timed out) and seconds, and the main job's test
-# NLL. Peers that are not installed (flow_matching) are listed as missing, not failures.
+# stage's status (ok, failed with its exit code, or timed out) and seconds, the main job's test NLL,
+# and the goal checks of the three benchmark JSONs. Peers that are not installed (flow_matching) are
+# listed as missing, not failures.
 set -uo pipefail
 
 OUT=${1:?usage: bash benchmarks/gpu/check.sh OUTDIR}
@@ -31,6 +39,7 @@ RUN="$OUT/run"
 : >"$LOG"
 : >"$STAGES"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+DEADLINE=$(( $(date +%s) + ${CHECK_SECONDS:-450} ))
 
 # stage NAME LIMIT CMD...: run CMD under a time limit, log its output, record status and seconds.
 stage() {
@@ -59,13 +68,23 @@ ENGINES='"$PY" -m fastfm.export --checkpoint "$RUN" --task sample --solver midpo
     "$PY" -m fastfm.sample --engine "$OUT/engines/sample" --n 4096 --out "$OUT/engine_samples" &&
     "$PY" -m fastfm.evaluate --engine "$OUT/engines/nll" --checkpoint "$RUN" --n 2000 --out "$OUT/engine_eval.json"'
 
-stage install 60 "$PY" -m pip install -q --no-deps --no-build-isolation -e .
-stage train 100 "$PY" -m fastfm.train --compile --bf16 --device cuda --out "$RUN" --force
-stage engines 90 bash -c "$ENGINES"
-stage tests 100 "$PY" -m pytest -q -rA -x tests/test_cuda.py tests/test_kernels_triton.py -p no:cacheprovider
-stage bench_kernels 30 "$PY" benchmarks/gpu/bench_kernels.py "$OUT/gpu_kernels.json"
-stage bench_train 30 "$PY" benchmarks/gpu/bench_train.py "$OUT/gpu_train.json"
-stage bench_export 30 "$PY" benchmarks/gpu/bench_export.py "$OUT/gpu_export.json" --rounds 20
+# bench NAME NUM DEN CMD...: a benchmark stage whose limit is NUM/DEN of the time left to the deadline
+# (at least 30 s); the script gets --budget 15 s under that limit.
+bench() {
+    local name=$1 num=$2 den=$3 limit
+    shift 3
+    limit=$(( (DEADLINE - $(date +%s)) * num / den ))
+    (( limit < 30 )) && limit=30
+    stage "$name" "$limit" "$@" --budget $(( limit - 15 ))
+}
+
+stage install 40 "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+stage train 75 "$PY" -m fastfm.train --compile --bf16 --device cuda --out "$RUN" --force
+stage engines 45 bash -c "$ENGINES"
+stage tests 50 "$PY" -m pytest -q -rA -x tests/test_cuda.py tests/test_kernels_triton.py -p no:cacheprovider
+bench bench_kernels 3 10 "$PY" benchmarks/gpu/bench_kernels.py "$OUT/gpu_kernels.json"
+bench bench_train 4 7 "$PY" benchmarks/gpu/bench_train.py "$OUT/gpu_train.json" --modes eager,compile-bf16
+bench bench_export 1 1 "$PY" benchmarks/gpu/bench_export.py "$OUT/gpu_export.json" --rounds 20
 
 "$PY" - "$OUT" "$STAGES" "$RUN" <<'EOF'
 import importlib.util, json, sys
@@ -89,6 +108,13 @@ if metrics.exists():
     if final:
         report["train"] = {"test": final[-1].get("test"), "wall_s": final[-1].get("wall_s"),
                            "last": final[-1].get("last")}
+for name in ("kernels", "train", "export"):  # goal checks of the benchmarks (partial files included)
+    path = out / f"gpu_{name}.json"
+    try:
+        bench = json.loads(path.read_text())
+        report.setdefault("goals", {})[name] = {"complete": bench.get("complete"), "goals": bench.get("goals")}
+    except Exception as e:
+        report.setdefault("goals", {})[name] = {"error": f"{path.name}: {type(e).__name__}: {e}"}
 engine_eval = out / "engine_eval.json"
 if engine_eval.exists():
     report["engine_eval"] = json.loads(engine_eval.read_text())

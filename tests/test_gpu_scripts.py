@@ -1,0 +1,333 @@
+"""The GPU benchmark scripts (benchmarks/gpu/) on the CPU: quick modes write valid JSON with the keys the
+GPU run is read by, goal checks, budgets, the compile checks (a row that ran eager is never reported as
+compiled) and check.sh's plumbing. (tests/test_train_engine.py and tests/test_export.py also run
+bench_train.py and bench_export.py's quick modes; these tests cover what those do not.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import gpu_bench_script
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV_KEYS = {"device", "device_type", "python", "torch", "cuda", "triton", "flow_matching", "started", "complete"}
+
+
+@pytest.fixture(scope="module")
+def common():
+    return gpu_bench_script("common")
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return gpu_bench_script("bench_kernels")
+
+
+# ----------------------------------------------------------------------------- common
+
+
+def test_results_are_written_after_every_row(common, tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "r.json"
+    res = common.Results(path, device="cpu")
+    assert json.loads(path.read_text()) == {"device": "cpu", "complete": False}
+    res.append("rows", {"a": 1})
+    assert json.loads(path.read_text())["rows"] == [{"a": 1}]
+    res["x"] = 2
+    assert json.loads(path.read_text())["x"] == 2 and not json.loads(path.read_text())["complete"]
+    assert res.finish()["complete"] and json.loads(path.read_text())["complete"]
+    assert not list(path.parent.glob("*.tmp"))
+
+
+def test_budget_and_time_limit(common) -> None:
+    b = common.Budget(None)
+    assert b.allows(1e9) and b.left() == float("inf")
+    b = common.Budget(0.0)
+    assert not b.allows() and "time budget of 0 s spent" in b.skipped({})["skipped"]
+    started = time.monotonic()
+    with pytest.raises(common.TimeLimitExceeded):
+        with common.time_limit(0.2):
+            time.sleep(5)
+    assert time.monotonic() - started < 2
+    with common.time_limit(None) as enforced:  # no limit: nothing raised, nothing enforced
+        assert not enforced
+
+
+def test_kernel_summary_of_a_trace(common) -> None:
+    events = [{"ph": "X", "cat": "kernel", "ts": 0, "dur": 10}, {"ph": "X", "cat": "kernel", "ts": 5, "dur": 10},
+              {"ph": "X", "cat": "gpu_memcpy", "ts": 100, "dur": 4}, {"ph": "X", "cat": "cpu_op", "ts": 0, "dur": 999},
+              {"ph": "i", "cat": "kernel", "ts": 0}]
+    s = common.kernel_summary(events, calls=2)
+    assert s["kernels_per_call"] == 1.5
+    assert s["kernel_sum_ms"] == pytest.approx(24 / 2 / 1e3) and s["gpu_busy_ms"] == pytest.approx(19 / 2 / 1e3)
+    assert common.kernel_time(lambda: None, "cpu")["available"] is False
+
+
+def test_time_kernel_on_cpu(common) -> None:
+    t = common.time_kernel(lambda: torch.ones(10).sum(), "cpu", target_ms=1.0)
+    assert t["method"] == "wall" and t["ms"] > 0 and t["calls"] >= 1
+
+
+def _f(x):
+    return x * 2 + 1
+
+
+def test_compile_checked_compiles_and_counts(common) -> None:
+    x = torch.randn(8)
+    cc, info = common.compile_checked(_f, (x,), backend="eager")
+    assert info["compiled"] and info["graphs"] == 1 and "reason" not in info
+    with common.timed(cc, info):
+        for _ in range(3):
+            cc(x)
+    assert info["compiled"]
+
+
+def test_recompile_limit_fallback_is_marked_not_compiled(common) -> None:
+    """A call that hits dynamo's recompile limit runs eager: the row says so instead of timing eager code."""
+    x, xb = torch.randn(8), torch.randn(8, dtype=torch.bfloat16)
+    cfg = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    with cfg.patch(**{limit: 1}):
+        # silent eager fallback (no fullgraph, no fail switch): detected by the count of compiled-graph calls
+        cc = common.CheckedCompile(_f, "eager", fullgraph=False)
+        torch._dynamo.reset()
+        cc(x)
+        cc.reset_count()
+        with cfg.patch(**{k: False for k in ("fail_on_recompile_limit_hit",) if hasattr(cfg, k)}):
+            cc(xb)
+        ok, reason = cc.status()
+        assert not ok and "ran eager" in reason
+        # the same function compiled again without a reset, for the other dtype: never reported as compiled
+        torch._dynamo.reset()
+        cc, info = common.compile_checked(_f, (x,), backend="eager")
+        assert info["compiled"]
+        cc2, info2 = common.compile_checked(_f, (xb,), backend="eager", fresh=False, fullgraph=False)
+        assert cc2 is None and info2["compiled"] is False and info2["reason"]
+        # a recompile while a compiled row is being timed marks it too
+        info = {"compiled": True}
+        with pytest.raises(Exception):
+            with common.timed(cc, info):
+                cc(xb)
+        assert info["compiled"] is False and "recompile" in info["reason"]
+    torch._dynamo.reset()
+
+
+def test_compile_time_limit_is_recorded(common) -> None:
+    def slow_backend(gm, example_inputs):
+        time.sleep(5)
+        return gm.forward
+
+    started = time.monotonic()
+    cc, info = common.compile_checked(_f, (torch.randn(4),), backend=slow_backend, time_limit_s=0.3)
+    assert cc is None and not info["compiled"] and "did not finish in 0.3 s" in info["reason"]
+    assert time.monotonic() - started < 3
+    torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------- bench_kernels
+
+
+def test_bench_kernels_quick_on_cpu(kernels, tmp_path: Path) -> None:
+    out = tmp_path / "k.json"
+    res = kernels.main([str(out), "--device", "cpu", "--quick", "--compile-backend", "aot_eager", "--dtypes", "fp32",
+                        "--seeded-compile-limit", "10", "--target-ms", "0.5"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    assert ENV_KEYS <= res.keys() and res["complete"] and res["checks_ok"] and res["triton_interpreter"]
+    rows = res["bench"]
+    assert [r for r in rows if "error" in r or "skipped" in r] == []
+    got = {(r["impl"], r["op"], r["noise"], r["dtype"]) for r in rows}
+    want = {("copy", "copy", None, "fp32")}
+    for d in ("fp32",):
+        for op in kernels.OPS:
+            want |= {("triton", op, n, d) for n in kernels.NOISES}
+            want |= {("compile", op, "x0", d), ("compile", op, "seed", d), ("compile_randn", op, "seed", d)}
+    assert got == want
+    for r in rows:
+        assert r["gb_per_s"] > 0 and r["ms"] > 0 and r["copy_gb_per_s"] > 0 and r["pct_of_copy"] > 0
+        if r["impl"].startswith("compile"):
+            assert r["compiled"] is True and r["compile"]["graphs"] == 1
+        if r["impl"] == "compile" and r["noise"] == "x0":
+            assert r["max_abs_vs_triton"] < 0.05
+    assert len(res["cases"]) == len(kernels.OPS) * len(kernels.NOISES)
+    assert all(c["speedup_vs_inductor"] > 0 and c["pct_of_copy"] > 0 for c in res["cases"])
+    goals = res["goals"]
+    for name in ("pct_of_copy_ge_85_at_256mb", "speedup_vs_inductor_ge_1_2_from_1m"):
+        assert goals[name]["met"] is None and goals[name]["cases"] == 0  # quick sizes: below both thresholds
+
+
+def test_bench_kernels_budget_skips_rows(kernels, tmp_path: Path) -> None:
+    out = tmp_path / "k.json"
+    res = kernels.main([str(out), "--device", "cpu", "--quick", "--budget", "0", "--sizes", "2^20",
+                        "--dtypes", "fp32", "--ops", "path"])
+    rows = res["bench"]
+    assert rows and all("skipped" in r for r in rows if r.get("compiled") is not False)
+    assert {r["impl"] for r in rows} == {"triton", "compile", "compile_randn"} and "checks" not in res
+    assert res["goals"]["speedup_vs_inductor_ge_1_2_from_1m"] == {
+        "met": None, "cases": 2, "measured": 0, "failing": [], "unmeasured": ["path/x0/fp32/1048576",
+                                                                              "path/seed/fp32/1048576"]}
+
+
+def test_bench_kernels_goals(kernels) -> None:
+    big, small = 2**27, 2**20
+
+    def rows(op, noise, numel, triton, inductor, copy=1000.0, compiled=True):
+        base = {"op": op, "noise": noise, "dtype": "fp32", "numel": numel, "tensor_mb": numel * 4 / 2**20}
+        return [{**base, "impl": "triton", "gb_per_s": triton, "pct_of_copy": 100 * triton / copy},
+                {**base, "impl": "compile", "gb_per_s": inductor, "compiled": compiled},
+                {**base, "impl": "compile_randn", "gb_per_s": inductor / 2, "compiled": True}]
+
+    ok = rows("path", "x0", big, 900, 700) + rows("path", "x0", small, 600, 400)
+    cases, goals = kernels.summarize(ok)
+    assert goals["pct_of_copy_ge_85_at_256mb"]["met"] is True
+    assert goals["speedup_vs_inductor_ge_1_2_from_1m"]["met"] is True
+    assert {c["inductor_impl"] for c in cases} == {"compile"}
+    # too slow against copy at 128M; a compile row that ran eager is not inductor (the randn row is used)
+    bad = rows("loss_fwd", "x0", big, 800, 500) + rows("loss_bwd", "seed", small, 600, 1000, compiled=False)
+    cases, goals = kernels.summarize(ok + bad)
+    assert goals["pct_of_copy_ge_85_at_256mb"] == {"met": False, "cases": 2, "measured": 2,
+                                                   "failing": ["loss_fwd/x0/fp32/134217728"], "unmeasured": []}
+    assert goals["speedup_vs_inductor_ge_1_2_from_1m"]["met"] is True
+    slow = next(c for c in cases if c["op"] == "loss_bwd")
+    assert slow["inductor_impl"] == "compile_randn" and slow["speedup_vs_inductor"] == pytest.approx(1.2)
+
+
+def test_sizes_parse(kernels) -> None:
+    assert [kernels._count(s) for s in ("1048576", "2^20", "2**27")] == [2**20, 2**20, 2**27]
+
+
+# ----------------------------------------------------------------------------- bench_train
+
+
+def test_bench_train_peers_and_large_batch_on_cpu(tmp_path: Path) -> None:
+    bench = gpu_bench_script("bench_train")
+    out = tmp_path / "t.json"
+    res = bench.main([str(out), "--device", "cpu", "--quick", "--modes", "eager", "--no-ddp"])
+    assert json.loads(out.read_text()) == res and res["complete"] and ENV_KEYS <= res.keys()
+    assert res["missing"] == [] and res["peers"] == ["fm-eager"]
+    (ours,), (peer,), (large,) = res["results"], res["peer_results"], res["large_batch"]
+    assert (ours["loop"], ours["mode"], peer["loop"], peer["mode"]) == ("fastfm", "eager", "flow_matching", "fm-eager")
+    assert large["batch"] == bench.QUICK["large_batch"] and large["mode"] == "eager"
+    for r in (ours, peer, large):
+        assert r["img_per_s"] > 0 and r["flops_per_img"] > 0 and r["mfu"] is None and r["loss"] == r["loss"]
+    assert peer["params"] == ours["params"] and peer["flops_per_img"] == ours["flops_per_img"]  # the same model
+    assert ours["speedup_vs_flow_matching"] == pytest.approx(ours["img_per_s"] / peer["img_per_s"])
+    assert set(res["goals"]) == {"compile_bf16_vs_fm_compile_bf16", "mfu_compile_bf16_large_batch"}
+    assert all(g["met"] is None for g in res["goals"].values())  # no compile-bf16 rows asked for
+
+
+def test_bench_train_missing_peer_and_budget(tmp_path: Path, monkeypatch) -> None:
+    bench = gpu_bench_script("bench_train")
+    monkeypatch.setattr(bench, "missing", lambda packages: ["flow_matching"])
+    res = bench.main([str(tmp_path / "t.json"), "--device", "cpu", "--quick", "--modes", "eager,compile-bf16",
+                      "--budget", "0"])
+    assert res["missing"] == ["flow_matching"] and res["complete"]
+    assert {r["mode"]: r["missing"] for r in res["peer_results"]} == {
+        "fm-eager": "flow_matching is not installed", "fm-compile-bf16": "flow_matching is not installed"}
+    assert [r["mode"] for r in res["results"]] == ["eager", "compile-bf16", "ddp-1rank-compile-bf16"]
+    assert all("skipped" in r for r in res["results"] + res["large_batch"])
+    assert res["large_batch"][0]["mode"] == "compile-bf16" and res["large_batch"][0]["batch"] == 8
+
+
+def test_bench_train_goals() -> None:
+    bench = gpu_bench_script("bench_train")
+    g = bench._goals([{"mode": "compile-bf16", "img_per_s": 4000.0}], [{"mode": "fm-compile-bf16", "img_per_s": 3000.0}],
+                     [{"mode": "compile-bf16", "batch": 512, "img_per_s": 1.0, "mfu": 0.31}])
+    assert g["compile_bf16_vs_fm_compile_bf16"]["ratio"] == pytest.approx(4 / 3)
+    assert g["compile_bf16_vs_fm_compile_bf16"]["met"] and g["mfu_compile_bf16_large_batch"]["met"]
+    g = bench._goals([{"mode": "compile-bf16", "img_per_s": 3500.0}], [{"mode": "fm-compile-bf16", "img_per_s": 3000.0}],
+                     [])
+    assert g["compile_bf16_vs_fm_compile_bf16"]["met"] is False and g["mfu_compile_bf16_large_batch"]["met"] is None
+
+
+# ----------------------------------------------------------------------------- bench_export
+
+
+def test_bench_export_goals_and_profiler_fields_on_cpu(tmp_path: Path) -> None:
+    bench = gpu_bench_script("bench_export")
+    out = tmp_path / "e.json"
+    res = bench.main([str(out), "--device", "cpu", "--quick", "--impls", "flow_matching,eager", "--rounds", "2"])
+    assert json.loads(out.read_text()) == res and res["complete"] and ENV_KEYS <= res.keys()
+    rows = res["results"]
+    assert [r for r in rows if "error" in r] == []
+    assert [(r["model"], r["task"]) for r in rows[:2]] == [("mlp", "sample")] * 2  # goal rows run first
+    assert all(r["kernels"]["available"] is False and "launch_gap_ms" not in r for r in rows)
+    assert [g["name"] for g in res["goals"]] == [g["name"] for g in bench.GOALS]
+    for g in res["goals"]:
+        assert g["flow_matching_ms"] > 0 and g["engines"] == {} and g["met"] is None
+
+
+def test_bench_export_goal_booleans() -> None:
+    bench = gpu_bench_script("bench_export")
+
+    def row(model, task, batch, impl, ms, fm_ms):
+        return {"model": model, "task": task, "batch": batch, "impl": impl, "nfe": 32, "median_s": ms / 1e3,
+                "speedup_vs_flow_matching": fm_ms / ms, "kernel_sum_ms": ms / 2, "gpu_busy_ms": ms / 2,
+                "launch_gap_ms": ms / 2}
+
+    rows = [row("mlp", "sample", 1, "flow_matching", 9.8, 9.8), row("mlp", "sample", 1, "cudagraph", 0.45, 9.8),
+            row("mlp", "sample", 1, "eager", 0.1, 9.8),  # eager is not an engine: never counts for a goal
+            row("mlp", "likelihood", 1024, "flow_matching", 78.5, 78.5),
+            row("mlp", "likelihood", 1024, "aoti", 10.0, 78.5),
+            row("unet", "sample", 4096, "flow_matching", 45.1, 45.1),
+            row("unet", "sample", 4096, "cudagraph", 10.0, 45.1),  # fp32: not the bf16 goal's engine
+            row("unet", "sample", 4096, "cudagraph_bf16", 14.0, 45.1)]
+    g = {x["name"]: x for x in bench.goals(rows, quick=False)}
+    assert g["sample_mlp_batch1"]["met"] is True and g["sample_mlp_batch1"]["best"] == "cudagraph"
+    assert g["sample_mlp_batch1"]["engines"]["cudagraph"]["launch_gap_ms"] == pytest.approx(0.225)
+    assert g["likelihood_mlp_batch1024"]["met"] is False  # 7.85x < 10x
+    assert g["sample_unet_bf16_batch4096"]["met"] is True and list(g["sample_unet_bf16_batch4096"]["engines"]) == [
+        "cudagraph_bf16"]
+    slow = [dict(r, median_s=0.6e-3, speedup_vs_flow_matching=9.8 / 0.6) if r["impl"] == "cudagraph" else r
+            for r in rows]
+    assert bench.goals(slow, quick=False)[0]["met"] is False  # 16x and over 0.5 ms
+
+
+def test_bench_export_budget_skips(tmp_path: Path) -> None:
+    bench = gpu_bench_script("bench_export")
+    res = bench.main([str(tmp_path / "e.json"), "--device", "cpu", "--quick", "--impls", "flow_matching,eager",
+                      "--budget", "0"])
+    assert res["results"] and all("skipped" in r for r in res["results"])
+    assert all(g["met"] is None for g in res["goals"])
+
+
+# ----------------------------------------------------------------------------- check.sh
+
+
+def test_check_sh_plumbing_without_gpu(tmp_path: Path) -> None:
+    """check.sh end to end on a CPU machine, pip and pytest stubbed: every CUDA stage fails fast, each bench stage
+    gets a limit from the deadline and a --budget, and check.json still lists stages, versions and goals."""
+    wrapper = tmp_path / "py"
+    wrapper.write_text(f'#!/bin/sh\ncase "$1 $2" in "-m pip"|"-m pytest") echo "stub $*"; exit 0;; esac\n'
+                       f'exec {sys.executable} "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": str(wrapper), "CHECK_SECONDS": "300"}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "check.sh"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "check.json").read_text())
+    assert list(report["stages"]) == ["install", "train", "engines", "tests", "bench_kernels", "bench_train",
+                                      "bench_export"]
+    assert report["stages"]["install"]["status"] == "ok" and report["stages"]["tests"]["status"] == "ok"
+    for name in ("bench_kernels", "bench_train", "bench_export"):
+        assert report["stages"][name]["status"] == "failed (1)"  # --device cuda without CUDA: a clean error
+    log = (out / "check.log").read_text()
+    limits = {}
+    for line in log.splitlines():
+        if line.startswith("=== bench_") and "(limit" in line:
+            name, limit = line.split()[1], int(line.split("(limit ")[1].split("s)")[0])
+            assert f"--budget {limit - 15}" in line
+            limits[name] = limit
+    assert set(limits) == {"bench_kernels", "bench_train", "bench_export"}
+    # each limit is a share of the time left to the deadline (300 s here) when its stage starts
+    assert limits["bench_kernels"] <= 300 * 3 // 10 and limits["bench_train"] <= 300 * 4 // 7
+    assert limits["bench_export"] <= 300 and limits["bench_train"] > limits["bench_kernels"]
+    assert set(report["goals"]) == {"kernels", "train", "export"}
