@@ -32,7 +32,8 @@ def parser() -> argparse.ArgumentParser:
     what.add_argument("--out", required=True, help="engine directory to write")
     what.add_argument("--force", action="store_true", help="replace --out if it exists")
     solver = p.add_argument_group("solver")
-    solver.add_argument("--solver", default="midpoint", choices=tuple(TABLEAUS), help="fixed-step solver")
+    solver.add_argument("--solver", default=None, choices=tuple(TABLEAUS),
+                        help="fixed-step solver (default midpoint; euler, i.e. Euler-Maruyama, with --sde)")
     solver.add_argument("--steps", type=int, default=16, help="solver steps, unrolled into the engine")
     engine = p.add_argument_group("engine")
     engine.add_argument("--backend", default="aoti", choices=BACKENDS, help="how the engine is compiled and run")
@@ -49,6 +50,12 @@ def parser() -> argparse.ArgumentParser:
     cond.add_argument("--low-res", default=None,
                       help="super-resolution models: .npy of low-res images for the parity probe batch "
                            "(default: downsampled prior draws); the engine takes low_res as an input")
+    sde = p.add_argument_group("SDE sampling")
+    sde.add_argument("--sde", action="store_true",
+                     help="sampling engine of the SDE dX = [v + eps/2 score] dt + sqrt(eps) dW (Gaussian-base "
+                          "paths; Euler-Maruyama over --steps, noise (steps, B, ...) as an engine input)")
+    sde.add_argument("--diffusion", default="1",
+                     help="eps(t) of --sde: a constant C, or sin2:C for C sin^2(pi t) (vanishing at both ends)")
     lik = p.add_argument_group("likelihood")
     lik.add_argument("--log-likelihood", action="store_true",
                      help="sampling engine also returns log p of its samples")
@@ -64,9 +71,11 @@ def _progress(line: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
-    spec = EngineSpec(task=args.task, solver=args.solver, steps=args.steps, batch=args.batch, backend=args.backend,
+    solver = args.solver or ("euler" if args.sde else "midpoint")
+    spec = EngineSpec(task=args.task, solver=solver, steps=args.steps, batch=args.batch, backend=args.backend,
                       dtype=args.dtype, log_likelihood=args.log_likelihood, divergence=args.divergence,
-                      probes=args.probes, guidance=args.guidance, class_label=args.class_label)
+                      probes=args.probes, guidance=args.guidance, class_label=args.class_label,
+                      diffusion=args.diffusion if args.sde else None)
     try:
         low_res = None
         if args.low_res is not None:
@@ -81,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({"out": args.out, "engine": str(info.engine_file), "task": info.spec.task,
                       "backend": info.spec.backend, "dtype": info.spec.dtype, "solver": info.spec.solver,
                       "steps": info.spec.steps, "nfe": info.nfe, "batch": info.spec.batch,
+                      "diffusion": info.spec.diffusion,
                       "divergence": info.spec.divergence, "inputs": [i.to_json() for i in info.inputs],
                       "parity": {k: {"max_abs": v["max_abs"], "cosine": v["cosine"]}
                                  for k, v in info.parity["outputs"].items()}}))

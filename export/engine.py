@@ -50,7 +50,7 @@ class Engine:
         self.spec, self.meta, self.device = info.spec, info.meta, info.device
         self.batch, self.nfe = info.spec.batch, info.nfe
         self.input_names = [i.name for i in info.inputs]
-        self._row_dims = [1 if name == "probes" else 0 for name in self.input_names]
+        self._row_dims = [1 if name in ("probes", "noise") else 0 for name in self.input_names]
         self._outputs = [o.name for o in info.outputs]
 
     def _prepare(self, x: Tensor, given: dict[str, Tensor | None]) -> list[Tensor]:
@@ -68,7 +68,7 @@ class Engine:
                 raise ExportError(f"{spec.name!r} must have shape {want} (engine batch {self.batch} per call, "
                                   f"any number of rows), got {tuple(t.shape)}")
             self._check_values(spec.name, t, spec.torch_dtype)
-            out.append(t.to(self.device, spec.torch_dtype))
+            out.append(t.to(self.device, spec.torch_dtype).contiguous())
         return out
 
     def _check_values(self, name: str, t: Tensor, dtype: torch.dtype) -> None:
@@ -87,8 +87,8 @@ class Engine:
             raise ExportError(f"{name!r} must hold class labels in 0..{classes - 1}, got values in {lo}..{hi}")
 
     def __call__(self, x: Tensor, y: Tensor | None = None, low_res: Tensor | None = None,
-                 probes: Tensor | None = None) -> EngineResult:
-        inputs = self._prepare(x, {"y": y, "low_res": low_res, "probes": probes})
+                 probes: Tensor | None = None, noise: Tensor | None = None) -> EngineResult:
+        inputs = self._prepare(x, {"y": y, "low_res": low_res, "probes": probes, "noise": noise})
         n, b = x.shape[0], self.batch
         if n == b:  # one call, no copies
             outputs = self._run(inputs)
@@ -96,7 +96,9 @@ class Engine:
             chunks = []
             for start in range(0, n, b):
                 m = min(b, n - start)
-                call = [_pad(t.narrow(d, start, m), d, b) for t, d in zip(inputs, self._row_dims)]
+                # contiguous: a slice along dim 1 (probes, noise) is a strided view, and the compiled
+                # runners read their inputs as dense buffers
+                call = [_pad(t.narrow(d, start, m), d, b).contiguous() for t, d in zip(inputs, self._row_dims)]
                 chunks.append([o[:m] for o in self._run(call)])
             outputs = [torch.cat(parts) for parts in zip(*chunks)]
         values = dict(zip(self._outputs, outputs))

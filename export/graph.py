@@ -25,6 +25,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from fastfm.build import LoadedRun
 from fastfm.likelihood import bits_per_dim, integrate_log_likelihood
 from fastfm.sampling import sample
+from fastfm.score import score_interval
+from fastfm.sde import parse_diffusion, sde_sample
 from fastfm.solvers import time_grid
 
 from .simplify import JVP_DECOMPOSITIONS, simplify
@@ -61,7 +63,7 @@ class _Program(nn.Module):
         self.model = run.model if dtype == torch.float32 else ModelInDtype(run.model, dtype)
         self.path, self.spec, self.target = run.path, spec, run.meta["target"]
         self.input_names = [i.name for i in inputs]
-        t0, t1 = run.path.time_interval(self.target)
+        t0, t1 = score_interval(run.path, self.target) if spec.diffusion else run.path.time_interval(self.target)
         self.ends = (t0, t1) if spec.task == "sample" else (t1, t0)
 
     @property
@@ -83,10 +85,21 @@ class _Program(nn.Module):
 
 
 class SampleProgram(_Program):
-    """(x0 [, y, low_res, probes]) -> (x(1) [, log p_1(x(1))]): noise pushed from t = 0 to 1."""
+    """(x0 [, y, low_res, probes]) -> (x(1) [, log p_1(x(1))]): noise pushed from t = 0 to 1 by the ODE;
+    with a diffusion, (x0 [, y, low_res], noise) -> x(1) by the SDE of ``fastfm.sde``."""
+
+    def __init__(self, run: LoadedRun, spec: EngineSpec, inputs: list[TensorSpec]) -> None:
+        super().__init__(run, spec, inputs)
+        self.diffusion = None if spec.diffusion is None else parse_diffusion(spec.diffusion)
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         x0, grid, y, probes, cond = self._split(inputs)
+        if self.diffusion is not None:
+            noise = inputs[self.input_names.index("noise")]
+            res = sde_sample(self.model, self.path, x0, diffusion=self.diffusion, steps=self.spec.steps,
+                             target=self.target, noise=noise, denoise=self.spec.denoise, y=y,
+                             guidance=self.spec.guidance, **cond)
+            return (res.x,)
         res = sample(self.model, self.path, x0, method=self.spec.solver, grid=grid, target=self.target, y=y,
                      guidance=self.spec.guidance, log_likelihood=self.spec.log_likelihood, probes=probes, **cond)
         return (res.x,) if res.log_prob is None else (res.x, res.log_prob)

@@ -13,7 +13,8 @@
 Reading rejects corrupt JSON, an unknown schema or backend, missing keys, inputs/outputs, nfe or a
 grid that do not follow from the spec and the model, a manifest edited after the build (its
 manifest_sha256 differs), an engine file that is not a plain file in the engine directory, and one
-whose sha256 differs. Manifests of schema 1 (no manifest_sha256) are refused: rebuild the engine.
+whose sha256 differs. Manifests of earlier schemas (1: no manifest_sha256; 2: no SDE fields in the spec) are
+refused: rebuild the engine.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from fastfm.solvers import TABLEAUS, time_grid
 from .spec import BACKENDS, DTYPES, TASKS, EngineSpec, ExportError, TensorSpec, signature
 
 MANIFEST = "manifest.json"
-SCHEMA = 2
+SCHEMA = 3
 DIGEST = "manifest_sha256"
 REQUIRED = ("schema", DIGEST, "spec", "nfe", "grid", "device", "inputs", "outputs", "engine", "checkpoint", "parity",
             "versions")

@@ -23,6 +23,7 @@ from fastfm.build import LoadedRun
 from fastfm.divergence import make_probes
 from fastfm.likelihood import bits_per_dim, log_likelihood
 from fastfm.sampling import draw_prior, sample
+from fastfm.sde import parse_diffusion, sde_sample
 
 from .spec import EngineSpec, ExportError, TensorSpec
 
@@ -48,13 +49,15 @@ def probe_inputs(run: LoadedRun, inputs: list[TensorSpec], seed: int = 0, low_re
     shape = run.shape
     out: dict[str, Tensor] = {}
     for spec in inputs:
-        b = spec.shape[0] if spec.name != "probes" else spec.shape[1]
+        b = spec.shape[0] if spec.name not in ("probes", "noise") else spec.shape[1]
         if spec.name in ("x0", "x1"):
             out[spec.name] = draw_prior(run.path, b, shape, gen)
         elif spec.name == "y":
             out["y"] = torch.arange(b) % run.meta["model"]["num_classes"]
         elif spec.name == "probes":
             out["probes"] = make_probes(spec.shape[0], spec.shape[1:], "rademacher", gen)
+        elif spec.name == "noise":
+            out["noise"] = torch.randn(spec.shape, generator=gen)
         elif spec.name == "low_res":
             if low_res is None:
                 low_res = F.avg_pool2d(draw_prior(run.path, b, shape, gen), int(run.meta["superres"]))
@@ -69,14 +72,19 @@ def reference(run: LoadedRun, spec: EngineSpec, probe: dict[str, Tensor], output
               rows: int = REFERENCE_ROWS) -> list[Tensor]:
     """The eager fp32 outputs for the first ``rows`` rows of the probe batch, in output order."""
     device = next(run.model.parameters()).device
-    cut = {k: (v[:, :rows] if k == "probes" else v[:rows]).to(device) for k, v in probe.items()}
+    cut = {k: (v[:, :rows] if k in ("probes", "noise") else v[:rows]).to(device) for k, v in probe.items()}
     y = cut.pop("y", None)
     if y is None and spec.class_label is not None:
         y = torch.full((cut.get("x0", cut.get("x1")).shape[0],), spec.class_label, device=device)
-    probes = cut.pop("probes", None)
+    probes, noise = cut.pop("probes", None), cut.pop("noise", None)
     opts: dict[str, Any] = dict(method=spec.solver, steps=spec.steps, target=run.meta["target"], y=y, probes=probes)
     with torch.no_grad():
-        if spec.task == "sample":
+        if noise is not None:
+            res = sde_sample(run.model, run.path, cut.pop("x0"), diffusion=parse_diffusion(spec.diffusion),
+                             steps=spec.steps, target=run.meta["target"], noise=noise, denoise=spec.denoise, y=y,
+                             guidance=spec.guidance, **cut)
+            values = {"x": res.x}
+        elif spec.task == "sample":
             res = sample(run.model, run.path, cut.pop("x0"), guidance=spec.guidance,
                          log_likelihood=spec.log_likelihood, **opts, **cut)
             values = {"x": res.x, "log_prob": res.log_prob}

@@ -5,12 +5,15 @@ An ``EngineSpec`` is the request (task, solver, steps, static batch, dtype, dive
 ``signature`` gives the engine's inputs and outputs, in the order every backend uses:
 
     sample:      x0 (B, *shape) [, y (B,)] [, low_res (B, C, h, w)] [, probes (k, B, *shape)]
+                 [, noise (steps, B, *shape)]
                  -> x = x(1) [, log_prob = log p_1(x(1)) in nats]
     likelihood:  x1 (B, *shape) [, y] [, low_res] [, probes]
                  -> x = x(0) (the latent), log_prob = log p_1(x1) in nats [, bits_per_dim (images)]
 
 ``y`` is an input for class-conditional models unless a class label is baked in; ``probes`` is an
-input for Hutchinson divergences (k Rademacher or Gaussian probes, E[eps eps^T] = I).
+input for Hutchinson divergences (k Rademacher or Gaussian probes, E[eps eps^T] = I). ``noise`` is an input
+of SDE sampling engines (``diffusion`` set: Euler-Maruyama of ``fastfm.sde``, one standard normal draw per
+step and element), so the engine's output for given noise equals the eager sampler's.
 """
 
 from __future__ import annotations
@@ -22,7 +25,11 @@ from typing import Any
 
 import torch
 
+from fastfm.build import path_from_meta
+from fastfm.densities import Gaussian
 from fastfm.divergence import DIVERGENCES, EXACT_MAX_DIM, resolve_divergence
+from fastfm.score import score_interval
+from fastfm.sde import parse_diffusion
 from fastfm.solvers import TABLEAUS, nfe_per_step
 
 TASKS = ("sample", "likelihood")
@@ -69,10 +76,12 @@ class EngineSpec:
     probes: int = 1
     guidance: float = 1.0
     class_label: int | None = None
+    diffusion: str | None = None  # SDE sampling: eps(t) as ``fastfm.sde.parse_diffusion`` reads it
+    denoise: bool = False  # SDE: a final denoising jump (resolved by validate: the score interval ends before 1)
 
     @property
     def nfe(self) -> int:
-        return self.steps * nfe_per_step(self.solver)
+        return self.steps * nfe_per_step(self.solver) + self.denoise
 
     @property
     def wants_divergence(self) -> bool:
@@ -115,6 +124,10 @@ def validate(spec: EngineSpec, meta: dict[str, Any]) -> EngineSpec:
     if spec.class_label is not None and (classes is None or not 0 <= spec.class_label < classes):
         have = "no classes" if classes is None else f"classes 0..{classes - 1}"
         raise ExportError(f"class label {spec.class_label} invalid: the model has {have}")
+    if spec.diffusion is not None:
+        spec = _validate_sde(spec, meta)
+    elif spec.denoise:
+        raise ExportError("denoise is resolved for SDE engines (diffusion set) only")
     if not spec.wants_divergence:
         if spec.divergence not in ("auto", "none"):
             raise ExportError(f"divergence {spec.divergence!r} needs a likelihood: use task 'likelihood' "
@@ -126,6 +139,26 @@ def validate(spec: EngineSpec, meta: dict[str, Any]) -> EngineSpec:
         warnings.warn(f"exact divergence of a {dim}-dimensional field unrolls {dim} JVPs per evaluation "
                       f"({dim * spec.nfe} in the graph); consider divergence='hutchinson'", stacklevel=2)
     return replace(spec, divergence=divergence, probes=spec.probes if divergence == "hutchinson" else 0)
+
+
+def _validate_sde(spec: EngineSpec, meta: dict[str, Any]) -> EngineSpec:
+    """An SDE sampling request: Euler-Maruyama, no likelihood, a Gaussian base; ``denoise`` resolved."""
+    if spec.task != "sample":
+        raise ExportError("an SDE (diffusion) applies to sampling engines; use task 'sample'")
+    if spec.solver != "euler":
+        raise ExportError(f"SDE engines integrate with Euler-Maruyama: use solver 'euler', got {spec.solver!r}")
+    if spec.log_likelihood:
+        raise ExportError("an SDE sampler has no log-likelihood of its samples; drop log_likelihood or the diffusion")
+    try:
+        diffusion = str(parse_diffusion(spec.diffusion))
+        path = path_from_meta(meta)
+        lo, hi = score_interval(path, meta["target"])
+        if not isinstance(path.source, Gaussian):
+            raise ValueError(f"the SDE needs the score, which needs a Gaussian base; this run's source is "
+                             f"{meta.get('source')!r}")
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    return replace(spec, diffusion=diffusion, denoise=hi < 1.0)
 
 
 def signature(spec: EngineSpec, meta: dict[str, Any]) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -142,6 +175,8 @@ def signature(spec: EngineSpec, meta: dict[str, Any]) -> tuple[list[TensorSpec],
         inputs.append(TensorSpec("low_res", (b, *low), "float32"))
     if spec.divergence == "hutchinson":
         inputs.append(TensorSpec("probes", (spec.probes, b, *shape), "float32"))
+    if spec.diffusion is not None:
+        inputs.append(TensorSpec("noise", (spec.steps, b, *shape), "float32"))
     outputs = [TensorSpec("x", (b, *shape), "float32")]
     if spec.wants_divergence:
         outputs.append(TensorSpec("log_prob", (b,), "float32"))

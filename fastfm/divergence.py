@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from fastfm.models.blocks import forward_mode_attention
 from fastfm.solvers import Field
 
 PROBES = ("rademacher", "gaussian")
@@ -39,7 +40,8 @@ def divergence_exact(v: VectorField, x: Tensor, t: Tensor) -> tuple[Tensor, Tens
     fx, div = None, None
     for i in range(dim):
         e = eye[i].expand_as(flat).reshape(x.shape)
-        fx, jv = torch.func.jvp(lambda z: v(z, t), (x,), (e,))
+        with forward_mode_attention():
+            fx, jv = torch.func.jvp(lambda z: v(z, t), (x,), (e,))
         term = jv.flatten(1)[:, i].float()
         div = term if div is None else div + term
     return fx, div
@@ -52,7 +54,8 @@ def divergence_hutchinson(v: VectorField, x: Tensor, t: Tensor, probes: Tensor) 
     fx, est = None, None
     for j in range(probes.shape[0]):
         eps = probes[j]
-        fx, jv = torch.func.jvp(lambda z: v(z, t), (x,), (eps,))
+        with forward_mode_attention():
+            fx, jv = torch.func.jvp(lambda z: v(z, t), (x,), (eps,))
         term = (eps.float() * jv.float()).flatten(1).sum(1)
         est = term if est is None else est + term
     return fx, est / probes.shape[0]

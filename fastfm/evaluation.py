@@ -204,7 +204,8 @@ def engine_generate(engine: Any, n: int, *, seed: int = 0, cond: dict[str, Tenso
     x0 = draw_prior(path_from_meta(engine.meta), n, shape, gen)
     probes = (_probes(spec.divergence, math.prod(shape), spec.probes, (n, *shape), gen, torch.device("cpu"))
               if spec.divergence != "none" else None)
-    res = engine(x0, probes=probes, **(cond or {}))
+    noise = torch.randn((spec.steps, n, *shape), generator=gen) if spec.diffusion is not None else None
+    res = engine(x0, probes=probes, noise=noise, **(cond or {}))
     return SampleResult(res.x.cpu(), res.nfe, None if res.log_prob is None else res.log_prob.cpu())
 
 

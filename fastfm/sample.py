@@ -71,9 +71,12 @@ def main(argv: list[str] | None = None) -> None:
             n = min(n, cond["low_res"].shape[0])
             cond = {k: v[:n] for k, v in cond.items()}
         diffusion = parse_diffusion(args.diffusion) if args.sde else None
-        if engine and diffusion is not None:
-            raise ValueError("--sde samples eagerly: exported engines run the ODE (drop --engine)")
-        if engine:
+        if engine:  # an SDE engine has its diffusion built in
+            if diffusion is not None and str(diffusion) != engine.spec.diffusion:
+                built = "runs the ODE" if engine.spec.diffusion is None else f"has diffusion {engine.spec.diffusion}"
+                raise ValueError(f"--sde --diffusion {diffusion}: the engine {built}; export one with "
+                                 f"python -m fastfm.export --task sample --sde --diffusion {diffusion}")
+            diffusion = None if engine.spec.diffusion is None else parse_diffusion(engine.spec.diffusion)
             res = engine_generate(engine, n, seed=args.seed, cond=cond)
         else:
             res = generate(run.model, run.path, n, run.shape, target=meta["target"], method=args.solver,
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     np.save(out / "samples.npy", res.x.numpy())
     save_samples_png(res.x, out / "samples.png", kind, meta["data"]["levels"])
     summary = {"n": n, "nfe": res.nfe, "solver": "euler-maruyama" if diffusion else args.solver,
-               "steps": args.steps if diffusion else steps_run(args.solver, args.steps, args.grid),
+               "steps": (engine.spec.steps if engine else args.steps) if diffusion
+               else steps_run(args.solver, args.steps, args.grid),
                "guidance": guidance,
                "samples": str(out / "samples.npy"), "png": str(out / "samples.png")}
     if diffusion:

@@ -47,6 +47,8 @@ ENGINES = [  # (run, spec): every task, solver, dtype, conditioning and divergen
     ("unet_sr", dict(task="sample", solver="heun", steps=1, batch=2)),
     ("unet_sr", dict(task="likelihood", solver="euler", steps=1, batch=2)),
     ("mlp_gmm", dict(task="likelihood", solver="midpoint", steps=2, batch=4)),  # base density's parameters
+    ("mlp", dict(task="sample", solver="euler", steps=3, batch=4, diffusion="sin2:2")),  # SDE: noise input
+    ("unet_cond", dict(task="sample", solver="euler", steps=2, batch=2, diffusion="1", guidance=2.0)),
 ]
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -62,12 +65,28 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+_FORWARD_MODE_DEPTH = 0
+
+
+@contextlib.contextmanager
+def forward_mode_attention() -> Iterator[None]:
+    """Within: attention as matmul + softmax, which forward-mode AD (``torch.func.jvp``, the divergence)
+    differentiates; the fused ``scaled_dot_product_attention`` kernels (flash / memory-efficient on CUDA,
+    the fused CPU kernel) have no forward-mode derivative."""
+    global _FORWARD_MODE_DEPTH
+    _FORWARD_MODE_DEPTH += 1
+    try:
+        yield
+    finally:
+        _FORWARD_MODE_DEPTH -= 1
+
+
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over the H*W positions, as a zero-initialised residual.
 
-    ``out = x + proj(softmax(q^T k / sqrt(d)) v)`` with ``q, k, v = qkv(GN(x))`` per head.
-    Written with matmul + softmax rather than ``F.scaled_dot_product_attention``: the fused
-    CPU kernel has no forward-mode AD, which ``torch.func.jvp`` divergences need.
+    ``out = x + proj(softmax(q^T k / sqrt(d)) v)`` with ``q, k, v = qkv(GN(x))`` per head: through
+    ``F.scaled_dot_product_attention`` (flash attention in training on GPUs), and as matmul + softmax
+    under :func:`forward_mode_attention`.
     """
 
     def __init__(self, channels: int, num_heads: int) -> None:
@@ -83,11 +102,13 @@ class AttentionBlock(nn.Module):
         b, c, h, w = x.shape
         head_dim = c // self.num_heads
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, head_dim, h * w)
-        q, k, v = qkv.unbind(1)  # (B, heads, d, N) each
-        scale = head_dim**-0.25  # applied to q and k separately for bf16 headroom
-        weights = torch.softmax((q * scale).transpose(-1, -2) @ (k * scale), dim=-1)  # (B, heads, N, N)
-        out = (v @ weights.transpose(-1, -2)).reshape(b, c, h, w)
-        return x + self.proj(out)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # (B, heads, N, d) each
+        if _FORWARD_MODE_DEPTH:
+            scale = head_dim**-0.25  # applied to q and k separately for bf16 headroom
+            out = torch.softmax((q * scale) @ (k * scale).transpose(-1, -2), dim=-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
 class Downsample(nn.Module):
