@@ -212,6 +212,20 @@ FFM_INLINE void philox(uint32_t c0, uint32_t c1, const Keys& K, uint32_t& o0, ui
     o3 = c3;
 }
 
+// Whole rows of small D: rows [row, row + rows) into out (rows x D, row-major), rows * 4 ceil(D / 4) <= kBlock;
+// the counters of all rows in one flat loop (k -> row k / G, group k % G), so tiny rows cost no per-row call.
+void noise_rows(float* __restrict out, uint32_t row, int64_t rows, int64_t D, const Keys& K) {
+    alignas(64) Words w;
+    alignas(64) float buf[kBlock];
+    const int64_t G = (D + 3) / 4, groups = rows * G;
+#pragma omp simd
+    for (int64_t k = 0; k < groups; ++k)
+        philox(static_cast<uint32_t>(k % G), row + static_cast<uint32_t>(k / G), K, w[0][k], w[1][k], w[2][k],
+               w[3][k]);
+    box_muller_block(buf, w, groups);
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * D, buf + r * 4 * G, static_cast<size_t>(D) * sizeof(float));
+}
+
 void noise_portable(float* __restrict out, uint32_t row, int64_t col, int64_t n, const Keys& K) {
     alignas(64) Words w;
     const int64_t groups = (n + 3) / 4;
@@ -358,8 +372,12 @@ void select_noise(const std::string& name) {
     throw std::invalid_argument("fastfm._C: noise path '" + name + "' is unknown or not supported by this CPU");
 }
 
+// Blocks of a few elements (rows of small D) take the scalar path: a vector path computes whole vectors of
+// counters (up to 32), and every path gives bitwise the same noise.
+constexpr int64_t kScalarMax = 16;
 FFM_INLINE void gen_noise(float* __restrict out, uint32_t row, int64_t col, int64_t n, const Keys& K) {
-    g_noise(out, row, col, n, K);
+    if (n <= kScalarMax) noise_portable(out, row, col, n, K);
+    else g_noise(out, row, col, n, K);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -468,6 +486,19 @@ FFM_INLINE void for_segments(const Args& A, int64_t t, F&& f) {
     alignas(64) float nz[kBlock];
     const float stdf = static_cast<float>(A.stdv);  // x0 = std * n in float32 (then widened)
     const T* x0 = static_cast<const T*>(A.x0);
+    const int64_t group_rows = kBlock / (4 * ((P.D + 3) / 4));  // rows of small D whose noise fits one block
+    if (SEEDED && P.nck == 1 && group_rows >= 4) {  // whole rows of small D: noise for many rows per call
+        for (int64_t r0 = s / P.D, r_end = e / P.D; r0 < r_end; r0 += group_rows) {
+            const int64_t nr = std::min(group_rows, r_end - r0);
+            noise_rows(nz, static_cast<uint32_t>(A.offset + r0), nr, P.D, A.keys);
+            for (int64_t r = r0; r < r0 + nr; ++r) {
+                const float* nzr = nz + (r - r0) * P.D;
+                auto z = [&](int64_t j) -> C { return static_cast<C>(stdf * nzr[j]); };
+                f(r, r * P.D, P.D, z);
+            }
+        }
+        return;
+    }
     for (int64_t i = s; i < e;) {
         const int64_t row = i / P.D;
         const int64_t se = std::min(e, (row + 1) * P.D);
