@@ -19,6 +19,7 @@ from typing import Any
 from fastfm.couplings import COUPLINGS
 from fastfm.data import DATASETS
 from fastfm.divergence import DIVERGENCES
+from fastfm.interpolants import MAX_MODES
 from fastfm.paths import PATHS, TARGETS
 from fastfm.solvers import SOLVERS
 from fastfm.timesteps import TIME_SAMPLERS
@@ -92,6 +93,12 @@ class TrainConfig:
     coupling_scope: str = option("rank", "path and target",
                                  "minibatch coupling over each rank's rows (rank) or the global batch (global)")
     time_sampler: str = option("uniform", "path and target", f"t distribution: {', '.join(TIME_SAMPLERS)}")
+    interp_modes: int = option(4, "path and target", "learned path: sine modes of each interpolant coefficient",
+                               Range(1, MAX_MODES + 1))
+    interp_lr: float = option(2e-3, "path and target", "learned path: Adam learning rate of the interpolant's "
+                              "ascent on the max-min objective", POSITIVE)
+    interp_every: int = option(1, "path and target",
+                               "learned path: velocity steps per interpolant step (k of the max-min)", Range(1))
     steps: int = option(5000, "training", "optimizer steps", Range(1))
     batch_size: int = option(1024, "training", "global batch size (all ranks and micro-batches)", Range(1))
     grad_accum: int = option(1, "training", "micro-batches per optimizer step (DDP syncs on the last)", Range(1))
@@ -154,6 +161,12 @@ class TrainConfig:
              f"unknown memory_format {self.memory_format!r}; choose auto, channels_last or contiguous"),
             (not (self.source != "gaussian" and self.path in ("vp", "ve")),
              f"path {self.path!r} is a Gaussian diffusion path; a data source needs an interpolant (linear, trig, condot)"),
+            (not (self.path == "learned" and self.path_args),
+             "path 'learned' takes no --path-args: its coefficients are trained (size them with --interp-modes)"),
+            (not (self.path == "learned" and self.target != "velocity"),
+             f"path 'learned' trains the velocity (the max-min objective); use --target velocity, not {self.target!r}"),
+            (not (self.path == "learned" and self.time_sampler != "uniform"),
+             "path 'learned' needs --time-sampler uniform: its objective integrates over t ~ U[0, 1]"),
             (not (self.coupling.endswith("-label") and not self.class_cond),
              f"coupling {self.coupling!r} needs class labels: add --class-cond"),
         ]

@@ -1,5 +1,6 @@
 """``python -m fastfm.evaluate``: test NLL (nats, bits/dim for images) with NFE, and for vector data
-a sample-quality distance (energy distance, sliced Wasserstein) to the held-out set."""
+a sample-quality distance (energy distance, sliced Wasserstein) to the held-out set and the transport
+diagnostics of the sampling solve (kinetic energy, straightness, exact W2^2 prior -> test data)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import sys
 from pathlib import Path
 
 from fastfm.cli import inference_parser, low_res_of, run_dataset, setup, setup_engine
-from fastfm.evaluation import engine_generate, engine_nll, generate, sample_quality, steps_run, test_nll
+from fastfm.evaluation import (engine_generate, engine_nll, generate, sample_quality, steps_run, test_nll,
+                               transport_report)
+from fastfm.transport import W2_MAX_POINTS
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -16,7 +19,9 @@ def main(argv: list[str] | None = None) -> None:
                          "(nats; bits/dim for images) and, for vector data, sample quality.")
     g = p.add_argument_group("evaluation")
     g.add_argument("--n", type=int, default=2000, help="test points for the NLL")
-    g.add_argument("--n-samples", type=int, default=2000, help="samples for the quality metrics (vector data)")
+    g.add_argument("--n-samples", type=int, default=2000,
+                   help="samples for the quality metrics and the transport diagnostics (vector data; exact W2^2 "
+                        "on at most 10000)")
     g.add_argument("--out", default=None, help="write the results JSON here as well")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -54,9 +59,12 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 res = generate(run.model, run.path, n, run.shape, target=meta["target"], method=args.solver,
                                grid=args.grid, steps=args.steps, seed=args.seed, cond=cond_s,
-                               batch_size=args.batch_size)
-            result["quality"] = {**sample_quality(res.x, data.test[:n], args.seed), "n": n, "nfe": res.nfe,
-                                 "solver": args.solver, "steps": steps_run(args.solver, args.steps, args.grid)}
+                               batch_size=args.batch_size, transport=True)
+            solved = {"solver": args.solver, "steps": steps_run(args.solver, args.steps, args.grid)}
+            result["quality"] = {**sample_quality(res.x, data.test[:n], args.seed), "n": n, "nfe": res.nfe, **solved}
+            if not engine:  # the same solve's kinetic energy and straightness; exact W2^2 prior -> test data
+                result["transport"] = {**transport_report(res, run.path, data.test, seed=args.seed,
+                                                          w2_points=min(n, W2_MAX_POINTS)), **solved}
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     text = json.dumps(result, indent=2)

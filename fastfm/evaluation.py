@@ -26,6 +26,7 @@ from fastfm.sampling import SampleResult, draw_prior, sample
 from fastfm.score import score_interval
 from fastfm.sde import Diffusion, sde_sample
 from fastfm.solvers import TABLEAUS, nfe_per_step
+from fastfm.transport import transport_summary, w2_squared
 
 
 def _probes(divergence: str, dim: int, n_probes: int, shape: tuple[int, ...], gen: torch.Generator,
@@ -214,12 +215,13 @@ def generate(model: nn.Module, path: AffinePath, n: int, shape: tuple[int, ...],
              guidance: float = 1.0,
              cond: dict[str, Tensor] | None = None, log_likelihood: bool = False, divergence: str = "auto",
              n_probes: int = 1, batch_size: int = 4096, progress: bool = True,
-             diffusion: Diffusion | None = None) -> SampleResult:
-    """n samples from the prior pushed to t = 1 in batches; optionally their log-likelihood in the same pass,
-    or (``diffusion``: eps(t)) with the SDE sampler of ``fastfm.sde`` instead of the ODE. A progress bar
-    counts model evaluations (with an ETA)."""
-    if diffusion is not None and (log_likelihood or grid is not None):
-        raise ValueError("the SDE sampler takes --steps (Euler-Maruyama); no --grid and no --log-likelihood")
+             diffusion: Diffusion | None = None, transport: bool = False) -> SampleResult:
+    """n samples from the prior pushed to t = 1 in batches; optionally their log-likelihood and (``transport``)
+    per-sample kinetic energy and straightness in the same pass, or (``diffusion``: eps(t)) with the SDE
+    sampler of ``fastfm.sde`` instead of the ODE. A progress bar counts model evaluations (with an ETA)."""
+    if diffusion is not None and (log_likelihood or grid is not None or transport):
+        raise ValueError("the SDE sampler takes --steps (Euler-Maruyama); no --grid, no --log-likelihood and no "
+                         "transport diagnostics (they are properties of the ODE flow)")
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     dim = math.prod(shape)
@@ -228,7 +230,7 @@ def generate(model: nn.Module, path: AffinePath, n: int, shape: tuple[int, ...],
         calls = steps + (score_interval(path, target)[1] < 1.0)
     else:
         calls = _calls(method, steps, grid, kind, dim, n_probes)
-    xs, logps, nfe = [], [], 0
+    xs, logps, kinetic, straight, nfe = [], [], [], [], 0
     with tqdm(total=None if calls is None else calls * -(-n // batch_size), desc=f"sampling ({n})", unit="eval",
               leave=False, disable=not progress) as bar:
         counted = Progress(model, bar)
@@ -245,12 +247,33 @@ def generate(model: nn.Module, path: AffinePath, n: int, shape: tuple[int, ...],
                 else:
                     res = sample(counted, path, x0, method=method, steps=steps, grid=_on(grid, device),
                                  target=target, y=y, guidance=guidance, log_likelihood=log_likelihood,
-                                 probes=probes, **c)
+                                 probes=probes, transport=transport, **c)
             xs.append(res.x.cpu())
             if res.log_prob is not None:
                 logps.append(res.log_prob.cpu())
+            if transport:
+                kinetic.append(res.kinetic.cpu())
+                straight.append(res.straightness.cpu())
             nfe = res.nfe
-    return SampleResult(torch.cat(xs), nfe, torch.cat(logps) if logps else None)
+    cat = lambda parts: torch.cat(parts) if parts else None  # noqa: E731
+    return SampleResult(torch.cat(xs), nfe, cat(logps), kinetic=cat(kinetic), straightness=cat(straight))
+
+
+def transport_report(res: SampleResult, path: AffinePath, reference: Tensor | None = None, *, w2_points: int,
+                     seed: int = 0) -> dict[str, Any]:
+    """The "transport" block of an evaluation: kinetic energy and straightness (means over the trajectories of
+    the solve that made ``res``, which must have run with ``transport=True``) and, given reference data
+    (vectors), POT's exact W2^2 between ``w2_points`` prior draws and as many reference points: the least
+    kinetic energy any flow from the prior to the data can have (Benamou-Brenier), up to sampling error."""
+    if res.kinetic is None or res.straightness is None:
+        raise ValueError("transport_report needs samples generated with transport=True")
+    out: dict[str, Any] = transport_summary(res.kinetic, res.straightness)
+    if reference is not None:
+        n = min(w2_points, len(reference))
+        x0 = draw_prior(path, n, tuple(reference.shape[1:]), torch.Generator().manual_seed(seed))
+        out["w2_sq_pot"] = w2_squared(x0, reference[:n])
+        out["w2_n"] = n
+    return out
 
 
 def sample_quality(samples: Tensor, reference: Tensor, seed: int = 0) -> dict[str, float]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -261,14 +261,18 @@ class AffinePath:
         return dict(self.scheduler.config)
 
 
-PATHS = ("condot", "vp", "ve", "linear", "trig")
+PATHS = ("condot", "vp", "ve", "linear", "trig", "learned")
 
 
-def get_path(name: str, source: Density | None = None, **kwargs: float) -> AffinePath:
-    """Build a path by name: condot (sigma_min), vp (beta_min, beta_max), ve (sigma_min, sigma_max), linear, trig."""
+def get_path(name: str, source: Density | None = None, **kwargs: Any) -> AffinePath:
+    """Build a path by name: condot (sigma_min), vp (beta_min, beta_max), ve (sigma_min, sigma_max), linear, trig,
+    learned (modes, sigma_coef, alpha_coef: a ``fastfm.interpolants.FourierInterpolant``, linear when untrained)."""
+    from fastfm.interpolants import FourierInterpolant, LearnedScheduler
+
     factories: dict[str, Callable[..., Scheduler]] = {
         "condot": CondOTScheduler, "vp": VPScheduler, "ve": VEScheduler,
         "linear": lambda: CondOTScheduler(0.0), "trig": TrigScheduler,
+        "learned": lambda **kw: LearnedScheduler(FourierInterpolant(**kw)),
     }
     if name not in factories:
         raise ValueError(f"unknown path {name!r}; choose one of {PATHS}")

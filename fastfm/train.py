@@ -36,8 +36,9 @@ from fastfm.data import get_dataset
 from fastfm.densities import Gaussian
 from fastfm.distributed import DistEnv
 from fastfm.evaluation import (generate, nll_seconds_per_point, points_within, sample_quality, sample_seconds_per_point,
-                               save_samples_png, test_nll)
+                               save_samples_png, test_nll, transport_report)
 from fastfm.guidance import drop_labels
+from fastfm.interpolants import FourierInterpolant, LearnedScheduler, interpolant_objective
 from fastfm.kernels.rng import philox_state
 from fastfm.losses import cfm_loss
 from fastfm.models import build_model
@@ -104,6 +105,7 @@ def prepare_out_dir(cfg: TrainConfig, resumed_at: int | None) -> None:
 EVAL_BUDGET_FRACTION = 0.25  # the automatic evaluation budget: this fraction of the training time
 EVAL_BUDGET_MIN_S = 10.0  # and never below this
 EVAL_MIN_POINTS = 8  # an evaluation measures at least this many test points and samples
+W2_EVAL_POINTS = 2000  # exact OT (prior -> data) on at most this many points per side: ~1 s on two cores
 
 
 class TrainingDiverged(ValueError):
@@ -177,11 +179,18 @@ class Trainer:
         distributed.init(self.env, self.device)
         torch.manual_seed(cfg.seed)
         self.data = get_dataset(cfg.data, seed=cfg.seed)
-        self.path = get_path(cfg.path, build_source(cfg.source, cfg.seed, self.data.shape), **cfg.path_args)
+        path_args = {"modes": cfg.interp_modes} if cfg.path == "learned" else cfg.path_args
+        self.path = get_path(cfg.path, build_source(cfg.source, cfg.seed, self.data.shape), **path_args)
         self.model = build_model(model_config(cfg, self.data)).to(self.device)
         if self.env.active:  # same initial weights everywhere (DDP also broadcasts), per-rank dropout streams
             torch.manual_seed(cfg.seed + 1_000_003 * self.env.rank)
         self.meta = run_meta(cfg, self.data, self.model)
+        # --path learned: the interpolant's parameters, raised on the max-min objective (fastfm.interpolants)
+        self.interp: FourierInterpolant | None = None
+        if isinstance(self.path.scheduler, LearnedScheduler):
+            self.interp = self.path.scheduler.interpolant.to(self.device)
+            self.interp_opt = torch.optim.Adam(self.interp.parameters(), lr=cfg.interp_lr, maximize=True)
+            self.interp_objective = torch.full((), float("nan"), device=self.device)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)  # contiguous: evaluation takes JVPs
         if channels_last(cfg, self.device, self.data.kind == "image"):
             self.model.to(memory_format=torch.channels_last)
@@ -190,8 +199,10 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(cfg, s))
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        # Independent coupling from a Gaussian source: the kernels draw x0 from a per-step seed.
-        self.in_kernel_noise = cfg.coupling == "independent" and isinstance(self.path.source, Gaussian)
+        # Independent coupling from a Gaussian source: the kernels draw x0 from a per-step seed (a learned
+        # interpolant's step needs x0 itself).
+        self.in_kernel_noise = (cfg.coupling == "independent" and isinstance(self.path.source, Gaussian)
+                                and self.interp is None)
         step = LossStep(self.model, self.path, cfg.target, cfg.superres, cfg.bf16)
         step = torch.compile(step, fullgraph=True) if cfg.compile else step  # compile before the DDP wrap
         ids = [self.device.index] if self.device.type == "cuda" else None
@@ -246,7 +257,28 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         _ema_update(self.ema, self.model, ema_decay(cfg, step))
+        if self.interp is not None and step % cfg.interp_every == 0:
+            self._interpolant_step(x0, x1, t, y)
         return total / cfg.grad_accum, grad_norm, bad
+
+    def _interpolant_step(self, x0: Tensor, x1: Tensor, t: Tensor, y: Tensor | None) -> None:
+        """One ascent step of the interpolant's parameters on G (``interpolant_objective``) at the current velocity,
+        on this step's rows (gradients averaged over ranks; eager PyTorch, see fastfm.interpolants). The velocity
+        gets no gradient here; a non-finite G or gradient skips the step."""
+        cfg, interp = self.cfg, self.interp
+        cond = {} if y is None else {"y": y}
+        if cfg.superres:
+            cond["low_res"] = F.avg_pool2d(x1, cfg.superres)
+        params = list(interp.parameters())
+        g = interpolant_objective(self.model, interp, x0, x1, t, **cond)
+        grads = torch.autograd.grad(g, params)
+        for p, grad in zip(params, grads):
+            p.grad = distributed.mean_over_ranks(grad, self.env)
+        finite = torch.isfinite(g.detach()) & torch.stack([torch.isfinite(p.grad).all() for p in params]).all()
+        if not bool(distributed.any_rank(~finite, self.env)):
+            self.interp_opt.step()
+        self.interp_opt.zero_grad(set_to_none=True)
+        self.interp_objective = distributed.mean_over_ranks(g.detach(), self.env)
 
     # ------------------------------------------------------------------ state
 
@@ -258,11 +290,15 @@ class Trainer:
         if not self.env.main:
             return
         cfg = self.cfg
-        save_training_state({"model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                             "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                             "step": step, "config": dict(cfg.__dict__), "meta": self.meta,
-                             "world": self.env.world, "rng": self.gen.get_state(), "torch_rng": torch_rng,
-                             "cuda_rng": cuda_rng, "data": self.data.state_dict()}, Path(cfg.out) / CHECKPOINT)
+        state = {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                 "step": step, "config": dict(cfg.__dict__), "meta": self.meta,
+                 "world": self.env.world, "rng": self.gen.get_state(), "torch_rng": torch_rng,
+                 "cuda_rng": cuda_rng, "data": self.data.state_dict()}
+        if self.interp is not None:  # and model.json's path args rebuild the interpolant as trained so far
+            self.meta["path"]["args"] = self.interp.args()
+            state.update(interpolant=self.interp.state_dict(), interp_optimizer=self.interp_opt.state_dict())
+        save_training_state(state, Path(cfg.out) / CHECKPOINT)
         save_inference(cfg.out, self.ema.state_dict(), self.meta)
 
     def restore(self, state: dict) -> int:
@@ -285,6 +321,10 @@ class Trainer:
         if self.device.type == "cuda" and state["cuda_rng"] is not None:
             torch.cuda.set_rng_state(state["cuda_rng"][env.rank], self.device)
         self.data.load_state_dict(state["data"])
+        if self.interp is not None:
+            self.interp.load_state_dict(state["interpolant"])
+            self.interp_opt.load_state_dict(state["interp_optimizer"])
+            self.meta["path"]["args"] = self.interp.args()
         return int(state["step"])
 
     # ------------------------------------------------------------------ the run
@@ -326,11 +366,15 @@ class Trainer:
             per = sample_seconds_per_point(ema, path, data.shape, n, cond=eval_conditioning(cfg, data, n), **solve)
             n = points_within(budget / 2, per, min(n, EVAL_MIN_POINTS), n)
             plan["sample_seconds_per_point"] = per
-        res = generate(ema, path, n, data.shape, seed=cfg.seed, cond=eval_conditioning(cfg, data, n), **solve)
+        res = generate(ema, path, n, data.shape, seed=cfg.seed, cond=eval_conditioning(cfg, data, n), transport=True,
+                       **solve)
         png.parent.mkdir(parents=True, exist_ok=True)
         save_samples_png(res.x, png, data.kind, data.levels, data.test,
                          title=f"{cfg.data}, {cfg.path}, {cfg.eval_solver} x {cfg.eval_steps}")
         plan["samples"] = n
+        # kinetic energy and straightness of the sampling solve; exact W2^2 prior -> data on at most as many points
+        transport = transport_report(res, path, data.test if data.kind == "vector" else None, seed=cfg.seed,
+                                     w2_points=min(n, W2_EVAL_POINTS))
         nll = None
         if path.prior.has_log_prob:
             test = data.test[: cfg.eval_n]
@@ -343,7 +387,8 @@ class Trainer:
             plan["nll_points"] = len(test)
             nll = test_nll(ema, path, test, levels=data.levels, seed=cfg.seed, **opts)
         plan["seconds"] = time.perf_counter() - started
-        summary = {"test": nll, "samples_png": str(png), "sample_nfe": res.nfe, "eval_plan": plan}
+        summary = {"test": nll, "samples_png": str(png), "sample_nfe": res.nfe, "transport": transport,
+                   "eval_plan": plan}
         if data.kind == "vector":
             summary["quality"] = sample_quality(res.x, data.test)
         return summary
@@ -397,6 +442,8 @@ class Trainer:
                        "skipped_steps": int(skipped)}
                 if peak is not None:
                     rec["mfu"] = flops * rate / env.world / peak
+                if self.interp is not None:  # -G at the last interpolant step: ~ the interpolant's kinetic energy
+                    rec["interp_kinetic"] = -float(self.interp_objective)
                 if cfg.compile:
                     rec["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
                 t_last, n_since = now, 0

@@ -124,9 +124,11 @@ def test_reformatted_manifest_is_accepted(engine_dir: Path) -> None:
     assert load(engine_dir).nfe == 2
 
 
-def test_manifest_of_an_older_fastfm_is_refused(engine_dir: Path) -> None:
-    _edit(engine_dir, lambda b: (b.update(schema=1), b.pop("manifest_sha256", None)))
-    with pytest.raises(ManifestError, match="schema 1; this fastfm reads schema 2.*rebuild"):
+@pytest.mark.parametrize("schema", [1, 2])
+def test_manifest_of_an_older_fastfm_is_refused(engine_dir: Path, schema: int) -> None:
+    """Schema 1 had no digest, schema 2 no SDE fields (diffusion, denoise) in its spec."""
+    _edit(engine_dir, lambda b: (b.update(schema=schema), b["spec"].pop("diffusion"), b["spec"].pop("denoise")))
+    with pytest.raises(ManifestError, match=f"schema {schema}; this fastfm reads schema 3.*rebuild"):
         load(engine_dir)
 
 
@@ -201,13 +203,14 @@ def test_cli_help_is_grouped_with_defaults() -> None:
         title, _, rest = block.partition("\n")
         if title.endswith(":") and not title.startswith(" "):
             groups[title[:-1]] = re.findall(r"^  (?:-\w, )?(--[\w-]+)", rest, re.M)
-    assert list(groups)[1:] == ["what to build", "solver", "engine", "conditioning", "likelihood"]
+    assert list(groups)[1:] == ["what to build", "solver", "engine", "conditioning", "SDE sampling", "likelihood"]
     assert groups["options"] == ["--help"]
     assert sorted(sum(groups.values(), [])) == sorted(
         a.option_strings[-1] for a in export_cli.parser()._actions)
     for action in export_cli.parser()._actions:
         assert action.help, f"{action.option_strings} has no help"
-    for option, default in [("--solver", "midpoint"), ("--steps", "16"), ("--batch", "1"), ("--backend", "aoti"),
+    assert "(default midpoint; euler, i.e. Euler-Maruyama, with --sde)" in " ".join(text.split())
+    for option, default in [("--diffusion", "1"), ("--steps", "16"), ("--batch", "1"), ("--backend", "aoti"),
                             ("--dtype", "fp32"), ("--device", "auto"), ("--divergence", "auto"), ("--probes", "1"),
                             ("--guidance", "1.0"), ("--seed", "0")]:
         entry = re.search(rf"^  {option} .*?(?=^  -|\Z)", text, re.M | re.S)
