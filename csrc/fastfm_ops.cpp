@@ -174,13 +174,15 @@ FFM_INLINE void box_muller(uint32_t w, uint32_t w2, float& n0, float& n1) {
     n1 = r * s;
 }
 
-// Noise blocks: out[j] = x0 noise at (row, col + j), 0 <= j < n <= kBlock, col a multiple of 4. Philox
-// runs for the n / 4 counters (col / 4 + k, row) (rounded up: out must hold 4 ceil(n / 4) floats) into
-// the planar words w[0..3][k], then Box-Muller writes out[4k + (0, 1, 2, 3)].
+// Noise blocks. A noise path (NoiseFn) runs Philox at the counters (ctr0[k], ctr1[k], 0, 0), k < groups <=
+// kGroups, into planar words w[0..3][k], then Box-Muller writes out[4k + (0, 1, 2, 3)], both compiled for
+// the path's instruction set; the counter arrays hold kGroups entries (vector paths read whole vectors
+// past `groups`).
 constexpr int64_t kBlock = 512;  // elements per noise block (stack buffers)
 constexpr int64_t kGroups = kBlock / 4;
-using NoiseFn = void (*)(float* __restrict out, uint32_t row, int64_t col, int64_t n, const Keys& K);
 using Words = uint32_t[4][kGroups];
+using NoiseFn = void (*)(float* __restrict out, const uint32_t* __restrict ctr0, const uint32_t* __restrict ctr1,
+                         int64_t groups, const Keys& K);
 
 FFM_INLINE void box_muller_block(float* __restrict out, const Words& w, int64_t groups) {
     alignas(64) float n[4][kGroups];
@@ -212,27 +214,11 @@ FFM_INLINE void philox(uint32_t c0, uint32_t c1, const Keys& K, uint32_t& o0, ui
     o3 = c3;
 }
 
-// Whole rows of small D: rows [row, row + rows) into out (rows x D, row-major), rows * 4 ceil(D / 4) <= kBlock;
-// the counters of all rows in one flat loop (k -> row k / G, group k % G), so tiny rows cost no per-row call.
-void noise_rows(float* __restrict out, uint32_t row, int64_t rows, int64_t D, const Keys& K) {
+void noise_portable(float* __restrict out, const uint32_t* __restrict ctr0, const uint32_t* __restrict ctr1,
+                    int64_t groups, const Keys& K) {
     alignas(64) Words w;
-    alignas(64) float buf[kBlock];
-    const int64_t G = (D + 3) / 4, groups = rows * G;
 #pragma omp simd
-    for (int64_t k = 0; k < groups; ++k)
-        philox(static_cast<uint32_t>(k % G), row + static_cast<uint32_t>(k / G), K, w[0][k], w[1][k], w[2][k],
-               w[3][k]);
-    box_muller_block(buf, w, groups);
-    for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * D, buf + r * 4 * G, static_cast<size_t>(D) * sizeof(float));
-}
-
-void noise_portable(float* __restrict out, uint32_t row, int64_t col, int64_t n, const Keys& K) {
-    alignas(64) Words w;
-    const int64_t groups = (n + 3) / 4;
-    const uint32_t g0 = static_cast<uint32_t>(col / 4);
-#pragma omp simd
-    for (int64_t k = 0; k < groups; ++k)
-        philox(g0 + static_cast<uint32_t>(k), row, K, w[0][k], w[1][k], w[2][k], w[3][k]);
+    for (int64_t k = 0; k < groups; ++k) philox(ctr0[k], ctr1[k], K, w[0][k], w[1][k], w[2][k], w[3][k]);
     box_muller_block(out, w, groups);
 }
 
@@ -243,24 +229,21 @@ void noise_portable(float* __restrict out, uint32_t row, int64_t col, int64_t n,
 // auto-vectorised for the same target. Integer Philox is exact and the float code has no FMA
 // contraction (-ffp-contract=off), so every path gives bitwise the same noise.
 
-#define FFM_PHILOX_BLOCK(V, W, SET1, ADD, XOR, MULHILO, LOAD_IOTA, STORE)                         \
+#define FFM_PHILOX_BLOCK(V, W, SET1, XOR, MULHILO, LOAD, STORE)                                    \
     alignas(64) Words w;                                                                          \
-    const int64_t groups = (n + 3) / 4;                                                           \
     const V ra = SET1(static_cast<int>(kRoundA)), rb = SET1(static_cast<int>(kRoundB));           \
     V k0[kRounds], k1[kRounds];                                                                   \
     for (int r = 0; r < kRounds; ++r) {                                                           \
         k0[r] = SET1(static_cast<int>(K.k0[r]));                                                  \
         k1[r] = SET1(static_cast<int>(K.k1[r]));                                                  \
     }                                                                                             \
-    const V step = SET1(W);                                                                       \
-    V ctr = ADD(SET1(static_cast<int>(static_cast<uint32_t>(col / 4))), LOAD_IOTA);               \
-    const V row0 = XOR(SET1(static_cast<int>(row)), k0[0]);                                       \
     for (int64_t j = 0; j < groups; j += 2 * W) { /* two independent vectors per step, for ILP */ \
-        /* round 0 with c2 = c3 = 0: c0' = row ^ k0, c1' = 0, (c2', c3') from A * counter */        \
+        /* round 0 with c2 = c3 = 0: c0' = ctr1 ^ k0, c1' = 0, (c2', c3') from A * ctr0 */           \
         V c0, c1 = SET1(0), c2, c3, d0, d1 = SET1(0), d2, d3;                                     \
-        MULHILO(ra, ctr, c2, c3);                                                                 \
-        MULHILO(ra, ADD(ctr, step), d2, d3);                                                      \
-        c0 = d0 = row0;                                                                           \
+        MULHILO(ra, LOAD(ctr0 + j), c2, c3);                                                      \
+        MULHILO(ra, LOAD(ctr0 + j + W), d2, d3);                                                  \
+        c0 = XOR(LOAD(ctr1 + j), k0[0]);                                                          \
+        d0 = XOR(LOAD(ctr1 + j + W), k0[0]);                                                      \
         c2 = XOR(c2, k1[0]);                                                                      \
         d2 = XOR(d2, k1[0]);                                                                      \
         _Pragma("GCC unroll 9") for (int r = 1; r < kRounds; ++r) {                               \
@@ -286,7 +269,6 @@ void noise_portable(float* __restrict out, uint32_t row, int64_t col, int64_t n,
         STORE(w[1] + j + W, d1);                                                                  \
         STORE(w[2] + j + W, d2);                                                                  \
         STORE(w[3] + j + W, d3);                                                                  \
-        ctr = ADD(ctr, ADD(step, step));                                                          \
     }                                                                                             \
     box_muller_block(out, w, groups);
 
@@ -299,9 +281,10 @@ FFM_INLINE void mulhilo_sse2(__m128i a, __m128i x, __m128i& hi, __m128i& lo) {
 }
 #define FFM_SSE2_MULHILO(a, x, hi, lo) mulhilo_sse2(a, x, hi, lo)
 #define FFM_SSE2_STORE(p, v) _mm_store_si128(reinterpret_cast<__m128i*>(p), v)
-void noise_sse2(float* __restrict out, uint32_t row, int64_t col, int64_t n, const Keys& K) {
-    FFM_PHILOX_BLOCK(__m128i, 4, _mm_set1_epi32, _mm_add_epi32, _mm_xor_si128, FFM_SSE2_MULHILO,
-                     _mm_setr_epi32(0, 1, 2, 3), FFM_SSE2_STORE)
+#define FFM_SSE2_LOAD(p) _mm_load_si128(reinterpret_cast<const __m128i*>(p))
+void noise_sse2(float* __restrict out, const uint32_t* __restrict ctr0, const uint32_t* __restrict ctr1,
+                int64_t groups, const Keys& K) {
+    FFM_PHILOX_BLOCK(__m128i, 4, _mm_set1_epi32, _mm_xor_si128, FFM_SSE2_MULHILO, FFM_SSE2_LOAD, FFM_SSE2_STORE)
 }
 
 __attribute__((target("avx2"))) FFM_INLINE void mulhilo_avx2(__m256i a, __m256i x, __m256i& hi, __m256i& lo) {
@@ -311,10 +294,11 @@ __attribute__((target("avx2"))) FFM_INLINE void mulhilo_avx2(__m256i a, __m256i 
 }
 #define FFM_AVX2_MULHILO(a, x, hi, lo) mulhilo_avx2(a, x, hi, lo)
 #define FFM_AVX2_STORE(p, v) _mm256_store_si256(reinterpret_cast<__m256i*>(p), v)
-__attribute__((target("avx2"))) void noise_avx2(float* __restrict out, uint32_t row, int64_t col, int64_t n,
-                                                   const Keys& K) {
-    FFM_PHILOX_BLOCK(__m256i, 8, _mm256_set1_epi32, _mm256_add_epi32, _mm256_xor_si256, FFM_AVX2_MULHILO,
-                     _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), FFM_AVX2_STORE)
+#define FFM_AVX2_LOAD(p) _mm256_load_si256(reinterpret_cast<const __m256i*>(p))
+__attribute__((target("avx2"))) void noise_avx2(float* __restrict out, const uint32_t* __restrict ctr0,
+                                                const uint32_t* __restrict ctr1, int64_t groups, const Keys& K) {
+    FFM_PHILOX_BLOCK(__m256i, 8, _mm256_set1_epi32, _mm256_xor_si256, FFM_AVX2_MULHILO, FFM_AVX2_LOAD,
+                     FFM_AVX2_STORE)
 }
 
 // GCC 12's _mm512_undefined_epi32 (inside _mm512_mul_epu32) trips a false -Wmaybe-uninitialized.
@@ -328,10 +312,11 @@ __attribute__((target("avx512f"))) FFM_INLINE void mulhilo_avx512(__m512i a, __m
 }
 #define FFM_AVX512_MULHILO(a, x, hi, lo) mulhilo_avx512(a, x, hi, lo)
 #define FFM_AVX512_STORE(p, v) _mm512_store_si512(reinterpret_cast<void*>(p), v)
-__attribute__((target("avx512f"))) void noise_avx512(float* __restrict out, uint32_t row, int64_t col, int64_t n,
-                                                     const Keys& K) {
-    FFM_PHILOX_BLOCK(__m512i, 16, _mm512_set1_epi32, _mm512_add_epi32, _mm512_xor_si512, FFM_AVX512_MULHILO,
-                     _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), FFM_AVX512_STORE)
+#define FFM_AVX512_LOAD(p) _mm512_load_si512(reinterpret_cast<const void*>(p))
+__attribute__((target("avx512f"))) void noise_avx512(float* __restrict out, const uint32_t* __restrict ctr0,
+                                                     const uint32_t* __restrict ctr1, int64_t groups, const Keys& K) {
+    FFM_PHILOX_BLOCK(__m512i, 16, _mm512_set1_epi32, _mm512_xor_si512, FFM_AVX512_MULHILO, FFM_AVX512_LOAD,
+                     FFM_AVX512_STORE)
 }
 #pragma GCC diagnostic pop
 #else
@@ -372,12 +357,32 @@ void select_noise(const std::string& name) {
     throw std::invalid_argument("fastfm._C: noise path '" + name + "' is unknown or not supported by this CPU");
 }
 
-// Blocks of a few elements (rows of small D) take the scalar path: a vector path computes whole vectors of
-// counters (up to 32), and every path gives bitwise the same noise.
-constexpr int64_t kScalarMax = 16;
+// Counters a vector path may read: `groups` rounded up to 32 (two AVX-512 vectors), within kGroups.
+FFM_INLINE int64_t padded_groups(int64_t groups) { return std::min<int64_t>(kGroups, (groups + 31) / 32 * 32); }
+
+// out[j] = noise at (row, col + j), 0 <= j < n <= kBlock, col a multiple of 4 (out holds 4 ceil(n / 4) floats).
 FFM_INLINE void gen_noise(float* __restrict out, uint32_t row, int64_t col, int64_t n, const Keys& K) {
-    if (n <= kScalarMax) noise_portable(out, row, col, n, K);
-    else g_noise(out, row, col, n, K);
+    alignas(64) uint32_t ctr0[kGroups], ctr1[kGroups];
+    const int64_t groups = (n + 3) / 4;
+    for (int64_t k = 0; k < padded_groups(groups); ++k) {
+        ctr0[k] = static_cast<uint32_t>(col / 4 + k);
+        ctr1[k] = row;
+    }
+    g_noise(out, ctr0, ctr1, groups, K);
+}
+
+// Whole rows of small D: rows [row, row + rows) into out (rows x D, row-major), rows * 4 ceil(D / 4) <= kBlock;
+// the counters of all rows in one vector pass, so tiny rows cost no per-row call.
+void noise_rows(float* __restrict out, uint32_t row, int64_t rows, int64_t D, const Keys& K) {
+    alignas(64) uint32_t ctr0[kGroups], ctr1[kGroups];
+    alignas(64) float buf[kBlock];
+    const int64_t G = (D + 3) / 4, groups = rows * G;
+    for (int64_t k = 0; k < padded_groups(groups); ++k) {
+        ctr0[k] = static_cast<uint32_t>(k % G);
+        ctr1[k] = row + static_cast<uint32_t>(k / G);
+    }
+    g_noise(buf, ctr0, ctr1, groups, K);
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * D, buf + r * 4 * G, static_cast<size_t>(D) * sizeof(float));
 }
 
 // ------------------------------------------------------------------------------------------------
