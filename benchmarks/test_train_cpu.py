@@ -21,12 +21,12 @@ from typing import Callable
 import pytest
 import torch
 
-from fastfm.build import model_config
+from fastfm.runs import model_config
 from fastfm.config import TrainConfig
 from fastfm.data import get_dataset
 from fastfm.distributed import DistEnv
 from fastfm.models import build_model
-from fastfm.train import Trainer
+from fastfm.trainer import Trainer
 
 CASES = {
     "mlp": dict(data="checkerboard", batch_size=4096, model_args={"hidden": 512, "depth": 4}),

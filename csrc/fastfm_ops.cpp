@@ -1,16 +1,17 @@
 // fastfm._C: fused CPU kernels for Flow Matching (pybind11 + OpenMP, no libtorch).
 //
 // The spec is kernels/reference.py. Every op works on a contiguous (B, D) view of its tensors,
-// which the Python wrapper (kernels/cpu.py) checks and hands over as raw data pointers:
+// which the op layer (kernels/ops.py) validates and the Python wrapper (kernels/cpu.py) hands over
+// as raw data pointers:
 //
 //   affine_path:    x_t = a x0 + b x1,  target = c x0 + d x1
 //   cfm_loss:       L_b = (1/D) sum_j (v_bj - target_bj)^2
 //   cfm_loss_grad:  dL/dv_bj = g_b * 2 (v_bj - target_bj) / D
 //
 // with per-sample float32 coefficients and x0 either given or regenerated on the fly from the
-// Philox4x32-10 stream of kernels/reference.py: element (r, j) of x0 is std * n_{j mod 4}, the four
-// Box-Muller normals of Philox(counter = (j / 4, offset + r, 0, 0), key = seed), so the noise and the
-// target are never materialised, and one Philox call serves four elements.
+// stream of kernels/rng.py: element (r, j) of x0 is std times word j % 4 of the Box-Muller normals of
+// Philox4x32-10 keyed by the seed at counter (j / 4, offset + r, 0, 0), where offset counts rows, so the
+// noise and the target are never materialised, and one Philox call serves four elements.
 //
 // Numerics.
 //  * float32 and bfloat16 are computed in float32 (bf16 loads are bit shifts, stores round to
@@ -474,7 +475,7 @@ struct Args {
     const void* v = nullptr;
     const float *a = nullptr, *b = nullptr, *c = nullptr, *d = nullptr, *g = nullptr;
     Keys keys{};
-    int64_t offset = 0;           // row offset of x0's first row in the noise stream
+    uint32_t offset = 0;          // row counter of x0's first row in the noise stream
     double stdv = 1.0;
 };
 
@@ -658,24 +659,25 @@ void run_tasks(TaskFn fn, const Args& A, bool seeded) {
 #endif
 }
 
-void check_sizes(int64_t B, int64_t D, bool seeded, int64_t offset) {
+void check_sizes(int64_t B, int64_t D) {
     if (B < 0 || D < 0) throw std::invalid_argument("fastfm._C: negative size");
     if (D > 0 && B > INT64_MAX / D) throw std::invalid_argument("fastfm._C: size overflow");
-    if (seeded && (offset < 0 || offset > (int64_t(1) << 32) - B))
-        throw std::invalid_argument("fastfm._C: noise streams are indexed by uint32 row offsets; rows [" +
-                                    std::to_string(offset) + ", " + std::to_string(offset + B) +
-                                    ") do not lie in [0, 2^32)");
 }
 
 template <class P> P* ptr(uint64_t p) { return reinterpret_cast<P*>(static_cast<uintptr_t>(p)); }
 
 // ------------------------------------------------------------------------------------------------
-// Entry points (raw pointers; all validation of shapes/dtypes/contiguity is in kernels/cpu.py)
+// Entry points (raw pointers). Argument validation (shapes, dtypes, devices, the noise state and its
+// row range) belongs to the op layer, kernels/ops.py, which raises KernelArgumentError; kernels/cpu.py
+// hands validated tensors over. The throws here (null rng, negative or overflowing sizes, an unknown
+// dtype code) are internal assertions that keep a direct misuse of this raw-pointer API from reading or
+// writing out of bounds, not the API's argument checks.
 
-// The noise state of a seeded op, read from the int64 tensor rng = [seed, offset] (kernels/rng.py).
+// The noise state of a seeded op, read from the int64 tensor rng = [seed, offset] (kernels/rng.py): the
+// seed's 64 bits and the row offset as the uint32 row counter (the op layer keeps rows in [0, 2^32)).
 struct Stream {
     uint64_t seed = 0;
-    int64_t offset = 0;
+    uint32_t offset = 0;
 };
 
 Stream read_stream(uint64_t x0, uint64_t rng) {
@@ -684,7 +686,7 @@ Stream read_stream(uint64_t x0, uint64_t rng) {
     if (rng == 0) throw std::invalid_argument("fastfm._C: rng (the int64 noise state [seed, offset]) is null");
     const int64_t* st = reinterpret_cast<const int64_t*>(static_cast<uintptr_t>(rng));
     s.seed = static_cast<uint64_t>(st[0]);
-    s.offset = st[1];
+    s.offset = static_cast<uint32_t>(st[1]);
     return s;
 }
 
@@ -707,7 +709,7 @@ void affine_path(uint64_t xt, uint64_t target, uint64_t x1, uint64_t x0, uint64_
                  uint64_t d, int64_t B, int64_t D, int dtype, uint64_t rng, double stdv) {
     const bool seeded = x0 == 0;
     const Stream S = read_stream(x0, rng);
-    check_sizes(B, D, seeded, S.offset);
+    check_sizes(B, D);
     if (B * D == 0) return;
     Args A = make_args(B, D, x1, x0, c, d, S, stdv);
     A.out0 = ptr<void>(xt);
@@ -723,7 +725,7 @@ void cfm_loss(uint64_t out, uint64_t v, uint64_t x1, uint64_t x0, uint64_t c, ui
               int dtype, uint64_t rng, double stdv) {
     const bool seeded = x0 == 0;
     const Stream S = read_stream(x0, rng);
-    check_sizes(B, D, seeded, S.offset);
+    check_sizes(B, D);
     float* loss = ptr<float>(out);
     if (B == 0) return;
     if (D == 0) {
@@ -749,7 +751,7 @@ void cfm_loss_grad(uint64_t out, uint64_t grad, uint64_t v, uint64_t x1, uint64_
                    int64_t B, int64_t D, int dtype, uint64_t rng, double stdv) {
     const bool seeded = x0 == 0;
     const Stream S = read_stream(x0, rng);
-    check_sizes(B, D, seeded, S.offset);
+    check_sizes(B, D);
     if (B * D == 0) return;
     Args A = make_args(B, D, x1, x0, c, d, S, stdv);
     A.out0 = ptr<void>(out);
@@ -758,17 +760,18 @@ void cfm_loss_grad(uint64_t out, uint64_t grad, uint64_t v, uint64_t x1, uint64_
     run_tasks(pick(dtype, seeded ? kGradS : kGradZ), A, seeded);
 }
 
-// Rows [offset, offset + rows) of the seed's stream, dim float32 normals each, into out (rows x dim).
-void randn(uint64_t out, int64_t rows, int64_t dim, uint64_t seed, int64_t offset) {
-    if (rows < 0 || dim < 0) throw std::invalid_argument("fastfm._C.randn: negative size");
-    check_sizes(rows, dim, true, offset);
+// Rows [offset, offset + rows) of the stream of rng = int64 [seed, offset], dim float32 normals each, into
+// out (rows x dim).
+void randn(uint64_t out, int64_t rows, int64_t dim, uint64_t rng) {
+    const Stream S = read_stream(0, rng);
+    check_sizes(rows, dim);
     if (rows * dim == 0) return;
     float* o = ptr<float>(out);
-    const Keys K = make_keys(seed);
+    const Keys K = make_keys(S.seed);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (rows > 1 && rows * dim * 8 >= kParallelMin && !omp_in_parallel())
 #endif
-    for (int64_t r = 0; r < rows; ++r) randn_row(o + r * dim, static_cast<uint32_t>(offset + r), dim, K);
+    for (int64_t r = 0; r < rows; ++r) randn_row(o + r * dim, static_cast<uint32_t>(S.offset + r), dim, K);
 }
 
 int get_max_threads() {
@@ -800,8 +803,9 @@ PYBIND11_MODULE(_C, m) {
           "rng"_a, "std"_a, "per-sample (B,) float32 loss mean_j (v - c x0 - d x1)^2");
     m.def("cfm_loss_grad", &cfm_loss_grad, release(), "out"_a, "grad"_a, "v"_a, "x1"_a, "x0"_a, "c"_a, "d"_a, "B"_a,
           "D"_a, "dtype"_a, "rng"_a, "std"_a, "dL/dv = grad_b 2 (v - target) / D");
-    m.def("randn", &randn, release(), "out"_a, "rows"_a, "dim"_a, "seed"_a, "offset"_a = 0,
-          "float32 standard normals of the seed's Philox stream, rows [offset, offset + rows) of dim each");
+    m.def("randn", &randn, release(), "out"_a, "rows"_a, "dim"_a, "rng"_a,
+          "float32 standard normals of the Philox stream of rng = int64 [seed, offset], rows [offset, "
+          "offset + rows) of dim each");
     m.def("get_max_threads", &get_max_threads, "OpenMP threads the kernels use");
     m.def("set_num_threads", &set_num_threads, "n"_a, "set the OpenMP thread count of the calling thread");
 #ifdef _OPENMP

@@ -7,10 +7,12 @@ into one engine (AOTInductor, ONNX, TensorRT, or a CUDA-graph runner) for sampli
     result = engine(torch.randn(1, 2))        # EngineResult(x, log_prob, bits_per_dim, nfe)
 """
 
+from .backends import ENGINE_BACKENDS
 from .build import export_engine
 from .engine import Engine, EngineResult, load
 from .manifest import ManifestError
-from .spec import BACKENDS, DTYPES, TASKS, EngineSpec, ExportError
+from .sampler import EngineSampler
+from .spec import DTYPES, TASKS, EngineSpec, ExportError
 
-__all__ = ["BACKENDS", "DTYPES", "TASKS", "Engine", "EngineResult", "EngineSpec", "ExportError", "ManifestError",
-           "export_engine", "load"]
+__all__ = ["DTYPES", "ENGINE_BACKENDS", "TASKS", "Engine", "EngineResult", "EngineSampler", "EngineSpec", "ExportError",
+           "ManifestError", "export_engine", "load"]

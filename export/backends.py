@@ -23,7 +23,10 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from .spec import ExportError, TensorSpec
+from fastfm import compat
+from fastfm.registry import Registry
+
+from .spec import ExportError, TensorSlot
 
 Runner = Callable[[list[Tensor]], list[Tensor]]
 ONNX_OPSET = 18
@@ -38,19 +41,20 @@ def _require(backend: str, modules: tuple[str, ...], hint: str) -> None:
         raise ExportError(f"backend {backend!r} needs {hint}; missing: {', '.join(missing)}")
 
 
-def check_available(backend: str, device: torch.device, dtype: str = "fp32") -> None:
-    """Raise ExportError naming the missing package or device, before anything is built."""
-    if backend == "onnx":
+def check_available(name: str, device: torch.device, dtype: str = "fp32") -> None:
+    """Raise ExportError naming an unknown backend, the missing package or device, before anything is built."""
+    backend(name)
+    if name == "onnx":
         _require("onnx", ("onnx", "onnxscript", "onnxruntime"),
                  "the onnx, onnxscript and onnxruntime packages (pip install 'fastfm[export]')")
         if dtype == "bf16" and device.type == "cpu":
             raise ExportError("onnxruntime's CPU execution provider has no bf16 kernels (Gemm, Conv): build bf16 "
                               "ONNX engines on a CUDA device, or use --backend aoti on CPU")
-    if backend == "tensorrt":
+    if name == "tensorrt":
         _require("tensorrt", ("torch_tensorrt",),
                  "the torch-tensorrt package (pip install torch-tensorrt) and a CUDA GPU")
-    if backend in ("tensorrt", "cudagraph") and device.type != "cuda":
-        raise ExportError(f"backend {backend!r} needs a CUDA GPU (the engine device is {device})")
+    if name in ("tensorrt", "cudagraph") and device.type != "cuda":
+        raise ExportError(f"backend {name!r} needs a CUDA GPU (the engine device is {device})")
 
 
 @contextmanager
@@ -67,12 +71,12 @@ def _loading(loader: str, path: Path) -> Iterator[None]:
 
 def _build_aoti(ep: torch.export.ExportedProgram, example: list[Tensor], path: Path, names: list[str]) -> None:
     configs = AOTI_CPU_CONFIGS if example[0].device.type == "cpu" else {}
-    torch._inductor.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=configs)
+    compat.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=configs)
 
 
-def _load_aoti(path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: torch.device) -> Runner:
+def _load_aoti(path: Path, inputs: list[TensorSlot], outputs: list[TensorSlot], device: torch.device) -> Runner:
     with _loading("AOTInductor", path):
-        module = torch._inductor.aoti_load_package(str(path), device_index=-1 if device.index is None else device.index)
+        module = compat.aoti_load_package(str(path), device_index=-1 if device.index is None else device.index)
     return lambda xs: list(module(*xs))
 
 
@@ -84,7 +88,7 @@ def _build_onnx(ep: torch.export.ExportedProgram, example: list[Tensor], path: P
     program.save(str(path))
 
 
-def _load_onnx(path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: torch.device) -> Runner:
+def _load_onnx(path: Path, inputs: list[TensorSlot], outputs: list[TensorSlot], device: torch.device) -> Runner:
     import numpy as np
     import onnxruntime as ort
 
@@ -127,7 +131,7 @@ def _load_exported(path: Path) -> torch.nn.Module:
         return torch.export.load(str(path)).module()
 
 
-def _load_tensorrt(path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: torch.device) -> Runner:
+def _load_tensorrt(path: Path, inputs: list[TensorSlot], outputs: list[TensorSlot], device: torch.device) -> Runner:
     check_available("tensorrt", device)
     importlib.import_module("torch_tensorrt")  # registers the TensorRT engine ops the saved program calls
     module = _load_exported(path)
@@ -138,7 +142,7 @@ def _build_exported(ep: torch.export.ExportedProgram, example: list[Tensor], pat
     torch.export.save(ep, str(path))
 
 
-def _load_cudagraph(path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device: torch.device) -> Runner:
+def _load_cudagraph(path: Path, inputs: list[TensorSlot], outputs: list[TensorSlot], device: torch.device) -> Runner:
     """Compile the program, capture one call in a CUDA graph; a call copies into the static inputs
     and replays it."""
     check_available("cudagraph", device)
@@ -170,15 +174,25 @@ class Backend:
     name: str
     filename: str
     build: Callable[[torch.export.ExportedProgram, list[Tensor], Path, list[str]], None]  # names: inputs, outputs
-    load: Callable[[Path, list[TensorSpec], list[TensorSpec], torch.device], Runner]
+    load: Callable[[Path, list[TensorSlot], list[TensorSlot], torch.device], Runner]
 
 
-BACKENDS: dict[str, Backend] = {
-    "aoti": Backend("aoti", "engine.pt2", _build_aoti, _load_aoti),
-    "onnx": Backend("onnx", "engine.onnx", _build_onnx, _load_onnx),
-    "tensorrt": Backend("tensorrt", "engine.ep", _build_tensorrt, _load_tensorrt),
-    "cudagraph": Backend("cudagraph", "program.pt2", _build_exported, _load_cudagraph),
-}
+ENGINE_BACKENDS: Registry[Backend] = Registry("backend")
+for _backend, _help in [
+        (Backend("aoti", "engine.pt2", _build_aoti, _load_aoti), "AOTInductor package (CPU and CUDA)"),
+        (Backend("onnx", "engine.onnx", _build_onnx, _load_onnx), "ONNX opset 18 run by onnxruntime (CPU, CUDA)"),
+        (Backend("tensorrt", "engine.ep", _build_tensorrt, _load_tensorrt), "torch-tensorrt engine (CUDA)"),
+        (Backend("cudagraph", "program.pt2", _build_exported, _load_cudagraph),
+         "torch.compile of the exported program captured in one CUDA graph (CUDA)")]:
+    ENGINE_BACKENDS.register(_backend.name, _help, lambda b=_backend: b)
+
+
+def backend(name: str) -> Backend:
+    """The registered engine backend ``name``; ExportError naming the known ones otherwise."""
+    try:
+        return ENGINE_BACKENDS.build(name)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
 
 
 def versions(backend: str) -> dict[str, str]:

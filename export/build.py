@@ -18,11 +18,11 @@ from typing import Callable
 from torch import Tensor
 
 import fastfm
-from fastfm.build import load_run, resolve_device
+from fastfm.runs import load_run, resolve_device
 from fastfm.checkpoint import inference_file
 
 from . import manifest
-from .backends import BACKENDS, check_available, versions
+from .backends import backend, check_available, versions
 from .graph import build_program, example_inputs, trace
 from .parity import compare, probe_inputs, reference
 from .spec import EngineSpec, ExportError, signature, validate
@@ -67,14 +67,14 @@ def export_engine(checkpoint: str | Path, spec: EngineSpec, out: str | Path, *, 
     program = build_program(run, spec)
     ep = trace(program, example_inputs(inputs, dev))
     stages.done(f"traced, simplified and exported the program ({len(ep.graph.nodes)} graph nodes)")
-    backend = BACKENDS[spec.backend]
+    lowering = backend(spec.backend)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        engine_file = tmp / backend.filename
-        backend.build(ep, example_inputs(inputs, dev), engine_file, [t.name for t in inputs + outputs])
-        stages.done(f"built the {spec.backend} engine {backend.filename}")
-        runner = backend.load(engine_file, inputs, outputs, dev)
+        engine_file = tmp / lowering.filename
+        lowering.build(ep, example_inputs(inputs, dev), engine_file, [t.name for t in inputs + outputs])
+        stages.done(f"built the {spec.backend} engine {lowering.filename}")
+        runner = lowering.load(engine_file, inputs, outputs, dev)
         got = runner([probe[i.name].to(dev) for i in inputs])
         parity = compare(got, reference(run, spec, probe, outputs), outputs, spec.dtype)
         if not parity["ok"]:
@@ -86,7 +86,7 @@ def export_engine(checkpoint: str | Path, spec: EngineSpec, out: str | Path, *, 
             "fastfm_version": fastfm.__version__, "created": datetime.now(timezone.utc).isoformat(),
             "spec": spec.to_json(), "nfe": spec.nfe, "device": str(dev), "grid": program.grid.tolist(),
             "inputs": [i.to_json() for i in inputs], "outputs": [o.to_json() for o in outputs],
-            "engine": {"file": backend.filename, "sha256": manifest.sha256(engine_file)},
+            "engine": {"file": lowering.filename, "sha256": manifest.sha256(engine_file)},
             "checkpoint": {"source": str(checkpoint), "file": weights.name, "sha256": manifest.sha256(weights),
                            "meta": run.meta},
             "parity": parity, "versions": versions(spec.backend),

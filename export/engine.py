@@ -18,7 +18,7 @@ from torch import Tensor
 from fastfm.checkpoint import inference_file
 
 from . import manifest
-from .backends import BACKENDS, Runner
+from .backends import Runner, backend
 from .spec import ExportError
 
 
@@ -118,5 +118,5 @@ def load(directory: str | Path, checkpoint: str | Path | None = None) -> Engine:
         if got != info.checkpoint_sha256:
             raise manifest.ManifestError(f"engine {directory} was built from other weights than {checkpoint} "
                                          f"(sha256 {info.checkpoint_sha256[:12]}..., checkpoint {got[:12]}...)")
-    runner = BACKENDS[info.spec.backend].load(info.engine_file, info.inputs, info.outputs, info.device)
+    runner = backend(info.spec.backend).load(info.engine_file, info.inputs, info.outputs, info.device)
     return Engine(directory, info, runner)

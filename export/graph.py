@@ -1,6 +1,6 @@
 """The engine graph: a trained model and a fixed-step solver unrolled into one traced program.
 
-``SampleProgram`` runs ``fastfm.sampling.sample`` and ``LikelihoodProgram`` runs
+``SampleProgram`` runs ``fastfm.ode.sample`` and ``LikelihoodProgram`` runs
 ``fastfm.likelihood.integrate_log_likelihood`` on a fixed time grid, so the solver loop (Butcher
 tableau coefficients as fp32 constants) unrolls into steps x stages model calls. Everything the
 program creates (the grid, a baked class label) is made on the device of its input, so the same
@@ -20,17 +20,17 @@ import copy
 
 import torch
 from torch import Tensor, fx, nn
-from torch.fx.experimental.proxy_tensor import make_fx
 
-from fastfm.build import LoadedRun
+from fastfm.compat import trace_fake
+from fastfm.runs import LoadedRun
 from fastfm.likelihood import bits_per_dim, integrate_log_likelihood
-from fastfm.sampling import sample
+from fastfm.ode import sample
 from fastfm.score import score_interval
 from fastfm.sde import parse_diffusion, sde_sample
 from fastfm.solvers import time_grid
 
 from .simplify import JVP_DECOMPOSITIONS, simplify
-from .spec import DTYPES, EngineSpec, ExportError, TensorSpec, signature
+from .spec import DTYPES, EngineSpec, ExportError, TensorSlot, signature
 
 
 class ModelInDtype(nn.Module):
@@ -57,7 +57,7 @@ class _Program(nn.Module):
     """Shared set-up: the model (in the engine dtype), the path, the input names, the time grid over
     ``path.time_interval`` (t = 0 -> 1 for sampling, 1 -> 0 for likelihoods) and a baked class label."""
 
-    def __init__(self, run: LoadedRun, spec: EngineSpec, inputs: list[TensorSpec]) -> None:
+    def __init__(self, run: LoadedRun, spec: EngineSpec, inputs: list[TensorSlot]) -> None:
         super().__init__()
         dtype = DTYPES[spec.dtype]
         self.model = run.model if dtype == torch.float32 else ModelInDtype(run.model, dtype)
@@ -88,7 +88,7 @@ class SampleProgram(_Program):
     """(x0 [, y, low_res, probes]) -> (x(1) [, log p_1(x(1))]): noise pushed from t = 0 to 1 by the ODE;
     with a diffusion, (x0 [, y, low_res], noise) -> x(1) by the SDE of ``fastfm.sde``."""
 
-    def __init__(self, run: LoadedRun, spec: EngineSpec, inputs: list[TensorSpec]) -> None:
+    def __init__(self, run: LoadedRun, spec: EngineSpec, inputs: list[TensorSlot]) -> None:
         super().__init__(run, spec, inputs)
         self.diffusion = None if spec.diffusion is None else parse_diffusion(spec.diffusion)
 
@@ -100,7 +100,7 @@ class SampleProgram(_Program):
                              target=self.target, noise=noise, denoise=self.spec.denoise, y=y,
                              guidance=self.spec.guidance, **cond)
             return (res.x,)
-        res = sample(self.model, self.path, x0, method=self.spec.solver, grid=grid, target=self.target, y=y,
+        res = sample(self.model, self.path, x0, solver=self.spec.solver, grid=grid, target=self.target, y=y,
                      guidance=self.spec.guidance, log_likelihood=self.spec.log_likelihood, probes=probes, **cond)
         return (res.x,) if res.log_prob is None else (res.x, res.log_prob)
 
@@ -109,13 +109,13 @@ class LikelihoodProgram(_Program):
     """(x1 [, y, low_res, probes]) -> (x(0), log p_1(x1) [, bits/dim]): data pulled from t = 1 to 0,
     log p_1(x1) = log p_0(x(0)) + int_0^1 div v dt, bits/dim as in ``fastfm.likelihood``."""
 
-    def __init__(self, run: LoadedRun, spec: EngineSpec, inputs: list[TensorSpec], levels: int | None) -> None:
+    def __init__(self, run: LoadedRun, spec: EngineSpec, inputs: list[TensorSlot], levels: int | None) -> None:
         super().__init__(run, spec, inputs)
         self.levels = levels
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         x1, grid, y, probes, cond = self._split(inputs)
-        res = integrate_log_likelihood(self.model, self.path, x1, method=self.spec.solver, grid=grid,
+        res = integrate_log_likelihood(self.model, self.path, x1, solver=self.spec.solver, grid=grid,
                                        target=self.target, probes=probes, y=y, **cond)
         if self.levels is None:
             return res.x0, res.log_prob
@@ -135,7 +135,7 @@ def trace_aten(program: nn.Module, example: list[Tensor]) -> fx.GraphModule:
     """``program(*example)`` traced to functional ATen with fake tensors (static shapes)."""
     functional = torch.func.functionalize(program, remove="mutations")
     with torch.no_grad():
-        return make_fx(functional, JVP_DECOMPOSITIONS, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
+        return trace_fake(functional, JVP_DECOMPOSITIONS)(*example)
 
 
 def trace(program: nn.Module, example: list[Tensor]) -> torch.export.ExportedProgram:
@@ -162,6 +162,6 @@ def off_device(ep: torch.export.ExportedProgram, device: torch.device) -> list[s
     return stray
 
 
-def example_inputs(inputs: list[TensorSpec], device: torch.device | str = "cpu") -> list[Tensor]:
+def example_inputs(inputs: list[TensorSlot], device: torch.device | str = "cpu") -> list[Tensor]:
     """Zeros of the engine's input shapes (for tracing)."""
     return [torch.zeros(i.shape, dtype=i.torch_dtype, device=device) for i in inputs]

@@ -30,7 +30,8 @@ import torch
 from fastfm.checkpoint import load_json, save_json
 from fastfm.solvers import TABLEAUS, time_grid
 
-from .spec import BACKENDS, DTYPES, TASKS, EngineSpec, ExportError, TensorSpec, signature
+from .backends import ENGINE_BACKENDS
+from .spec import DTYPES, TASKS, EngineSpec, ExportError, TensorSlot, signature
 
 MANIFEST = "manifest.json"
 SCHEMA = 3
@@ -58,8 +59,8 @@ class Manifest:
     spec: EngineSpec
     nfe: int
     device: torch.device
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
+    inputs: list[TensorSlot]
+    outputs: list[TensorSlot]
     engine_file: Path
     checkpoint_sha256: str
     meta: dict[str, Any]
@@ -82,8 +83,8 @@ def _spec(d: Any) -> EngineSpec:
     names = {f.name for f in fields(EngineSpec)}
     if not isinstance(d, dict) or set(d) != names:
         raise ManifestError(f"manifest spec must have exactly the keys {sorted(names)}")
-    if d["backend"] not in BACKENDS:
-        raise ManifestError(f"manifest names unknown backend {d['backend']!r}; known: {BACKENDS}")
+    if d["backend"] not in ENGINE_BACKENDS:
+        raise ManifestError(f"manifest names unknown backend {d['backend']!r}; known: {ENGINE_BACKENDS.names}")
     for field, allowed in (("task", TASKS), ("solver", tuple(TABLEAUS)), ("dtype", tuple(DTYPES))):
         if d[field] not in allowed:
             raise ManifestError(f"manifest names unknown {field} {d[field]!r}; known: {allowed}")
@@ -127,8 +128,8 @@ def read(directory: str | Path, verify: bool = True) -> Manifest:
     try:
         spec = _spec(body["spec"])
         meta = body["checkpoint"]["meta"]
-        inputs = [TensorSpec.from_json(d) for d in body["inputs"]]
-        outputs = [TensorSpec.from_json(d) for d in body["outputs"]]
+        inputs = [TensorSlot.from_json(d) for d in body["inputs"]]
+        outputs = [TensorSlot.from_json(d) for d in body["outputs"]]
         expected = signature(spec, meta)
         engine_file = _engine_file(directory, body["engine"]["file"], path)
         engine_sha, ckpt_sha = str(body["engine"]["sha256"]), str(body["checkpoint"]["sha256"])

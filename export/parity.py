@@ -1,6 +1,6 @@
 """Parity of a built engine with the eager sampler / likelihood on a probe batch.
 
-The reference is fastfm's own eager path on the fp32 model (``fastfm.sampling.sample``,
+The reference is fastfm's own eager path on the fp32 model (``fastfm.ode.sample``,
 ``fastfm.likelihood.log_likelihood``, same solver and grid), on the first rows of the probe
 batch (rows are independent). Per output, with e the engine and r the reference,
 
@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastfm.build import LoadedRun
+from fastfm import seeding
+from fastfm.runs import LoadedRun
 from fastfm.divergence import make_probes
 from fastfm.likelihood import bits_per_dim, log_likelihood
-from fastfm.sampling import draw_prior, sample
+from fastfm.ode import draw_prior, sample
 from fastfm.sde import parse_diffusion, sde_sample
 
-from .spec import EngineSpec, ExportError, TensorSpec
+from .spec import EngineSpec, ExportError, TensorSlot
 
 REFERENCE_ROWS = 64
 
@@ -41,11 +42,11 @@ TOLERANCES = {"fp32": Tolerance(1e-4, 1e-4, 1 - 1e-6), "fp16": Tolerance(2e-2, 2
               "bf16": Tolerance(1e-1, 1e-1, 0.99)}
 
 
-def probe_inputs(run: LoadedRun, inputs: list[TensorSpec], seed: int = 0, low_res: Tensor | None = None,
+def probe_inputs(run: LoadedRun, inputs: list[TensorSlot], seed: int = 0, low_res: Tensor | None = None,
                  ) -> dict[str, Tensor]:
     """A probe batch for every engine input: prior draws for x, labels cycling through the classes,
     Rademacher probes, and low-res images (given, tiled to the batch, or downsampled prior draws)."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeding.generator(seed, seeding.EVAL)
     shape = run.shape
     out: dict[str, Tensor] = {}
     for spec in inputs:
@@ -68,7 +69,7 @@ def probe_inputs(run: LoadedRun, inputs: list[TensorSpec], seed: int = 0, low_re
     return out
 
 
-def reference(run: LoadedRun, spec: EngineSpec, probe: dict[str, Tensor], outputs: list[TensorSpec],
+def reference(run: LoadedRun, spec: EngineSpec, probe: dict[str, Tensor], outputs: list[TensorSlot],
               rows: int = REFERENCE_ROWS) -> list[Tensor]:
     """The eager fp32 outputs for the first ``rows`` rows of the probe batch, in output order."""
     device = next(run.model.parameters()).device
@@ -77,7 +78,7 @@ def reference(run: LoadedRun, spec: EngineSpec, probe: dict[str, Tensor], output
     if y is None and spec.class_label is not None:
         y = torch.full((cut.get("x0", cut.get("x1")).shape[0],), spec.class_label, device=device)
     probes, noise = cut.pop("probes", None), cut.pop("noise", None)
-    opts: dict[str, Any] = dict(method=spec.solver, steps=spec.steps, target=run.meta["target"], y=y, probes=probes)
+    opts: dict[str, Any] = dict(solver=spec.solver, steps=spec.steps, target=run.meta["target"], y=y, probes=probes)
     with torch.no_grad():
         if noise is not None:
             res = sde_sample(run.model, run.path, cut.pop("x0"), diffusion=parse_diffusion(spec.diffusion),
@@ -97,7 +98,7 @@ def reference(run: LoadedRun, spec: EngineSpec, probe: dict[str, Tensor], output
     return [values[o.name].float().cpu() for o in outputs]
 
 
-def compare(engine: list[Tensor], ref: list[Tensor], outputs: list[TensorSpec], dtype: str) -> dict[str, Any]:
+def compare(engine: list[Tensor], ref: list[Tensor], outputs: list[TensorSlot], dtype: str) -> dict[str, Any]:
     """Max-abs error and cosine similarity per output, and whether all are within tolerance."""
     tol = TOLERANCES[dtype]
     report: dict[str, Any] = {"tolerance": vars(tol), "rows": int(ref[0].shape[0]), "outputs": {}}

@@ -28,7 +28,8 @@ from typing import Any, Callable, Container
 
 import torch
 from torch import fx
-from torch._decomp import get_decompositions
+
+from fastfm.compat import get_decompositions, op_schema
 
 aten = torch.ops.aten
 
@@ -80,8 +81,8 @@ def _zero(n: fx.Node, zeros: set[fx.Node]) -> bool:
 
 def _name(n: fx.Node) -> str:
     """'mm' for aten.mm.default and prims.mm.default; '' for non-ops."""
-    target = n.target
-    return target._schema.name.split("::")[-1] if isinstance(target, torch._ops.OpOverload) else ""
+    schema = op_schema(n.target)
+    return "" if schema is None else schema.name.split("::")[-1]
 
 
 def _same_meta(a: Any, b: fx.Node) -> bool:
@@ -135,9 +136,10 @@ def _pure(n: fx.Node) -> bool:
         return False
     if n.target is operator.getitem:
         return True
-    if not isinstance(n.target, torch._ops.OpOverload) or n.target._schema.is_mutable:
+    schema = op_schema(n.target)
+    if schema is None or schema.is_mutable:
         return False
-    name = n.target._schema.name
+    name = schema.name
     return "empty" not in name and torch.Tag.nondeterministic_seeded not in n.target.tags
 
 

@@ -25,15 +25,15 @@ from typing import Any
 
 import torch
 
-from fastfm.build import path_from_meta
 from fastfm.densities import Gaussian
 from fastfm.divergence import DIVERGENCES, EXACT_MAX_DIM, resolve_divergence
+from fastfm.guidance import check_conditioning
+from fastfm.runs import path_from_meta
 from fastfm.score import score_interval
 from fastfm.sde import parse_diffusion
 from fastfm.solvers import TABLEAUS, nfe_per_step
 
 TASKS = ("sample", "likelihood")
-BACKENDS = ("aoti", "onnx", "tensorrt", "cudagraph")
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -42,7 +42,7 @@ class ExportError(ValueError):
 
 
 @dataclass(frozen=True)
-class TensorSpec:
+class TensorSlot:
     """One engine input or output: name, static shape and dtype name ('float32', 'int64')."""
 
     name: str
@@ -57,8 +57,8 @@ class TensorSpec:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
     @staticmethod
-    def from_json(d: dict[str, Any]) -> TensorSpec:
-        return TensorSpec(str(d["name"]), tuple(int(s) for s in d["shape"]), str(d["dtype"]))
+    def from_json(d: dict[str, Any]) -> TensorSlot:
+        return TensorSlot(str(d["name"]), tuple(int(s) for s in d["shape"]), str(d["dtype"]))
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,7 @@ def validate(spec: EngineSpec, meta: dict[str, Any]) -> EngineSpec:
     Exact divergence costs D JVPs per field evaluation, all unrolled in the graph: above
     D = 16 (where ``auto`` switches to Hutchinson) it is allowed but warned about.
     """
-    choices = {"task": TASKS, "solver": tuple(TABLEAUS), "backend": BACKENDS, "dtype": tuple(DTYPES),
-               "divergence": DIVERGENCES}
+    choices = {"task": TASKS, "solver": tuple(TABLEAUS), "dtype": tuple(DTYPES), "divergence": tuple(DIVERGENCES)}
     for field, allowed in choices.items():
         if getattr(spec, field) not in allowed:
             raise ExportError(f"unknown {field} {getattr(spec, field)!r}; choose one of {allowed}")
@@ -112,18 +111,14 @@ def validate(spec: EngineSpec, meta: dict[str, Any]) -> EngineSpec:
             raise ExportError(f"{field} must be >= 1, got {getattr(spec, field)}")
     if spec.task == "likelihood" and spec.log_likelihood:
         raise ExportError("log_likelihood is a sampling option; the likelihood task always returns log p")
-    if not math.isfinite(spec.guidance):
-        raise ExportError(f"guidance must be finite, got {spec.guidance}")
-    classes = meta["model"].get("num_classes")
     if spec.guidance != 1.0 and spec.task == "likelihood":
         raise ExportError("guidance applies to sampling; a likelihood engine evaluates the conditional model")
-    if spec.guidance != 1.0 and classes is None:
-        raise ExportError(f"guidance {spec.guidance} needs a class-conditional model; this one has no classes")
     if spec.class_label is not None and spec.task == "likelihood":
         raise ExportError("a class label applies to sampling engines; likelihood engines take labels y as an input")
-    if spec.class_label is not None and (classes is None or not 0 <= spec.class_label < classes):
-        have = "no classes" if classes is None else f"classes 0..{classes - 1}"
-        raise ExportError(f"class label {spec.class_label} invalid: the model has {have}")
+    try:
+        check_conditioning(meta["model"].get("num_classes"), spec.guidance, spec.class_label)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     if spec.diffusion is not None:
         spec = _validate_sde(spec, meta)
     elif spec.denoise:
@@ -161,25 +156,25 @@ def _validate_sde(spec: EngineSpec, meta: dict[str, Any]) -> EngineSpec:
     return replace(spec, diffusion=diffusion, denoise=hi < 1.0)
 
 
-def signature(spec: EngineSpec, meta: dict[str, Any]) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def signature(spec: EngineSpec, meta: dict[str, Any]) -> tuple[list[TensorSlot], list[TensorSlot]]:
     """(inputs, outputs) of a validated spec, in graph order (see the module doc)."""
     shape, kind, levels = _data(meta)
     b = spec.batch
     x_in = "x0" if spec.task == "sample" else "x1"
-    inputs = [TensorSpec(x_in, (b, *shape), "float32")]
+    inputs = [TensorSlot(x_in, (b, *shape), "float32")]
     if meta["model"].get("num_classes") is not None and spec.class_label is None:
-        inputs.append(TensorSpec("y", (b,), "int64"))
+        inputs.append(TensorSlot("y", (b,), "int64"))
     if meta.get("superres"):
         factor = int(meta["superres"])
         low = (meta["model"]["low_res_channels"], shape[1] // factor, shape[2] // factor)
-        inputs.append(TensorSpec("low_res", (b, *low), "float32"))
+        inputs.append(TensorSlot("low_res", (b, *low), "float32"))
     if spec.divergence == "hutchinson":
-        inputs.append(TensorSpec("probes", (spec.probes, b, *shape), "float32"))
+        inputs.append(TensorSlot("probes", (spec.probes, b, *shape), "float32"))
     if spec.diffusion is not None:
-        inputs.append(TensorSpec("noise", (spec.steps, b, *shape), "float32"))
-    outputs = [TensorSpec("x", (b, *shape), "float32")]
+        inputs.append(TensorSlot("noise", (spec.steps, b, *shape), "float32"))
+    outputs = [TensorSlot("x", (b, *shape), "float32")]
     if spec.wants_divergence:
-        outputs.append(TensorSpec("log_prob", (b,), "float32"))
+        outputs.append(TensorSlot("log_prob", (b,), "float32"))
     if spec.task == "likelihood" and kind == "image" and levels:
-        outputs.append(TensorSpec("bits_per_dim", (b,), "float32"))
+        outputs.append(TensorSlot("bits_per_dim", (b,), "float32"))
     return inputs, outputs

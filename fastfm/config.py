@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from fastfm.couplings import COUPLINGS
-from fastfm.data import DATASETS
+from fastfm.data import DATASETS, check_dataset
 from fastfm.divergence import DIVERGENCES
 from fastfm.interpolants import MAX_MODES
+from fastfm.models import MODELS
 from fastfm.paths import PATHS, TARGETS
 from fastfm.solvers import SOLVERS
 from fastfm.timesteps import TIME_SAMPLERS
@@ -78,21 +79,29 @@ def option(default: Any, group: str, help: str, allowed: Range | None = None) ->
 class TrainConfig:
     """Every option of ``python -m fastfm.train``; groups, help texts and ranges are the field metadata."""
 
-    data: str = option("checkerboard", "data", f"data set: {', '.join(DATASETS)}, npy:PATH, npz:PATH or folder:PATH")
+    data: str = option("checkerboard", "data", "data set (npy:PATH, npz:PATH, folder:PATH: a file's or folder's "
+                       f"data), with its --data-args: {DATASETS.help_text()}")
+    data_args: dict = option({}, "data", "data set options KEY=VALUE (n_test, test_fraction, ...: see --data)")
     source: str = option("gaussian", "data", "source density: gaussian, or a data set name (interpolants)")
-    model: str = option("auto", "model", "mlp, unet, or auto (mlp for vectors, unet for images)")
-    model_args: dict = option({}, "model", "model constructor arguments KEY=VALUE")
+    model: str = option("auto", "model", f"auto (mlp for vectors, unet for images) or one of: {MODELS.help_text()}")
+    model_args: dict = option({}, "model", "model constructor arguments KEY=VALUE (see --model)")
     class_cond: bool = option(False, "model", "condition on class labels (classifier-free guidance)")
     label_dropout: float = option(0.1, "model", "probability of the null label in training", Range(0, 1))
     superres: int = option(0, "model", "super-resolution: condition on x1 downsampled by this factor (0: off)",
                            Range(0))
-    path: str = option("condot", "path and target", f"probability path: {', '.join(PATHS)}")
-    path_args: dict = option({}, "path and target", "path parameters KEY=VALUE (sigma_min, beta_max, ...)")
+    path: str = option("condot", "path and target", f"probability path, with its --path-args: {PATHS.help_text()}")
+    path_args: dict = option({}, "path and target", "path parameters KEY=VALUE (sigma_min, beta_max, ...: see --path)")
     target: str = option("velocity", "path and target", f"prediction target: {', '.join(TARGETS)}")
-    coupling: str = option("independent", "path and target", f"coupling: {', '.join(COUPLINGS)}")
+    coupling: str = option("independent", "path and target",
+                           f"coupling, with its --coupling-args: {COUPLINGS.help_text()}")
+    coupling_args: dict = option({}, "path and target",
+                                 "coupling parameters KEY=VALUE (reg, n_iters, ...: see --coupling)")
     coupling_scope: str = option("rank", "path and target",
                                  "minibatch coupling over each rank's rows (rank) or the global batch (global)")
-    time_sampler: str = option("uniform", "path and target", f"t distribution: {', '.join(TIME_SAMPLERS)}")
+    time_sampler: str = option("uniform", "path and target",
+                               f"t distribution, with its --time-sampler-args: {TIME_SAMPLERS.help_text()}")
+    time_sampler_args: dict = option({}, "path and target", "time sampler parameters KEY=VALUE (mean, std: see "
+                                     "--time-sampler)")
     interp_modes: int = option(4, "path and target", "learned path: sine modes of each interpolant coefficient",
                                Range(1, MAX_MODES + 1))
     interp_lr: float = option(2e-3, "path and target", "learned path: Adam learning rate of the interpolant's "
@@ -114,16 +123,14 @@ class TrainConfig:
                                "EMA half-life at most this fraction of samples seen (0: off)", Range(0))
     eval_every: int = option(0, "evaluation", "steps between evaluations (test NLL, sample PNG; 0: final only)",
                              Range(0))
-    eval_solver: str = option("midpoint", "evaluation", f"solver for final NLL and samples: {', '.join(SOLVERS)}")
+    eval_solver: str = option("midpoint", "evaluation", f"solver for final NLL and samples: {SOLVERS.help_text()}")
     eval_steps: int = option(32, "evaluation", "solver steps for final NLL and samples", Range(1))
     eval_n: int = option(2000, "evaluation", "test points for the final NLL (at most: see --eval-budget)", Range(1))
     eval_budget: float = option(-1.0, "evaluation",
                                 "seconds an evaluation may take (measured per point before it starts; fewer test "
                                 "points and samples when they do not fit): -1 a quarter of the training time so "
                                 "far, at least 10 s; 0 no limit", Range(-1))
-    eval_divergence: str = option("auto", "evaluation",
-                                  "divergence of the evaluation NLL: auto (exact up to 16 dimensions, Hutchinson "
-                                  "above), exact (D JVPs per evaluation), hutchinson")
+    eval_divergence: str = option("auto", "evaluation", f"divergence of the evaluation NLL: {DIVERGENCES.help_text()}")
     n_samples: int = option(2000, "evaluation", "samples in the final plot (64 for images)", Range(1))
     out: str = option("runs/default", "output and checkpoints", "output directory (run directory)")
     resume: bool = option(False, "output and checkpoints", "continue the run in OUT from its checkpoint.pt")
@@ -143,16 +150,9 @@ class TrainConfig:
             if allowed is not None and value not in allowed:
                 raise ConfigError(f"{f.name} must be {allowed}, got {value!r}")
         checks = [
-            (self.path in PATHS, f"unknown path {self.path!r}; choose one of {PATHS}"),
             (self.target in TARGETS, f"unknown target {self.target!r}; choose one of {TARGETS}"),
-            (self.coupling in COUPLINGS, f"unknown coupling {self.coupling!r}; choose one of {COUPLINGS}"),
-            (self.time_sampler in TIME_SAMPLERS, f"unknown time sampler {self.time_sampler!r}; choose one of {TIME_SAMPLERS}"),
-            (self.eval_solver in SOLVERS, f"unknown solver {self.eval_solver!r}; choose one of {SOLVERS}"),
             (self.eval_budget == -1 or self.eval_budget >= 0,
              f"eval_budget must be -1 (auto), 0 (no limit) or seconds > 0, got {self.eval_budget}"),
-            (self.eval_divergence in DIVERGENCES,
-             f"unknown eval_divergence {self.eval_divergence!r}; choose one of {DIVERGENCES}"),
-            (self.model in ("auto", "mlp", "unet"), f"unknown model {self.model!r}; choose auto, mlp or unet"),
             (self.lr_schedule in ("constant", "cosine"), f"unknown lr_schedule {self.lr_schedule!r}; choose constant or cosine"),
             (self.batch_size % self.grad_accum == 0,
              f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}"),
@@ -169,10 +169,22 @@ class TrainConfig:
              "path 'learned' needs --time-sampler uniform: its objective integrates over t ~ U[0, 1]"),
             (not (self.coupling.endswith("-label") and not self.class_cond),
              f"coupling {self.coupling!r} needs class labels: add --class-cond"),
+            ("seed" not in self.data_args, "--data-args cannot set seed: the data set's seed is --seed"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        try:  # names and parameters, by the registries that build them
+            PATHS.check(self.path, **self.path_args)  # none for learned: refused above
+            COUPLINGS.check(self.coupling, **self.coupling_args)
+            TIME_SAMPLERS.check(self.time_sampler, **self.time_sampler_args)
+            check_dataset(self.data, **self.data_args)
+            SOLVERS.check(self.eval_solver)
+            DIVERGENCES.entry(self.eval_divergence)
+            if self.model != "auto":
+                MODELS.entry(self.model)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         return self
 
 

@@ -9,14 +9,18 @@ Cost: c(x0_i, x1_j) = |x0_i - x1_j|^2 (squared Euclidean on flattened rows).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from fastfm.registry import Registry
+
 __all__ = [
+    "COUPLINGS",
     "Coupling",
     "IndependentCoupling",
     "ExactOTCoupling",
@@ -231,20 +235,22 @@ class LabelAwareCoupling:
         return torch.cat(out0)[inv], torch.cat(out1)[inv], y1
 
 
-_REGISTRY: dict[str, Callable[..., Coupling]] = {
-    "independent": IndependentCoupling,
-    "ot": ExactOTCoupling,
-    "sinkhorn": SinkhornCoupling,
-    "ot-label": lambda **kw: LabelAwareCoupling(ExactOTCoupling(**kw)),
-    "sinkhorn-label": lambda **kw: LabelAwareCoupling(SinkhornCoupling(**kw)),
-}
+def _label_aware(inner: Callable[..., Coupling]) -> Callable[..., Coupling]:
+    """A factory of ``LabelAwareCoupling(inner(**params))`` that takes ``inner``'s parameters."""
+    def build(**params: Any) -> Coupling:
+        return LabelAwareCoupling(inner(**params))
+    build.__signature__ = inspect.signature(inner)  # type: ignore[attr-defined]
+    return build
 
 
-COUPLINGS = tuple(_REGISTRY)
+COUPLINGS: Registry[Coupling] = Registry("coupling")
+COUPLINGS.register("independent", "product coupling, pairs as drawn", IndependentCoupling)
+COUPLINGS.register("ot", "minibatch exact OT (a permutation; backend scipy or pot)", ExactOTCoupling)
+COUPLINGS.register("sinkhorn", "entropic minibatch OT, partners drawn from the Sinkhorn plan", SinkhornCoupling)
+COUPLINGS.register("ot-label", "exact OT within each class (needs labels)", _label_aware(ExactOTCoupling))
+COUPLINGS.register("sinkhorn-label", "Sinkhorn within each class (needs labels)", _label_aware(SinkhornCoupling))
 
 
-def get_coupling(name: str, **kwargs) -> Coupling:
-    """Build a coupling by name; ``kwargs`` go to the (inner) coupling constructor."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown coupling {name!r}; valid names: {', '.join(_REGISTRY)}")
-    return _REGISTRY[name](**kwargs)
+def get_coupling(name: str, **kwargs: Any) -> Coupling:
+    """Build a coupling of ``COUPLINGS`` by name; ``kwargs`` go to the (inner) coupling constructor."""
+    return COUPLINGS.build(name, **kwargs)

@@ -71,10 +71,16 @@ class SampleDensity:
         return bool(getattr(self.source, "has_log_prob", hasattr(self.source, "log_prob")))
 
     def log_prob(self, x: Tensor) -> Tensor:
-        if not self.has_log_prob:
-            raise ValueError(f"source density {self.source!r} has no log_prob: likelihoods need a base with a known density")
+        require_log_prob(self)
         d = x[0].numel()
         return self.source.log_prob(x / self.scale) - d * math.log(self.scale)
+
+
+def require_log_prob(density: Density) -> None:
+    """ValueError unless ``density`` has a log-density: likelihoods need a base with a known density."""
+    if not density.has_log_prob:
+        raise ValueError(f"source density {getattr(density, 'source', density)!r} has no log_prob: likelihoods need "
+                         "a base with a known density")
 
 
 def scaled(density: Density, scale: float) -> Density:

@@ -4,10 +4,12 @@ Launch: ``torchrun --nproc_per_node N -m fastfm.train ...`` (multi-node: torchru
 ``--nnodes/--node_rank/--rdzv_endpoint`` flags). NCCL on GPUs, gloo on CPU. Under torchrun the
 model is always DDP-wrapped (also for N = 1); without torchrun it runs as a plain single process.
 
-Batch layout. All ranks draw the same global batch of B rows from one shared, seeded stream and
-keep their own rows: rank r holds rows [r B/W, (r + 1) B/W), split further into ``accum``
-micro-batches of m = B / (W accum) rows. In-kernel noise for rows starting at global row i is
-drawn at stream offset i D, so a W-rank run sees exactly the samples of a one-process run.
+Batch layout. All ranks draw the same global batch of B rows from one shared stream (the run's
+"batch" stream, fastfm.seeding) and keep their own rows: rank r holds rows [r B/W, (r + 1) B/W),
+split further into ``accum`` micro-batches of m = B / (W accum) rows. In-kernel noise for rows
+starting at global row i is drawn from the step's "noise" seed at row offset i, so a W-rank run
+sees exactly the samples of a one-process run. What differs between ranks is seeded per rank:
+the global torch RNG (dropout; the "rank" stream) and a per-rank coupling ("coupling", step, rank).
 """
 
 from __future__ import annotations

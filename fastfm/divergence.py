@@ -14,22 +14,36 @@ import torch
 from torch import Tensor
 
 from fastfm.models.blocks import forward_mode_attention
+from fastfm.registry import Registry
 from fastfm.solvers import Field
 
 PROBES = ("rademacher", "gaussian")
-DIVERGENCES = ("auto", "exact", "hutchinson")
 EXACT_MAX_DIM = 16
 VectorField = Callable[[Tensor, Tensor], Tensor]
+
+DIVERGENCES: Registry[str] = Registry("divergence", supplied=("dim",))
+"""Each factory maps the data dimension D to the method used: 'exact' or 'hutchinson'."""
+DIVERGENCES.register("auto", f"exact up to {EXACT_MAX_DIM} dimensions, Hutchinson above",
+                     lambda dim: "exact" if dim <= EXACT_MAX_DIM else "hutchinson")
+DIVERGENCES.register("exact", "exact trace of the Jacobian, D JVPs per evaluation", lambda dim: "exact")
+DIVERGENCES.register("hutchinson", "unbiased Hutchinson estimate, one JVP per Rademacher probe",
+                     lambda dim: "hutchinson")
 
 
 def resolve_divergence(divergence: str, dim: int) -> str:
     """'exact' or 'hutchinson': ``auto`` is exact up to EXACT_MAX_DIM = 16 dimensions (D JVPs per
     evaluation), Hutchinson above."""
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
-    if divergence == "auto":
-        return "exact" if dim <= EXACT_MAX_DIM else "hutchinson"
-    return divergence
+    return DIVERGENCES.build(divergence, dim=dim)
+
+
+def draw_probes(divergence: str, dim: int, n_probes: int, shape: tuple[int, ...],
+                generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor | None:
+    """The probes a divergence of a D = ``dim`` field takes: None for the exact divergence (``auto`` resolved by
+    :func:`resolve_divergence`), else ``n_probes`` Rademacher probes of ``shape`` drawn with ``generator`` (on its
+    device), moved to ``device``."""
+    if resolve_divergence(divergence, dim) == "exact":
+        return None
+    return make_probes(n_probes, shape, "rademacher", generator).to(device)
 
 
 def divergence_exact(v: VectorField, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:

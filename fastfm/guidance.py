@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -36,3 +37,23 @@ def guided_model(model: nn.Module, y: Tensor | None, scale: float,
         return v_u + scale * (v_c - v_u)
 
     return field
+
+
+def check_conditioning(num_classes: int | None, guidance: float, class_label: int | None) -> None:
+    """The one rule set for labels and guidance at inference (eager runs and engines alike): a class label
+    names one of the model's classes; a guidance scale w != 1 is finite and needs a class-conditional model."""
+    if class_label is not None and (num_classes is None or not 0 <= class_label < num_classes):
+        have = "no classes" if num_classes is None else f"classes 0..{num_classes - 1}"
+        raise ValueError(f"class label {class_label} invalid: the model has {have} (--class-label {class_label})")
+    if not math.isfinite(guidance):
+        raise ValueError(f"guidance must be finite, got {guidance}")
+    if guidance != 1.0 and num_classes is None:
+        raise ValueError(f"guidance {guidance} needs a class-conditional model; this one has no classes "
+                         f"(--guidance {guidance})")
+
+
+def default_labels(n: int, num_classes: int | None, class_label: int | None) -> Tensor | None:
+    """Labels of n samples: all ``class_label``, or cycling through the classes; None for an unconditional model."""
+    if num_classes is None:
+        return None
+    return torch.full((n,), class_label) if class_label is not None else torch.arange(n) % num_classes

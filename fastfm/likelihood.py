@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from fastfm.divergence import augmented_field
 from fastfm.paths import AffinePath
-from fastfm.sampling import velocity_field
+from fastfm.ode import velocity_field
 from fastfm.solvers import solve
 
 
@@ -31,7 +32,7 @@ class LikelihoodResult:
     x0: Tensor
 
 
-def log_likelihood(model: nn.Module, path: AffinePath, x1: Tensor, *, method: str = "midpoint", steps: int = 32,
+def log_likelihood(model: nn.Module, path: AffinePath, x1: Tensor, *, solver: str = "midpoint", steps: int = 32,
                    grid: Tensor | None = None, target: str = "velocity", probes: Tensor | None = None,
                    y: Tensor | None = None, rtol: float = 1e-5, atol: float = 1e-5,
                    **conditioning: Tensor) -> LikelihoodResult:
@@ -43,22 +44,22 @@ def log_likelihood(model: nn.Module, path: AffinePath, x1: Tensor, *, method: st
         raise ValueError("log_likelihood: input contains NaN or Inf")
     if grid is not None:
         grid = grid.flip(0) if bool(grid[0] < grid[-1]) else grid
-    return integrate_log_likelihood(model, path, x1, method=method, steps=steps, grid=grid, target=target,
+    return integrate_log_likelihood(model, path, x1, solver=solver, steps=steps, grid=grid, target=target,
                                     probes=probes, y=y, rtol=rtol, atol=atol, **conditioning)
 
 
-def integrate_log_likelihood(model: nn.Module, path: AffinePath, x1: Tensor, *, method: str = "midpoint",
+def integrate_log_likelihood(model: nn.Module, path: AffinePath, x1: Tensor, *, solver: str = "midpoint",
                              steps: int = 32, grid: Tensor | None = None, target: str = "velocity",
                              probes: Tensor | None = None, y: Tensor | None = None, rtol: float = 1e-5,
                              atol: float = 1e-5, **conditioning: Tensor) -> LikelihoodResult:
     """The solve behind :func:`log_likelihood`, unchecked: ``grid`` (if given) must run from data to noise.
 
-    No host syncs or data-dependent branches with a fixed-step method, so torch.export traces it.
+    No host syncs or data-dependent branches with a fixed-step solver, so torch.export traces it.
     """
     v = velocity_field(model, path, target, y, 1.0, **conditioning)
     zero = torch.zeros(x1.shape[0], device=x1.device, dtype=torch.float32)
     t_start, t_end = path.time_interval(target)
-    res = solve(augmented_field(v, probes, 1.0), (x1, zero), method=method, steps=steps, grid=grid,
+    res = solve(augmented_field(v, probes, 1.0), (x1, zero), method=solver, steps=steps, grid=grid,
                 t0=t_end, t1=t_start, rtol=rtol, atol=atol)
     x0, delta = res.y
     return LikelihoodResult(path.prior.log_prob(x0) + delta, res.nfe, x0)
@@ -67,3 +68,13 @@ def integrate_log_likelihood(model: nn.Module, path: AffinePath, x1: Tensor, *, 
 def bits_per_dim(log_prob: Tensor, dim: int, levels: int = 256) -> Tensor:
     """bits/dim of L-level data from log p(y) of its dequantised [-1, 1] scaling (see module doc)."""
     return -(log_prob + dim * math.log(2.0 / levels)) / (dim * math.log(2.0))
+
+
+def nll_summary(log_prob: Tensor, dim: int, levels: int | None, **info: Any) -> dict[str, Any]:
+    """Mean NLL in nats with its standard error (and bits/dim for discrete data) of log-likelihoods."""
+    out: dict[str, Any] = {"nll_nats": float(-log_prob.mean()),
+                           "nll_nats_stderr": float(log_prob.std() / math.sqrt(len(log_prob))), **info,
+                           "n": len(log_prob)}
+    if levels is not None:
+        out["bits_per_dim"] = float(bits_per_dim(log_prob, dim, levels).mean())
+    return out

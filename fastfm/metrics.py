@@ -11,7 +11,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["energy_distance", "sliced_wasserstein", "mmd_rbf"]
+from fastfm import seeding
+
+__all__ = ["energy_distance", "mmd_rbf", "sample_quality", "sliced_wasserstein"]
 
 
 def _check(x: Tensor, y: Tensor, min_rows: int = 1) -> tuple[Tensor, Tensor]:
@@ -99,3 +101,11 @@ def sliced_wasserstein(
     iy = (mid * m).ceil().long().clamp(1, m) - 1
     wpp = (w.to(x.dtype)[:, None] * (xs[ix] - ys[iy]).abs() ** p).sum(0)
     return wpp.mean() ** (1 / p)
+
+
+def sample_quality(samples: Tensor, reference: Tensor, seed: int = 0) -> dict[str, float]:
+    """Energy distance and sliced Wasserstein-2 between samples and held-out data (vectors)."""
+    s, r = samples.flatten(1).float(), reference.flatten(1).float()
+    gen = seeding.generator(seed, seeding.EVAL)
+    return {"energy_distance": float(energy_distance(s, r)),
+            "sliced_wasserstein": float(sliced_wasserstein(s, r, generator=gen))}

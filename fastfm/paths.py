@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from fastfm.densities import Density, Gaussian, scaled
+from fastfm.registry import Registry
 
 TARGETS = ("velocity", "x1", "x0")
 _EPS = 1e-5
@@ -261,23 +262,30 @@ class AffinePath:
         return dict(self.scheduler.config)
 
 
-PATHS = ("condot", "vp", "ve", "linear", "trig", "learned")
+PATHS: Registry[Scheduler] = Registry("path")
+PATHS.register("condot", "conditional OT, x_t = t x1 + (1 - (1 - sigma_min) t) x0", CondOTScheduler)
+PATHS.register("vp", "variance-preserving diffusion, linear beta from beta_min to beta_max", VPScheduler)
+PATHS.register("ve", "variance-exploding diffusion, sigma from sigma_max to sigma_min", VEScheduler)
+
+
+@PATHS.register("linear", "linear interpolant x_t = t x1 + (1 - t) x0 (condot with sigma_min 0)")
+def _linear() -> Scheduler:
+    return CondOTScheduler(0.0)
+
+
+PATHS.register("trig", "trigonometric interpolant x_t = sin(pi t/2) x1 + cos(pi t/2) x0", TrigScheduler)
+
+
+@PATHS.register("learned", "Fourier-corrected interpolant trained by the max-min objective (fastfm.interpolants), "
+                "linear when untrained; train sizes it by --interp-modes")
+def _learned(modes: int = 4, sigma_coef: Sequence[float] | None = None,
+             alpha_coef: Sequence[float] | None = None) -> Scheduler:
+    from fastfm.interpolants import FourierInterpolant, LearnedScheduler  # it imports this module
+
+    return LearnedScheduler(FourierInterpolant(modes, sigma_coef, alpha_coef))
 
 
 def get_path(name: str, source: Density | None = None, **kwargs: Any) -> AffinePath:
-    """Build a path by name: condot (sigma_min), vp (beta_min, beta_max), ve (sigma_min, sigma_max), linear, trig,
-    learned (modes, sigma_coef, alpha_coef: a ``fastfm.interpolants.FourierInterpolant``, linear when untrained)."""
-    from fastfm.interpolants import FourierInterpolant, LearnedScheduler
-
-    factories: dict[str, Callable[..., Scheduler]] = {
-        "condot": CondOTScheduler, "vp": VPScheduler, "ve": VEScheduler,
-        "linear": lambda: CondOTScheduler(0.0), "trig": TrigScheduler,
-        "learned": lambda **kw: LearnedScheduler(FourierInterpolant(**kw)),
-    }
-    if name not in factories:
-        raise ValueError(f"unknown path {name!r}; choose one of {PATHS}")
-    try:
-        scheduler = factories[name](**kwargs)
-    except TypeError as e:
-        raise ValueError(f"bad parameters for path {name!r}: {kwargs} ({e})") from None
-    return AffinePath(scheduler, source)
+    """The path ``name`` of ``PATHS`` with scheduler parameters ``kwargs`` and base ``source`` (N(0, I) if None);
+    ValueError for an unknown name or parameter."""
+    return AffinePath(PATHS.build(name, **kwargs), source)

@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from fastfm.data.pixels import to_pixels  # noqa: E402
+
 
 def scatter_png(samples: torch.Tensor, path: str | Path, reference: torch.Tensor | None = None,
                 title: str = "") -> None:
@@ -46,3 +48,14 @@ def grid_png(images: torch.Tensor, path: str | Path, nrow: int | None = None) ->
         r, q = divmod(i, nrow)
         canvas[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + q * (w + 2): 2 + q * (w + 2) + w] = imgs[i]
     plt.imsave(path, canvas[..., 0] if c == 1 else canvas, cmap="gray" if c == 1 else None, vmin=0, vmax=255)
+
+
+def save_samples_png(samples: torch.Tensor, path: str | Path, kind: str, levels: int | None,
+                     reference: torch.Tensor | None = None, title: str = "") -> None:
+    """Scatter (2D vectors, first two coordinates otherwise) or an image grid of up to 64."""
+    if kind == "image":
+        levels = levels or 256
+        pixels = to_pixels(samples[:64], levels).float() * (255 / (levels - 1))
+        grid_png(pixels.round().to(torch.uint8), path)
+    else:
+        scatter_png(samples[:, :2], path, None if reference is None else reference[:, :2], title)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from fastfm.guidance import guided_model
 from fastfm.paths import AffinePath, expand_like
-from fastfm.sampling import SampleResult
+from fastfm.ode import SampleResult
 from fastfm.score import posterior_x0, score_from_prediction, score_interval
 from fastfm.solvers import time_grid
 

@@ -8,23 +8,52 @@ whole unrolled solve. Adaptive dopri5 goes through torchdiffeq, for reference so
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Callable, NamedTuple, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from fastfm.registry import Registry
+
 State = Union[Tensor, tuple[Tensor, ...]]
 Field = Callable[[Tensor, State], State]
 
-# (c, A, b): stage times, lower-triangular stage weights, output weights.
-TABLEAUS: dict[str, tuple[list[float], list[list[float]], list[float]]] = {
-    "euler": ([0.0], [[]], [1.0]),
-    "midpoint": ([0.0, 0.5], [[], [0.5]], [0.0, 1.0]),
-    "heun": ([0.0, 1.0], [[], [1.0]], [0.5, 0.5]),
-    "rk4": ([0.0, 0.5, 0.5, 1.0], [[], [0.5], [0.0, 0.5], [0.0, 0.0, 1.0]], [1 / 6, 1 / 3, 1 / 3, 1 / 6]),
-}
-ADAPTIVE = ("dopri5", "dopri8", "bosh3", "adaptive_heun")
-SOLVERS = tuple(TABLEAUS) + ADAPTIVE
+
+class Tableau(NamedTuple):
+    """An explicit Runge-Kutta method: stage times c, lower-triangular stage weights A, output weights b."""
+
+    c: list[float]
+    a: list[list[float]]
+    b: list[float]
+
+
+SOLVERS: Registry[Tableau | str] = Registry("solver")
+"""Every method ``solve`` takes: a fixed-step one builds its ``Tableau``, an adaptive one its torchdiffeq name."""
+TABLEAUS: Registry[Tableau] = Registry("fixed-step solver")
+ADAPTIVE: Registry[str] = Registry("adaptive solver")
+
+
+def _constant(value: Tableau | str) -> Callable[[], Tableau | str]:
+    return lambda: value
+
+
+for _name, _help, _tableau in (
+    ("euler", "Euler, 1 evaluation per step, order 1", Tableau([0.0], [[]], [1.0])),
+    ("midpoint", "explicit midpoint, 2 evaluations per step, order 2", Tableau([0.0, 0.5], [[], [0.5]], [0.0, 1.0])),
+    ("heun", "Heun, 2 evaluations per step, order 2", Tableau([0.0, 1.0], [[], [1.0]], [0.5, 0.5])),
+    ("rk4", "classic Runge-Kutta, 4 evaluations per step, order 4",
+     Tableau([0.0, 0.5, 0.5, 1.0], [[], [0.5], [0.0, 0.5], [0.0, 0.0, 1.0]], [1 / 6, 1 / 3, 1 / 3, 1 / 6])),
+):
+    for _registry in (TABLEAUS, SOLVERS):
+        _registry.register(_name, _help, _constant(_tableau))
+for _name, _help in (
+    ("dopri5", "adaptive Dormand-Prince 5(4) (torchdiffeq), steps set by rtol/atol"),
+    ("dopri8", "adaptive Dormand-Prince 8(7) (torchdiffeq)"),
+    ("bosh3", "adaptive Bogacki-Shampine 3(2) (torchdiffeq)"),
+    ("adaptive_heun", "adaptive Heun-Euler 2(1) (torchdiffeq)"),
+):
+    for _registry in (ADAPTIVE, SOLVERS):
+        _registry.register(_name, _help, _constant(_name))
 
 
 @dataclass
@@ -36,11 +65,9 @@ class SolveResult:
     intermediates: State | None = None
 
 
-def tableau(method: str) -> tuple[list[float], list[list[float]], list[float]]:
+def tableau(method: str) -> Tableau:
     """The Butcher tableau (c, A, b) of a fixed-step method."""
-    if method not in TABLEAUS:
-        raise ValueError(f"unknown fixed-step solver {method!r}; choose one of {tuple(TABLEAUS)}")
-    return TABLEAUS[method]
+    return TABLEAUS.build(method)
 
 
 def _axpy(y: State, h: Tensor, terms: Sequence[tuple[float, State]]) -> State:
@@ -119,8 +146,7 @@ def solve(f: Field, y0: State, method: str = "midpoint", steps: int = 32, grid: 
 
     Adaptive methods use the grid only for the times they report.
     """
-    if method not in SOLVERS:
-        raise ValueError(f"unknown solver {method!r}; choose one of {SOLVERS}")
+    SOLVERS.check(method)
     if grid is None:
         grid = time_grid(steps if method in TABLEAUS else 1, t0, t1, device=_device(y0))
     elif grid.dim() != 1 or grid.shape[0] < 2:

@@ -1,26 +1,49 @@
-"""Training-time distributions of t in [0, 1], always returned in fp32."""
+"""Training-time distributions of t in [0, 1], always returned in fp32, by name from ``TIME_SAMPLERS``."""
 
 from __future__ import annotations
+
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-TIME_SAMPLERS = ("uniform", "logit-normal")
+from fastfm.registry import Registry
 
 
-class TimeSampler:
-    """t ~ U[0, 1) (``uniform``) or t = sigmoid(m + s n), n ~ N(0, 1) (``logit-normal``, Esser et al. 2024)."""
+class TimeSampler(Protocol):
+    def __call__(self, n: int, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> Tensor:
+        """n times in [0, 1], fp32."""
+        ...
 
-    def __init__(self, name: str = "uniform", mean: float = 0.0, std: float = 1.0) -> None:
-        if name not in TIME_SAMPLERS:
-            raise ValueError(f"unknown time sampler {name!r}; choose one of {TIME_SAMPLERS}")
-        if std <= 0:
-            raise ValueError(f"logit-normal std must be positive, got {std}")
-        self.name, self.mean, self.std = name, mean, std
+
+TIME_SAMPLERS: Registry[TimeSampler] = Registry("time sampler")
+
+
+@TIME_SAMPLERS.register("uniform", "t ~ U[0, 1)")
+class UniformTime:
+    """t ~ U[0, 1)."""
 
     def __call__(self, n: int, generator: torch.Generator | None = None,
                  device: torch.device | str | None = None) -> Tensor:
-        if self.name == "uniform":
-            return torch.rand(n, generator=generator, device=device, dtype=torch.float32)
+        return torch.rand(n, generator=generator, device=device, dtype=torch.float32)
+
+
+@TIME_SAMPLERS.register("logit-normal", "t = sigmoid(mean + std n), n ~ N(0, 1) (Esser et al. 2024)")
+class LogitNormalTime:
+    """t = sigmoid(mean + std n), n ~ N(0, 1)."""
+
+    def __init__(self, mean: float = 0.0, std: float = 1.0) -> None:
+        if std <= 0:
+            raise ValueError(f"logit-normal std must be positive, got {std}")
+        self.mean, self.std = mean, std
+
+    def __call__(self, n: int, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> Tensor:
         z = torch.randn(n, generator=generator, device=device, dtype=torch.float32)
         return torch.sigmoid(self.mean + self.std * z)
+
+
+def get_time_sampler(name: str = "uniform", **params: Any) -> TimeSampler:
+    """The time sampler ``name`` of ``TIME_SAMPLERS`` with ``params``; ValueError for an unknown name or parameter."""
+    return TIME_SAMPLERS.build(name, **params)

@@ -17,12 +17,17 @@ velocity (X_{t1} - X_{t0}) / (t1 - t0)). Each per-sample term is >= 0 by Cauchy-
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from fastfm import seeding
 from fastfm.solvers import Field
+
+if TYPE_CHECKING:
+    from fastfm.paths import AffinePath
 
 W2_MAX_POINTS = 10_000
 """Largest sample set per side ``w2_squared`` takes unless told otherwise: the exact network-simplex LP is
@@ -104,3 +109,20 @@ def w2_squared(x: Tensor, y: Tensor, max_points: int | None = W2_MAX_POINTS) -> 
         raise ValueError(f"exact OT did not converge: {log['warning']}")
     return float(value)
 
+
+
+def transport_report(res: Any, path: AffinePath, reference: Tensor | None = None, *, w2_points: int,
+                     seed: int = 0) -> dict[str, Any]:
+    """The "transport" block of an evaluation: kinetic energy and straightness (means over the trajectories of
+    the solve that made ``res``, a ``SampleResult`` of a solve with ``transport=True``) and, given reference
+    data (vectors), POT's exact W2^2 between ``w2_points`` prior draws and as many reference points: the least
+    kinetic energy any flow from the prior to the data can have (Benamou-Brenier), up to sampling error."""
+    if res.kinetic is None or res.straightness is None:
+        raise ValueError("transport_report needs samples generated with transport=True")
+    out: dict[str, Any] = transport_summary(res.kinetic, res.straightness)
+    if reference is not None:
+        n = min(w2_points, len(reference))
+        x0 = path.prior.sample((n, *reference.shape[1:]), generator=seeding.generator(seed, seeding.EVAL))
+        out["w2_sq_pot"] = w2_squared(x0, reference[:n])
+        out["w2_n"] = n
+    return out

@@ -4,9 +4,9 @@
     fastfm::cfm_loss(v, x1, c, d, x0?, rng?, std) -> per-sample loss (B,), differentiable in v
     fastfm::cfm_loss_grad(grad, v, x1, c, d, x0?, rng?, std) -> dL/dv
 
-Backends (``FASTFM_KERNELS`` = auto | reference | cpp | triton; auto picks Triton for CUDA
-tensors and the C++ extension for CPU tensors, the reference where those are missing), all with
-this one signature: the Triton launchers run inside a ``triton_op`` so torch.compile and
+Backends (``FASTFM_KERNELS`` = one of :data:`KERNEL_BACKENDS`: auto | reference | cpp | triton; auto picks
+Triton for CUDA tensors and the C++ extension for CPU tensors, the reference where those are missing), all
+with this one signature: the Triton launchers run inside a ``triton_op`` so torch.compile and
 torch.export see the kernels; the C++ kernels and the reference sit behind opaque
 ``fastfm::*_cpp`` / ``fastfm::*_reference`` ops with fake implementations, so a compiled graph
 never inlines the reference's Philox arithmetic (inductor does not finish compiling it).
@@ -14,10 +14,20 @@ With x0 = None the noise x0 = std * N(0, I) is drawn inside the kernel from the 
 ``rng``, the int64 tensor [seed, offset] on the data's device (kernels/rng.py; a shard of a batch
 draws its rows of the whole batch's noise at its offset), so the noise is never read from or
 written to memory, and a new seed is new data to a compiled or CUDA-graph-captured step.
+
+Arguments. This module owns their validation for every backend, and every check raises
+:class:`KernelArgumentError` (a ``ValueError``) naming what is wrong: :func:`check_args` runs inside each
+op, so every caller (the functions below, ``torch.ops.fastfm.*``, the autograd backward, an exported
+graph) goes through it; :func:`backend_for` holds the backends' device rules and :data:`DATA_DTYPES` /
+:data:`MAX_NUMEL` their dtypes and sizes; the opaque C++ and reference ops, which run on real data, also
+read a CPU state's offset and check its rows are in the stream (kernels/rng.py). The functions below check
+beforehand only what the dispatcher would refuse with its own error (a Python type), and make the
+coefficients float32. The backend modules (cpu, triton_kernels, reference) take validated arguments.
 """
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Optional
 
@@ -25,7 +35,7 @@ import torch
 from torch import Tensor
 
 from fastfm.kernels import cpu, reference
-from fastfm.kernels.rng import philox_state
+from fastfm.kernels.rng import KernelArgumentError, check_state, check_state_rows, check_state_type, philox_state
 
 try:
     from fastfm.kernels import triton_kernels
@@ -34,23 +44,126 @@ except ImportError:  # no triton: the same ops as plain custom ops
     triton_kernels = None
     _define = torch.library.custom_op
 
-BACKENDS = ("auto", "reference", "cpp", "triton")
+__all__ = ["DATA_DTYPES", "KERNEL_BACKENDS", "MAX_NUMEL", "KernelArgumentError", "affine_path", "backend_for",
+           "cfm_loss", "cfm_loss_grad", "check_args", "noise_state"]
+
+KERNEL_BACKENDS = ("auto", "reference", "cpp", "triton")
+
+_F32, _F64, _BF16, _F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
+DATA_DTYPES = {  # the dtypes each backend computes with (x1, x0 and v share one)
+    "reference": (_F32, _F64, _BF16, _F16),
+    "cpp": (_F32, _F64, _BF16),
+    "triton": (_F32, _BF16, _F16),
+}
+MAX_NUMEL = {"triton": 2**31 - 1}  # the Triton kernels index elements (and the noise stream) with int32 offsets
 
 
 def backend_for(device: torch.device) -> str:
     """The backend that serves tensors on ``device`` under the current FASTFM_KERNELS setting."""
     choice = os.environ.get("FASTFM_KERNELS", "auto")
-    if choice not in BACKENDS:
-        raise ValueError(f"FASTFM_KERNELS={choice!r} is not a backend; choose one of {BACKENDS}")
+    if choice not in KERNEL_BACKENDS:
+        raise KernelArgumentError(f"FASTFM_KERNELS={choice!r} is not a backend; choose one of {KERNEL_BACKENDS}")
     if choice == "auto":
         if device.type == "cuda" and triton_kernels is not None:
             return "triton"
         return "cpp" if device.type == "cpu" and cpu.available() else "reference"
     if choice == "cpp" and (device.type != "cpu" or not cpu.available()):
-        raise ValueError(f"FASTFM_KERNELS=cpp needs CPU tensors and the built extension fastfm._C (device {device})")
-    if choice == "triton" and triton_kernels is None:
-        raise ValueError("FASTFM_KERNELS=triton needs the triton package")
+        raise KernelArgumentError(f"FASTFM_KERNELS=cpp needs CPU tensors and the built extension fastfm._C "
+                                  f"(device {device})")
+    if choice == "triton":
+        if triton_kernels is None:
+            raise KernelArgumentError("FASTFM_KERNELS=triton needs the triton package")
+        if device.type == "cpu" and not triton_kernels.interpret_mode():
+            raise KernelArgumentError("FASTFM_KERNELS=triton with tensors on the CPU: the Triton kernels need GPU "
+                                      "tensors (or TRITON_INTERPRET=1 set before triton is imported, to run them in "
+                                      "the interpreter)")
     return choice
+
+
+# ---------------------------------------------------------------- argument validation
+
+
+def _dtype_names(dtypes: tuple[torch.dtype, ...]) -> str:
+    names = [str(t).removeprefix("torch.") for t in dtypes]
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _tensor(name: str, t: object, what: str = "a torch.Tensor") -> Tensor:
+    if not isinstance(t, Tensor):
+        raise KernelArgumentError(f"{name} must be {what}, got {type(t).__name__}")
+    return t
+
+
+def _check_like(name: str, t: Tensor, x1: Tensor) -> None:
+    """x0 / v: x1's device, dtype and shape."""
+    if t.device != x1.device:
+        raise KernelArgumentError(f"device mismatch: {name} is on {t.device} but x1 is on {x1.device}")
+    if t.dtype != x1.dtype:
+        raise KernelArgumentError(f"dtype mismatch: {name} dtype {t.dtype} does not match x1 dtype {x1.dtype}")
+    if t.shape != x1.shape:
+        raise KernelArgumentError(f"shape mismatch: {name} shape {tuple(t.shape)} does not match x1 shape "
+                                  f"{tuple(x1.shape)}")
+
+
+def _check_coefficient(name: str, t: Tensor, x1: Tensor) -> None:
+    """A per-sample value (a, b, c, d, the upstream grad): float32 of shape (B,) on x1's device."""
+    if t.device != x1.device:
+        raise KernelArgumentError(f"device mismatch: coefficient {name} is on {t.device} but x1 is on {x1.device}")
+    if tuple(t.shape) != (x1.shape[0],):
+        raise KernelArgumentError(f"coefficient {name} must have shape (B,) = ({x1.shape[0]},), one value per "
+                                  f"sample; got {tuple(t.shape)}")
+    if t.dtype != torch.float32:
+        raise KernelArgumentError(f"coefficient {name} must be float32 (per-sample coefficient), got {t.dtype}")
+
+
+def check_args(backend: str, x1: Tensor, coefs: dict[str, Tensor], x0: Tensor | None, rng: Tensor | None,
+               v: Tensor | None = None) -> None:
+    """Raise :class:`KernelArgumentError` unless the tensors of an op are right for ``backend``: x1 with a batch
+    dimension (B, ...) in a dtype the backend computes with (and, for Triton, under 2^31 elements); v and x0
+    like x1 (device, dtype, shape); each coefficient float32 of shape (B,) on x1's device; with x0 None, rng
+    the noise state on x1's device (kernels/rng.py)."""
+    if x1.dim() < 1:
+        raise KernelArgumentError("x1 must have a batch dimension (B, ...), got a 0-d tensor")
+    dtypes = DATA_DTYPES[backend]
+    if x1.dtype not in dtypes:
+        raise KernelArgumentError(f"unsupported dtype {x1.dtype}: x1 must be {_dtype_names(dtypes)} for the "
+                                  f"{backend} backend")
+    if backend in MAX_NUMEL and x1.numel() > MAX_NUMEL[backend]:
+        raise KernelArgumentError(f"x1 has {x1.numel()} elements; the {backend} kernels index elements (and the "
+                                  f"noise stream) with int32 offsets, so numel must be < 2**31")
+    for name, t in (("v", v), ("x0", x0)):
+        if t is not None:
+            _check_like(name, t, x1)
+    for name, t in coefs.items():
+        _check_coefficient(name, t, x1)
+    if x0 is None:
+        check_state(rng, x1)
+
+
+def _public_args(x1: object, coefs: dict[str, object], x0: object, rng: object, std: object,
+                 v: object = None) -> tuple[list[Tensor], Tensor | None, float]:
+    """What the public functions check before the dispatcher (which refuses a wrong Python type with its own
+    error): tensors are tensors and std a number; the coefficients, of any floating dtype, become contiguous
+    float32; rng is dropped when x0 is given. Returns (coefficients, rng, std); :func:`check_args` does the rest."""
+    _tensor("x1", x1)
+    for name, t in (("v", v), ("x0", x0)):
+        if t is not None:
+            _tensor(name, t)
+    out = []
+    for name, t in coefs.items():
+        t = _tensor(f"coefficient {name}", t, "a torch.Tensor of shape (B,)")
+        if not t.is_floating_point():
+            raise KernelArgumentError(f"coefficient {name} must be a floating tensor (float32), got {t.dtype}")
+        out.append(t.float().contiguous())
+    if x0 is not None:
+        rng = None
+    else:
+        check_state_type(rng)
+    if isinstance(std, Tensor):
+        raise KernelArgumentError("std must be a Python float, not a tensor")
+    if not isinstance(std, numbers.Real):
+        raise KernelArgumentError(f"std must be a float, got {type(std).__name__}")
+    return out, rng, float(std)
 
 
 # ---------------------------------------------------------------- opaque backends (C++, reference)
@@ -63,23 +176,33 @@ def _fake_loss(v: Tensor) -> Tensor:
     return v.new_empty(v.shape[0], dtype=torch.float32)
 
 
+def _check_rows(x1: Tensor, x0: Tensor | None, rng: Tensor | None) -> None:
+    """The rows a drawing op reads lie in the stream, for a state on the CPU (real tensors only: the opaque
+    ops' fake implementations serve tracing)."""
+    if x0 is None:
+        check_state_rows(rng, x1.shape[0])
+
+
 def _register_opaque(name: str, backend) -> None:
     """``fastfm::{affine_path,cfm_loss,cfm_loss_grad}_<name>``: ``backend``'s functions as opaque custom ops."""
 
     @torch.library.custom_op(f"fastfm::affine_path_{name}", mutates_args=())
     def path_op(x1: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, x0: Optional[Tensor], rng: Optional[Tensor],
                 std: float, write_target: bool) -> tuple[Tensor, Tensor]:
+        _check_rows(x1, x0, rng)
         x_t, target = backend.affine_path(x1, a, b, c, d, x0, rng, std, write_target)
         return x_t, target if target is not None else x1.new_empty(0)
 
     @torch.library.custom_op(f"fastfm::cfm_loss_{name}", mutates_args=())
     def loss_op(v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Optional[Tensor], rng: Optional[Tensor],
                 std: float) -> Tensor:
+        _check_rows(x1, x0, rng)
         return backend.cfm_loss(v, x1, c, d, x0, rng, std)
 
     @torch.library.custom_op(f"fastfm::cfm_loss_grad_{name}", mutates_args=())
     def grad_op(grad: Tensor, v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Optional[Tensor],
                 rng: Optional[Tensor], std: float) -> Tensor:
+        _check_rows(x1, x0, rng)
         return backend.cfm_loss_grad(grad, v, x1, c, d, x0, rng, std)
 
     path_op.register_fake(lambda x1, a, b, c, d, x0, rng, std, write_target: _fake_path(x1, write_target))
@@ -100,6 +223,7 @@ def _opaque(backend: str, op: str):
 def _affine_path_impl(x1: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, x0: Optional[Tensor],
                       rng: Optional[Tensor], std: float, write_target: bool) -> tuple[Tensor, Tensor]:
     backend = backend_for(x1.device)
+    check_args(backend, x1, {"a": a, "b": b, "c": c, "d": d}, x0, rng)
     if backend != "triton":
         return _opaque(backend, "affine_path")(x1, a, b, c, d, x0, rng, std, write_target)
     x_t, target = triton_kernels.affine_path(x1, a, b, c, d, x0, rng, std, write_target)
@@ -108,7 +232,8 @@ def _affine_path_impl(x1: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, x0
 
 def _cfm_loss_impl(v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Optional[Tensor], rng: Optional[Tensor],
                    std: float) -> Tensor:
-    backend = backend_for(v.device)
+    backend = backend_for(x1.device)
+    check_args(backend, x1, {"c": c, "d": d}, x0, rng, v)
     if backend != "triton":
         return _opaque(backend, "cfm_loss")(v, x1, c, d, x0, rng, std)
     return triton_kernels.cfm_loss(v, x1, c, d, x0, rng, std)
@@ -116,7 +241,8 @@ def _cfm_loss_impl(v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Optional[Ten
 
 def _cfm_loss_grad_impl(grad: Tensor, v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Optional[Tensor],
                         rng: Optional[Tensor], std: float) -> Tensor:
-    backend = backend_for(v.device)
+    backend = backend_for(x1.device)
+    check_args(backend, x1, {"grad": grad, "c": c, "d": d}, x0, rng, v)
     if backend != "triton":
         return _opaque(backend, "cfm_loss_grad")(grad, v, x1, c, d, x0, rng, std)
     return triton_kernels.cfm_loss_grad(grad, v, x1, c, d, x0, rng, std)
@@ -147,12 +273,6 @@ def _loss_backward(ctx, grad: Tensor):
 _cfm_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 
-def _check_batch(x: Tensor, **coefs: Tensor) -> None:
-    for name, co in coefs.items():
-        if co.shape != (x.shape[0],):
-            raise ValueError(f"coefficient {name} must have shape ({x.shape[0]},), got {tuple(co.shape)}")
-
-
 def noise_state(x1: Tensor, seed: int = 0, offset: int = 0) -> Tensor:
     """The noise state ``[seed, offset]`` for drawing x0 like ``x1`` (on its device): its rows are rows
     [offset, offset + B) of the stream (range checked).
@@ -169,15 +289,20 @@ def affine_path(x1: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, x0: Tens
 
     x0 None draws ``std * N(0, I)`` in the kernel from the stream of ``rng`` (see :func:`noise_state`).
     """
-    _check_batch(x1, a=a, b=b, c=c, d=d)
-    coefs = [co.float().contiguous() for co in (a, b, c, d)]
-    x_t, target = torch.ops.fastfm.affine_path(x1, *coefs, x0, None if x0 is not None else rng, std, write_target)
+    coefs, rng, std = _public_args(x1, {"a": a, "b": b, "c": c, "d": d}, x0, rng, std)
+    x_t, target = torch.ops.fastfm.affine_path(x1, *coefs, x0, rng, std, write_target)
     return x_t, target if write_target else None
 
 
 def cfm_loss(v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None, rng: Tensor | None = None,
              std: float = 1.0) -> Tensor:
     """Per-sample (1/D) |v - (c x0 + d x1)|^2 in fp32, differentiable in v; x0 and the target never stored."""
-    _check_batch(v, c=c, d=d)
-    return torch.ops.fastfm.cfm_loss(v, x1, c.float().contiguous(), d.float().contiguous(), x0,
-                                     None if x0 is not None else rng, std)
+    coefs, rng, std = _public_args(x1, {"c": c, "d": d}, x0, rng, std, v)
+    return torch.ops.fastfm.cfm_loss(v, x1, *coefs, x0, rng, std)
+
+
+def cfm_loss_grad(grad: Tensor, v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None,
+                  rng: Tensor | None = None, std: float = 1.0) -> Tensor:
+    """dL/dv = grad[b] 2 (v - (c x0 + d x1)) / D in v's dtype for upstream per-sample gradients ``grad`` (B,)."""
+    (grad, c, d), rng, std = _public_args(x1, {"grad": grad, "c": c, "d": d}, x0, rng, std, v)
+    return torch.ops.fastfm.cfm_loss_grad(grad, v, x1, c, d, x0, rng, std)

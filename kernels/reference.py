@@ -1,7 +1,8 @@
 """Plain-PyTorch references: the spec every kernel (Triton, C++) is tested against.
 
 Noise stream. With the state ``rng = [seed, offset]`` (an int64 tensor on the data's device,
-kernels/rng.py) and x1 viewed as (B, D), element (r, j) of x0 is
+kernels/rng.py) and x1 viewed as (B, D), element (r, j) of x0 is std times word j % 4 of the Box-Muller
+normals of Philox4x32-10 keyed by the seed at counter (j // 4, offset + r), where offset counts rows:
 
     x0[r, j] = std * n_{j mod 4},   (w0, w1, w2, w3) = Philox4x32-10(counter = (j // 4, offset + r, 0, 0),
                                                                      key = (seed_lo, seed_hi))
@@ -14,6 +15,8 @@ element), and ``offset`` counts rows: rows [r0, r0 + m) of a batch (a DDP rank, 
 those rows of the whole batch's noise with offset r0. The state is read with tensor ops (no host
 sync), so the reference runs inside a CUDA graph too. Backends agree up to float rounding of
 log/sqrt/cos/sin (documented tolerance: 1e-5 absolute).
+
+The ops take validated arguments: fastfm.kernels.ops checks them for every backend (KernelArgumentError).
 
 Ops (per-sample fp32 coefficients a, b, c, d of shape (B,), D = elements per sample):
     affine_path:    x_t = a x0 + b x1,  target = c x0 + d x1
@@ -28,7 +31,7 @@ import math
 import torch
 from torch import Tensor
 
-from fastfm.kernels.rng import check_state, philox_state
+from fastfm.kernels.rng import philox_state, signed_seed
 
 PHILOX_KEY_A, PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
 PHILOX_ROUND_A, PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -46,8 +49,10 @@ def _mul_hi_lo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def philox4x32(seed: int | Tensor, c0: Tensor, c1: Tensor, rounds: int = 10) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Philox4x32 with counter (c0, c1, 0, 0) (broadcast together) and key from the 64-bit seed (an int, or an
-    int64 tensor holding its bits); words as int64 in [0, 2^32)."""
+    """Philox4x32 with counter (c0, c1, 0, 0) (broadcast together) and key from the 64-bit seed (an int64 tensor
+    holding its bits, as in a state, or an int, normalised by kernels/rng.py); words as int64 in [0, 2^32)."""
+    if not isinstance(seed, Tensor):
+        seed = signed_seed(seed)
     c0, c1 = torch.broadcast_tensors(c0.to(torch.int64) & _M32, c1.to(torch.int64) & _M32)
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
@@ -99,7 +104,7 @@ def _math(x1: Tensor, x0: Tensor | None, rng: Tensor | None, std: float) -> tupl
     """(x0, x1) in the math dtype (fp64 for fp64 inputs, else fp32); x0 drawn from ``rng`` if not given."""
     dtype = torch.float64 if x1.dtype == torch.float64 else torch.float32
     if x0 is None:
-        x0 = std * randn_state(check_state(rng, x1), x1.shape[0], math.prod(x1.shape[1:])).reshape(x1.shape)
+        x0 = std * randn_state(rng, x1.shape[0], math.prod(x1.shape[1:])).reshape(x1.shape)
     return x0.to(dtype), x1.to(dtype)
 
 

@@ -12,14 +12,15 @@ coefficients are loaded once per tile row (no per-element gather, no per-element
 tile row is COLS contiguous elements, so with D a multiple of 16 (Triton's divisibility specialisation)
 the loads and stores are 128-bit vectors. Tiles hold 4096 elements of each tensor over 8 warps (16 per
 thread); :func:`tile_shape` picks the power-of-two COLS that wastes the fewest masked lanes for D.
-Element offsets are int32 (numel < 2^31).
+Element offsets are int32 (numel < 2^31, a rule of this backend that fastfm.kernels.ops enforces).
 
 Noise: when ``x0`` is None the source sample is drawn inside the kernel, never read from or written to
-memory: one ``tl.philox`` call per four elements of a row at counter (j // 4, offset + r, 0, 0), two
-Box-Muller pairs, interleaved back to the row (the stream of ``reference.randn_state``). The seed and the
-row offset are read inside the kernel from the int64 state tensor ``rng = [seed, offset]``
-(kernels/rng.py): every scalar a launch passes is a shape-derived int32 or a float, so a compiled
-graph never specialises on (or recompiles for) a seed, and a CUDA graph replays with a new one.
+memory, from the stream of kernels/rng.py (``reference.randn_state``): element (r, j) of x0 is std times
+word j % 4 of the Box-Muller normals of Philox4x32-10 keyed by the seed at counter (j // 4, offset + r),
+where offset counts rows; one ``tl.philox`` call per four elements of a row, two Box-Muller pairs,
+interleaved back to the row. The seed and the row offset are read inside the kernel from the int64 state
+tensor ``rng = [seed, offset]``: every scalar a launch passes is a shape-derived int32 or a float, so a
+compiled graph never specialises on (or recompiles for) a seed, and a CUDA graph replays with a new one.
 Kernels specialise on the constexpr ``HAS_X0`` so the noise-only variant never touches an x0 or rng pointer.
 
 Launches go through ``torch.library.wrap_triton`` so the launchers can be called inside a
@@ -27,6 +28,10 @@ Launches go through ``torch.library.wrap_triton`` so the launchers can be called
 
 Unused pointer arguments (x0 when ``HAS_X0`` is False, rng when it is True, target when ``WRITE_TARGET``
 is False) get an input that is only read, so tracing never sees an output passed twice.
+
+Arguments: the public functions take validated arguments (fastfm.kernels.ops checks them for every backend,
+raising KernelArgumentError, and holds this backend's rules: its dtypes float32, bfloat16 and float16, GPU
+tensors or the interpreter, numel < 2^31); they only make inputs contiguous and coefficients float32.
 
 Interpreter mode (CPU testing): Triton picks interpreter or compiler when ``@triton.jit`` decorates a
 function, its own library (tl.philox, ...) included, so ``TRITON_INTERPRET=1`` must be set before
@@ -42,17 +47,12 @@ import triton  # an ImportError here is the only way this module fails to import
 import triton.language as tl
 from torch import Tensor
 
-from fastfm.kernels.rng import check_state
-
 try:  # torch >= 2.6
     from torch.library import wrap_triton
 except ImportError as exc:  # pragma: no cover - older torch
     raise ImportError("fastfm.kernels.triton_kernels needs torch.library.wrap_triton (torch >= 2.6)") from exc
 
 __all__ = ["affine_path", "cfm_loss", "cfm_loss_grad"]
-
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_NUMEL = 2**31 - 1  # offsets into the noise stream (and pointer offsets) are int32
 
 # Elements of each tensor one program moves, over _NUM_WARPS warps: 16 per thread (64 bytes of fp32, four
 # 128-bit accesses; four Philox calls).
@@ -149,8 +149,9 @@ def _box_muller(w, w2):
 @triton.jit
 def _source(x0_ptr, rng_ptr, rows, cb, offs, mask, std, HAS_X0: tl.constexpr, ROWS: tl.constexpr,
             COLS: tl.constexpr):
-    """x0 on the tile: loaded, or std * the stream of rng = [seed, row offset] (int64) when no x0 is stored:
-    Philox at counter (column // 4, row offset + row, 0, 0), four normals per call, interleaved."""
+    """x0 on the tile: loaded, or, when no x0 is stored, std * the stream of rng = [seed, offset] (int64):
+    element (row, column) is word column % 4 of the Box-Muller normals of Philox keyed by the seed at counter
+    (column // 4, offset + row, 0, 0), four normals per call, interleaved."""
     if HAS_X0:  # if/else, not an early return: the compiler must not see the noise branch at all
         z = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
@@ -184,10 +185,9 @@ def _affine_path_kernel(x1_ptr, x0_ptr, rng_ptr, a_ptr, b_ptr, c_ptr, d_ptr, xt_
 
 
 @triton.jit
-def _cfm_loss_partial_kernel(v_ptr, x1_ptr, x0_ptr, rng_ptr, c_ptr, d_ptr, part_ptr,
-                             B, D, NCB, std,
-                             HAS_X0: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
-    # Each tile writes its rows' sums of squared residuals over its columns to part[row, column block].
+def _residual(v_ptr, x1_ptr, x0_ptr, rng_ptr, c_ptr, d_ptr, B, D, NCB, std,
+              HAS_X0: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """This tile's (rows, column block, offsets, mask) and the CFM residual r = v - (c z + d x1) in fp32."""
     rows, cb, offs, mask = _tile(B, D, NCB, ROWS, COLS)
     in_rows = rows < B
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -195,23 +195,27 @@ def _cfm_loss_partial_kernel(v_ptr, x1_ptr, x0_ptr, rng_ptr, c_ptr, d_ptr, part_
     z = _source(x0_ptr, rng_ptr, rows, cb, offs, mask, std, HAS_X0, ROWS, COLS)
     c = tl.load(c_ptr + rows, mask=in_rows, other=0.0)[:, None]
     d = tl.load(d_ptr + rows, mask=in_rows, other=0.0)[:, None]
-    r = tl.where(mask, v - (c * z + d * x1), 0.0)
-    tl.store(part_ptr + rows * NCB + cb, tl.sum(r * r, axis=1), mask=in_rows)
+    return rows, cb, offs, mask, v - (c * z + d * x1)
+
+
+@triton.jit
+def _cfm_loss_partial_kernel(v_ptr, x1_ptr, x0_ptr, rng_ptr, c_ptr, d_ptr, part_ptr,
+                             B, D, NCB, std,
+                             HAS_X0: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    # Each tile writes its rows' sums of squared residuals over its columns to part[row, column block].
+    rows, cb, offs, mask, r = _residual(v_ptr, x1_ptr, x0_ptr, rng_ptr, c_ptr, d_ptr, B, D, NCB, std,
+                                        HAS_X0, ROWS, COLS)
+    r = tl.where(mask, r, 0.0)
+    tl.store(part_ptr + rows * NCB + cb, tl.sum(r * r, axis=1), mask=rows < B)
 
 
 @triton.jit
 def _cfm_loss_grad_kernel(g_ptr, v_ptr, x1_ptr, x0_ptr, rng_ptr, c_ptr, d_ptr, out_ptr,
                           B, D, NCB, scale, std,
                           HAS_X0: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
-    rows, cb, offs, mask = _tile(B, D, NCB, ROWS, COLS)
-    in_rows = rows < B
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    x1 = tl.load(x1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    z = _source(x0_ptr, rng_ptr, rows, cb, offs, mask, std, HAS_X0, ROWS, COLS)
-    g = tl.load(g_ptr + rows, mask=in_rows, other=0.0)[:, None]
-    c = tl.load(c_ptr + rows, mask=in_rows, other=0.0)[:, None]
-    d = tl.load(d_ptr + rows, mask=in_rows, other=0.0)[:, None]
-    r = v - (c * z + d * x1)
+    rows, cb, offs, mask, r = _residual(v_ptr, x1_ptr, x0_ptr, rng_ptr, c_ptr, d_ptr, B, D, NCB, std,
+                                        HAS_X0, ROWS, COLS)
+    g = tl.load(g_ptr + rows, mask=rows < B, other=0.0)[:, None]
     tl.store(out_ptr + offs, ((g * scale) * r).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -240,71 +244,20 @@ def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-# ----------------------------------------------------------------------------------------------
-# Validation
-# ----------------------------------------------------------------------------------------------
-
-
-def _check_data(name: str, t, ref: Tensor | None = None, ref_name: str = "x1") -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if ref is None:
-        if t.dim() < 1:
-            raise ValueError(f"{name} must have a leading batch dimension, got a 0-d tensor")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"unsupported dtype {t.dtype} for {name}; expected one of float32, bfloat16, float16")
-        if t.numel() > MAX_NUMEL:
-            raise ValueError(f"{name} has {t.numel()} elements; the kernels index elements (and the noise "
-                             f"stream) with int32 offsets, so numel must be < 2**31")
-        if t.device.type == "cpu" and not interpret_mode():
-            raise ValueError(f"{name} is on the CPU: the Triton kernels need GPU tensors "
-                             f"(or TRITON_INTERPRET=1 set before the launch to run them in the interpreter)")
-        return
-    if t.device != ref.device:
-        raise ValueError(f"device mismatch: {name} is on {t.device} but {ref_name} is on {ref.device}")
-    if t.dtype != ref.dtype:
-        raise ValueError(f"dtype mismatch: {name} is {t.dtype} but {ref_name} is {ref.dtype}")
-    if t.shape != ref.shape:
-        raise ValueError(f"shape mismatch: {name} has shape {tuple(t.shape)} but {ref_name} has {tuple(ref.shape)}")
-
-
-def _check_coef(name: str, t, x1: Tensor) -> Tensor:
-    """A per-sample coefficient: shape (B,), x1's device, floating; returned as contiguous fp32."""
-    if not isinstance(t, Tensor):
-        raise TypeError(f"coefficient {name} must be a torch.Tensor of shape (B,), got {type(t).__name__}")
-    if t.device != x1.device:
-        raise ValueError(f"device mismatch: coefficient {name} is on {t.device} but x1 is on {x1.device}")
-    if tuple(t.shape) != (x1.shape[0],):
-        raise ValueError(f"coefficient {name} must have shape (B,) = ({x1.shape[0]},), got {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise ValueError(f"coefficient {name} must be a floating tensor (float32), got {t.dtype}")
-    return t.to(torch.float32).contiguous()
-
-
-def _check_std(std) -> float:
-    if isinstance(std, Tensor):
-        raise TypeError("std must be a Python float, not a tensor")
-    try:
-        return float(std)
-    except (TypeError, ValueError):
-        raise TypeError(f"std must be a float, got {type(std).__name__}") from None
-
-
-def _prepare(x1: Tensor, x0: Tensor | None, v: Tensor | None, rng, std):
-    """Checked, contiguous (x1, x0 or None, v or None, the pointer for rng, B, N, D, std)."""
-    _check_data("x1", x1)
-    if x0 is not None:
-        _check_data("x0", x0, x1)
-    if v is not None:
-        _check_data("v", v, x1)
+def _prepare(x1: Tensor, x0: Tensor | None, v: Tensor | None, rng: Tensor | None):
+    """Contiguous (x1, x0 or None, v or None, the state pointer, B, N, D) of validated arguments."""
     B = x1.shape[0]
     N = x1.numel()
     D = N // B if B else 0
     x1c = x1.contiguous()
     x0c = x0.contiguous() if x0 is not None else None
     vc = v.contiguous() if v is not None else None
-    state = check_state(rng, x1) if x0 is None else x1c  # never read when x0 is given
-    return x1c, x0c, vc, state, B, N, D, _check_std(std)
+    state = rng.contiguous() if x0 is None else x1c  # never read when x0 is given
+    return x1c, x0c, vc, state, B, N, D
+
+
+def _coef(t: Tensor) -> Tensor:
+    return t.to(torch.float32).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,10 +278,10 @@ def affine_path(x1: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, x0: Tens
 
     ``x0`` None draws ``std * randn`` in the kernel from the stream of ``rng = [seed, offset]`` (kernels/rng.py).
     """
-    x1c, x0c, _, state, B, N, D, std = _prepare(x1, x0, None, rng, std)
-    a, b = _check_coef("a", a, x1), _check_coef("b", b, x1)
+    x1c, x0c, _, state, B, N, D = _prepare(x1, x0, None, rng)
+    a, b = _coef(a), _coef(b)
     if write_target:
-        c, d = _check_coef("c", c, x1), _check_coef("d", d, x1)
+        c, d = _coef(c), _coef(d)
     else:  # never read by the kernel; any (B,) fp32 pointer will do
         c, d = a, b
     x_t = _empty(x1.shape, x1.dtype, x1.device)
@@ -338,7 +291,7 @@ def affine_path(x1: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, x0: Tens
     grid, ncb, rows, cols = _tiles(B, D)
     _launch(_affine_path_kernel, grid,
             x1c, x0c if x0c is not None else x1c, state, a, b, c, d, x_t, target if write_target else x1c,
-            B, D, ncb, std,
+            B, D, ncb, float(std),
             HAS_X0=x0c is not None, WRITE_TARGET=bool(write_target), ROWS=rows, COLS=cols, num_warps=_NUM_WARPS)
     return x_t, target
 
@@ -349,14 +302,14 @@ def cfm_loss(v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = No
 
     Deterministic: per-(row, column block) partial sums to a (B, blocks) fp32 buffer, then ``sum(1) / D``.
     """
-    x1c, x0c, vc, state, B, N, D, std = _prepare(x1, x0, v, rng, std)
-    c, d = _check_coef("c", c, x1), _check_coef("d", d, x1)
+    x1c, x0c, vc, state, B, N, D = _prepare(x1, x0, v, rng)
+    c, d = _coef(c), _coef(d)
     grid, ncb, rows, cols = _tiles(B, D)
     partial = _empty((B, ncb), torch.float32, x1.device)
     if N > 0:
         _launch(_cfm_loss_partial_kernel, grid,
                 vc, x1c, x0c if x0c is not None else x1c, state, c, d, partial,
-                B, D, ncb, std,
+                B, D, ncb, float(std),
                 HAS_X0=x0c is not None, ROWS=rows, COLS=cols, num_warps=_NUM_WARPS)
     return partial.sum(1) / D
 
@@ -364,15 +317,14 @@ def cfm_loss(v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = No
 def cfm_loss_grad(grad: Tensor, v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Tensor | None = None,
                   rng: Tensor | None = None, std: float = 1.0) -> Tensor:
     """dL/dv = grad[b] * 2 (v - c x0 - d x1) / D in v's dtype/shape (noise regenerated from ``rng``)."""
-    x1c, x0c, vc, state, B, N, D, std = _prepare(x1, x0, v, rng, std)
-    g = _check_coef("grad", grad, x1)
-    c, d = _check_coef("c", c, x1), _check_coef("d", d, x1)
+    x1c, x0c, vc, state, B, N, D = _prepare(x1, x0, v, rng)
+    g, c, d = _coef(grad), _coef(c), _coef(d)
     out = _empty(v.shape, v.dtype, v.device)
     if N == 0:
         return out
     grid, ncb, rows, cols = _tiles(B, D)
     _launch(_cfm_loss_grad_kernel, grid,
             g, vc, x1c, x0c if x0c is not None else x1c, state, c, d, out,
-            B, D, ncb, 2.0 / D, std,
+            B, D, ncb, 2.0 / D, float(std),
             HAS_X0=x0c is not None, ROWS=rows, COLS=cols, num_warps=_NUM_WARPS)
     return out

@@ -1,4 +1,4 @@
-"""Tests for fastfm.checkpoint (atomic writes, safe loading) and fastfm.build.load_run."""
+"""Tests for fastfm.checkpoint (atomic writes, safe loading) and fastfm.runs.load_run."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fastfm.checkpoint as ckpt_mod
-from fastfm.build import load_run
+from fastfm.runs import load_run
 from fastfm.checkpoint import (
     CHECKPOINT,
     EMA_WEIGHTS,

@@ -378,7 +378,7 @@ TRAIN_ERRORS = {
     "path-args without =": (["--path-args", "sigma_min"], ["expected KEY=VALUE", "sigma_min"]),
     "path-args unknown key": (["--path-args", "beta=1"], ["bad parameters for path 'condot'", "beta"]),
     "path-args bad value": (["--path-args", "sigma_min=-1"], ["sigma_min"]),
-    "bad model-args": (["--model-args", "width=3"], ["bad config for model 'mlp'", "width"]),
+    "bad model-args": (["--model-args", "width=3"], ["bad parameters for model 'mlp'", "width"]),
     "negative steps": (["--steps", "-5"], ["steps", ">= 1"]),
     "zero batch size": (["--batch-size", "0"], ["batch_size", ">= 1"]),
     "ema half-life 0": (["--ema-halflife-kimg", "0"], ["ema_halflife_kimg must be positive"]),
@@ -486,9 +486,9 @@ def test_argparse_errors(capsys: pytest.CaptureFixture[str]) -> None:
 def test_sample_errors_on_unconditional(toy_run: Run, tmp_path: Path) -> None:
     out = tmp_path / "s"
     msg = cli_error(sample.main, ["--checkpoint", str(toy_run.dir), "--class-label", "3", "--out", str(out), *INFER])
-    assert "--class-label 3 invalid" in msg and "no classes" in msg
+    assert "class label 3 invalid" in msg and "no classes" in msg
     msg = cli_error(sample.main, ["--checkpoint", str(toy_run.dir), "--guidance", "2.0", "--out", str(out), *INFER])
-    assert "--guidance needs a class-conditional model" in msg
+    assert "needs a class-conditional model" in msg
     msg = cli_error(sample.main, ["--checkpoint", str(toy_run.dir), "--out", str(out), "--device", "cpu",
                                   "--steps", "0"])
     assert "--steps" in msg

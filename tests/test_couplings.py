@@ -186,7 +186,8 @@ def test_get_coupling():
     assert get_coupling("ot", backend="scipy").backend == "scipy"
     assert get_coupling("sinkhorn", reg=0.1).reg == 0.1
     assert isinstance(get_coupling("sinkhorn-label").inner, SinkhornCoupling)
-    with pytest.raises(ValueError, match="valid names: independent, ot, sinkhorn, ot-label, sinkhorn-label"):
+    with pytest.raises(ValueError, match="unknown coupling 'emd'; choose one of independent, ot, sinkhorn, ot-label, "
+                                         "sinkhorn-label"):
         get_coupling("emd")
 
 

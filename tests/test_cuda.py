@@ -19,7 +19,7 @@ from fastfm.export import EngineSpec, export_engine, load
 from fastfm.kernels.rng import philox_state
 from fastfm.models import build_model
 from fastfm.paths import get_path
-from fastfm.train import LossStep
+from fastfm.trainer import LossStep
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -37,7 +37,8 @@ STEPS = {  # model config, data shape, class-conditional, superres
 def test_compiled_training_step_matches_eager(name: str, bf16: bool):
     """inductor's step (Triton path and loss kernels inside) against the eager step, same weights, data and
     noise state, for 3 optimizer steps: finite losses equal to bf16 tolerance, one graph for every seed."""
-    from torch._dynamo.utils import counters
+    from fastfm.compat import dynamo_counters
+    counters = dynamo_counters()
 
     config, shape, cond, superres = STEPS[name]
     torch.manual_seed(0)

@@ -400,7 +400,7 @@ def test_registry_argument_errors() -> None:
         get_dataset("array")
     with pytest.raises(ValueError, match="takes no path"):
         get_dataset("moons", path="x.npy")
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="bad parameters for dataset 'moons'.*not_an_option.*n_test=2000"):
         get_dataset("moons", not_an_option=1)
 
 

@@ -21,14 +21,14 @@ import pytest
 import torch
 from test_export import RUNS, make_run
 
-from fastfm.build import load_run
+from fastfm.runs import load_run
 from fastfm.export import ExportError
 from fastfm.export.graph import build_program, example_inputs, off_device, trace
 from fastfm.export.spec import EngineSpec, signature, validate
 from fastfm.kernels.rng import philox_state
 from fastfm.models import build_model
 from fastfm.paths import get_path
-from fastfm.train import LossStep
+from fastfm.trainer import LossStep
 
 META = torch.device("meta")
 
@@ -101,7 +101,7 @@ def test_gmm_base_likelihood_engine_matches_eager(tmp_path: Path):
     got = load(tmp_path / "e")(x)
     run = load_run(run_dir)
     with torch.no_grad():
-        ref = log_likelihood(run.model, run.path, x, method="midpoint", steps=2)
+        ref = log_likelihood(run.model, run.path, x, solver="midpoint", steps=2)
     torch.testing.assert_close(got.log_prob, ref.log_prob, atol=2e-4, rtol=1e-4)
 
 
@@ -134,7 +134,8 @@ def test_compiled_training_step_runs_on_the_inputs_device(name):
     """The compiled loss step (path op, model, CFM loss, fused backward) on meta tensors, fullgraph: no
     CPU tensor meets the device's, and a new noise state per step (seed and offset, a device tensor)
     never recompiles. (bf16 autocast does not exist on meta; tests/test_cuda.py runs it on a GPU.)"""
-    from torch._dynamo.utils import counters
+    from fastfm.compat import dynamo_counters
+    counters = dynamo_counters()
 
     config, shape, path, target, cond, superres = TRAIN_STEPS[name]
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fastfm.paths import PATHS, T_EPS, AffineScheduler, AffinePath, get_path
-from fastfm.sampling import sample
+from fastfm.ode import sample
 from fastfm.solvers import TABLEAUS
 
 F64 = torch.float64
@@ -74,8 +74,8 @@ def test_imperfect_model_gives_bounded_error(name, target, solver):
     (fixed-step, 32 steps): no end point amplifies the error (trig/x1 moved them by ~1e3 before)."""
     path = get_path(name)
     x0 = path.prior.sample((256, 2), generator=torch.Generator().manual_seed(0)).double()
-    exact = sample(Imperfect(path, target, 0.0), path, x0, method=solver, steps=32, target=target).x
-    noisy = sample(Imperfect(path, target, 0.01), path, x0, method=solver, steps=32, target=target).x
+    exact = sample(Imperfect(path, target, 0.0), path, x0, solver=solver, steps=32, target=target).x
+    noisy = sample(Imperfect(path, target, 0.01), path, x0, solver=solver, steps=32, target=target).x
     assert torch.isfinite(noisy).all()
     assert float((noisy - exact).abs().max()) < 0.5
     if name != "ve":  # VE's prior N(0, 50^2) is not the path's exact law at t = 0 (alpha_0 = 1)

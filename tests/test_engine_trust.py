@@ -19,7 +19,8 @@ import pytest
 import torch
 from conftest import call, help_text
 from fastfm.export import EngineSpec, ExportError, ManifestError, export_engine, load, manifest
-from fastfm.export import __main__ as export_cli
+from fastfm.commands import export as export_cli
+from fastfm.inference import DEFAULTS
 from test_export import RUNS, make_run
 
 from fastfm import sample
@@ -210,7 +211,7 @@ def test_cli_help_is_grouped_with_defaults() -> None:
     for action in export_cli.parser()._actions:
         assert action.help, f"{action.option_strings} has no help"
     assert "(default midpoint; euler, i.e. Euler-Maruyama, with --sde)" in " ".join(text.split())
-    for option, default in [("--diffusion", "1"), ("--steps", "16"), ("--batch", "1"), ("--backend", "aoti"),
+    for option, default in [("--diffusion", "1"), ("--steps", str(DEFAULTS.steps)), ("--batch", "1"), ("--backend", "aoti"),
                             ("--dtype", "fp32"), ("--device", "auto"), ("--divergence", "auto"), ("--probes", "1"),
                             ("--guidance", "1.0"), ("--seed", "0")]:
         entry = re.search(rf"^  {option} .*?(?=^  -|\Z)", text, re.M | re.S)

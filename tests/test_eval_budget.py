@@ -15,9 +15,9 @@ import torch
 from conftest import call, help_text, last_json, run_training
 
 from fastfm import evaluate, sample
-from fastfm import evaluation
-from fastfm.evaluation import (Progress, generate, nll_seconds_per_point, points_within, sample_seconds_per_point,
-                               steps_run)
+from fastfm import budget
+from fastfm.budget import nll_seconds_per_point, points_within, sample_seconds_per_point
+from fastfm.inference import EagerSampler, InferenceSettings, Progress, nll_report
 from fastfm.models import build_model
 from fastfm.paths import get_path
 
@@ -44,23 +44,31 @@ def test_measured_costs_are_one_timed_step_scaled(monkeypatch):
         timed.append(k)
         return seconds.get(k, 0.8)
 
-    monkeypatch.setattr(evaluation, "_timed", fake_timed)
+    monkeypatch.setattr(budget, "_timed", fake_timed)
     torch.manual_seed(0)
     unet = build_model(UNET).eval()
     path = get_path("condot")
-    assert nll_seconds_per_point(unet, path, torch.randn(600, 1, 8, 8), steps=64) == pytest.approx(0.5 / 500 * 64)
+
+    def sampler(**settings):
+        return EagerSampler(unet, path, (1, 8, 8), settings=InferenceSettings(batch_size=500, **settings))
+
+    assert nll_seconds_per_point(sampler(steps=64), torch.randn(600, 1, 8, 8)) == pytest.approx(0.5 / 500 * 64)
     assert timed == [32, 128, 500]  # grown while calls were short, capped at the batch
     timed.clear()
-    assert nll_seconds_per_point(unet, path, torch.randn(3, 1, 8, 8), steps=10) == pytest.approx(0.8 / 3 * 10)
-    assert sample_seconds_per_point(unet, path, (1, 8, 8), 40, steps=32) == pytest.approx(0.8 / 40 * 32)
+    assert nll_seconds_per_point(sampler(steps=10), torch.randn(3, 1, 8, 8)) == pytest.approx(0.8 / 3 * 10)
+    assert sample_seconds_per_point(sampler(steps=32), 40) == pytest.approx(0.8 / 40 * 32)
     assert timed == [3, 32, 40]
     with pytest.raises(ValueError, match="fixed-step"):
-        nll_seconds_per_point(unet, path, torch.randn(4, 1, 8, 8), method="dopri5")
+        nll_seconds_per_point(sampler(solver="dopri5"), torch.randn(4, 1, 8, 8))
 
 
 def test_progress_counts_every_model_evaluation():
     """The NLL bar's total (batches x NFE x JVPs per evaluation) is what the solve really does."""
     model = build_model({"name": "mlp", "dim": 3, "hidden": 16, "depth": 2}).eval()
+
+    def sampler(**settings):
+        return EagerSampler(model, get_path("condot"), (3,), settings=InferenceSettings(batch_size=4, **settings))
+
     calls = []
     real = Progress.forward
 
@@ -70,14 +78,13 @@ def test_progress_counts_every_model_evaluation():
 
     Progress.forward = spy
     try:
-        out = evaluation.test_nll(model, get_path("condot"), torch.randn(10, 3), method="heun", steps=3, batch_size=4,
-                       divergence="exact")
+        out = nll_report(sampler(solver="heun", steps=3, divergence="exact"), torch.randn(10, 3))
         assert len(calls) == 3 * 3 * 2 * 3  # batches x steps x stages x D JVPs
         calls.clear()
-        generate(model, get_path("condot"), 10, (3,), method="midpoint", steps=5, batch_size=4)
+        sampler(solver="midpoint", steps=5).sample(10)
         assert len(calls) == 3 * 5 * 2
         calls.clear()  # the SDE sampler: a call per step, and a denoising jump where t = 1 is cut short
-        generate(model, get_path("condot"), 10, (3,), steps=5, batch_size=4, diffusion=lambda t: t * 0 + 1)
+        sampler(steps=5, diffusion="1").sample(10)
         assert len(calls) == 3 * 6
     finally:
         Progress.forward = real
@@ -85,9 +92,9 @@ def test_progress_counts_every_model_evaluation():
 
 
 def test_reported_steps_are_what_ran():
-    assert steps_run("midpoint", 32, None) == 32
-    assert steps_run("dopri5", 32, None) == "adaptive"
-    assert steps_run("euler", 32, torch.tensor([0.0, 0.5, 0.9, 1.0])) == 3
+    assert InferenceSettings(solver="midpoint", steps=32).steps_run == 32
+    assert InferenceSettings(solver="dopri5", steps=32).steps_run == "adaptive"
+    assert InferenceSettings(solver="euler", steps=32, grid=(0.0, 0.5, 0.9, 1.0)).steps_run == 3
 
 
 def test_budgeted_final_evaluation_of_an_image_run(tmp_path: Path):

@@ -20,18 +20,18 @@ import pytest
 import torch
 from conftest import call, gpu_bench_script, last_json
 from fastfm.export import Engine, EngineSpec, ExportError, ManifestError, export_engine, load, parity
-from fastfm.export import __main__ as export_cli
+from fastfm.commands import export as export_cli
 from fastfm.export.backends import check_available
 from fastfm.export.graph import build_program, example_inputs, trace, trace_aten
 from fastfm.export.spec import signature, validate
 
 import fastfm
 from fastfm import evaluate, sample
-from fastfm.build import load_run
+from fastfm.runs import load_run
 from fastfm.checkpoint import save_inference
 from fastfm.likelihood import bits_per_dim, log_likelihood
 from fastfm.models import build_model
-from fastfm.sampling import sample as eager_sample
+from fastfm.ode import sample as eager_sample
 
 MLP = {"name": "mlp", "dim": 2, "hidden": 32, "depth": 2}
 UNET = {"name": "unet", "in_channels": 1, "image_size": 8, "model_channels": 8, "channel_mult": [1],
@@ -103,14 +103,14 @@ def inputs(engine: Engine, rows: int = ROWS, seed: int = 1) -> dict[str, torch.T
 
 
 def reference(run_dir: Path, engine: Engine, given: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The eager fp32 outputs for the same inputs, through fastfm.sampling / fastfm.likelihood."""
+    """The eager fp32 outputs for the same inputs, through fastfm.ode / fastfm.likelihood."""
     run = load_run(run_dir)
     spec = engine.spec
     cond = dict(given)
     x = cond.pop("x0", None) if spec.task == "sample" else cond.pop("x1")
     if spec.class_label is not None:
         cond["y"] = torch.full((x.shape[0],), spec.class_label)
-    opts = dict(method=spec.solver, steps=spec.steps, target=run.meta["target"], **cond)
+    opts = dict(solver=spec.solver, steps=spec.steps, target=run.meta["target"], **cond)
     with torch.no_grad():
         if spec.task == "sample":
             res = eager_sample(run.model, run.path, x, guidance=spec.guidance, log_likelihood=spec.log_likelihood,
@@ -197,7 +197,7 @@ def test_guided_conditional_sampler(build, runs) -> None:
     given = inputs(engine, rows=5)
     run = load_run(runs["unet_cond"])
     with torch.no_grad():
-        unguided = eager_sample(run.model, run.path, given["x0"], method="midpoint", steps=1, y=given["y"]).x
+        unguided = eager_sample(run.model, run.path, given["x0"], solver="midpoint", steps=1, y=given["y"]).x
     assert (out["x"] - unguided).abs().max() > 1e-3  # the guidance scale is really baked in
 
 

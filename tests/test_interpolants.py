@@ -10,7 +10,7 @@ import torch
 from conftest import call, cli_error, run_training
 
 from fastfm import evaluate, train
-from fastfm.build import load_run
+from fastfm.runs import load_run
 from fastfm.checkpoint import CHECKPOINT, load_training_state
 from fastfm.interpolants import FourierInterpolant, LearnedScheduler, interpolant_objective
 from fastfm.paths import get_path

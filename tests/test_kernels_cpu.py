@@ -11,7 +11,9 @@ import math
 import pytest
 import torch
 from fastfm.kernels import cpu as K
+from fastfm.kernels import ops
 from fastfm.kernels import reference as R
+from fastfm.kernels.ops import KernelArgumentError
 from fastfm.kernels.rng import philox_state as _rng
 
 needs_ext = pytest.mark.skipif(not K.available(), reason="fastfm._C is not built")
@@ -248,41 +250,58 @@ def test_determinism_across_calls_threads_and_isas(restore_threads):
 
 
 # ------------------------------------------------------------------------------------------------
-# input validation
+# input validation (the op layer's, fastfm.kernels.ops)
 
 
 @needs_ext
-def test_bad_inputs_raise_value_error_naming_the_argument():
+def test_bad_inputs_raise_kernel_argument_error_naming_the_argument(monkeypatch):
+    """The op layer validates for every backend (here the C++ one); KernelArgumentError is a ValueError."""
+    monkeypatch.setenv("FASTFM_KERNELS", "cpp")
     x1, x0, v, (a, b, c, d, g) = _inputs((4, 6), torch.float32)
-    with pytest.raises(ValueError, match="x1 must be float32, float64 or bfloat16"):
-        K.affine_path(torch.ones(4, 6, dtype=torch.int64), a, b, c, d)
-    with pytest.raises(ValueError, match="x0 shape"):
-        K.affine_path(x1, a, b, c, d, x0=torch.zeros(4, 5))
-    with pytest.raises(ValueError, match="x0 dtype"):
-        K.affine_path(x1, a, b, c, d, x0=x0.double())
-    with pytest.raises(ValueError, match="v dtype"):
-        K.cfm_loss(v.to(torch.bfloat16), x1, c, d)
-    with pytest.raises(ValueError, match="v shape"):
-        K.cfm_loss_grad(g, v[:, :5], x1, c, d)
-    with pytest.raises(ValueError, match=r"^b must have shape \(4,\)"):
-        K.affine_path(x1, a, torch.zeros(5), c, d)
-    with pytest.raises(ValueError, match=r"^d must have shape \(4,\)"):
-        K.cfm_loss(v, x1, c, torch.zeros(4, 1))
-    with pytest.raises(ValueError, match=r"^grad must have shape"):
-        K.cfm_loss_grad(torch.zeros(3), v, x1, c, d)
-    with pytest.raises(ValueError, match="^c must be float32"):
-        K.cfm_loss(v, x1, c.double(), d)
-    with pytest.raises(ValueError, match="^a must be a torch.Tensor"):
-        K.affine_path(x1, [1.0] * 4, b, c, d)
-    with pytest.raises(ValueError, match="x1 must have a batch dimension"):
-        K.affine_path(torch.tensor(1.0), a[:1], b[:1], c[:1], d[:1])
-    with pytest.raises(TypeError, match="seed must be an int"):
+    r = _rng(0)
+    assert issubclass(KernelArgumentError, ValueError)
+    with pytest.raises(KernelArgumentError, match="x1 must be float32, float64 or bfloat16"):
+        ops.affine_path(torch.ones(4, 6, dtype=torch.int64), a, b, c, d)
+    with pytest.raises(KernelArgumentError, match="x0 shape"):
+        ops.affine_path(x1, a, b, c, d, x0=torch.zeros(4, 5))
+    with pytest.raises(KernelArgumentError, match="x0 dtype"):
+        ops.affine_path(x1, a, b, c, d, x0=x0.double())
+    with pytest.raises(KernelArgumentError, match="v dtype"):
+        ops.cfm_loss(v.to(torch.bfloat16), x1, c, d, rng=r)
+    with pytest.raises(KernelArgumentError, match="v shape"):
+        ops.cfm_loss_grad(g, v[:, :5], x1, c, d, rng=r)
+    with pytest.raises(KernelArgumentError, match=r"^coefficient b must have shape \(B,\) = \(4,\)"):
+        ops.affine_path(x1, a, torch.zeros(5), c, d, rng=r)
+    with pytest.raises(KernelArgumentError, match=r"^coefficient d must have shape \(B,\) = \(4,\)"):
+        ops.cfm_loss(v, x1, c, torch.zeros(4, 1), rng=r)
+    with pytest.raises(KernelArgumentError, match=r"^coefficient grad must have shape"):
+        ops.cfm_loss_grad(torch.zeros(3), v, x1, c, d, rng=r)
+    # the public functions make floating coefficients float32; the op itself takes float32 only
+    with pytest.raises(KernelArgumentError, match="^coefficient c must be float32"):
+        torch.ops.fastfm.cfm_loss(v, x1, c.double(), d, None, r, 1.0)
+    with pytest.raises(KernelArgumentError, match="^coefficient a must be a torch.Tensor"):
+        ops.affine_path(x1, [1.0] * 4, b, c, d)
+    with pytest.raises(KernelArgumentError, match="x1 must have a batch dimension"):
+        ops.affine_path(torch.tensor(1.0), a[:1], b[:1], c[:1], d[:1])
+    with pytest.raises(KernelArgumentError, match="seed must be an int"):
         _rng(1.5)
-    with pytest.raises(ValueError, match="rng .* is required when x0 is None"):
-        K.affine_path(x1, a, b, c, d)
-    with pytest.raises(ValueError, match="int64 tensor of shape"):
-        K.affine_path(x1, a, b, c, d, rng=torch.tensor([1, 2], dtype=torch.int32))
-    with pytest.raises(ValueError, match="uint32 row offsets"):
+    with pytest.raises(KernelArgumentError, match="rng .* is required when x0 is None"):
+        ops.affine_path(x1, a, b, c, d)
+    with pytest.raises(KernelArgumentError, match="int64 tensor of shape"):
+        ops.affine_path(x1, a, b, c, d, rng=torch.tensor([1, 2], dtype=torch.int32))
+    with pytest.raises(KernelArgumentError, match="uint32 row offsets"):
         K.randn(0, 10, 3, offset=2**32 - 5)
-    with pytest.raises(ValueError, match="uint32 row offsets"):  # an out-of-stream state made on the device
-        K.affine_path(x1, a, b, c, d, rng=torch.tensor([0, 2**32 - 2]))
+    with pytest.raises(KernelArgumentError, match="uint32 row offsets"):  # an out-of-stream state made on the device
+        ops.affine_path(x1, a, b, c, d, rng=torch.tensor([0, 2**32 - 2]))
+
+
+@needs_ext
+def test_extension_guards_memory_safety_only():
+    """What the raw-pointer extension still refuses on its own (internal assertions, not argument checks)."""
+    from fastfm import _C
+
+    out, state = torch.empty(4), _rng(0)
+    with pytest.raises(ValueError, match="rng .* is null"):
+        _C.randn(out.data_ptr(), 2, 2, 0)
+    with pytest.raises(ValueError, match="negative size"):
+        _C.randn(out.data_ptr(), -1, 2, state.data_ptr())

@@ -16,8 +16,10 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from fastfm.kernels import ops
 from fastfm.kernels import reference as ref
 from fastfm.kernels import triton_kernels as tk
+from fastfm.kernels.ops import KernelArgumentError
 from fastfm.kernels.rng import philox_state
 
 DEVICE = "cpu" if tk.interpret_mode() else "cuda"
@@ -252,6 +254,13 @@ def test_cfm_loss_is_deterministic_and_consistent_with_path():
 
 
 # ----------------------------------------------------------------------------------- validation
+# The op layer (fastfm.kernels.ops) validates the arguments of every backend, the Triton rules included; these
+# calls go through it with FASTFM_KERNELS=triton.
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("FASTFM_KERNELS", "triton")
 
 
 def _bad_calls():
@@ -259,54 +268,54 @@ def _bad_calls():
     meta = torch.empty((3, 4), device="meta")
     r = _rng(0)
     cases = {
-        "dtype mismatch": lambda: tk.affine_path(x1, a, b, c, d, x0=x0.half()),
-        "dtype mismatch ": lambda: tk.cfm_loss(v.bfloat16(), x1, c, d, rng=r),
-        "shape mismatch": lambda: tk.affine_path(x1, a, b, c, d, x0=x0[:, :3]),
-        "shape mismatch ": lambda: tk.cfm_loss_grad(g, v.reshape(4, 3), x1, c, d, rng=r),
-        "device mismatch": lambda: tk.affine_path(x1, a, b, c, d, x0=meta),
-        "device mismatch  ": lambda: tk.cfm_loss(v, x1, c.to("meta"), d, rng=r),
-        "device mismatch: rng": lambda: tk.affine_path(x1, a, b, c, d, rng=r.to("meta")),
-        "shape (B,)": lambda: tk.affine_path(x1, a[:2], b, c, d, rng=r),
-        "shape (B,) ": lambda: tk.cfm_loss(v, x1, c.reshape(3, 1), d, rng=r),
-        "shape (B,)  ": lambda: tk.cfm_loss_grad(g[:1], v, x1, c, d, rng=r),
-        "unsupported dtype": lambda: tk.affine_path(x1.double(), a, b, c, d, rng=r),
-        "unsupported dtype ": lambda: tk.cfm_loss(v.int(), x1.int(), c, d, rng=r),
-        "2**31": lambda: tk.affine_path(torch.empty((2, 2**30), device="meta"), a[:2], b[:2], c[:2], d[:2]),
-        "batch dimension": lambda: tk.affine_path(torch.tensor(1.0, device=DEVICE), a, b, c, d, rng=r),
-        "64 bits": lambda: tk.affine_path(x1, a, b, c, d, rng=_rng(2**64)),
-        "floating": lambda: tk.affine_path(x1, a.long(), b, c, d, rng=r),
-        "is required when x0 is None": lambda: tk.cfm_loss(v, x1, c, d),
-        "int64 tensor of shape (2,)": lambda: tk.affine_path(x1, a, b, c, d, rng=r[:1]),
+        "dtype mismatch": lambda: ops.affine_path(x1, a, b, c, d, x0=x0.half()),
+        "dtype mismatch ": lambda: ops.cfm_loss(v.bfloat16(), x1, c, d, rng=r),
+        "shape mismatch": lambda: ops.affine_path(x1, a, b, c, d, x0=x0[:, :3]),
+        "shape mismatch ": lambda: ops.cfm_loss_grad(g, v.reshape(4, 3), x1, c, d, rng=r),
+        "device mismatch": lambda: ops.affine_path(x1, a, b, c, d, x0=meta),
+        "device mismatch  ": lambda: ops.cfm_loss(v, x1, c.to("meta"), d, rng=r),
+        "device mismatch: rng": lambda: ops.affine_path(x1, a, b, c, d, rng=r.to("meta")),
+        "shape (B,)": lambda: ops.affine_path(x1, a[:2], b, c, d, rng=r),
+        "shape (B,) ": lambda: ops.cfm_loss(v, x1, c.reshape(3, 1), d, rng=r),
+        "shape (B,)  ": lambda: ops.cfm_loss_grad(g[:1], v, x1, c, d, rng=r),
+        "unsupported dtype": lambda: ops.affine_path(x1.double(), a, b, c, d, rng=r),
+        "unsupported dtype ": lambda: ops.cfm_loss(v.int(), x1.int(), c, d, rng=r),
+        "2**31": lambda: ops.affine_path(torch.empty((2, 2**30), device="meta"), a[:2], b[:2], c[:2], d[:2]),
+        "batch dimension": lambda: ops.affine_path(torch.tensor(1.0, device=DEVICE), a, b, c, d, rng=r),
+        "64 bits": lambda: ops.affine_path(x1, a, b, c, d, rng=_rng(2**64)),
+        "floating": lambda: ops.affine_path(x1, a.long(), b, c, d, rng=r),
+        "is required when x0 is None": lambda: ops.cfm_loss(v, x1, c, d),
+        "int64 tensor of shape (2,)": lambda: ops.affine_path(x1, a, b, c, d, rng=r[:1]),
     }
     return cases
 
 
 @pytest.mark.parametrize("message", list(_bad_calls()))
-def test_bad_inputs_raise_value_error(message):
-    with pytest.raises(ValueError, match=re.escape(message.strip())):
+def test_bad_inputs_raise_value_error(triton_backend, message):
+    with pytest.raises(KernelArgumentError, match=re.escape(message.strip())):
         _bad_calls()[message]()
 
 
-def test_wrong_argument_types_raise_type_error():
+def test_wrong_argument_types_raise_kernel_argument_error(triton_backend):
     x1, _, _, a, b, c, d, _ = _data((3, 4), torch.float32)
-    with pytest.raises(TypeError, match="seed"):
+    with pytest.raises(KernelArgumentError, match="seed"):
         _rng(1.5)
-    with pytest.raises(TypeError, match="rng must be the int64 tensor"):
-        tk.affine_path(x1, a, b, c, d, rng=7)
-    with pytest.raises(TypeError, match="std"):
-        tk.affine_path(x1, a, b, c, d, std="big", rng=_rng(0))
-    with pytest.raises(TypeError, match="x1 must be a torch.Tensor"):
-        tk.affine_path(x1.tolist(), a, b, c, d)
-    with pytest.raises(TypeError, match="coefficient c"):
-        tk.cfm_loss(x1, x1, 0.5, d, rng=_rng(0))
+    with pytest.raises(KernelArgumentError, match="rng must be the int64 tensor"):
+        ops.affine_path(x1, a, b, c, d, rng=7)
+    with pytest.raises(KernelArgumentError, match="std"):
+        ops.affine_path(x1, a, b, c, d, std="big", rng=_rng(0))
+    with pytest.raises(KernelArgumentError, match="x1 must be a torch.Tensor"):
+        ops.affine_path(x1.tolist(), a, b, c, d)
+    with pytest.raises(KernelArgumentError, match="coefficient c"):
+        ops.cfm_loss(x1, x1, 0.5, d, rng=_rng(0))
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="interpreter check")
-def test_cpu_tensors_without_interpreter_raise(monkeypatch):
+def test_cpu_tensors_without_interpreter_raise(triton_backend, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x1, _, _, a, b, c, d, _ = _data((2, 3), torch.float32)
-    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        tk.affine_path(x1, a, b, c, d, rng=_rng(0))
+    with pytest.raises(KernelArgumentError, match="TRITON_INTERPRET"):
+        ops.affine_path(x1, a, b, c, d, rng=_rng(0))
 
 
 def test_import_without_triton_is_an_import_error():

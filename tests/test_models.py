@@ -190,13 +190,13 @@ def test_build_model_round_trip(kind: str) -> None:
 
 
 def test_build_model_errors() -> None:
-    with pytest.raises(ValueError, match="unknown model name 'dit'"):
+    with pytest.raises(ValueError, match="unknown model 'dit'; choose one of mlp, unet"):
         build_model({"name": "dit"})
-    with pytest.raises(ValueError, match="unknown model name None"):
+    with pytest.raises(ValueError, match="unknown model None"):
         build_model({"dim": 2})
-    with pytest.raises(ValueError, match="bad config for model 'mlp'.*widht"):
+    with pytest.raises(ValueError, match="bad parameters for model 'mlp'.*widht"):
         build_model({"name": "mlp", "dim": 2, "widht": 3})
-    with pytest.raises(ValueError, match="bad config for model 'unet'"):
+    with pytest.raises(ValueError, match="bad parameters for model 'unet'.*in_channels"):
         build_model({"name": "unet"})  # in_channels missing
     with pytest.raises(ValueError, match="unknown activation"):
         build_model({"name": "mlp", "dim": 2, "activation": "swish2"})

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from fastfm.kernels import cpu, ops, reference
+from fastfm.kernels.ops import KernelArgumentError
 from fastfm.kernels.rng import philox_state as _rng
 from fastfm.losses import cfm_loss
 from fastfm.models import MLP
 from fastfm.paths import get_path
 
-BACKENDS = ["reference"] + (["cpp"] if cpu.available() else []) + (["triton"] if ops.triton_kernels else [])
+KERNEL_BACKENDS = ["reference"] + (["cpp"] if cpu.available() else []) + (["triton"] if ops.triton_kernels else [])
 
 
 def _coefs(b: int, seed: int = 0) -> list[torch.Tensor]:
@@ -31,11 +32,12 @@ def test_auto_dispatch_on_cpu(monkeypatch):
     monkeypatch.setenv("FASTFM_KERNELS", "reference")
     assert ops.backend_for(torch.device("cpu")) == "reference"
     monkeypatch.setenv("FASTFM_KERNELS", "cuda-magic")
-    with pytest.raises(ValueError, match="FASTFM_KERNELS"):
+    with pytest.raises(KernelArgumentError, match="FASTFM_KERNELS"):
         ops.backend_for(torch.device("cpu"))
+    assert ops.KERNEL_BACKENDS == ("auto", "reference", "cpp", "triton")
 
 
-@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS, indirect=True)
 @pytest.mark.parametrize("shape", [(1,), (3, 5), (2, 3, 7, 9)])
 def test_ops_match_reference_with_seed(backend, shape):
     x1 = torch.randn(shape)
@@ -49,7 +51,7 @@ def test_ops_match_reference_with_seed(backend, shape):
     torch.testing.assert_close(x_only, ref_xt, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS, indirect=True)
 @pytest.mark.parametrize("given_x0", [True, False])
 def test_fused_loss_gradient_equals_autograd_of_reference(backend, given_x0):
     g = torch.Generator().manual_seed(1)
@@ -69,14 +71,14 @@ def test_backends_share_one_noise_stream(monkeypatch):
     x1 = torch.zeros(4, 301)
     one, zero = torch.ones(4), torch.zeros(4)
     streams = {}
-    for name in BACKENDS:
+    for name in KERNEL_BACKENDS:
         monkeypatch.setenv("FASTFM_KERNELS", name)
         streams[name], _ = ops.affine_path(x1, one, zero, zero, zero, rng=_rng(2024), write_target=False)
     for name, s in streams.items():
         torch.testing.assert_close(s, streams["reference"], atol=1e-5, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"], indirect=True)
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b != "triton"], indirect=True)
 def test_training_step_compiles_without_graph_breaks_or_recompiles(backend):
     """The noise state is a tensor input: new seeds and offsets are new data, never a recompile (the CPU
     backends: the interpreter cannot run under fake tensors; tests/test_cuda.py compiles the Triton one
@@ -94,7 +96,8 @@ def test_training_step_compiles_without_graph_breaks_or_recompiles(backend):
     explain = torch._dynamo.explain(step)(torch.randn(8, 2), torch.rand(8), _rng(3))
     assert explain.graph_break_count == 0, explain.break_reasons
     torch._dynamo.reset()
-    from torch._dynamo.utils import counters
+    from fastfm.compat import dynamo_counters
+    counters = dynamo_counters()
 
     counters.clear()
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -129,11 +132,41 @@ def test_export_traces_the_path_op():
 
 
 def test_bad_coefficients_shape():
-    with pytest.raises(ValueError, match="coefficient a"):
+    with pytest.raises(KernelArgumentError, match="coefficient a"):
         ops.affine_path(torch.randn(3, 2), torch.ones(2), torch.ones(3), torch.ones(3), torch.ones(3))
 
 
-@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS, indirect=True)
+def test_every_backend_raises_the_op_layers_errors(backend):
+    """One owner of the checks: the same bad call fails the same way whatever the backend, before any kernel."""
+    x1, v = torch.randn(4, 3), torch.randn(4, 3)
+    a, b, c, d = _coefs(4)
+    calls = {
+        "x0 shape": lambda: ops.affine_path(x1, a, b, c, d, x0=torch.zeros(4, 2)),
+        "v dtype": lambda: ops.cfm_loss(v.double(), x1, c, d, rng=_rng(0)),
+        "coefficient grad": lambda: ops.cfm_loss_grad(torch.ones(3), v, x1, c, d, rng=_rng(0)),
+        "required when x0 is None": lambda: ops.cfm_loss(v, x1, c, d),
+        "device mismatch: rng": lambda: ops.affine_path(x1, a, b, c, d, rng=_rng(0, device="meta")),
+        "coefficient d must be float32": lambda: torch.ops.fastfm.affine_path(x1, a, b, c, d.double(), None,
+                                                                               _rng(0), 1.0, True),
+    }
+    for message, call in calls.items():
+        with pytest.raises(KernelArgumentError, match=message):
+            call()
+
+
+def test_dispatch_rules_are_kernel_argument_errors(monkeypatch):
+    x1 = torch.randn(2, 3)
+    one = torch.ones(2)
+    monkeypatch.setenv("FASTFM_KERNELS", "cpp")
+    with pytest.raises(KernelArgumentError, match="FASTFM_KERNELS=cpp needs CPU tensors"):
+        ops.backend_for(torch.device("meta"))
+    monkeypatch.setenv("FASTFM_KERNELS", "reference")
+    with pytest.raises(KernelArgumentError, match=r"x1 must be float32, float64, bfloat16 or float16 for the reference"):
+        ops.affine_path(x1.long(), one, one, one, one, rng=_rng(0))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS, indirect=True)
 def test_noise_offset_gives_a_shard_the_rows_of_the_whole_batch(backend):
     """Rows [r, r + m) drawn with offset r equal those rows of the whole batch (DDP ranks, micro-batches)."""
     g = torch.Generator().manual_seed(3)
@@ -158,11 +191,14 @@ def test_noise_offset_gives_a_shard_the_rows_of_the_whole_batch(backend):
     assert not torch.allclose(shifted, full_xt[:3])  # the offset is really applied
 
 
-@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS, indirect=True)
 def test_noise_offset_out_of_the_stream_is_an_error(backend):
     x1 = torch.randn(4, 8)
     a, b, c, d = _coefs(4)
     for off in (-1, 2**32 - 3):
-        with pytest.raises(ValueError, match="offset"):
+        with pytest.raises(KernelArgumentError, match="offset"):
             ops.affine_path(x1, a, b, c, d, rng=ops.noise_state(x1, 1, off))
     ops.affine_path(x1, a, b, c, d, rng=ops.noise_state(x1, 1, 2**32 - 4))  # the last 4 rows of the stream
+    if backend != "triton":  # a CPU state built as a tensor is read and checked by the ops that run on the host
+        with pytest.raises(KernelArgumentError, match="uint32 row offsets"):
+            ops.affine_path(x1, a, b, c, d, rng=torch.tensor([1, 2**32 - 3]))

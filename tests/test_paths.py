@@ -15,7 +15,7 @@ import torch
 
 from fastfm.densities import Gaussian
 from fastfm.paths import AffinePath, AffineScheduler, get_path
-from fastfm.timesteps import TimeSampler
+from fastfm.timesteps import get_time_sampler
 
 F = Callable[[torch.Tensor], torch.Tensor]
 B, D = 7, 3
@@ -350,7 +350,7 @@ def test_gaussian_std_must_be_positive():
 
 def test_uniform_time_sampler():
     n = 100_000
-    t = TimeSampler("uniform")(n, generator=torch.Generator().manual_seed(9))
+    t = get_time_sampler("uniform")(n, generator=torch.Generator().manual_seed(9))
     assert t.shape == (n,) and t.dtype == torch.float32
     assert float(t.min()) >= 0.0 and float(t.max()) < 1.0
     se = math.sqrt(1 / 12 / n)
@@ -358,14 +358,14 @@ def test_uniform_time_sampler():
     # every decile holds about 10%
     counts = torch.histc(t, bins=10, min=0.0, max=1.0)
     assert (counts - n / 10).abs().max() < 5 * math.sqrt(n * 0.1 * 0.9)
-    t2 = TimeSampler("uniform")(n, generator=torch.Generator().manual_seed(9))
+    t2 = get_time_sampler("uniform")(n, generator=torch.Generator().manual_seed(9))
     assert torch.equal(t, t2)
 
 
 @pytest.mark.parametrize("mean, std", [(0.0, 1.0), (0.5, 0.8), (-1.0, 1.5)])
 def test_logit_normal_time_sampler(mean, std):
     n = 100_000
-    t = TimeSampler("logit-normal", mean=mean, std=std)(n, generator=torch.Generator().manual_seed(10))
+    t = get_time_sampler("logit-normal", mean=mean, std=std)(n, generator=torch.Generator().manual_seed(10))
     assert t.shape == (n,) and t.dtype == torch.float32
     assert float(t.min()) > 0.0 and float(t.max()) < 1.0
     m = 1 / (1 + math.exp(-mean))
@@ -379,6 +379,6 @@ def test_logit_normal_time_sampler(mean, std):
 
 def test_time_sampler_errors():
     with pytest.raises(ValueError, match="unknown time sampler 'beta'"):
-        TimeSampler("beta")
+        get_time_sampler("beta")
     with pytest.raises(ValueError, match="std"):
-        TimeSampler("logit-normal", std=0.0)
+        get_time_sampler("logit-normal", std=0.0)

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from fastfm import train as train_mod
+from fastfm import trainer as train_mod
 from fastfm.checkpoint import load_training_state
 from fastfm.config import TrainConfig
 

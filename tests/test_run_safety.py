@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fastfm import train
+from fastfm import train, trainer
 from fastfm.config import TrainConfig, parse_config
 from fastfm.data import DATASETS
 
@@ -181,9 +181,9 @@ def test_resume_drops_metric_rows_logged_after_the_checkpoint(run_copy: Path) ->
 def test_first_step_is_kept_out_of_rate_and_eta(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A fake clock: the first step takes 100 s (compilation), every later one 0.01 s."""
     clock = {"t": 0.0, "first_done": None}
-    real_step = train.Trainer.train_step
+    real_step = trainer.Trainer.train_step
 
-    def timed_step(self: train.Trainer, step: int):
+    def timed_step(self: trainer.Trainer, step: int):
         result = real_step(self, step)
         clock["t"] += 0.01 if clock["first_done"] else 100.0
         clock["first_done"] = clock["first_done"] or time.time()
@@ -191,14 +191,14 @@ def test_first_step_is_kept_out_of_rate_and_eta(tmp_path: Path, monkeypatch: pyt
 
     bars: list = []
 
-    class Bar(train.tqdm):
+    class Bar(trainer.tqdm):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             bars.append(self)
 
-    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: clock["t"]))
-    monkeypatch.setattr(train.Trainer, "train_step", timed_step)
-    monkeypatch.setattr(train, "tqdm", Bar)
+    monkeypatch.setattr(trainer, "time", SimpleNamespace(perf_counter=lambda: clock["t"]))
+    monkeypatch.setattr(trainer.Trainer, "train_step", timed_step)
+    monkeypatch.setattr(trainer, "tqdm", Bar)
     run = run_training(tmp_path / "run", "--data", "moons", "--log-every", "2", steps=4)
     rates = [r["samples_per_s"] for r in metric_rows(run.dir) if "loss" in r]
     assert rates == [pytest.approx(64 / 0.01), pytest.approx(2 * 64 / 0.02)]

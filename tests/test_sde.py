@@ -21,7 +21,7 @@ from fastfm import sample as sample_cli
 from fastfm import sde
 from fastfm.metrics import energy_distance
 from fastfm.paths import get_path
-from fastfm.sampling import draw_prior, sample
+from fastfm.ode import draw_prior, sample
 from fastfm.score import score_interval
 from fastfm.solvers import time_grid
 
@@ -83,7 +83,7 @@ def test_zero_diffusion_is_the_euler_ode():
     x0 = draw_prior(path, 64, (2,), torch.Generator().manual_seed(3)).to(F64)
     model = MixturePredictor(path, "x1")
     got = sde.sde_sample(model, path, x0, diffusion=sde.parse_diffusion("0"), steps=20, target="x1", denoise=False)
-    ode = sample(model, path, x0, method="euler", grid=time_grid(20, *score_interval(path, "x1")), target="x1")
+    ode = sample(model, path, x0, solver="euler", grid=time_grid(20, *score_interval(path, "x1")), target="x1")
     torch.testing.assert_close(got.x, ode.x, rtol=1e-12, atol=1e-12)
     assert got.nfe == 20
 

@@ -11,9 +11,9 @@ from conftest import call, cli_error, last_json
 from test_export import DIGITS, MLP, UNET, VECTOR, make_run
 
 from fastfm import sample as sample_cli
-from fastfm.build import load_run
+from fastfm.runs import load_run
 from fastfm.export import EngineSpec, ExportError, export_engine, load
-from fastfm.export import __main__ as export_cli
+from fastfm.commands import export as export_cli
 from fastfm.export.spec import signature, validate
 from fastfm.sde import parse_diffusion, sde_sample
 
@@ -126,9 +126,9 @@ def test_strided_row_slices_reach_the_runner_dense(runs, tmp_path):
     probes = torch.randint(0, 2, (3, 11, 2), generator=gen).float() * 2 - 1
     run = load_run(runs["mlp"])
     with torch.no_grad():
-        want = log_likelihood(run.model, run.path, x1, method="midpoint", steps=3, probes=probes).log_prob
+        want = log_likelihood(run.model, run.path, x1, solver="midpoint", steps=3, probes=probes).log_prob
     torch.testing.assert_close(engine(x1, probes=probes).log_prob, want, atol=2e-4, rtol=1e-4)
     strided = torch.randn(3, 16, 2, generator=gen)[:, ::2]
     with torch.no_grad():
-        want = log_likelihood(run.model, run.path, x1[:8], method="midpoint", steps=3, probes=strided).log_prob
+        want = log_likelihood(run.model, run.path, x1[:8], solver="midpoint", steps=3, probes=strided).log_prob
     torch.testing.assert_close(engine(x1[:8], probes=strided).log_prob, want, atol=2e-4, rtol=1e-4)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastfm import train as train_mod
+from fastfm import trainer as train_mod
 from fastfm.checkpoint import load_training_state
 from fastfm.config import ConfigError, TrainConfig
 from fastfm.distributed import DistEnv

@@ -19,11 +19,11 @@ from test_endpoints import MU, S, Imperfect
 from torch import nn
 
 from fastfm import evaluate
-from fastfm.evaluation import generate, transport_report
+from fastfm.inference import EagerSampler, InferenceSettings
 from fastfm.paths import get_path
-from fastfm.sampling import sample
+from fastfm.ode import sample
 from fastfm.solvers import TABLEAUS
-from fastfm.transport import straightness, transport_summary, w2_squared
+from fastfm.transport import transport_report, straightness, transport_summary, w2_squared
 
 F64 = torch.float64
 D = 2
@@ -58,7 +58,7 @@ def marginal_exact(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("solver", list(TABLEAUS))
 def test_straight_ot_map_has_kinetic_energy_w2(solver):
     x0 = x0s()
-    res = sample(StraightMap(), get_path("linear"), x0, method=solver, steps=4, transport=True)
+    res = sample(StraightMap(), get_path("linear"), x0, solver=solver, steps=4, transport=True)
     assert torch.allclose(res.x, MU + S * x0, atol=1e-12)
     assert torch.allclose(res.kinetic, (MU + (S - 1) * x0).pow(2).sum(1), atol=1e-10)
     assert float(res.straightness.abs().max()) < 1e-10
@@ -70,7 +70,7 @@ def test_straight_ot_map_has_kinetic_energy_w2(solver):
 def test_marginal_flow_kinetic_energy_and_straightness_closed_form():
     """rk4 with 64 steps reproduces the per-sample closed forms; the flow is curved (S > 0) and costs more than W2^2."""
     path, x0 = get_path("linear"), x0s()
-    res = sample(Imperfect(path, "velocity", 0.0), path, x0, method="rk4", steps=64, transport=True)
+    res = sample(Imperfect(path, "velocity", 0.0), path, x0, solver="rk4", steps=64, transport=True)
     k, s = marginal_exact(x0)
     assert torch.allclose(res.kinetic, k, rtol=1e-7, atol=1e-7)
     assert torch.allclose(res.straightness, s, rtol=1e-6, atol=1e-7)
@@ -86,7 +86,7 @@ def test_kinetic_quadrature_converges_at_the_solver_order(solver, order):
     k, _ = marginal_exact(x0)
     errs = []
     for steps in (16, 32, 64):
-        res = sample(Imperfect(path, "velocity", 0.0), path, x0, method=solver, steps=steps, transport=True)
+        res = sample(Imperfect(path, "velocity", 0.0), path, x0, solver=solver, steps=steps, transport=True)
         errs.append(float(((res.kinetic - k) / k).abs().max()))  # relative, worst trajectory
     assert errs[-1] < 0.03 / 16 ** (order - 1)
     for coarse, fine in zip(errs, errs[1:]):
@@ -144,7 +144,8 @@ def test_generate_batches_and_the_report():
     path = get_path("linear")
     model = Imperfect(path, "velocity", 0.0).double()
     model.register_parameter("anchor", nn.Parameter(torch.zeros((), dtype=F64)))  # generate reads the device
-    res = generate(model, path, 300, (D,), steps=16, method="rk4", batch_size=128, transport=True, progress=False)
+    sampler = EagerSampler(model, path, (D,), settings=InferenceSettings(solver="rk4", steps=16, batch_size=128))
+    res = sampler.sample(300, transport=True, progress=False)
     assert res.kinetic.shape == res.straightness.shape == (300,)
     ref = MU + S * torch.randn(400, D, generator=torch.Generator().manual_seed(1))
     rep = transport_report(res, path, ref, w2_points=200)
@@ -152,7 +153,7 @@ def test_generate_batches_and_the_report():
     assert rep["kinetic_energy"] == pytest.approx(float(MU.pow(2).sum()) + D * J, rel=0.15)
     assert rep["w2_sq_pot"] < rep["kinetic_energy"]
     with pytest.raises(ValueError, match="transport=True"):
-        transport_report(generate(model, path, 8, (D,), steps=2, progress=False), path, ref, w2_points=8)
+        transport_report(sampler.sample(8, progress=False), path, ref, w2_points=8)
 
 
 def test_train_and_evaluate_report_transport(toy_run, tmp_path):

@@ -20,11 +20,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fastfm.build import load_run  # noqa: E402
-from fastfm.cli import run_dataset  # noqa: E402
-from fastfm.evaluation import generate  # noqa: E402
+from fastfm.commands.common import run_dataset  # noqa: E402
+from fastfm.inference import EagerSampler, InferenceSettings  # noqa: E402
 from fastfm.metrics import energy_distance  # noqa: E402
-from fastfm.sde import parse_diffusion  # noqa: E402
+from fastfm.runs import load_run  # noqa: E402
 
 DIFFUSIONS = ("0.2", "1", "sin2:3")
 
@@ -39,13 +38,12 @@ def main() -> None:
     data = run_dataset(run.meta).test[: args.n]
     panels = [("data (held out)", data, None, 0.0)]
     started = time.perf_counter()
-    ode = generate(run.model, run.path, len(data), run.shape, target=run.meta["target"], method="midpoint", steps=32,
-                   progress=False)
+    ode = EagerSampler.from_run(run, InferenceSettings(solver="midpoint", steps=32)).sample(len(data), progress=False)
     panels.append(("ODE, midpoint x 32", ode.x, ode.nfe, time.perf_counter() - started))
     for text in DIFFUSIONS:
         started = time.perf_counter()
-        res = generate(run.model, run.path, len(data), run.shape, target=run.meta["target"], steps=200,
-                       diffusion=parse_diffusion(text), progress=False)
+        sde = EagerSampler.from_run(run, InferenceSettings(steps=200, diffusion=text))
+        res = sde.sample(len(data), progress=False)
         panels.append((f"SDE, eps = {text}, EM x 200", res.x, res.nfe, time.perf_counter() - started))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.8))
     record = {"checkpoint": args.checkpoint, "n": len(data), "panels": []}

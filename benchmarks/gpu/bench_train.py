@@ -54,7 +54,7 @@ from common import (Budget, DynamoWatch, Results, TimeLimitExceeded, add_common_
 from fastfm.config import TrainConfig  # noqa: E402
 from fastfm.distributed import env_from_torchrun  # noqa: E402
 from fastfm.telemetry import peak_flops, peak_memory_mb  # noqa: E402
-from fastfm.train import Trainer  # noqa: E402
+from fastfm.trainer import Trainer  # noqa: E402
 
 MODES = ("eager", "compile", "compile-bf16")
 PEERS = {"fm-eager": "eager", "fm-compile-bf16": "compile-bf16"}  # peer -> the fastfm mode it is compared with

@@ -36,6 +36,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from fastfm import compat
+
 # ----------------------------------------------------------------------------- environment
 
 
@@ -266,15 +268,13 @@ def time_kernel(fn: Callable[[], Any], device: torch.device | str, target_ms: fl
 
 def set_recompile_limit(n: int) -> None:
     """Dynamo's per-code-object recompile limit (``recompile_limit``; ``cache_size_limit`` on older torch)."""
-    cfg = torch._dynamo.config
+    cfg = compat.dynamo_config()
     setattr(cfg, "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit", n)
 
 
 def _counting_backend(backend: str | Callable, counter: dict[str, int]) -> Callable:
     """``backend`` with every compiled graph wrapped to count its executions."""
-    from torch._dynamo.backends.registry import lookup_backend
-
-    inner = lookup_backend(backend) if isinstance(backend, str) else backend
+    inner = compat.lookup_backend(backend) if isinstance(backend, str) else backend
 
     def compile_graph(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         compiled = inner(gm, example_inputs)
@@ -319,7 +319,7 @@ class CheckedCompile:
 @contextlib.contextmanager
 def strict_dynamo(error_on_recompile: bool = False) -> Iterator[None]:
     """Hitting the recompile limit raises (where torch has the switch) instead of silently running eager."""
-    cfg = torch._dynamo.config
+    cfg = compat.dynamo_config()
     patch = {k: True for k in ("fail_on_recompile_limit_hit",) if hasattr(cfg, k)}
     if error_on_recompile:
         patch["error_on_recompile"] = True
@@ -338,7 +338,7 @@ def compile_checked(fn: Callable, args: tuple, *, backend: str | Callable = "ind
     inside ``timed(cc)``, which re-checks that every call ran compiled code and that nothing recompiled.
     """
     if fresh:
-        torch._dynamo.reset()
+        torch.compiler.reset()
     cc = CheckedCompile(fn, backend, dynamic=dynamic, fullgraph=fullgraph)
     started = time.perf_counter()
     info: dict[str, Any] = {"backend": backend if isinstance(backend, str) else getattr(backend, "__name__", "custom"),
@@ -349,7 +349,7 @@ def compile_checked(fn: Callable, args: tuple, *, backend: str | Callable = "ind
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
     except TimeLimitExceeded as e:
-        torch._dynamo.reset()
+        torch.compiler.reset()
         info.update(compiled=False, compile_s=time.perf_counter() - started, reason=f"compile {e}")
         return None, info
     except Exception as e:
@@ -385,9 +385,7 @@ class DynamoWatch:
     """Dynamo's counters over a block (for code compiled elsewhere, e.g. inside the trainer)."""
 
     def __init__(self) -> None:
-        from torch._dynamo.utils import counters
-
-        self.counters = counters
+        self.counters = compat.dynamo_counters()
         self.before = self._snap()
 
     def _snap(self) -> dict[str, int]:

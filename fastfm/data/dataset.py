@@ -7,13 +7,13 @@ training rows as an epoch-wise shuffled stream whose position can be saved.
 
 from __future__ import annotations
 
-import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from fastfm import seeding
 from fastfm.data.mixtures import GaussianMixture
 from fastfm.data.pixels import dequantise
 from fastfm.data.toys import Sampler
@@ -24,11 +24,9 @@ class DataError(ValueError):
 
 
 def seeded(seed: int, purpose: str) -> torch.Generator:
-    """A CPU generator for one fixed purpose (e.g. "split", "test"), derived from ``seed``.
-
-    Distinct purposes give unrelated streams, none equal to ``manual_seed(seed)``.
-    """
-    return torch.Generator().manual_seed(zlib.crc32(f"fastfm/{purpose}/{seed}".encode()))
+    """A CPU generator for one fixed purpose of a data set (e.g. "split", "test"): the stream
+    ``data/{purpose}`` of ``fastfm.seeding``, kept under this name for ``fastfm.data``'s users."""
+    return seeding.generator(seed, f"{seeding.DATA}/{purpose}")
 
 
 @dataclass(kw_only=True, eq=False)
@@ -85,10 +83,11 @@ class GeneratedDataset(Dataset):
         num_classes: int | None = None,
         density: GaussianMixture | None = None,
     ) -> GeneratedDataset:
-        """Wrap ``sampler``; the test set is ``n_test`` points drawn with ``seeded(seed, "test")``."""
+        """Wrap ``sampler``; the test set is ``n_test`` points drawn from the stream ``data/test``
+        (``fastfm.seeding``)."""
         if n_test < 1:
             raise ValueError(f"n_test must be >= 1, got {n_test}")
-        test, test_labels = sampler(n_test, seeded(seed, "test"))
+        test, test_labels = sampler(n_test, seeding.generator(seed, "data/test"))
         return cls(name=name, shape=tuple(test.shape[1:]), kind="vector", test=test,
                    test_labels=test_labels, num_classes=num_classes, sampler=sampler, density=density)
 
@@ -134,7 +133,7 @@ class FiniteDataset(Dataset):
     ``train`` holds uint8 pixel values when ``levels`` is set (``sample`` dequantises
     them with the caller's generator), else float32 model-space rows. ``test_raw`` is
     the integer test set (None for continuous data); ``test`` is it dequantised once
-    with ``seeded(seed, "test-noise")``.
+    from the stream ``data/test-noise`` (``fastfm.seeding``).
     """
 
     train: torch.Tensor = field(repr=False)
@@ -173,7 +172,7 @@ class FiniteDataset(Dataset):
             train, test, test_raw = train.to(torch.float32), test.to(torch.float32), None
         else:
             train, test_raw = train.to(torch.uint8), test.to(torch.uint8)
-            test = dequantise(test_raw, levels, seeded(seed, "test-noise"))
+            test = dequantise(test_raw, levels, seeding.generator(seed, "data/test-noise"))
         as_labels = (lambda y: None if y is None else y.to(torch.int64))
         return cls(name=name, shape=tuple(train.shape[1:]), kind="image" if train.ndim == 4 else "vector",
                    test=test, test_labels=as_labels(test_labels), num_classes=num_classes, levels=levels,
@@ -191,7 +190,7 @@ class FiniteDataset(Dataset):
         **kwargs: Any,
     ) -> FiniteDataset:
         """Split off round(test_fraction N) rows (at least 1 each side) by the permutation
-        drawn with ``seeded(seed, "split")``; ``kwargs`` go to ``from_split``."""
+        drawn from the stream ``data/split`` (``fastfm.seeding``); ``kwargs`` go to ``from_split``."""
         source = kwargs.get("source") or name
         if not 0 < test_fraction < 1:
             raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
@@ -201,7 +200,7 @@ class FiniteDataset(Dataset):
             raise DataError(f"{source}: {x.shape[0]} samples but labels of shape {tuple(labels.shape)}")
         n = x.shape[0]
         n_test = min(max(round(test_fraction * n), 1), n - 1)
-        perm = torch.randperm(n, generator=seeded(seed, "split"))
+        perm = torch.randperm(n, generator=seeding.generator(seed, "data/split"))
         test_idx, train_idx = perm[:n_test].sort().values, perm[n_test:].sort().values
         pick = (lambda y, idx: None if y is None else y[idx])
         return cls.from_split(name, x[train_idx], x[test_idx], train_labels=pick(labels, train_idx),

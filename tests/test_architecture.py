@@ -1,0 +1,90 @@
+"""The layers, read off the imports: kernels <- core <- export <- entry points.
+
+Every ``import`` / ``from ... import`` statement of every module (at any depth, lazy ones included) is
+checked against the layer it may reach; ``fastfm.registry`` and ``fastfm.compat`` are leaf utilities
+(they import nothing from fastfm) that any layer may use.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"fastfm": ROOT / "fastfm", "fastfm.kernels": ROOT / "kernels", "fastfm.export": ROOT / "export"}
+LEAVES = ("fastfm.registry", "fastfm.compat")
+LAUNCHERS = ("fastfm.train", "fastfm.sample", "fastfm.evaluate", "fastfm.export.__main__")
+"""``python -m`` targets: entry points by role, kept where ``python -m fastfm.X`` finds them."""
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for package, folder in PACKAGES.items():
+        for f in folder.rglob("*.py"):
+            parts = f.relative_to(folder).with_suffix("").parts
+            name = ".".join((package, *parts)).removesuffix(".__init__")
+            if package == "fastfm" and parts[0] in ("kernels", "export"):
+                continue
+            out[name] = f
+    return out
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """Absolute names of the fastfm modules ``path`` imports (relative imports resolved)."""
+    pkg = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join([*pkg.split(".")[: len(pkg.split(".")) - node.level + 1], *filter(None, [base])])
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)
+    return {m for m in found if m.split(".")[0] == "fastfm"}
+
+
+def layer(module: str) -> int:
+    """0 kernels (with the C++ extension fastfm._C), 1 core, 2 export, 3 entry points; the leaves count as 0."""
+    if module in LAUNCHERS or module.startswith("fastfm.commands"):
+        return 3
+    if module.startswith("fastfm.export"):
+        return 2
+    if module.startswith("fastfm.kernels") or module in (*LEAVES, "fastfm", "fastfm._C"):
+        return 0
+    return 1
+
+
+MODULES = _modules()
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_imports_only_reach_down(name: str) -> None:
+    """No module imports a layer above its own; the leaves import nothing from fastfm at all."""
+    mine = layer(name)
+    imported = {m for m in _imports(name, MODULES[name]) if m != "fastfm"}
+    if name in LEAVES:
+        assert not imported, f"{name} is a leaf utility but imports {sorted(imported)}"
+    up = sorted(m for m in imported if layer(m) > mine)
+    assert not up, f"{name} (layer {mine}) imports {up} from a layer above"
+
+
+def test_the_core_never_names_export() -> None:
+    """Not even lazily: only entry points import fastfm.export."""
+    offenders = {n for n, p in MODULES.items() if layer(n) < 2
+                 and any(m.startswith("fastfm.export") for m in _imports(n, p))}
+    assert not offenders
+
+
+@pytest.mark.parametrize("command", ["sample", "evaluate", "train"])
+def test_an_eager_command_loads_no_export(command: str) -> None:
+    """``python -m fastfm.sample`` without --engine imports none of the export layer."""
+    code = (f"import sys, fastfm.{command}; bad = sorted(m for m in sys.modules if m.startswith('fastfm.export')); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
