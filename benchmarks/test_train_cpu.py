@@ -21,11 +21,10 @@ from typing import Callable
 import pytest
 import torch
 
-from fastfm.runs import model_config
+from fastfm.runs import model_for
 from fastfm.config import TrainConfig
 from fastfm.data import get_dataset
 from fastfm.distributed import DistEnv
-from fastfm.models import build_model
 from fastfm.trainer import Trainer
 
 CASES = {
@@ -57,7 +56,7 @@ def _plain_step(cfg: TrainConfig, impl: str) -> Callable[[], object]:
     """The examples' loop, on fastfm's model class and data stream."""
     torch.manual_seed(cfg.seed)
     data = get_dataset(cfg.data, seed=cfg.seed)
-    model = build_model(model_config(cfg, data))
+    model = model_for(cfg, data)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     if impl == "flow_matching":

@@ -58,7 +58,8 @@ class EngineSampler:
             return (f"--sde --diffusion {value}: the engine {built}; export one with "
                     f"python -m fastfm.export --task sample --sde --diffusion {value}")
         if name in ("guidance", "class_label"):
-            return f"--{name.replace('_', '-')} {value} conflicts with the engine's baked {name.replace('_', ' ')} {fixed}"
+            flag, words = name.replace("_", "-"), name.replace("_", " ")
+            return f"--{flag} {value} conflicts with the engine's baked {words} {fixed}"
         return (f"--{name} {value} conflicts with the engine ({fixed}); an engine's solver, steps and divergence are "
                 "fixed at export")
 

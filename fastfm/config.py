@@ -22,7 +22,7 @@ from fastfm.divergence import DIVERGENCES
 from fastfm.interpolants import MAX_MODES
 from fastfm.models import MODELS
 from fastfm.paths import PATHS, TARGETS
-from fastfm.solvers import SOLVERS
+from fastfm.solvers import DEFAULT_SOLVER, DEFAULT_STEPS, SOLVERS
 from fastfm.timesteps import TIME_SAMPLERS
 
 
@@ -123,8 +123,8 @@ class TrainConfig:
                                "EMA half-life at most this fraction of samples seen (0: off)", Range(0))
     eval_every: int = option(0, "evaluation", "steps between evaluations (test NLL, sample PNG; 0: final only)",
                              Range(0))
-    eval_solver: str = option("midpoint", "evaluation", f"solver for final NLL and samples: {SOLVERS.help_text()}")
-    eval_steps: int = option(32, "evaluation", "solver steps for final NLL and samples", Range(1))
+    eval_solver: str = option(DEFAULT_SOLVER, "evaluation", f"solver for final NLL and samples: {SOLVERS.help_text()}")
+    eval_steps: int = option(DEFAULT_STEPS, "evaluation", "solver steps for final NLL and samples", Range(1))
     eval_n: int = option(2000, "evaluation", "test points for the final NLL (at most: see --eval-budget)", Range(1))
     eval_budget: float = option(-1.0, "evaluation",
                                 "seconds an evaluation may take (measured per point before it starts; fewer test "

@@ -33,13 +33,8 @@ __all__ = [
 
 
 class Coupling(Protocol):
-    def __call__(
-        self,
-        x0: Tensor,
-        x1: Tensor,
-        y1: Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
+    def __call__(self, x0: Tensor, x1: Tensor, y1: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """Return (x0', x1', y1') paired row by row."""
         ...
 
@@ -66,13 +61,8 @@ def ot_cost(x0: Tensor, x1: Tensor) -> Tensor:
 class IndependentCoupling:
     """Product coupling pi = p0 x p1: returns the inputs unchanged."""
 
-    def __call__(
-        self,
-        x0: Tensor,
-        x1: Tensor,
-        y1: Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
+    def __call__(self, x0: Tensor, x1: Tensor, y1: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         _check_batch(x0, x1)
         return x0, x1, y1
 
@@ -83,13 +73,8 @@ class _ReindexingCoupling:
     def assignment(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None) -> Tensor:
         raise NotImplementedError
 
-    def __call__(
-        self,
-        x0: Tensor,
-        x1: Tensor,
-        y1: Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
+    def __call__(self, x0: Tensor, x1: Tensor, y1: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         return x0[self.assignment(x0, x1, generator)], x1, y1
 
 
@@ -199,14 +184,8 @@ class LabelAwareCoupling:
     def __init__(self, inner: Coupling) -> None:
         self.inner = inner
 
-    def __call__(
-        self,
-        x0: Tensor,
-        x1: Tensor,
-        y1: Tensor | None = None,
-        generator: torch.Generator | None = None,
-        y0: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
+    def __call__(self, x0: Tensor, x1: Tensor, y1: Tensor | None = None, generator: torch.Generator | None = None,
+                 y0: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         if y1 is None:
             if y0 is not None:
                 raise ValueError("y0 was given without y1; label-aware coupling needs data labels y1")

@@ -33,7 +33,7 @@ from fastfm.paths import AffinePath
 from fastfm.runs import LoadedRun
 from fastfm.score import score_interval
 from fastfm.sde import parse_diffusion, sde_sample
-from fastfm.solvers import SOLVERS, TABLEAUS, check_grid, nfe_per_step
+from fastfm.solvers import DEFAULT_SOLVER, DEFAULT_STEPS, SOLVERS, TABLEAUS, check_grid, nfe_per_step
 
 Cond = dict[str, Tensor]
 TASKS = ("sample", "likelihood", "transport")
@@ -47,8 +47,8 @@ class InferenceSettings:
     ``fastfm.sde.parse_diffusion`` reads it) switches sampling to the SDE; ``class_label`` fixes the labels
     of unlabelled samples (default: cycle through the classes)."""
 
-    solver: str = "midpoint"
-    steps: int = 32
+    solver: str = DEFAULT_SOLVER
+    steps: int = DEFAULT_STEPS
     grid: tuple[float, ...] | None = None
     divergence: str = "auto"
     probes: int = 1

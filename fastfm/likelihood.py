@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from fastfm.divergence import augmented_field
 from fastfm.paths import AffinePath
 from fastfm.ode import velocity_field
-from fastfm.solvers import solve
+from fastfm.solvers import ADAPTIVE_TOL, DEFAULT_SOLVER, DEFAULT_STEPS, solve
 
 
 @dataclass
@@ -32,9 +32,10 @@ class LikelihoodResult:
     x0: Tensor
 
 
-def log_likelihood(model: nn.Module, path: AffinePath, x1: Tensor, *, solver: str = "midpoint", steps: int = 32,
-                   grid: Tensor | None = None, target: str = "velocity", probes: Tensor | None = None,
-                   y: Tensor | None = None, rtol: float = 1e-5, atol: float = 1e-5,
+def log_likelihood(model: nn.Module, path: AffinePath, x1: Tensor, *, solver: str = DEFAULT_SOLVER,
+                   steps: int = DEFAULT_STEPS, grid: Tensor | None = None, target: str = "velocity",
+                   probes: Tensor | None = None, y: Tensor | None = None, rtol: float = ADAPTIVE_TOL,
+                   atol: float = ADAPTIVE_TOL,
                    **conditioning: Tensor) -> LikelihoodResult:
     """Exact divergence when ``probes`` is None, Hutchinson with probes of shape (k, *x1.shape) otherwise.
 
@@ -48,10 +49,10 @@ def log_likelihood(model: nn.Module, path: AffinePath, x1: Tensor, *, solver: st
                                     probes=probes, y=y, rtol=rtol, atol=atol, **conditioning)
 
 
-def integrate_log_likelihood(model: nn.Module, path: AffinePath, x1: Tensor, *, solver: str = "midpoint",
-                             steps: int = 32, grid: Tensor | None = None, target: str = "velocity",
-                             probes: Tensor | None = None, y: Tensor | None = None, rtol: float = 1e-5,
-                             atol: float = 1e-5, **conditioning: Tensor) -> LikelihoodResult:
+def integrate_log_likelihood(model: nn.Module, path: AffinePath, x1: Tensor, *, solver: str = DEFAULT_SOLVER,
+                             steps: int = DEFAULT_STEPS, grid: Tensor | None = None, target: str = "velocity",
+                             probes: Tensor | None = None, y: Tensor | None = None, rtol: float = ADAPTIVE_TOL,
+                             atol: float = ADAPTIVE_TOL, **conditioning: Tensor) -> LikelihoodResult:
     """The solve behind :func:`log_likelihood`, unchecked: ``grid`` (if given) must run from data to noise.
 
     No host syncs or data-dependent branches with a fixed-step solver, so torch.export traces it.
@@ -59,7 +60,7 @@ def integrate_log_likelihood(model: nn.Module, path: AffinePath, x1: Tensor, *, 
     v = velocity_field(model, path, target, y, 1.0, **conditioning)
     zero = torch.zeros(x1.shape[0], device=x1.device, dtype=torch.float32)
     t_start, t_end = path.time_interval(target)
-    res = solve(augmented_field(v, probes, 1.0), (x1, zero), method=solver, steps=steps, grid=grid,
+    res = solve(augmented_field(v, probes, 1.0), (x1, zero), solver=solver, steps=steps, grid=grid,
                 t0=t_end, t1=t_start, rtol=rtol, atol=atol)
     x0, delta = res.y
     return LikelihoodResult(path.prior.log_prob(x0) + delta, res.nfe, x0)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from fastfm.divergence import VectorField, augmented_field
 from fastfm.guidance import guided_model
 from fastfm.paths import AffinePath
-from fastfm.solvers import solve
+from fastfm.solvers import ADAPTIVE_TOL, DEFAULT_SOLVER, DEFAULT_STEPS, solve
 from fastfm.transport import kinetic_start, straightness, with_kinetic
 
 
@@ -39,10 +39,11 @@ def velocity_field(model: nn.Module, path: AffinePath, target: str = "velocity",
     return v
 
 
-def sample(model: nn.Module, path: AffinePath, x0: Tensor, *, solver: str = "midpoint", steps: int = 32,
-           grid: Tensor | None = None, target: str = "velocity", y: Tensor | None = None, guidance: float = 1.0,
-           return_intermediates: bool = False, log_likelihood: bool = False, probes: Tensor | None = None,
-           rtol: float = 1e-5, atol: float = 1e-5, transport: bool = False, **conditioning: Tensor) -> SampleResult:
+def sample(model: nn.Module, path: AffinePath, x0: Tensor, *, solver: str = DEFAULT_SOLVER,
+           steps: int = DEFAULT_STEPS, grid: Tensor | None = None, target: str = "velocity", y: Tensor | None = None,
+           guidance: float = 1.0, return_intermediates: bool = False, log_likelihood: bool = False,
+           probes: Tensor | None = None, rtol: float = ADAPTIVE_TOL, atol: float = ADAPTIVE_TOL,
+           transport: bool = False, **conditioning: Tensor) -> SampleResult:
     """Push x0 (drawn from ``path.prior``) to t = 1 (to ``path.time_interval(target)`` without a grid).
 
     With ``log_likelihood`` the divergence is integrated alongside, d/dt log p = -div v, starting
@@ -52,7 +53,7 @@ def sample(model: nn.Module, path: AffinePath, x0: Tensor, *, solver: str = "mid
     """
     v = velocity_field(model, path, target, y, guidance, **conditioning)
     t0, t1 = path.time_interval(target)
-    opts = dict(method=solver, steps=steps, grid=grid, t0=t0, t1=t1, rtol=rtol, atol=atol,
+    opts = dict(solver=solver, steps=steps, grid=grid, t0=t0, t1=t1, rtol=rtol, atol=atol,
                 return_intermediates=return_intermediates)
     if log_likelihood:
         f, state = augmented_field(v, probes, -1.0), (x0, path.prior.log_prob(x0))

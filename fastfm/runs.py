@@ -16,7 +16,7 @@ from fastfm.checkpoint import CheckpointError, load_inference
 from fastfm.config import TrainConfig
 from fastfm.data import Dataset, get_dataset
 from fastfm.densities import Density, SampleDensity
-from fastfm.models import build_model
+from fastfm.models import build_model, config_for_data
 from fastfm.paths import AffinePath, get_path
 
 
@@ -46,29 +46,12 @@ def path_from_meta(meta: dict[str, Any]) -> AffinePath:
     return get_path(p["name"], source, **p.get("args", {}))
 
 
-def model_config(cfg: TrainConfig, data: Dataset) -> dict[str, Any]:
-    """Model constructor config: MLP for vectors, UNet for images, then the user's model_args."""
-    name = cfg.model if cfg.model != "auto" else ("unet" if data.kind == "image" else "mlp")
-    classes = data.num_classes if cfg.class_cond else None
-    if cfg.class_cond and data.num_classes is None:
-        raise ValueError(f"--class-cond needs a labelled data set; {data.name!r} has no labels")
-    if name == "mlp":
-        dim = 1
-        for s in data.shape:
-            dim *= s
-        if data.kind != "vector" or cfg.superres:
-            raise ValueError(f"the mlp model takes vector data without superres; {data.name!r} is {data.kind} data of shape {data.shape}")
-        base = {"name": "mlp", "dim": dim, "num_classes": classes}
-    else:
-        if data.kind != "image":
-            raise ValueError(f"the unet model takes image data; {data.name!r} is {data.kind} data")
-        c, h, _ = data.shape
-        if cfg.superres and h % cfg.superres:
-            raise ValueError(f"superres factor {cfg.superres} does not divide the image size {h}")
-        base = {"name": "unet", "in_channels": c, "image_size": h, "num_classes": classes,
-                "low_res_channels": c if cfg.superres else None,
-                "model_channels": 32, "channel_mult": [1, 2, 2] if h >= 16 else [1, 2]}
-    return {**base, **cfg.model_args}
+def model_for(cfg: TrainConfig, data: Dataset) -> nn.Module:
+    """The model of a training config for its data set: the model's own defaults for that data
+    (``fastfm.models.config_for_data``), then ``cfg.model_args``."""
+    return build_model(config_for_data(cfg.model, data=data.name, kind=data.kind, shape=data.shape,
+                                       num_classes=data.num_classes, class_cond=cfg.class_cond, superres=cfg.superres,
+                                       overrides=cfg.model_args))
 
 
 def run_meta(cfg: TrainConfig, data: Dataset, model: nn.Module) -> dict[str, Any]:
@@ -77,8 +60,8 @@ def run_meta(cfg: TrainConfig, data: Dataset, model: nn.Module) -> dict[str, Any
         "fastfm_version": fastfm.__version__, "model": model.config,
         "path": {"name": cfg.path, "args": cfg.path_args}, "source": cfg.source, "seed": cfg.seed,
         "target": cfg.target, "superres": cfg.superres,
-        "data": {"name": cfg.data, "shape": list(data.shape), "kind": data.kind, "levels": data.levels,
-                 "num_classes": data.num_classes},
+        "data": {"name": cfg.data, "args": cfg.data_args, "shape": list(data.shape), "kind": data.kind,
+                 "levels": data.levels, "num_classes": data.num_classes},
     }
 
 

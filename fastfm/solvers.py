@@ -15,6 +15,11 @@ from torch import Tensor
 
 from fastfm.registry import Registry
 
+DEFAULT_SOLVER, DEFAULT_STEPS = "midpoint", 32
+"""The one default of every solve, eager or exported (``fastfm.inference.DEFAULTS`` takes them)."""
+ADAPTIVE_TOL = 1e-5
+"""rtol = atol of the adaptive (torchdiffeq) solvers."""
+
 State = Union[Tensor, tuple[Tensor, ...]]
 Field = Callable[[Tensor, State], State]
 
@@ -28,7 +33,7 @@ class Tableau(NamedTuple):
 
 
 SOLVERS: Registry[Tableau | str] = Registry("solver")
-"""Every method ``solve`` takes: a fixed-step one builds its ``Tableau``, an adaptive one its torchdiffeq name."""
+"""Every solver ``solve`` takes: a fixed-step one builds its ``Tableau``, an adaptive one its torchdiffeq name."""
 TABLEAUS: Registry[Tableau] = Registry("fixed-step solver")
 ADAPTIVE: Registry[str] = Registry("adaptive solver")
 
@@ -65,9 +70,9 @@ class SolveResult:
     intermediates: State | None = None
 
 
-def tableau(method: str) -> Tableau:
-    """The Butcher tableau (c, A, b) of a fixed-step method."""
-    return TABLEAUS.build(method)
+def tableau(solver: str) -> Tableau:
+    """The Butcher tableau (c, A, b) of a fixed-step solver."""
+    return TABLEAUS.build(solver)
 
 
 def _axpy(y: State, h: Tensor, terms: Sequence[tuple[float, State]]) -> State:
@@ -83,9 +88,9 @@ def _axpy(y: State, h: Tensor, terms: Sequence[tuple[float, State]]) -> State:
     return one(None) if isinstance(y, Tensor) else tuple(one(i) for i in range(len(y)))
 
 
-def nfe_per_step(method: str) -> int:
-    """Field evaluations per step of a fixed-step method (stages with a used output)."""
-    return len(tableau(method)[0])
+def nfe_per_step(solver: str) -> int:
+    """Field evaluations per step of a fixed-step solver (stages with a used output)."""
+    return len(tableau(solver)[0])
 
 
 def time_grid(steps: int, t0: float = 0.0, t1: float = 1.0, device: torch.device | str | None = None) -> Tensor:
@@ -101,10 +106,10 @@ def _stack(states: list[State]) -> State:
     return tuple(torch.stack([s[i] for s in states]) for i in range(len(states[0])))
 
 
-def odeint_fixed(f: Field, y0: State, grid: Tensor, method: str = "midpoint",
+def odeint_fixed(f: Field, y0: State, grid: Tensor, solver: str = DEFAULT_SOLVER,
                  return_intermediates: bool = False) -> SolveResult:
     """Integrate dy/dt = f(t, y) over ``grid`` (fp32, monotone) with an explicit RK tableau."""
-    c, a, b = tableau(method)
+    c, a, b = tableau(solver)
     y, states = y0, [y0]
     for i in range(grid.shape[0] - 1):
         t, h = grid[i], grid[i + 1] - grid[i]
@@ -118,8 +123,8 @@ def odeint_fixed(f: Field, y0: State, grid: Tensor, method: str = "midpoint",
     return SolveResult(y, (grid.shape[0] - 1) * len(c), _stack(states) if return_intermediates else None)
 
 
-def odeint_adaptive(f: Field, y0: State, grid: Tensor, method: str = "dopri5", rtol: float = 1e-5,
-                    atol: float = 1e-5, return_intermediates: bool = False) -> SolveResult:
+def odeint_adaptive(f: Field, y0: State, grid: Tensor, solver: str = "dopri5", rtol: float = ADAPTIVE_TOL,
+                    atol: float = ADAPTIVE_TOL, return_intermediates: bool = False) -> SolveResult:
     """Adaptive reference solve (torchdiffeq), reporting the field evaluations it used."""
     from torchdiffeq import odeint
 
@@ -131,30 +136,30 @@ def odeint_adaptive(f: Field, y0: State, grid: Tensor, method: str = "dopri5", r
         return f(t, y)
 
     try:
-        ys = odeint(counted, y0, grid, rtol=rtol, atol=atol, method=method)
+        ys = odeint(counted, y0, grid, rtol=rtol, atol=atol, method=solver)
     except AssertionError as e:  # torchdiffeq asserts on a step size that underflows
-        raise ValueError(f"{method} could not integrate this field ({e}; {nfe} evaluations): it is too stiff near "
-                         f"an end of the time interval; use a fixed-step solver (e.g. rk4) or looser rtol/atol") from None
+        raise ValueError(f"{solver} could not integrate this field ({e}; {nfe} evaluations): it is too stiff near "
+                         "an end of the time interval; use a fixed-step solver (e.g. rk4) or looser rtol/atol") from None
     final = ys[-1] if isinstance(ys, Tensor) else tuple(s[-1] for s in ys)
     return SolveResult(final, nfe, ys if return_intermediates else None)
 
 
-def solve(f: Field, y0: State, method: str = "midpoint", steps: int = 32, grid: Tensor | None = None,
-          t0: float = 0.0, t1: float = 1.0, rtol: float = 1e-5, atol: float = 1e-5,
+def solve(f: Field, y0: State, solver: str = DEFAULT_SOLVER, steps: int = DEFAULT_STEPS, grid: Tensor | None = None,
+          t0: float = 0.0, t1: float = 1.0, rtol: float = ADAPTIVE_TOL, atol: float = ADAPTIVE_TOL,
           return_intermediates: bool = False) -> SolveResult:
     """Solve from t0 to t1 on a uniform grid of ``steps`` steps, or on a user-given ``grid``.
 
-    Adaptive methods use the grid only for the times they report.
+    Adaptive solvers use the grid only for the times they report.
     """
-    SOLVERS.check(method)
+    SOLVERS.check(solver)
     if grid is None:
-        grid = time_grid(steps if method in TABLEAUS else 1, t0, t1, device=_device(y0))
+        grid = time_grid(steps if solver in TABLEAUS else 1, t0, t1, device=_device(y0))
     elif grid.dim() != 1 or grid.shape[0] < 2:
         raise ValueError(f"time grid must be 1-D with at least 2 times, got shape {tuple(grid.shape)}")
     grid = grid.to(torch.float32)
-    if method in TABLEAUS:
-        return odeint_fixed(f, y0, grid, method, return_intermediates)
-    return odeint_adaptive(f, y0, grid, method, rtol, atol, return_intermediates)
+    if solver in TABLEAUS:
+        return odeint_fixed(f, y0, grid, solver, return_intermediates)
+    return odeint_adaptive(f, y0, grid, solver, rtol, atol, return_intermediates)
 
 
 def check_grid(grid: Sequence[float]) -> Tensor:

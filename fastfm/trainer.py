@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from fastfm import compat, distributed, seeding
-from fastfm.runs import build_source, resolve_device, run_meta
+from fastfm.budget import nll_seconds_per_point, points_within, sample_seconds_per_point
 from fastfm.checkpoint import (CHECKPOINT, EMA_WEIGHTS, META, atomic_write, load_training_state, save_inference,
                                save_training_state)
 from fastfm.config import ConfigError, TrainConfig
@@ -36,21 +36,19 @@ from fastfm.couplings import get_coupling
 from fastfm.data import get_dataset
 from fastfm.densities import Gaussian
 from fastfm.distributed import DistEnv
-from fastfm.budget import nll_seconds_per_point, points_within, sample_seconds_per_point
-from fastfm.inference import EagerSampler, nll_report, settings_with
 from fastfm.guidance import drop_labels
+from fastfm.inference import EagerSampler, nll_report, settings_with
 from fastfm.interpolants import FourierInterpolant, LearnedScheduler, interpolant_objective
 from fastfm.kernels.rng import philox_state
-from fastfm.metrics import sample_quality
 from fastfm.losses import cfm_loss
-from fastfm.models import build_model, config_for_data
+from fastfm.metrics import sample_quality
 from fastfm.paths import AffinePath, get_path
 from fastfm.plotting import save_samples_png
+from fastfm.runs import build_source, model_for, resolve_device, run_meta
 from fastfm.solvers import TABLEAUS
 from fastfm.telemetry import flops_per_sample, peak_flops, peak_memory_mb
 from fastfm.timesteps import get_time_sampler
 from fastfm.transport import transport_report
-
 
 METRICS = "metrics.jsonl"
 RUN_FILES = (CHECKPOINT, METRICS, "config.json", EMA_WEIGHTS)
@@ -185,10 +183,7 @@ class Trainer:
         self.data = get_dataset(cfg.data, seed=cfg.seed, **cfg.data_args)
         path_args = {"modes": cfg.interp_modes} if cfg.path == "learned" else cfg.path_args
         self.path = get_path(cfg.path, build_source(cfg.source, cfg.seed, self.data.shape), **path_args)
-        self.model = build_model(config_for_data(
-            cfg.model, data=self.data.name, kind=self.data.kind, shape=self.data.shape,
-            num_classes=self.data.num_classes, class_cond=cfg.class_cond, superres=cfg.superres,
-            overrides=cfg.model_args)).to(self.device)
+        self.model = model_for(cfg, self.data).to(self.device)
         if self.env.active:  # same initial weights everywhere (DDP also broadcasts), per-rank dropout streams
             torch.manual_seed(seeding.derive(cfg.seed, seeding.RANK, self.env.rank))
         self.meta = run_meta(cfg, self.data, self.model)
@@ -367,7 +362,8 @@ class Trainer:
         cfg, data, path = self.cfg, self.data, self.path
         started, budget = time.perf_counter(), self.eval_budget(trained_s)
         timed = budget is not None and cfg.eval_solver in TABLEAUS  # adaptive solvers run as asked
-        settings = settings_with({"solver": cfg.eval_solver, "steps": cfg.eval_steps, "divergence": cfg.eval_divergence})
+        settings = settings_with({"solver": cfg.eval_solver, "steps": cfg.eval_steps,
+                                  "divergence": cfg.eval_divergence})
         sampler = EagerSampler(self.ema, path, data.shape, target=cfg.target, settings=settings, meta=self.meta)
         plan: dict[str, Any] = {"budget_s": budget if timed else None}
         n = min(cfg.n_samples, len(data.test)) if data.kind == "vector" else min(cfg.n_samples, 64, len(data.test))

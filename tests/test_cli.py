@@ -241,7 +241,8 @@ def test_digits_class_cond_train(digits_run: Run) -> None:
     assert "bits/dim" in digits_run.stdout
     meta = json.loads((digits_run.dir / "model.json").read_text())
     assert meta["model"]["name"] == "unet" and meta["model"]["num_classes"] == 10
-    assert meta["data"] == {"name": "digits", "shape": [1, 8, 8], "kind": "image", "levels": 17, "num_classes": 10}
+    assert meta["data"] == {"name": "digits", "args": {}, "shape": [1, 8, 8], "kind": "image", "levels": 17,
+                            "num_classes": 10}
 
 
 def test_digits_sample_class_guidance(digits_run: Run, tmp_path: Path) -> None:

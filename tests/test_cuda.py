@@ -48,7 +48,7 @@ def test_compiled_training_step_matches_eager(name: str, bf16: bool):
     compiled = torch.compile(LossStep(model, path, "velocity", superres, bf16), fullgraph=True)
     eager = LossStep(twin, path, "velocity", superres, bf16)
     opts = [torch.optim.SGD(m.parameters(), lr=1e-2) for m in (model, twin)]
-    torch._dynamo.reset()
+    torch.compiler.reset()
     counters.clear()
     tol = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-4, atol=1e-5)
     g = torch.Generator(device="cuda").manual_seed(1)

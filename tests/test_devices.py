@@ -142,7 +142,7 @@ def test_compiled_training_step_runs_on_the_inputs_device(name):
     model = build_model(config).to(META)
     step = torch.compile(LossStep(model, get_path(path), target, superres, bf16=False), fullgraph=True,
                          backend="aot_eager")
-    torch._dynamo.reset()
+    torch.compiler.reset()
     counters.clear()
     b = 4
     for i in range(3):

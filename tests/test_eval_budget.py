@@ -156,7 +156,7 @@ def test_stiff_field_under_an_adaptive_solver_is_one_clear_error(monkeypatch):
 
     monkeypatch.setattr(torchdiffeq, "odeint", underflow)
     with pytest.raises(ValueError, match="too stiff .* fixed-step solver"):
-        solve(lambda t, y: y, torch.ones(2), method="dopri5")
+        solve(lambda t, y: y, torch.ones(2), solver="dopri5")
 
 
 README_RUNS = {  # every data set and model the README trains, with its default evaluation (few steps)

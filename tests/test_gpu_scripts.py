@@ -98,7 +98,7 @@ def test_recompile_limit_fallback_is_marked_not_compiled(common) -> None:
     with cfg.patch(**{limit: 1}):
         # silent eager fallback (no fullgraph, no fail switch): detected by the count of compiled-graph calls
         cc = common.CheckedCompile(_f, "eager", fullgraph=False)
-        torch._dynamo.reset()
+        torch.compiler.reset()
         cc(x)
         cc.reset_count()
         with cfg.patch(**{k: False for k in ("fail_on_recompile_limit_hit",) if hasattr(cfg, k)}):
@@ -106,7 +106,7 @@ def test_recompile_limit_fallback_is_marked_not_compiled(common) -> None:
         ok, reason = cc.status()
         assert not ok and "ran eager" in reason
         # the same function compiled again without a reset, for the other dtype: never reported as compiled
-        torch._dynamo.reset()
+        torch.compiler.reset()
         cc, info = common.compile_checked(_f, (x,), backend="eager")
         assert info["compiled"]
         cc2, info2 = common.compile_checked(_f, (xb,), backend="eager", fresh=False, fullgraph=False)
@@ -117,7 +117,7 @@ def test_recompile_limit_fallback_is_marked_not_compiled(common) -> None:
             with common.timed(cc, info):
                 cc(xb)
         assert info["compiled"] is False and "recompile" in info["reason"]
-    torch._dynamo.reset()
+    torch.compiler.reset()
 
 
 def test_compile_time_limit_is_recorded(common) -> None:
@@ -129,7 +129,7 @@ def test_compile_time_limit_is_recorded(common) -> None:
     cc, info = common.compile_checked(_f, (torch.randn(4),), backend=slow_backend, time_limit_s=0.3)
     assert cc is None and not info["compiled"] and "did not finish in 0.3 s" in info["reason"]
     assert time.monotonic() - started < 3
-    torch._dynamo.reset()
+    torch.compiler.reset()
 
 
 # ----------------------------------------------------------------------------- bench_kernels

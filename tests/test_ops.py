@@ -83,7 +83,7 @@ def test_training_step_compiles_without_graph_breaks_or_recompiles(backend):
     """The noise state is a tensor input: new seeds and offsets are new data, never a recompile (the CPU
     backends: the interpreter cannot run under fake tensors; tests/test_cuda.py compiles the Triton one
     on a GPU). The reference is an opaque op, so inductor never sees its Philox arithmetic."""
-    torch._dynamo.reset()
+    torch.compiler.reset()
     model = MLP(2, hidden=16, depth=2)
     path = get_path("condot")
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -95,7 +95,7 @@ def test_training_step_compiles_without_graph_breaks_or_recompiles(backend):
 
     explain = torch._dynamo.explain(step)(torch.randn(8, 2), torch.rand(8), _rng(3))
     assert explain.graph_break_count == 0, explain.break_reasons
-    torch._dynamo.reset()
+    torch.compiler.reset()
     from fastfm.compat import dynamo_counters
     counters = dynamo_counters()
 

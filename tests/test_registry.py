@@ -211,3 +211,13 @@ def test_model_defaults_for_data() -> None:
     ]:
         with pytest.raises(ValueError, match=re.escape(msg)):
             config_for_data(name, data="d", kind=kind, shape=shape, num_classes=None, **kw)
+
+
+def test_a_runs_data_args_rebuild_its_data_set():
+    """--data-args are recorded in model.json and used again where sample/evaluate rebuild the test split."""
+    from fastfm.commands.common import run_dataset
+
+    meta = {"seed": 3, "data": {"name": "gmm", "args": {"n_components": 3, "n_test": 50}}}
+    data = run_dataset(meta)
+    assert data.num_classes == 3 and len(data.test) == 50
+    assert torch.equal(data.test, run_dataset(meta).test)

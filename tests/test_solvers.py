@@ -38,7 +38,7 @@ PROBLEMS = {"rotation": (rot, rot_exact), "cos": (cos_field, cos_exact)}
 
 def _err(method, steps, problem):
     f, exact = PROBLEMS[problem]
-    res = solve(f, Y0, method=method, steps=steps)
+    res = solve(f, Y0, solver=method, steps=steps)
     assert res.y.dtype == torch.float64
     return float((res.y - exact(Y0)).abs().max())
 
@@ -66,7 +66,7 @@ def test_nfe(method):
 
     for steps in (1, 5, 12):
         calls = 0
-        res = solve(f, Y0, method=method, steps=steps)
+        res = solve(f, Y0, solver=method, steps=steps)
         assert res.nfe == steps * stages == calls
         assert nfe_per_step(method) == stages
 
@@ -77,18 +77,18 @@ def test_tuple_state():
         return rot(t, a), cos_field(t, b)
 
     b0 = torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    res = solve(f, (Y0, b0), method="rk4", steps=32)
+    res = solve(f, (Y0, b0), solver="rk4", steps=32)
     assert isinstance(res.y, tuple) and len(res.y) == 2
     torch.testing.assert_close(res.y[0], rot_exact(Y0), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(res.y[1], cos_exact(b0), rtol=1e-6, atol=1e-6)
     # the tuple solve equals the two separate solves exactly
-    torch.testing.assert_close(res.y[0], solve(rot, Y0, method="rk4", steps=32).y, rtol=0, atol=0)
-    torch.testing.assert_close(res.y[1], solve(cos_field, b0, method="rk4", steps=32).y, rtol=0, atol=0)
+    torch.testing.assert_close(res.y[0], solve(rot, Y0, solver="rk4", steps=32).y, rtol=0, atol=0)
+    torch.testing.assert_close(res.y[1], solve(cos_field, b0, solver="rk4", steps=32).y, rtol=0, atol=0)
 
 
 def test_return_intermediates():
     steps = 7
-    res = solve(rot, Y0, method="rk4", steps=steps, return_intermediates=True)
+    res = solve(rot, Y0, solver="rk4", steps=steps, return_intermediates=True)
     traj = res.intermediates
     assert traj.shape == (steps + 1, *Y0.shape)
     assert torch.equal(traj[0], Y0)
@@ -98,25 +98,25 @@ def test_return_intermediates():
         torch.testing.assert_close(traj[k], rot_exact(Y0, 0.0, float(grid[k])), rtol=1e-4, atol=1e-4)
 
     b0 = torch.ones(5, 3, dtype=torch.float64)
-    tup = solve(lambda t, s: (rot(t, s[0]), cos_field(t, s[1])), (Y0, b0), method="midpoint", steps=steps,
+    tup = solve(lambda t, s: (rot(t, s[0]), cos_field(t, s[1])), (Y0, b0), solver="midpoint", steps=steps,
                 return_intermediates=True)
     assert isinstance(tup.intermediates, tuple)
     assert tup.intermediates[0].shape == (steps + 1, 5, 2) and tup.intermediates[1].shape == (steps + 1, 5, 3)
     assert torch.equal(tup.intermediates[0][0], Y0) and torch.equal(tup.intermediates[1][0], b0)
-    assert solve(rot, Y0, method="rk4", steps=steps).intermediates is None
+    assert solve(rot, Y0, solver="rk4", steps=steps).intermediates is None
 
 
 @pytest.mark.parametrize("problem", list(PROBLEMS))
 def test_backward_integration_inverts_forward(problem):
     f, exact = PROBLEMS[problem]
-    fwd = solve(f, Y0, method="rk4", steps=32)
-    back = solve(f, fwd.y, method="rk4", steps=32, t0=1.0, t1=0.0)
+    fwd = solve(f, Y0, solver="rk4", steps=32)
+    back = solve(f, fwd.y, solver="rk4", steps=32, t0=1.0, t1=0.0)
     torch.testing.assert_close(back.y, Y0, rtol=1e-6, atol=1e-6)
     # and backward alone matches the exact backward flow
     y1 = exact(Y0)
-    torch.testing.assert_close(solve(f, y1, method="rk4", steps=32, t0=1.0, t1=0.0).y, Y0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(solve(f, y1, solver="rk4", steps=32, t0=1.0, t1=0.0).y, Y0, rtol=1e-6, atol=1e-6)
     # a partial interval
-    torch.testing.assert_close(solve(f, Y0, method="rk4", steps=32, t0=0.25, t1=0.75).y, exact(Y0, 0.25, 0.75),
+    torch.testing.assert_close(solve(f, Y0, solver="rk4", steps=32, t0=0.25, t1=0.75).y, exact(Y0, 0.25, 0.75),
                                rtol=1e-7, atol=1e-7)
 
 
@@ -124,13 +124,13 @@ def test_backward_integration_inverts_forward(problem):
 def test_non_uniform_grid(problem):
     f, exact = PROBLEMS[problem]
     grid = check_grid((torch.linspace(0, 1, 41, dtype=torch.float64) ** 2).tolist())
-    res = solve(f, Y0, method="rk4", grid=grid, return_intermediates=True)
+    res = solve(f, Y0, solver="rk4", grid=grid, return_intermediates=True)
     assert res.nfe == 40 * 4
     torch.testing.assert_close(res.y, exact(Y0), rtol=1e-6, atol=1e-6)
     for k in (5, 20, 40):
         torch.testing.assert_close(res.intermediates[k], exact(Y0, 0.0, float(grid[k])), rtol=1e-6, atol=1e-6)
     # decreasing non-uniform grid integrates backwards
-    back = solve(f, exact(Y0), method="rk4", grid=grid.flip(0))
+    back = solve(f, exact(Y0), solver="rk4", grid=grid.flip(0))
     torch.testing.assert_close(back.y, Y0, rtol=1e-6, atol=1e-6)
     # a coarse non-uniform grid still is a first-order scheme for euler: error halves when steps double
     g1 = torch.linspace(0, 1, 17) ** 1.5
@@ -143,23 +143,23 @@ def test_non_uniform_grid(problem):
 @pytest.mark.parametrize("problem", list(PROBLEMS))
 def test_dopri5(problem):
     f, exact = PROBLEMS[problem]
-    res = solve(f, Y0, method="dopri5", rtol=1e-9, atol=1e-9)
+    res = solve(f, Y0, solver="dopri5", rtol=1e-9, atol=1e-9)
     assert res.nfe > 0
     assert float((res.y - exact(Y0)).abs().max()) < 1e-6
-    tup = solve(lambda t, s: (f(t, s[0]), f(t, s[1])), (Y0, 2 * Y0), method="dopri5", rtol=1e-9, atol=1e-9)
+    tup = solve(lambda t, s: (f(t, s[0]), f(t, s[1])), (Y0, 2 * Y0), solver="dopri5", rtol=1e-9, atol=1e-9)
     assert tup.nfe > 0
     torch.testing.assert_close(tup.y[1], 2 * exact(Y0), rtol=1e-6, atol=1e-6)
     grid = torch.tensor([0.0, 0.3, 1.0])
-    inter = solve(f, Y0, method="dopri5", grid=grid, rtol=1e-9, atol=1e-9, return_intermediates=True).intermediates
+    inter = solve(f, Y0, solver="dopri5", grid=grid, rtol=1e-9, atol=1e-9, return_intermediates=True).intermediates
     assert inter.shape == (3, *Y0.shape)
     torch.testing.assert_close(inter[1], exact(Y0, 0.0, float(grid[1])), rtol=1e-6, atol=1e-6)
 
 
 def test_unknown_solver_raises():
     with pytest.raises(ValueError, match="unknown solver 'rk45'"):
-        solve(rot, Y0, method="rk45")
+        solve(rot, Y0, solver="rk45")
     with pytest.raises(ValueError, match="'dopri5'"):
-        odeint_fixed(rot, Y0, time_grid(4), method="dopri5")
+        odeint_fixed(rot, Y0, time_grid(4), solver="dopri5")
     with pytest.raises(ValueError, match="'bogus'"):
         nfe_per_step("bogus")
 
@@ -209,15 +209,15 @@ def test_fixed_step_solve_compiles_without_graph_breaks():
         return torch.tanh(y @ w1 + t * b1) @ w2
 
     def run(y0):
-        return solve(field, y0, method="heun", steps=3).y
+        return solve(field, y0, solver="heun", steps=3).y
 
     y0 = torch.randn(5, 3, generator=g)
     expected = run(y0)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     explanation = torch._dynamo.explain(run)(y0)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
-    torch._dynamo.reset()
+    torch.compiler.reset()
     compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(y0), expected, rtol=1e-5, atol=1e-6)
-    torch._dynamo.reset()
+    torch.compiler.reset()

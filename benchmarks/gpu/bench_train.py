@@ -125,7 +125,7 @@ def _row(loop: str, mode: str, batch: int, timing: dict, flops: float, dev: torc
 
 def run(mode: str, data: str, out: str, device: str, size: dict, batch: int | None = None) -> dict:
     """fastfm's Trainer: timed optimizer steps after warm-up (compilation), in this process."""
-    torch._dynamo.reset()
+    torch.compiler.reset()
     batch = batch or size["batch"]
     watch = DynamoWatch() if mode != "eager" else None
     trainer = _trainer(mode, data, out, device, size, batch)
@@ -140,7 +140,7 @@ def run_peer(peer: str, data: str, out: str, device: str, size: dict, batch: int
     from flow_matching.path import AffineProbPath
     from flow_matching.path.scheduler import CondOTScheduler
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     batch = batch or size["batch"]
     compiled, bf16 = "compile" in peer, "bf16" in peer
     trainer = _trainer("eager", data, out, device, size, batch)  # only its model, data and config are used
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
                     row = {**label, "error": f"stopped: the time budget of {budget.seconds:g} s ran out during this row"}
                 except Exception as e:  # one failing mode must not lose the other rows
                     row = {**label, "error": f"{type(e).__name__}: {e}"[:2000]}
-                torch._dynamo.reset()
+                torch.compiler.reset()
             res.append(key, row)
             log(row)
         if not args.no_ddp:

@@ -37,7 +37,8 @@ def inference_parser(command: str, description: str) -> argparse.ArgumentParser:
                         help="user time grid t_0,...,t_n in [0, 1] (comma-separated; overrides --steps)")
     lik = p.add_argument_group("likelihood")
     lik.add_argument("--divergence", default=None, choices=DIVERGENCES,
-                     help="likelihood divergence: exact (D JVPs), hutchinson, or auto: exact up to 16 dims (default: auto)")
+                     help="likelihood divergence: exact (D JVPs), hutchinson, or auto: exact up to 16 dims "
+                          "(default: auto)")
     lik.add_argument("--probes", type=int, default=None, help=f"Hutchinson probes (default: {DEFAULTS.probes})")
     run = p.add_argument_group("run")
     run.add_argument("--seed", type=int, default=0, help="seed of the prior draws and probes")
@@ -65,7 +66,8 @@ def open_sampler(args: argparse.Namespace, task: str | None = None) -> Sampler:
 
 def run_dataset(meta: dict[str, Any]) -> Dataset:
     """The data set a run was trained on (same seed, so the same test split), from its model.json."""
-    return get_dataset(meta["data"]["name"], seed=meta.get("seed", 0))
+    data = meta["data"]
+    return get_dataset(data["name"], seed=meta.get("seed", 0), **data.get("args", {}))
 
 
 def low_res_of(meta: dict[str, Any], images: torch.Tensor) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""``python -m fastfm.export`` (launched by ``fastfm/export/__main__.py``): build a sampling or likelihood engine from a trained checkpoint.
+"""``python -m fastfm.export``: build a sampling or likelihood engine from a trained checkpoint.
 
     python -m fastfm.export --checkpoint runs/default --task sample --solver midpoint --steps 16 \\
         --batch 1 --backend aoti --out engines/sample-b1

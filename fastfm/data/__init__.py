@@ -6,7 +6,7 @@ held-out set; see ``DATASETS`` (a ``fastfm.registry.Registry``) for the names an
 """
 
 from fastfm.data.arrays import array_dataset, file_dataset
-from fastfm.data.dataset import DataError, Dataset, FiniteDataset, GeneratedDataset, seeded
+from fastfm.data.dataset import DataError, Dataset, FiniteDataset, GeneratedDataset
 from fastfm.data.images import digits_dataset, folder_dataset, mnist5k_dataset, torchvision_dataset
 from fastfm.data.mixtures import GaussianMixture, sphere_mixture
 from fastfm.data.pixels import dequantise, to_pixels
@@ -16,5 +16,5 @@ from fastfm.data.toys import TOYS
 __all__ = [
     "DATASETS", "TOYS", "DataError", "Dataset", "FiniteDataset", "GaussianMixture", "GeneratedDataset",
     "array_dataset", "check_dataset", "dequantise", "digits_dataset", "file_dataset", "folder_dataset",
-    "get_dataset", "mnist5k_dataset", "seeded", "sphere_mixture", "to_pixels", "torchvision_dataset",
+    "get_dataset", "mnist5k_dataset", "sphere_mixture", "to_pixels", "torchvision_dataset",
 ]

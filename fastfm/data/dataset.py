@@ -23,12 +23,6 @@ class DataError(ValueError):
     """Bad input data; the message names the source (file) and what is wrong."""
 
 
-def seeded(seed: int, purpose: str) -> torch.Generator:
-    """A CPU generator for one fixed purpose of a data set (e.g. "split", "test"): the stream
-    ``data/{purpose}`` of ``fastfm.seeding``, kept under this name for ``fastfm.data``'s users."""
-    return seeding.generator(seed, f"{seeding.DATA}/{purpose}")
-
-
 @dataclass(kw_only=True, eq=False)
 class Dataset(ABC):
     """Samples in model space (float32): raw values for vectors, [-1, 1] for images.
