@@ -36,6 +36,7 @@ from torch import Tensor
 
 from fastfm.kernels import cpu, reference
 from fastfm.kernels.rng import KernelArgumentError, check_state, check_state_rows, check_state_type, philox_state
+from fastfm.registry import Registry
 
 try:
     from fastfm.kernels import triton_kernels
@@ -47,7 +48,12 @@ except ImportError:  # no triton: the same ops as plain custom ops
 __all__ = ["DATA_DTYPES", "KERNEL_BACKENDS", "MAX_NUMEL", "KernelArgumentError", "affine_path", "backend_for",
            "cfm_loss", "cfm_loss_grad", "check_args", "noise_state"]
 
-KERNEL_BACKENDS = ("auto", "reference", "cpp", "triton")
+KERNEL_BACKENDS: Registry[str] = Registry("kernel backend")
+for _name, _help in (("auto", "Triton for CUDA tensors, C++ for CPU tensors, the reference where those are missing"),
+                     ("reference", "the plain-PyTorch spec (kernels/reference.py), behind opaque ops"),
+                     ("cpp", "the C++ extension fastfm._C (CPU tensors)"),
+                     ("triton", "the Triton kernels (CUDA tensors, or the interpreter with TRITON_INTERPRET=1)")):
+    KERNEL_BACKENDS.register(_name, _help, lambda name=_name: name)
 
 _F32, _F64, _BF16, _F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 DATA_DTYPES = {  # the dtypes each backend computes with (x1, x0 and v share one)
@@ -62,7 +68,8 @@ def backend_for(device: torch.device) -> str:
     """The backend that serves tensors on ``device`` under the current FASTFM_KERNELS setting."""
     choice = os.environ.get("FASTFM_KERNELS", "auto")
     if choice not in KERNEL_BACKENDS:
-        raise KernelArgumentError(f"FASTFM_KERNELS={choice!r} is not a backend; choose one of {KERNEL_BACKENDS}")
+        raise KernelArgumentError(f"FASTFM_KERNELS={choice!r} is not a backend; choose one of "
+                                  f"{', '.join(KERNEL_BACKENDS)}")
     if choice == "auto":
         if device.type == "cuda" and triton_kernels is not None:
             return "triton"

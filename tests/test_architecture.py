@@ -55,7 +55,8 @@ def layer(module: str) -> int:
         return 3
     if module.startswith("fastfm.export"):
         return 2
-    if module.startswith("fastfm.kernels") or module in (*LEAVES, "fastfm", "fastfm._C"):
+    bottom = ("fastfm.kernels", "fastfm._C", *LEAVES)
+    if module == "fastfm" or any(module == m or module.startswith(m + ".") for m in bottom):
         return 0
     return 1
 
