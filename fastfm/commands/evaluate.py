@@ -37,9 +37,8 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"nothing to evaluate: this sampler can {', '.join(sorted(tasks))}, and sample quality "
                              f"is measured on vector data only ({data.name!r} is {data.kind} data): evaluate with a "
                              "likelihood engine")
-        result = {"checkpoint": args.checkpoint, "data": meta["data"]["name"], "path": meta["path"]}
-        if args.engine:
-            result["engine"] = args.engine
+        result = {"checkpoint": args.checkpoint, "engine": args.engine, "data": meta["data"]["name"],
+                  "path": meta["path"]}
         if "likelihood" in tasks:
             test = data.test[: args.n]
             cond = low_res_of(meta, test)
