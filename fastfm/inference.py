@@ -62,10 +62,8 @@ class InferenceSettings:
         for name in ("steps", "probes", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"unknown solver {self.solver!r}; choose one of {tuple(SOLVERS)}")
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"unknown divergence {self.divergence!r}; choose one of {tuple(DIVERGENCES)}")
+        SOLVERS.check(self.solver)
+        DIVERGENCES.entry(self.divergence)
         if self.grid is not None:
             try:
                 object.__setattr__(self, "_grid", check_grid(list(self.grid)))
