@@ -46,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
     cond = p.add_argument_group("conditioning")
     cond.add_argument("--class-label", type=int, default=None,
                       help="bake this class into the engine (default: labels y are an engine input)")
-    cond.add_argument("--guidance", type=float, default=1.0,
+    cond.add_argument("--guidance", type=float, default=DEFAULTS.guidance,
                       help="classifier-free guidance scale, baked in (sampling)")
     cond.add_argument("--low-res", default=None,
                       help="super-resolution models: .npy of low-res images for the parity probe batch "
@@ -60,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
     lik = p.add_argument_group("likelihood")
     lik.add_argument("--log-likelihood", action="store_true",
                      help="sampling engine also returns log p of its samples")
-    lik.add_argument("--divergence", default="auto", choices=DIVERGENCES,
+    lik.add_argument("--divergence", default=DEFAULTS.divergence, choices=DIVERGENCES,
                      help="exact (D JVPs) or hutchinson (probes as an engine input); auto: exact up to 16 dims")
     lik.add_argument("--probes", type=int, default=DEFAULTS.probes, help="Hutchinson probes per evaluation")
     return p
