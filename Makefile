@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train test bench bench-train clean
+.PHONY: install train test bench bench-train experiments clean
 
 # Benchmark summaries go to $(RESULTS): untracked by default; `make bench RESULTS=benchmarks/results`
 # records a run over the committed result files.
@@ -46,6 +46,11 @@ bench-train: $(STAMP)
 bench-export: $(STAMP)
 	$(PY) -m pytest -q benchmarks/test_export_cpu.py --benchmark-json=.benchmarks/cpu_export_raw.json
 	$(PY) benchmarks/summarize_export.py .benchmarks/cpu_export_raw.json $(RESULTS)/cpu_export.json
+
+# The papers' experiments (paths, interpolants, conditional) at the default CPU scale: reports, figures and JSON
+# under runs/experiments/ (about 25 minutes on 2 cores; --scale gpu for one GPU).
+experiments: $(STAMP)
+	$(PY) -m fastfm.experiments all
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .benchmarks

@@ -50,8 +50,9 @@ def _imports(name: str, path: Path) -> set[str]:
 
 
 def layer(module: str) -> int:
-    """0 kernels (with the C++ extension fastfm._C), 1 core, 2 export, 3 entry points; the leaves count as 0."""
-    if module in LAUNCHERS or module.startswith("fastfm.commands"):
+    """0 kernels (with the C++ extension fastfm._C), 1 core, 2 export, 3 entry points (the commands and the
+    experiments); the leaves count as 0."""
+    if module in LAUNCHERS or module.startswith(("fastfm.commands", "fastfm.experiments")):
         return 3
     if module.startswith("fastfm.export"):
         return 2
@@ -82,7 +83,7 @@ def test_the_core_never_names_export() -> None:
     assert not offenders
 
 
-@pytest.mark.parametrize("command", ["sample", "evaluate", "train"])
+@pytest.mark.parametrize("command", ["sample", "evaluate", "train", "experiments"])
 def test_an_eager_command_loads_no_export(command: str) -> None:
     """``python -m fastfm.sample`` without --engine imports none of the export layer."""
     code = (f"import sys, fastfm.{command}; bad = sorted(m for m in sys.modules if m.startswith('fastfm.export')); "

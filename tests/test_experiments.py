@@ -1,0 +1,182 @@
+"""The papers' experiments (fastfm.experiments): each runs end to end at the tiny scale, writes its report,
+figures and JSON, and the Markdown shows exactly the JSON's numbers; the report pieces and metrics on their own."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastfm.config import TrainConfig
+from fastfm.data import get_dataset
+from fastfm.experiments import EXPERIMENTS, conditional, interpolants, paths, run_experiment
+from fastfm.experiments.__main__ import main
+from fastfm.experiments.common import SCALES
+from fastfm.experiments.conditional import _diversity, psnr
+from fastfm.experiments.paths import _claims
+from fastfm.experiments.report import Report, fmt
+from fastfm.runs import model_for
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module", params=list(EXPERIMENTS))
+def written(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    out = tmp_path_factory.mktemp("experiments")
+    torch.manual_seed(0)
+    report = run_experiment(request.param, scale="tiny", out=out, progress=False)
+    return request.param, report.parent
+
+
+def _tables(markdown: str) -> dict[str, list[list[str]]]:
+    """Markdown tables by the heading above them: rows of cell texts (header and rule left out)."""
+    tables, title, lines = {}, None, markdown.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("## "):
+            title = line[3:]
+        elif line.startswith("|") and i + 1 < len(lines) and lines[i + 1].startswith("|---"):
+            rows = []
+            for row in lines[i + 2:]:
+                if not row.startswith("|"):
+                    break
+                rows.append([c.strip() for c in row.strip("|").split("|")])
+            tables[title] = rows
+    return tables
+
+
+def _same(text: str, value: object) -> bool:
+    """A Markdown cell shows the JSON value: the same text, and for numbers the same value to 4 digits."""
+    if text != fmt(value):
+        return False
+    if isinstance(value, float) and math.isfinite(value):
+        return math.isclose(float(text), value, rel_tol=5e-4, abs_tol=1e-300)
+    return True
+
+
+def test_report_files_are_written(written: tuple[str, Path]) -> None:
+    name, folder = written
+    results = json.loads((folder / "results.json").read_text())
+    assert results["experiment"] == name and results["scale"] == "tiny"
+    assert results["machine"]["torch"] == torch.__version__ and results["wall_s"] > 0
+    assert results["tables"] and results["claims"] and results["figures"]
+    markdown = (folder / "report.md").read_text()
+    for fig in results["figures"]:
+        png = folder / fig["file"]
+        assert png.read_bytes()[:8] == PNG and png.stat().st_size > 2000, fig
+        assert f"![{fig['caption']}]({fig['file']})" in markdown
+
+
+def test_markdown_numbers_are_the_json_numbers(written: tuple[str, Path]) -> None:
+    _, folder = written
+    results = json.loads((folder / "results.json").read_text())
+    tables = _tables((folder / "report.md").read_text())
+    assert set(tables) == {t["title"] for t in results["tables"]}
+    for t in results["tables"]:
+        shown = tables[t["title"]]
+        assert len(shown) == len(t["rows"]) and t["rows"]
+        for row, cells in zip(t["rows"], shown):
+            assert len(cells) == len(row)
+            bad = [(c, v) for c, v in zip(cells, row) if not _same(c, v)]
+            assert not bad, f"{t['title']}: {bad}"
+    markdown = (folder / "report.md").read_text()
+    verdicts = {True: "**holds**", False: "**does not hold**", None: "**not settled**"}
+    for c in results["claims"]:
+        line = next(ln for ln in markdown.splitlines() if c["claim"] in ln and ln.startswith("- "))
+        assert line.startswith(f"- {verdicts[c['holds']]}:"), line
+        for value in c["values"].values():
+            assert fmt(value) in line, (value, line)
+
+
+def test_every_number_is_finite_or_explained(written: tuple[str, Path]) -> None:
+    """A table cell is a finite number or text; a missing one (None) has a note saying which solve failed."""
+    _, folder = written
+    results = json.loads((folder / "results.json").read_text())
+    for t in results["tables"]:
+        for row in t["rows"]:
+            for cell in row:
+                assert cell is None or not isinstance(cell, float) or math.isfinite(cell), (t["title"], row)
+                if cell is None:
+                    assert results["notes"], (t["title"], row)
+
+
+def test_fmt_is_four_significant_digits() -> None:
+    assert [fmt(v) for v in (3.14159, 12345.678, 1e-7, 7, None, True, "x")] == \
+        ["3.142", "1.235e+04", "1e-07", "7", "n/a", "yes", "x"]
+
+
+def test_report_claims_and_tables() -> None:
+    r = Report("x", "X", "tiny")
+    r.claim("a beats b", True, "a {a} vs b {b}", a=1.23456, b=2.0)
+    assert r.claims[0]["evidence"] == "a 1.235 vs b 2"
+    with pytest.raises(ValueError, match="do not have 2 cells"):
+        r.table("t", "T", ["p", "q"], [[1, 2], [3]])
+
+
+def test_paths_claims_follow_the_numbers() -> None:
+    """The claims are read off the results: swap CondOT's and VP's numbers and each verdict flips."""
+    def result(nll: float, nfe: int, q: float, bend: float) -> dict:
+        points = nll + 0.01 * torch.randn(50, generator=torch.Generator().manual_seed(1))
+        return {"nll": nll, "nll_unit": "nats", "sample_nfe": nfe, "quality": q, "bend": bend, "points": points,
+                "quality_at": {"euler": {"2": q}}, "curve": [{"step": 5, "nll": nll}, {"step": 10, "nll": nll}]}
+    good, bad = result(3.0, 50, 0.1, 0.01), result(3.5, 90, 0.2, 0.2)
+    size = {"nfe": [2, 4], "solve": {"solver": "dopri5"}}
+    FLOORS = {"d": (0.05, 0.001)}  # noqa: N806
+    r1, r2 = Report("p", "P", "tiny"), Report("p", "P", "tiny")
+    _claims(r1, {"d": {"CondOT": good, "VP": bad, "VP-eps": result(4.0, 90, 0.3, 0.3)}}, size, FLOORS)
+    _claims(r2, {"d": {"CondOT": bad, "VP": good, "VP-eps": result(4.0, 90, 0.3, 0.3)}}, size, FLOORS)
+    assert all(c["holds"] for c in r1.claims)
+    flipped = [c["holds"] for c in r2.claims if "noise prediction" not in c["claim"]]
+    assert flipped and not any(flipped)
+    missing = {**good, "sample_nfe": None}
+    r3 = Report("p", "P", "tiny")
+    _claims(r3, {"d": {"CondOT": missing, "VP": bad, "VP-eps": bad}}, size, FLOORS)
+    assert [c["holds"] for c in r3.claims if "samples with fewer" in c["claim"]] == [None]
+    # an NLL difference within two paired standard errors is not settled either way
+    near = {**bad, "nll": 3.0005, "points": good["points"] + 0.0005 + 0.05 * torch.randn(50)}
+    r4 = Report("p", "P", "tiny")
+    _claims(r4, {"d": {"CondOT": good, "VP": near, "VP-eps": bad}}, size, FLOORS)
+    first = r4.claims[0]
+    assert first["holds"] is None and "within 2.0 standard errors" in first["evidence"]
+
+
+def test_psnr_closed_form() -> None:
+    ref = torch.rand(3, 1, 5, 7) * 1.6 - 0.8
+    assert torch.allclose(psnr(ref + 0.2, ref), torch.full((3,), 20.0), atol=1e-4)  # [0,1] MSE 0.01
+    assert torch.allclose(psnr(ref - 0.02, ref), torch.full((3,), 40.0), atol=1e-3)
+
+
+def test_diversity_is_mean_pairwise_distance_within_classes() -> None:
+    f = torch.tensor([[0.0, 0.0], [3.0, 4.0], [1.0, 1.0], [1.0, 1.0], [1.0, 3.0]])
+    y = torch.tensor([0, 0, 1, 1, 1])
+    # class 0: one pair at 5; class 1: distances 0, 2, 2 -> mean 4/3
+    assert _diversity(f, y) == pytest.approx((5.0 + 4.0 / 3.0) / 2)
+
+
+def test_cli_refuses_unknown_names(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["nosuch", "--scale", "tiny"])
+    assert "unknown experiment 'nosuch'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["paths", "--scale", "huge"])
+    with pytest.raises(ValueError, match="unknown scale"):
+        run_experiment("paths", scale="huge")
+    assert re.search("paths", EXPERIMENTS.help_text())
+
+
+@pytest.mark.parametrize("module", [paths, interpolants, conditional], ids=lambda m: m.__name__.rsplit(".", 1)[1])
+@pytest.mark.parametrize("scale", SCALES)
+def test_every_scale_trains_valid_configs(module: object, scale: str) -> None:
+    """Each run of every scale (``--scale gpu`` included, which no test can train here) is a valid TrainConfig
+    whose model builds for its data set."""
+    runs = module.trainings(scale)
+    assert runs
+    for key, options in runs.items():
+        cfg = TrainConfig(**options).validate()
+        data = get_dataset(cfg.data, **cfg.data_args)
+        with torch.device("meta"):
+            model = model_for(cfg, data)
+        assert sum(p.numel() for p in model.parameters()) > 0, key
