@@ -48,7 +48,7 @@ bench-export: $(STAMP)
 	$(PY) benchmarks/summarize_export.py .benchmarks/cpu_export_raw.json $(RESULTS)/cpu_export.json
 
 # The papers' experiments (paths, interpolants, conditional) at the default CPU scale: reports, figures and JSON
-# under runs/experiments/ (about 25 minutes on 2 cores; --scale gpu for one GPU).
+# under runs/experiments/ (26 minutes on 2 cores; --scale gpu for one GPU).
 experiments: $(STAMP)
 	$(PY) -m fastfm.experiments all
 

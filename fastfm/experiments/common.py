@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+from torch import Tensor  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from fastfm import seeding  # noqa: E402
@@ -25,6 +25,7 @@ from fastfm.frechet import accuracy, classifier_frechet_distance, train_classifi
 from fastfm.inference import EagerSampler, settings_with  # noqa: E402
 from fastfm.metrics import sliced_wasserstein  # noqa: E402
 from fastfm.ode import draw_prior, sample  # noqa: E402
+from fastfm.solvers import ADAPTIVE_TOL  # noqa: E402
 from fastfm.trainer import Trainer  # noqa: E402
 
 T = TypeVar("T")
@@ -55,7 +56,7 @@ class Context:
                         disable=not self.progress)
 
     def stage(self, label: str) -> None:
-        """Mark the stage now starting (shown on the bar); the previous one is done."""
+        """Show the stage now running on the bar (``done`` counts it when it ends)."""
         if self.bar is not None:
             self.bar.set_postfix_str(label)
 
@@ -116,7 +117,7 @@ def train(ctx: Context, key: str, options: dict[str, Any], *,
     return run
 
 
-TOLERANCE = "rtol = atol = 1e-5"
+TOLERANCE = "rtol = atol = " + f"{ADAPTIVE_TOL:.0e}".replace("e-0", "e-")
 """dopri5's tolerances (``fastfm.solvers.ADAPTIVE_TOL``); the tiny scale (tests) solves with RK4 x 4 instead."""
 
 
@@ -135,7 +136,7 @@ def attempt(notes: list[str], what: str, solve: Callable[[], T]) -> T | None:
 
 
 def less(a: float | None, b: float | None) -> bool | None:
-    """a < b, or None (not tested) where either number is missing (a solve that failed)."""
+    """a < b, or None (not settled) where either number is missing (a solve that failed)."""
     return None if a is None or b is None else a < b
 
 
@@ -313,7 +314,3 @@ def tile(images: Tensor, levels: int | None, nrow: int) -> np.ndarray:
         r, c = divmod(i, nrow)
         canvas[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w] = px[i].numpy()
     return canvas
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -25,7 +25,7 @@ INTERPOLANTS = ("linear", "trig")
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"train": {"steps": 30, "batch_size": 128}, "samples": 128, "nll_n": 64, "sde_steps": [4, 8],
              "diffusions": ["0", "0.5", "sin2:1"], "traj_steps": 8, "solve": {"solver": "rk4", "steps": 4}},
-    "cpu": {"train": {"steps": 4000, "batch_size": 512}, "samples": 5000, "nll_n": 1000, "sde_steps": [50, 200, 800],
+    "cpu": {"train": {"steps": 3000, "batch_size": 512}, "samples": 4000, "nll_n": 600, "sde_steps": [50, 200, 500],
             "diffusions": ["0", "0.1", "0.5", "1", "2", "sin2:1"], "traj_steps": 32, "solve": {"solver": "dopri5"}},
     "gpu": {"train": {"steps": 8000, "batch_size": 4096}, "samples": 10000, "nll_n": 5000,
             "sde_steps": [50, 200, 800, 3200], "diffusions": ["0", "0.1", "0.5", "1", "2", "5", "sin2:1", "sin2:4"],
