@@ -125,7 +125,11 @@ def odeint_fixed(f: Field, y0: State, grid: Tensor, solver: str = DEFAULT_SOLVER
 
 def odeint_adaptive(f: Field, y0: State, grid: Tensor, solver: str = "dopri5", rtol: float = ADAPTIVE_TOL,
                     atol: float = ADAPTIVE_TOL, return_intermediates: bool = False) -> SolveResult:
-    """Adaptive reference solve (torchdiffeq), reporting the field evaluations it used."""
+    """Adaptive reference solve (torchdiffeq), reporting the field evaluations it used.
+
+    The solver steps exactly onto the grid's last time (``step_t``): torchdiffeq otherwise steps past it and
+    interpolates back, evaluating the field outside the interval, where a path's schedule may be undefined
+    (VP's sigma_t = sqrt(1 - alpha_t^2) is NaN for t > 1)."""
     from torchdiffeq import odeint
 
     nfe = 0
@@ -136,7 +140,7 @@ def odeint_adaptive(f: Field, y0: State, grid: Tensor, solver: str = "dopri5", r
         return f(t, y)
 
     try:
-        ys = odeint(counted, y0, grid, rtol=rtol, atol=atol, method=solver)
+        ys = odeint(counted, y0, grid, rtol=rtol, atol=atol, method=solver, options={"step_t": grid[-1:]})
     except AssertionError as e:  # torchdiffeq asserts on a step size that underflows
         raise ValueError(f"{solver} could not integrate this field ({e}; {nfe} evaluations): it is too stiff near "
                          "an end of the time interval; use a fixed-step solver (e.g. rk4) or looser rtol/atol") from None

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fastfm.solvers import check_grid, nfe_per_step, odeint_fixed, solve, time_grid
+from fastfm.solvers import ADAPTIVE, check_grid, nfe_per_step, odeint_fixed, solve, time_grid
 
 FIXED = {"euler": (1, 1), "midpoint": (2, 2), "heun": (2, 2), "rk4": (4, 4)}  # method: (order, stages)
 
@@ -153,6 +153,23 @@ def test_dopri5(problem):
     inter = solve(f, Y0, solver="dopri5", grid=grid, rtol=1e-9, atol=1e-9, return_intermediates=True).intermediates
     assert inter.shape == (3, *Y0.shape)
     torch.testing.assert_close(inter[1], exact(Y0, 0.0, float(grid[1])), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("solver", list(ADAPTIVE))
+@pytest.mark.parametrize("t0,t1", [(0.0, 0.999), (0.999, 0.0), (0.2, 0.7)])
+def test_adaptive_never_leaves_the_interval(solver, t0, t1):
+    """torchdiffeq steps past the end and interpolates back unless told to stop on it; a field undefined
+    outside [t0, t1] (VP's sigma_t is NaN for t > 1) must still integrate, and to the right value."""
+    lo, hi = (float(torch.tensor(t, dtype=torch.float32)) for t in (min(t0, t1), max(t0, t1)))  # the grid's fp32
+    seen = []
+
+    def field(t, y):
+        seen.append(float(t))
+        return torch.where((t >= lo) & (t <= hi), torch.cos(t.double()), torch.nan) * y
+
+    res = solve(field, Y0, solver=solver, t0=t0, t1=t1, rtol=1e-7, atol=1e-7)
+    assert lo <= min(seen) and max(seen) <= hi, (min(seen), max(seen))
+    torch.testing.assert_close(res.y, cos_exact(Y0, t0, t1), rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_solver_raises():

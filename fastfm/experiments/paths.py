@@ -20,7 +20,6 @@ from fastfm.experiments.common import (FLOOR_DRAWS, MEDIUM_UNET, SETTLED, SMALL_
                                        ImageJudge, Judge, Trained, attempt, grids_png, judge_for, less, lines_png,
                                        nll_value, quality_claim, solve_label, train, trajectories_png, trajectory)
 from fastfm.experiments.report import Report
-from fastfm.inference import nll_report
 from fastfm.likelihood import bits_per_dim, nll_summary
 from fastfm.solvers import nfe_per_step
 
@@ -121,7 +120,8 @@ def run(ctx: Context) -> Report:
     _claims(report, claims_by_data, size, report.data["floors"])
     for by in claims_by_data.values():  # the per-point NLLs behind the paired claims stay out of the JSON
         for r in by.values():
-            r.pop("points")
+            for entry in (r, *r["curve"]):
+                entry.pop("points")
     _figures(report, ctx, curves, sweeps, trajs, grids, levels, size)
     if "mnist5k" not in datasets:
         report.notes.append("MNIST-5k runs only at `--scale gpu`: at this scale a UNet on 28x28 images does not "
@@ -134,14 +134,27 @@ def run(ctx: Context) -> Report:
 
 
 def _curve_nll(size: dict[str, Any], ctx: Context, notes: list[str]) -> Callable[[Trained, int], dict[str, Any]]:
-    """The evaluation along training: test NLL of the EMA model on the first ``curve_n`` test points."""
+    """The evaluation along training: test NLL of the EMA model on the first ``curve_n`` test points (the same
+    points at every step and for every path, so that paths compare pairwise)."""
     def evaluate(run_: Trained, step: int) -> dict[str, Any]:
-        data = run_.data
-        n = size["curve_n"] if data.kind == "vector" else size["curve_n_image"]
-        rep = attempt(notes, f"{run_.key} test NLL at step {step}", lambda: nll_report(
-            run_.sampler(**size["solve"]), data.test[:n], levels=data.levels, seed=ctx.seed, progress=False))
-        return {"nll": None if rep is None else nll_value(rep), "nfe": None if rep is None else rep["nfe"]}
+        n = size["curve_n"] if run_.data.kind == "vector" else size["curve_n_image"]
+        nll, points = _test_nll(run_, size, ctx, notes, n, f"{run_.key} test NLL at step {step}", progress=False)
+        return {"nll": None if nll is None else nll_value(nll), "nfe": None if nll is None else nll["nfe"],
+                "points": points}
     return evaluate
+
+
+def _test_nll(run_: Trained, size: dict[str, Any], ctx: Context, notes: list[str], n: int, what: str,
+              progress: bool) -> tuple[dict[str, Any] | None, Tensor | None]:
+    """The NLL summary (``nll_summary``) and per-point NLLs of the first n test points under the reference
+    solve, or (None, None) with a note where the solve fails."""
+    data = run_.data
+    lik = attempt(notes, what, lambda: run_.sampler(**size["solve"]).log_likelihood(data.test[:n], seed=ctx.seed,
+                                                                                     progress=progress))
+    if lik is None:
+        return None, None
+    return nll_summary(lik.log_prob, math.prod(data.shape), data.levels, nfe=lik.nfe), per_point_nll(lik.log_prob,
+                                                                                                     data)
 
 
 def _evaluate(run_: Trained, size: dict[str, Any], ctx: Context, judge: Judge,
@@ -150,11 +163,9 @@ def _evaluate(run_: Trained, size: dict[str, Any], ctx: Context, judge: Judge,
     image = data.kind == "image"
     n_nll = size["nll_n_image"] if image else size["nll_n"]
     n = size["samples_image"] if image else size["samples"]
-    ref = run_.sampler(**size["solve"])
-    lik = attempt(notes, f"{run_.key} test NLL", lambda: ref.log_likelihood(data.test[:n_nll], seed=seed,
-                                                                              progress=ctx.progress))
-    nll = None if lik is None else nll_summary(lik.log_prob, math.prod(data.shape), data.levels, nfe=lik.nfe)
-    adaptive = attempt(notes, f"{run_.key} sampling", lambda: ref.sample(n, seed=seed, progress=ctx.progress))
+    nll, points = _test_nll(run_, size, ctx, notes, n_nll, f"{run_.key} test NLL", ctx.progress)
+    adaptive = attempt(notes, f"{run_.key} sampling",
+                       lambda: run_.sampler(**size["solve"]).sample(n, seed=seed, progress=ctx.progress))
     quality_at: dict[str, dict[str, float]] = {}
     for solver in FIXED_SOLVERS:
         quality_at[solver] = {}
@@ -173,7 +184,7 @@ def _evaluate(run_: Trained, size: dict[str, Any], ctx: Context, judge: Judge,
            "bend": float(straight.straightness.mean() / straight.kinetic.mean()),
            "kinetic": float(straight.kinetic.mean()),
            "train_s": run_.wall_s, "curve": run_.curve,
-           "points": None if lik is None else per_point_nll(lik.log_prob, data)}
+           "points": points}
     if image:
         out["grid"] = (straight if adaptive is None else adaptive).x[:64]
     else:
@@ -188,21 +199,22 @@ def _claims(report: Report, results: dict[str, dict[str, Any]], size: dict[str, 
     for data, r in results.items():
         ot, vp, eps = r["CondOT"], r["VP"], r["VP-eps"]
         spread = floors[data][1]
+        unit = ot["nll_unit"]
         _nll_claim(report, f"{data}: FM-OT reaches a lower test NLL than FM-diffusion (VP, velocity)",
-                   ("CondOT", ot), ("VP", vp))
+                   ("CondOT", ot), ("VP", vp), unit)
         _nll_claim(report, f"{data}: FM-diffusion (VP, velocity) reaches a lower test NLL than noise prediction "
-                   "on the same path (DDPM / score-matching objective)", ("VP", vp), ("VP-eps", eps))
-        report.claim(f"{data}: FM-OT samples with fewer {ref} NFE than FM-diffusion",
-                     less(ot["sample_nfe"], vp["sample_nfe"]),
-                     "CondOT {a} vs VP {b} NFE", a=ot["sample_nfe"], b=vp["sample_nfe"])
+                   "on the same path (DDPM / score-matching objective)", ("VP", vp), ("VP-eps", eps), unit)
+        _nfe_claim(report, f"{data}: FM-OT samples with fewer {ref} NFE than FM-diffusion", ("CondOT", ot),
+                   ("VP", vp))
+        _nfe_claim(report, f"{data}: FM-diffusion samples with fewer {ref} NFE than noise prediction", ("VP", vp),
+                   ("VP-eps", eps))
         quality_claim(report, f"{data}: FM-OT gives better samples than FM-diffusion ({ref})", ot["quality"],
                       vp["quality"], spread)
         mid = len(ot["curve"]) // 2 - 1
         if mid >= 0:
             a, b = ot["curve"][mid], vp["curve"][mid]
-            report.claim(f"{data}: FM-OT trains faster (lower test NLL half-way through training)",
-                         less(a["nll"], b["nll"]),
-                         "at step {s}: CondOT {a} vs VP {b} " + ot["nll_unit"], s=a["step"], a=a["nll"], b=b["nll"])
+            _nll_claim(report, f"{data}: FM-OT trains faster (lower test NLL half-way through training, at step "
+                       f"{a['step']})", ("CondOT", a), ("VP", b), unit)
         qa, qb = ot["quality_at"]["euler"][low], vp["quality_at"]["euler"][low]
         quality_claim(report, f"{data}: with few fixed steps OT degrades less (Euler, NFE {low})", qa, qb, spread)
         report.claim(f"{data}: OT trajectories are straighter", ot["bend"] < vp["bend"],
@@ -214,10 +226,18 @@ def per_point_nll(log_prob: Tensor, data: Any) -> Tensor:
     return -log_prob if data.levels is None else bits_per_dim(log_prob, math.prod(data.shape), data.levels)
 
 
-def _nll_claim(report: Report, claim: str, first: tuple[str, dict[str, Any]], second: tuple[str, dict[str, Any]],
+def _nfe_claim(report: Report, claim: str, first: tuple[str, dict[str, Any]], second: tuple[str, dict[str, Any]],
                ) -> None:
-    """"first has the lower NLL", judged on the paired per-point differences of the same test points: settled
-    (True or False) when the mean difference is more than two standard errors from 0, else None."""
+    """"first samples with fewer adaptive-solver NFE" (not settled where a solve failed)."""
+    (na, a), (nb, b) = first, second
+    report.claim(claim, less(a["sample_nfe"], b["sample_nfe"]), f"{na} {{a}} vs {nb} {{b}} NFE", a=a["sample_nfe"],
+                 b=b["sample_nfe"])
+
+
+def _nll_claim(report: Report, claim: str, first: tuple[str, dict[str, Any]], second: tuple[str, dict[str, Any]],
+               unit: str) -> None:
+    """"first has the lower NLL", judged on the paired per-point differences ("points") of the same test points:
+    settled (True or False) when the mean difference is more than SETTLED standard errors from 0, else None."""
     (na, a), (nb, b) = first, second
     if a["points"] is None or b["points"] is None:
         report.claim(claim, None, f"{na} {{a}} vs {nb} {{b}}: a likelihood solve failed", a=a["nll"], b=b["nll"])
@@ -225,7 +245,7 @@ def _nll_claim(report: Report, claim: str, first: tuple[str, dict[str, Any]], se
     d = (a["points"] - b["points"]).double()
     mean, se = float(d.mean()), float(d.std() / math.sqrt(len(d)))
     holds = None if abs(mean) <= SETTLED * se else mean < 0
-    report.claim(claim, holds, f"{na} {{a}} vs {nb} {{b}} {a['nll_unit']}, paired difference {{d}} +- {{se}}"
+    report.claim(claim, holds, f"{na} {{a}} vs {nb} {{b}} {unit}, paired difference {{d}} +- {{se}}"
                  + ("" if holds is not None else f", within {SETTLED} standard errors"),
                  a=a["nll"], b=b["nll"], d=mean, se=se)
 
