@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: install train test bench bench-train experiments clean
 
 # Benchmark summaries go to $(RESULTS): untracked by default; `make bench RESULTS=benchmarks/results`
-# records a run over the committed result files.
+# records a run beside the committed result files (one per machine class).
 RESULTS ?= .benchmarks/results
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp)
@@ -27,25 +27,25 @@ train: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# CPU kernel benchmarks (pytest-benchmark), summarised into $(RESULTS)/cpu_kernels.json.
+# The CPU benchmarks run once per machine class this machine can be measured as (its own, and AVX2 below it
+# where the CPU has more: benchmarks/run_levels.py), each summarised into $(RESULTS)/NAME-CLASS.json with the
+# capabilities it ran with.
+# CPU kernel benchmarks (pytest-benchmark): $(RESULTS)/cpu_kernels-CLASS.json.
 bench: $(STAMP)
-	$(PY) -m pytest -q benchmarks/test_kernels_cpu.py --benchmark-max-time=0.5 \
-		--benchmark-json=.benchmarks/cpu_kernels_raw.json
-	$(PY) benchmarks/summarize.py .benchmarks/cpu_kernels_raw.json $(RESULTS)/cpu_kernels.json
+	$(PY) benchmarks/run_levels.py cpu_kernels $(RESULTS) benchmarks/summarize.py \
+		benchmarks/test_kernels_cpu.py --benchmark-max-time=0.5
 
 # Training-step benchmarks beside flow_matching's and torchcfm's plain loops (torchcfm without its
-# heavy optional dependencies: only its ConditionalFlowMatcher is used).
+# heavy optional dependencies: only its ConditionalFlowMatcher is used): $(RESULTS)/cpu_train-CLASS.json.
 bench-train: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]" && $(PY) -m pip install -q --no-deps torchcfm
-	$(PY) -m pytest -q benchmarks/test_train_cpu.py --benchmark-json=.benchmarks/cpu_train_raw.json
-	$(PY) benchmarks/summarize.py .benchmarks/cpu_train_raw.json $(RESULTS)/cpu_train.json
+	$(PY) benchmarks/run_levels.py cpu_train $(RESULTS) benchmarks/summarize.py benchmarks/test_train_cpu.py
 
 # Exported-engine benchmarks on CPU (pytest-benchmark) against eager, torch.compile and flow_matching's
-# ODESolver, summarised into $(RESULTS)/cpu_export.json (about 15 minutes on 2 cores).
+# ODESolver: $(RESULTS)/cpu_export-CLASS.json (about 20 minutes per class on 2 cores).
 .PHONY: bench-export
 bench-export: $(STAMP)
-	$(PY) -m pytest -q benchmarks/test_export_cpu.py --benchmark-json=.benchmarks/cpu_export_raw.json
-	$(PY) benchmarks/summarize_export.py .benchmarks/cpu_export_raw.json $(RESULTS)/cpu_export.json
+	$(PY) benchmarks/run_levels.py cpu_export $(RESULTS) benchmarks/summarize_export.py benchmarks/test_export_cpu.py
 
 # The papers' experiments (paths, interpolants, conditional) at the default CPU scale: reports, figures and JSON
 # under runs/experiments/ (26 minutes on 2 cores; --scale gpu for one GPU).

@@ -7,11 +7,14 @@ import platform
 import pytest
 import torch
 
+from fastfm import hardware
+
 
 def pytest_benchmark_update_machine_info(config, machine_info: dict) -> None:
     machine_info["torch"] = torch.__version__
     machine_info["torch_threads"] = torch.get_num_threads()
     machine_info["processor"] = platform.processor() or platform.machine()
+    machine_info["hardware"] = hardware.capabilities("cpu").to_json()
 
 
 @pytest.fixture

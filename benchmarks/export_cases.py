@@ -5,16 +5,20 @@ the models, the workloads, and one callable per implementation on the same model
     eager          fastfm.ode.sample / fastfm.likelihood.log_likelihood
     compile        torch.compile(fullgraph=True) of the engine's program
     aoti, onnx, tensorrt, cudagraph [, *_bf16]   an engine from fastfm.export (built with its parity check)
+    auto           the engine ``python -m fastfm.export`` builds by default: backend and dtype 'auto', the fastest
+                   candidate of this machine (bf16 only where native), measured at build time
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from fastfm.export import EngineSpec, export_engine, load
+from fastfm.export.choose import AUTO
 from fastfm.export.graph import build_program
 from fastfm.export.spec import signature, validate
 from torch import Tensor, nn
@@ -89,7 +93,8 @@ def runner(root: Path, models: dict[str, dict[str, Any]], model: str, task: str,
             return torch.no_grad()(lambda x: sample(run.model, run.path, x, solver=SOLVER, steps=steps).x), 0.0
         return torch.no_grad()(lambda x: log_likelihood(run.model, run.path, x, solver=SOLVER, steps=steps).log_prob), 0.0
     backend, _, dtype = impl.partition("_")
-    spec = EngineSpec(task=task, solver=SOLVER, steps=steps, batch=batch, dtype=dtype or "fp32",
+    dtype = dtype or (AUTO if backend == AUTO else "fp32")
+    spec = EngineSpec(task=task, solver=SOLVER, steps=steps, batch=batch, dtype=dtype,
                       backend="aoti" if backend == "compile" else backend)
     if backend == "compile":
         spec = validate(spec, run.meta)
@@ -109,8 +114,16 @@ def inputs(models: dict[str, dict[str, Any]], model: str, batch: int, device: st
 
 
 def check(got: Tensor, ref: Tensor, impl: str) -> float:
-    """Max-abs difference to the eager output, asserted within fp32 (or bf16) tolerance of its scale."""
+    """Max-abs difference to the eager output, asserted within fp32 (or bf16: an ``auto`` engine may be one)
+    tolerance of its scale."""
     err = float((got.float() - ref.float()).abs().max())
     scale = 1.0 + float(ref.abs().max())
-    assert err <= (5e-2 if impl.endswith("bf16") else 2e-3) * scale, f"{impl}: max-abs {err} against eager"
+    low = impl.endswith("bf16") or impl == AUTO
+    assert err <= (5e-2 if low else 2e-3) * scale, f"{impl}: max-abs {err} against eager"
     return err
+
+
+def chosen(root: Path, model: str, task: str, batch: int, impl: str) -> str | None:
+    """The backend/dtype an engine's build chose (its manifest's selection), None for non-engines."""
+    path = root / f"{model}-{task}-{batch}-{impl}" / "manifest.json"
+    return json.loads(path.read_text())["selection"]["chosen"] if path.exists() else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from summarize import versions, write_summary
+from summarize import machine, versions, write_summary
 
 GOALS = {("mlp", "sample", 1): 8.0, ("mlp", "likelihood", 1024): 4.0}
 
@@ -34,18 +34,14 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         best = max(speedups, key=speedups.__getitem__)
         goals.append({"model": case[0], "task": case[1], "batch": case[2], "goal_speedup_vs_flow_matching": target,
                       "speedups": speedups, "best": best, "met": speedups[best] >= target})
-    machine = raw["machine_info"]
-    return {
-        "machine": {"platform": f"{machine.get('system')} {machine.get('release')} {machine.get('machine')}",
-                    "processor": machine.get("cpu", {}).get("brand_raw"), "cpu_count": machine.get("cpu", {}).get("count"),
-                    "torch_threads": machine.get("torch_threads"), "python": machine.get("python_version")},
-        "versions": versions(("torch", "onnxruntime", "onnx", "flow_matching")),
-        "datetime": raw.get("datetime"), "goals": goals, "results": rows,
-    }
+    return {"machine": machine(raw), "hardware": raw["machine_info"].get("hardware"),
+            "versions": versions(("torch", "onnxruntime", "onnx", "flow_matching")),
+            "datetime": raw.get("datetime"), "goals": goals, "results": rows}
 
 
 if __name__ == "__main__":
     out = write_summary(summarize)
+    print(f"machine class: {(out['hardware'] or {}).get('machine_class')}")
     for r in out["results"]:
         fm, eager = r["speedup_vs_flow_matching"], r["speedup_vs_eager"]
         print(f"{r['model']:5s} {r['task']:10s} b{r['batch']:<5d} {r['impl']:14s} {1e3 * r['median_s']:10.3f} ms "

@@ -1,4 +1,5 @@
-"""CPU training-step throughput: fastfm's step (eager, --compile, --compile --bf16) beside the plain
+"""CPU training-step throughput: fastfm's step (eager, --compile, --compile --bf16 as `make train` runs it: bf16
+only where native, else fp32 with a warning) beside the plain
 loops of Meta's flow_matching and of torchcfm examples, on the same model, data and batch, in one run.
 
 One fastfm step is the whole engine step (data draw, fused path op + loss with in-kernel noise,
@@ -46,10 +47,13 @@ def _config(case: str, impl: str, out: str) -> TrainConfig:
                        compile="compile" in impl, bf16=impl.endswith("bf16")).validate()
 
 
-def _fastfm_step(cfg: TrainConfig) -> Callable[[], object]:
+def _fastfm_step(cfg: TrainConfig) -> tuple[Callable[[], object], dict]:
+    """One engine step, and what it ran: the precision chosen for this machine (``--bf16`` computes in fp32
+    where bf16 is emulated) and the kernel backend."""
     trainer = Trainer(cfg, DistEnv())
     counter = itertools.count(1)
-    return lambda: trainer.train_step(next(counter))
+    return (lambda: trainer.train_step(next(counter))), {"precision": trainer.precision.to_json()["compute"],
+                                                         "kernels": trainer.kernels["backend"]}
 
 
 def _plain_step(cfg: TrainConfig, impl: str) -> Callable[[], object]:
@@ -89,11 +93,11 @@ def _plain_step(cfg: TrainConfig, impl: str) -> Callable[[], object]:
 def test_train_step(benchmark, tmp_path, case, impl):
     torch.compiler.reset()  # no shape history from the previous case (it would make dims dynamic)
     cfg = _config(case, impl, str(tmp_path))
-    step = _fastfm_step(cfg) if impl.startswith("fastfm") else _plain_step(cfg, impl)
+    step, ran = _fastfm_step(cfg) if impl.startswith("fastfm") else (_plain_step(cfg, impl), {"precision": "fp32"})
     for _ in range(WARMUP):
         step()
     benchmark.group = f"train step {case}"
     benchmark.pedantic(step, rounds=20 if case == "mlp" else 10, iterations=1)
     median = benchmark.stats.stats.median
     benchmark.extra_info.update(op="train_step", case=case, impl=impl, batch=cfg.batch_size,
-                                samples_per_s=cfg.batch_size / median, baseline="flow_matching")
+                                samples_per_s=cfg.batch_size / median, baseline="flow_matching", **ran)

@@ -1,4 +1,5 @@
-"""Build an engine directory: validate, trace, compile, check parity, write manifest, publish.
+"""Build an engine directory: validate, trace, compile, check parity, (auto) time the candidates, write the
+manifest, publish.
 
 Everything is written to a temporary directory beside ``out`` and renamed into place only after
 the parity check passed, so a failed build leaves nothing at ``out``. Each finished stage can be
@@ -11,21 +12,28 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+import torch
 from torch import Tensor
 
 import fastfm
-from fastfm.runs import load_run, resolve_device
+from fastfm import hardware
 from fastfm.checkpoint import inference_file
+from fastfm.runs import LoadedRun, load_run, resolve_device
 
 from . import manifest
-from .backends import backend, check_available, versions
+from .backends import Runner, backend, versions
+from .choose import candidates
 from .graph import build_program, example_inputs, trace
 from .parity import compare, probe_inputs, reference
-from .spec import EngineSpec, ExportError, signature, validate
+from .spec import EngineSpec, ExportError, TensorSlot, signature, validate
+
+TIMED_MIN_S = 0.2
+"""Each candidate engine is timed over at least this many seconds of calls (and at least 3 calls)."""
 
 
 class _Stages:
@@ -41,11 +49,76 @@ class _Stages:
         self.last = now
 
 
+@dataclass
+class _Built:
+    """One candidate engine, built and checked in its own directory."""
+
+    spec: EngineSpec
+    directory: Path
+    filename: str
+    parity: dict[str, Any]
+    runner: Runner
+    grid: list[float]
+
+
+def _build_one(run: LoadedRun, spec: EngineSpec, inputs: list[TensorSlot], outputs: list[TensorSlot],
+               probe: dict[str, Tensor], ref: list[Tensor], directory: Path, dev: torch.device,
+               stages: _Stages) -> _Built:
+    """Trace, build, load and parity-check the engine of a concrete ``spec`` in ``directory``."""
+    label = f"{spec.backend} {spec.dtype}"
+    program = build_program(run, spec)
+    ep = trace(program, example_inputs(inputs, dev))
+    stages.done(f"traced, simplified and exported the {spec.dtype} program ({len(ep.graph.nodes)} graph nodes)")
+    lowering = backend(spec.backend)
+    directory.mkdir(parents=True, exist_ok=True)
+    engine_file = directory / lowering.filename
+    lowering.build(ep, example_inputs(inputs, dev), engine_file, [t.name for t in inputs + outputs])
+    stages.done(f"built the {label} engine {lowering.filename}")
+    runner = lowering.load(engine_file, inputs, outputs, dev)
+    parity = compare(runner([probe[i.name].to(dev) for i in inputs]), ref, outputs, spec.dtype)
+    if not parity["ok"]:
+        raise ExportError(f"parity check failed, engine not written ({label}): {parity['outputs']} "
+                          f"(tolerance {parity['tolerance']})")
+    stages.done(f"loaded the {label} engine; parity check against eager passed")
+    return _Built(spec, directory, lowering.filename, parity, runner, program.grid.tolist())
+
+
+def _timed(built: _Built, inputs: list[TensorSlot], probe: dict[str, Tensor], dev: torch.device) -> float:
+    """Median seconds of one engine call on the probe batch (``hardware.seconds_per_call``)."""
+    xs = [probe[i.name].to(dev) for i in inputs]
+
+    def call() -> None:
+        built.runner(xs)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    return hardware.seconds_per_call(call, min_s=TIMED_MIN_S)
+
+
+def _select(built: list[_Built], failed: dict[str, str], inputs: list[TensorSlot], probe: dict[str, Tensor],
+            dev: torch.device, stages: _Stages) -> tuple[_Built, dict[str, Any]]:
+    """The fastest engine that passed its parity check, and the record of the choice for the manifest."""
+    if not built:
+        raise ExportError(f"no candidate engine passed: {failed}")
+    record: dict[str, Any] = {"rule": "requested" if len(built) + len(failed) == 1 else "measured"}
+    best = built[0]
+    if len(built) > 1:
+        seconds = {f"{b.spec.backend}/{b.spec.dtype}": _timed(b, inputs, probe, dev) for b in built}
+        best = built[list(seconds.values()).index(min(seconds.values()))]
+        record["seconds_per_call"] = {k: round(v, 7) for k, v in seconds.items()}
+        stages.done("timed the candidates: " + ", ".join(f"{k} {1e3 * v:.3g} ms" for k, v in seconds.items()))
+    if failed:
+        record["failed"] = failed
+    record["chosen"] = f"{best.spec.backend}/{best.spec.dtype}"
+    return best, record
+
+
 def export_engine(checkpoint: str | Path, spec: EngineSpec, out: str | Path, *, device: str = "auto",
                   seed: int = 0, low_res: Tensor | None = None, force: bool = False,
                   progress: Callable[[str], None] | None = None) -> manifest.Manifest:
     """Build the engine of ``spec`` for the run at ``checkpoint`` into ``out``; returns its manifest.
 
+    ``spec.backend`` / ``spec.dtype`` 'auto' build every candidate this machine offers (export/choose.py), check
+    each one's parity, time each on the probe batch and publish the fastest, recording every time in the manifest.
     ``low_res`` optionally gives the low-resolution images of the parity probe batch (super-resolution
     models; default: downsampled prior draws); ``progress`` gets one line per finished stage.
     Raises ExportError (a ValueError) naming what is wrong.
@@ -54,43 +127,47 @@ def export_engine(checkpoint: str | Path, spec: EngineSpec, out: str | Path, *, 
     stages = _Stages(progress)
     out = Path(out)
     dev = resolve_device(device)
-    check_available(spec.backend, dev, spec.dtype)
+    caps = hardware.capabilities(dev)
+    options = candidates(spec, dev, caps)
     run = load_run(checkpoint, dev)
-    spec = validate(spec, run.meta)
+    options = [validate(option, run.meta) for option in options]
+    spec = options[0]
     if low_res is not None and not run.meta.get("superres"):
         raise ExportError("low-res inputs given, but the model was not trained for super-resolution")
     if out.exists() and not force:
         raise ExportError(f"{out} exists; pass force=True (--force) to replace it")
     inputs, outputs = signature(spec, run.meta)
     probe = probe_inputs(run, inputs, seed, low_res)
+    ref = reference(run, spec, probe, outputs)
     stages.done(f"checked the request and loaded {checkpoint}")
-    program = build_program(run, spec)
-    ep = trace(program, example_inputs(inputs, dev))
-    stages.done(f"traced, simplified and exported the program ({len(ep.graph.nodes)} graph nodes)")
-    lowering = backend(spec.backend)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        engine_file = tmp / lowering.filename
-        lowering.build(ep, example_inputs(inputs, dev), engine_file, [t.name for t in inputs + outputs])
-        stages.done(f"built the {spec.backend} engine {lowering.filename}")
-        runner = lowering.load(engine_file, inputs, outputs, dev)
-        got = runner([probe[i.name].to(dev) for i in inputs])
-        parity = compare(got, reference(run, spec, probe, outputs), outputs, spec.dtype)
-        if not parity["ok"]:
-            raise ExportError(f"parity check failed, engine not written: {parity['outputs']} "
-                              f"(tolerance {parity['tolerance']})")
-        stages.done("loaded the engine; parity check against eager passed")
+        built, failed = [], {}
+        for option in options:
+            where = tmp if len(options) == 1 else tmp / f"{option.backend}-{option.dtype}"
+            try:
+                built.append(_build_one(run, option, inputs, outputs, probe, ref, where, dev, stages))
+            except ExportError as e:
+                if len(options) == 1:
+                    raise
+                failed[f"{option.backend}/{option.dtype}"] = str(e).splitlines()[0]
+        best, selection = _select(built, failed, inputs, probe, dev, stages)
+        if best.directory != tmp:
+            os.replace(best.directory / best.filename, tmp / best.filename)
+            for b in built:
+                shutil.rmtree(b.directory, ignore_errors=True)
         weights = inference_file(checkpoint)
         manifest.write(tmp, {
             "fastfm_version": fastfm.__version__, "created": datetime.now(timezone.utc).isoformat(),
-            "spec": spec.to_json(), "nfe": spec.nfe, "device": str(dev), "grid": program.grid.tolist(),
+            "spec": best.spec.to_json(), "nfe": best.spec.nfe, "device": str(dev),
+            "grid": best.grid,
             "inputs": [i.to_json() for i in inputs], "outputs": [o.to_json() for o in outputs],
-            "engine": {"file": lowering.filename, "sha256": manifest.sha256(engine_file)},
+            "engine": {"file": best.filename, "sha256": manifest.sha256(tmp / best.filename)},
             "checkpoint": {"source": str(checkpoint), "file": weights.name, "sha256": manifest.sha256(weights),
                            "meta": run.meta},
-            "parity": parity, "versions": versions(spec.backend),
-            "build_seconds": round(time.perf_counter() - started, 1),
+            "parity": best.parity, "versions": versions(best.spec.backend), "hardware": caps.to_json(),
+            "selection": selection, "build_seconds": round(time.perf_counter() - started, 1),
         })
         if out.exists():
             shutil.rmtree(out)

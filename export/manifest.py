@@ -9,6 +9,8 @@
     checkpoint                   source, sha256 of the weights file, the run's model.json
     parity                       max-abs and cosine per output against eager, tolerances
     versions                     torch and the backend's packages
+    hardware, selection          the building machine (fastfm.hardware) and how backend and dtype were chosen
+                                 (requested, or measured: every candidate's seconds per call)
 
 Reading rejects corrupt JSON, an unknown schema or backend, missing keys, inputs/outputs, nfe or a
 grid that do not follow from the spec and the model, a manifest edited after the build (its
@@ -65,6 +67,8 @@ class Manifest:
     checkpoint_sha256: str
     meta: dict[str, Any]
     parity: dict[str, Any]
+    hardware: dict[str, Any] | None = None  # the machine that built it (fastfm.hardware)
+    selection: dict[str, Any] | None = None  # how backend and dtype were chosen, with each candidate's time
 
 
 def digest(body: dict[str, Any]) -> str:
@@ -151,4 +155,5 @@ def read(directory: str | Path, verify: bool = True) -> Manifest:
         raise ManifestError(f"engine file {engine_file} named by {path} is missing or not a regular file")
     if verify and sha256(engine_file) != engine_sha:
         raise ManifestError(f"engine file {engine_file} does not match the sha256 in {path} (corrupt or replaced)")
-    return Manifest(spec, spec.nfe, device, inputs, outputs, engine_file, ckpt_sha, meta, body["parity"])
+    return Manifest(spec, spec.nfe, device, inputs, outputs, engine_file, ckpt_sha, meta, body["parity"],
+                    body.get("hardware"), body.get("selection"))

@@ -139,7 +139,13 @@ class TrainConfig:
     ckpt_every: int = option(1000, "output and checkpoints", "steps between checkpoints", Range(1))
     device: str = option("auto", "device and performance", "cpu, cuda, cuda:N or auto")
     compile: bool = option(False, "device and performance", "torch.compile the training step")
-    bf16: bool = option(False, "device and performance", "bf16 autocast (t, embeddings and loss stay fp32)")
+    bf16: bool = option(False, "device and performance",
+                        "bf16 autocast (t, embeddings and loss stay fp32) where the hardware runs bf16 natively "
+                        "(CUDA compute capability >= 8.0, CPUs with AVX512-BF16 or AMX); elsewhere one warning and "
+                        "fp32, as PyTorch's CPU autocast does for a dtype it cannot run")
+    force_bf16: bool = option(False, "device and performance",
+                              "with --bf16: bf16 autocast even where the hardware emulates it (about 20x slower "
+                              "than fp32 on an AVX2 CPU)")
     memory_format: str = option("auto", "device and performance",
                                 "image models: channels_last, contiguous, or auto (channels_last on CUDA)")
 
@@ -170,6 +176,7 @@ class TrainConfig:
             (not (self.coupling.endswith("-label") and not self.class_cond),
              f"coupling {self.coupling!r} needs class labels: add --class-cond"),
             ("seed" not in self.data_args, "--data-args cannot set seed: the data set's seed is --seed"),
+            (self.bf16 or not self.force_bf16, "--force-bf16 forces what --bf16 asks for: add --bf16"),
         ]
         for ok, msg in checks:
             if not ok:

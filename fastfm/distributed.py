@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -111,6 +112,15 @@ def gather_states(state: Tensor, env: DistEnv) -> Tensor:
     nccl = dist.get_backend() == "nccl"
     dev = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     return all_gather_rows(state.unsqueeze(0).to(dev), env).cpu()
+
+
+def from_rank0(obj: Any, env: DistEnv) -> Any:
+    """Rank 0's value of a small picklable ``obj`` (a decision every rank must share), on every rank."""
+    if not env.active:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier(env: DistEnv) -> None:

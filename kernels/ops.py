@@ -4,8 +4,9 @@
     fastfm::cfm_loss(v, x1, c, d, x0?, rng?, std) -> per-sample loss (B,), differentiable in v
     fastfm::cfm_loss_grad(grad, v, x1, c, d, x0?, rng?, std) -> dL/dv
 
-Backends (``FASTFM_KERNELS`` = one of :data:`KERNEL_BACKENDS`: auto | reference | cpp | triton; auto picks
-Triton for CUDA tensors and the C++ extension for CPU tensors, the reference where those are missing), all
+Backends (``FASTFM_KERNELS`` = one of :data:`KERNEL_BACKENDS`: auto | reference | cpp | triton; auto takes the
+backend a timed probe chose for the device (kernels/select.py, run by the trainer), and without one Triton for
+CUDA tensors and the C++ extension for CPU tensors, the reference where those are missing), all
 with this one signature: the Triton launchers run inside a ``triton_op`` so torch.compile and
 torch.export see the kernels; the C++ kernels and the reference sit behind opaque
 ``fastfm::*_cpp`` / ``fastfm::*_reference`` ops with fake implementations, so a compiled graph
@@ -46,10 +47,12 @@ except ImportError:  # no triton: the same ops as plain custom ops
     _define = torch.library.custom_op
 
 __all__ = ["DATA_DTYPES", "KERNEL_BACKENDS", "MAX_NUMEL", "KernelArgumentError", "affine_path", "backend_for",
-           "cfm_loss", "cfm_loss_grad", "check_args", "noise_state"]
+           "candidates", "cfm_loss", "cfm_loss_grad", "check_args", "forced_backend", "noise_state",
+           "set_auto_backend", "unusable"]
 
 KERNEL_BACKENDS: Registry[str] = Registry("kernel backend")
-for _name, _help in (("auto", "Triton for CUDA tensors, C++ for CPU tensors, the reference where those are missing"),
+for _name, _help in (("auto", "the faster of the device's compiled backend and the reference, measured when training "
+                              "starts (kernels/select.py); untimed: Triton for CUDA, C++ for CPU"),
                      ("reference", "the plain-PyTorch spec (kernels/reference.py), behind opaque ops"),
                      ("cpp", "the C++ extension fastfm._C (CPU tensors)"),
                      ("triton", "the Triton kernels (CUDA tensors, or the interpreter with TRITON_INTERPRET=1)")):
@@ -64,26 +67,56 @@ DATA_DTYPES = {  # the dtypes each backend computes with (x1, x0 and v share one
 MAX_NUMEL = {"triton": 2**31 - 1}  # the Triton kernels index elements (and the noise stream) with int32 offsets
 
 
-def backend_for(device: torch.device) -> str:
-    """The backend that serves tensors on ``device`` under the current FASTFM_KERNELS setting."""
+_measured: dict[str, str] = {}
+"""auto's backend per device type where a timed probe chose one (kernels/select.py); else the rule below."""
+
+
+def unusable(name: str, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot serve tensors on ``device`` (None: it can)."""
+    if name == "cpp" and (device.type != "cpu" or not cpu.available()):
+        return f"needs CPU tensors and the built extension fastfm._C (device {device})"
+    if name == "triton":
+        if triton_kernels is None:
+            return "needs the triton package"
+        if device.type == "cpu" and not triton_kernels.interpret_mode():
+            return ("with tensors on the CPU: the Triton kernels need GPU tensors (or TRITON_INTERPRET=1 set "
+                    "before triton is imported, to run them in the interpreter)")
+    return None
+
+
+def candidates(device: torch.device) -> list[str]:
+    """The backends auto may choose among for tensors on ``device``: the compiled ones that can serve it, and
+    the reference."""
+    native = "triton" if device.type == "cuda" else "cpp"
+    return [name for name in (native, "reference") if unusable(name, device) is None]
+
+
+def set_auto_backend(device_type: str, name: str | None) -> None:
+    """Make ``name`` auto's backend for ``device_type`` tensors (None: back to the rule)."""
+    if name is None:
+        _measured.pop(device_type, None)
+    else:
+        _measured[device_type] = KERNEL_BACKENDS.entry(name).name
+
+
+def forced_backend() -> str | None:
+    """FASTFM_KERNELS when it names a backend other than auto (checked), else None."""
     choice = os.environ.get("FASTFM_KERNELS", "auto")
     if choice not in KERNEL_BACKENDS:
         raise KernelArgumentError(f"FASTFM_KERNELS={choice!r} is not a backend; choose one of "
                                   f"{', '.join(KERNEL_BACKENDS)}")
-    if choice == "auto":
-        if device.type == "cuda" and triton_kernels is not None:
-            return "triton"
-        return "cpp" if device.type == "cpu" and cpu.available() else "reference"
-    if choice == "cpp" and (device.type != "cpu" or not cpu.available()):
-        raise KernelArgumentError(f"FASTFM_KERNELS=cpp needs CPU tensors and the built extension fastfm._C "
-                                  f"(device {device})")
-    if choice == "triton":
-        if triton_kernels is None:
-            raise KernelArgumentError("FASTFM_KERNELS=triton needs the triton package")
-        if device.type == "cpu" and not triton_kernels.interpret_mode():
-            raise KernelArgumentError("FASTFM_KERNELS=triton with tensors on the CPU: the Triton kernels need GPU "
-                                      "tensors (or TRITON_INTERPRET=1 set before triton is imported, to run them in "
-                                      "the interpreter)")
+    return None if choice == "auto" else choice
+
+
+def backend_for(device: torch.device) -> str:
+    """The backend that serves tensors on ``device``: FASTFM_KERNELS if it forces one, else auto's measured choice
+    (``set_auto_backend``), else the rule: Triton for CUDA, C++ for CPU, the reference where those are missing."""
+    choice = forced_backend()
+    if choice is None:
+        return _measured.get(device.type) or candidates(device)[0]
+    why = unusable(choice, device)
+    if why is not None:
+        raise KernelArgumentError(f"FASTFM_KERNELS={choice} {why}")
     return choice
 
 

@@ -1,7 +1,7 @@
 """The layers, read off the imports: kernels <- core <- export <- entry points.
 
 Every ``import`` / ``from ... import`` statement of every module (at any depth, lazy ones included) is
-checked against the layer it may reach; ``fastfm.registry`` and ``fastfm.compat`` are leaf utilities
+checked against the layer it may reach; ``fastfm.registry``, ``fastfm.compat`` and ``fastfm.hardware`` are leaf utilities
 (they import nothing from fastfm) that any layer may use.
 """
 
@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"fastfm": ROOT / "fastfm", "fastfm.kernels": ROOT / "kernels", "fastfm.export": ROOT / "export"}
-LEAVES = ("fastfm.registry", "fastfm.compat")
+LEAVES = ("fastfm.registry", "fastfm.compat", "fastfm.hardware")
 LAUNCHERS = ("fastfm.train", "fastfm.sample", "fastfm.evaluate", "fastfm.export.__main__")
 """``python -m`` targets: entry points by role, kept where ``python -m fastfm.X`` finds them."""
 

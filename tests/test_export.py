@@ -514,3 +514,24 @@ def test_gpu_benchmark_script_runs_on_cpu(tmp_path: Path) -> None:
         (m, t, i) for m, t in [("mlp", "sample"), ("mlp", "likelihood"), ("unet", "sample")]
         for i in ("flow_matching", "eager", "onnx")}
     assert all(r["speedup_vs_flow_matching"] > 0 and r["max_abs_vs_eager"] < 1e-2 for r in rows)
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["avx2", "avx512-bf16"])
+def test_auto_engine_is_the_fastest_correct_candidate(runs, tmp_path: Path, monkeypatch, native: bool):
+    """backend/dtype 'auto': every candidate this machine class offers is built, parity-checked and timed, the
+    fastest is published alone, and the manifest records the machine and every candidate's time. bf16 is a
+    candidate only where it is native (mocked capabilities: an AVX2 and an AVX512-BF16 CPU)."""
+    from fastfm import hardware
+
+    flags = {"avx", "avx2", "avx512_f", "avx512_bw", "avx512_bf16"} if native else {"avx", "avx2"}
+    caps = hardware.Capabilities("cpu", hardware.cpu_info(flags=flags, env={}, aten="AVX2"))
+    monkeypatch.setattr(hardware, "capabilities", lambda device="cpu": caps)
+    backend, expect = ("aoti", {"aoti/fp32", "aoti/bf16"}) if native else ("auto", {"aoti/fp32", "onnx/fp32"})
+    spec = EngineSpec(task="sample", solver="euler", steps=2, batch=8, backend=backend, dtype="auto")
+    info = export_engine(runs["mlp"], spec, tmp_path / "e", device="cpu")
+    chosen, seconds = info.selection["chosen"], info.selection["seconds_per_call"]
+    assert info.selection["rule"] == "measured" and set(seconds) == expect
+    assert chosen == min(seconds, key=seconds.get) == f"{info.spec.backend}/{info.spec.dtype}"
+    assert info.hardware["machine_class"] == caps.machine_class
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == sorted(["manifest.json", info.engine_file.name])
+    assert torch.isfinite(load(tmp_path / "e")(torch.randn(8, 2)).x).all()

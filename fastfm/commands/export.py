@@ -19,6 +19,7 @@ import torch
 from fastfm import helpformat
 from fastfm.divergence import DIVERGENCES
 from fastfm.export import DTYPES, ENGINE_BACKENDS, TASKS, EngineSpec, export_engine
+from fastfm.export.choose import AUTO
 from fastfm.inference import DEFAULTS
 from fastfm.solvers import TABLEAUS
 
@@ -36,11 +37,15 @@ def parser() -> argparse.ArgumentParser:
                         help=f"fixed-step solver (default {DEFAULTS.solver}; euler, i.e. Euler-Maruyama, with --sde)")
     solver.add_argument("--steps", type=int, default=DEFAULTS.steps, help="solver steps, unrolled into the engine")
     engine = p.add_argument_group("engine")
-    engine.add_argument("--backend", default="aoti", choices=ENGINE_BACKENDS,
-                        help=f"how the engine is compiled and run: {ENGINE_BACKENDS.help_text()}")
+    engine.add_argument("--backend", default=AUTO, choices=(AUTO, *ENGINE_BACKENDS),
+                        help=f"how the engine is compiled and run: {ENGINE_BACKENDS.help_text()}; auto: build "
+                             "each one this machine offers, check its parity, time it on the probe batch and keep "
+                             "the fastest (the times go into the manifest)")
     engine.add_argument("--batch", type=int, default=1, help="static batch of one engine call")
-    engine.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
-                        help="model dtype (the state, log-density and time stay fp32)")
+    engine.add_argument("--dtype", default=AUTO, choices=(AUTO, *DTYPES),
+                        help="model dtype (the state, log-density and time stay fp32); auto: fp32, and bf16 too "
+                             "where the device runs it natively (AVX512-BF16/AMX CPUs, CUDA sm_80+), kept only if "
+                             "it times faster")
     engine.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (the engine runs there)")
     engine.add_argument("--seed", type=int, default=0, help="seed of the parity probe batch")
     cond = p.add_argument_group("conditioning")
@@ -93,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
                       "steps": info.spec.steps, "nfe": info.nfe, "batch": info.spec.batch,
                       "diffusion": info.spec.diffusion,
                       "divergence": info.spec.divergence, "inputs": [i.to_json() for i in info.inputs],
+                      "selection": info.selection,
                       "parity": {k: {"max_abs": v["max_abs"], "cosine": v["cosine"]}
                                  for k, v in info.parity["outputs"].items()}}))
 
