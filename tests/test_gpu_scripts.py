@@ -1,10 +1,13 @@
 """The GPU benchmark scripts (benchmarks/gpu/) on the CPU: quick modes write valid JSON with the keys the
 GPU run is read by, goal checks, budgets, the compile checks (a row that ran eager is never reported as
-compiled) and check.sh's plumbing. (tests/test_train_engine.py and tests/test_export.py also run
-bench_train.py and bench_export.py's quick modes; these tests cover what those do not.)"""
+compiled), the rows a device cannot run skipped with the reason (mocked capabilities: sm_75, sm_80,
+sm_90, CPUs with and without native bf16), check.sh's plumbing and its dry run end to end. (tests/
+test_train_engine.py and tests/test_export.py also run bench_train.py and bench_export.py's quick modes;
+these tests cover what those do not.)"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import stat
@@ -18,8 +21,31 @@ import torch
 
 from conftest import gpu_bench_script
 
+from fastfm.hardware import Capabilities, CpuInfo, CudaInfo
+
 ROOT = Path(__file__).resolve().parents[1]
-ENV_KEYS = {"device", "device_type", "python", "torch", "cuda", "triton", "flow_matching", "started", "complete"}
+CHECK_SH = ROOT / "benchmarks" / "gpu" / "check.sh"
+ENV_KEYS = {"device", "device_type", "dry", "python", "torch", "cuda", "triton", "flow_matching", "started",
+            "hardware", "unsupported", "complete"}
+STAGES = ["install", "train", "engines", "tests", "bench_kernels", "bench_train", "bench_export"]
+NO_BF16 = "bf16 is not native on this CPU (cpu-avx2, oneDNN ISA AVX2)"
+
+
+def cpu(bf16: bool = False) -> CpuInfo:
+    """An AVX2 CPU, or an AVX512-BF16 one."""
+    if bf16:
+        return CpuInfo("xeon", "x86_64", 8, ("avx2", "avx512_bf16", "avx512_bw"), "AVX512_CORE_BF16", None,
+                       "AVX512", True, False)
+    return CpuInfo("epyc", "x86_64", 2, ("avx", "avx2"), "AVX2", None, "AVX2", False, False)
+
+
+def gpu(capability: tuple[int, int]) -> Capabilities:
+    return Capabilities("cuda", cpu(), CudaInfo(f"sm{capability[0]}{capability[1]}", capability, 16.0, 40))
+
+
+def use_caps(monkeypatch, bench, caps: Capabilities) -> None:
+    """``bench`` (a loaded script) sees the device as ``caps``."""
+    monkeypatch.setattr(bench, "capabilities", lambda device: caps)
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +59,17 @@ def kernels():
 
 
 # ----------------------------------------------------------------------------- common
+
+
+def test_dry_flag_is_the_cpu_at_quick_sizes(common) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    common.add_common_args(p)
+    args = common.parse_args(p, ["--dry", "--device", "cuda"])
+    assert (args.device, args.quick, args.dry) == ("cpu", True, True)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="CUDA is not available"):
+            common.parse_args(p, [])
 
 
 def test_results_are_written_after_every_row(common, tmp_path: Path) -> None:
@@ -59,6 +96,35 @@ def test_budget_and_time_limit(common) -> None:
     assert time.monotonic() - started < 2
     with common.time_limit(None) as enforced:  # no limit: nothing raised, nothing enforced
         assert not enforced
+
+
+# the scripts' row labels (dtypes, bench_train modes and peers, bench_export implementations) -> what they need
+ROW_NEEDS = {"fp32": None, "bf16": "bf16", "fp16": "fp16", "compile-bf16": "bf16", "fm-compile-bf16": "bf16",
+             "aoti_bf16": "bf16", "cudagraph_bf16": "bf16", "eager": None, "cudagraph": None, "fp8": "fp8",
+             "flash_attention": "flash_attention"}
+
+
+@pytest.mark.parametrize("caps, skipped", [
+    (gpu((7, 5)), {"bf16": "bf16 needs compute capability >= 8.0; this device is sm_75",
+                   "fp8": "fp8 needs compute capability >= 8.9; this device is sm_75",
+                   "flash_attention": "flash attention needs compute capability >= 8.0; this device is sm_75"}),
+    (gpu((8, 0)), {"fp8": "fp8 needs compute capability >= 8.9; this device is sm_80"}),
+    (gpu((9, 0)), {}),
+    (Capabilities("cpu", cpu()), {
+        "bf16": NO_BF16, "fp16": "fp16 is not native on this CPU (cpu-avx2, oneDNN ISA AVX2)",
+        "fp8": "fp8 needs a CUDA GPU of compute capability >= 8.9; this device is cpu-avx2",
+        "flash_attention": "flash attention needs a CUDA GPU of compute capability >= 8.0; this device is cpu-avx2"}),
+    (Capabilities("cpu", cpu(bf16=True)), {
+        "fp16": "fp16 is not native on this CPU (cpu-avx512-bf16, oneDNN ISA AVX512_CORE_BF16)",
+        "fp8": "fp8 needs a CUDA GPU of compute capability >= 8.9; this device is cpu-avx512-bf16",
+        "flash_attention": "flash attention needs a CUDA GPU of compute capability >= 8.0; this device is "
+                           "cpu-avx512-bf16"}),
+], ids=["sm75", "sm80", "sm90-fp8", "cpu-avx2", "cpu-avx512-bf16"])
+def test_unsupported_rows_by_device(common, caps: Capabilities, skipped: dict[str, str]) -> None:
+    """Each row label is skipped with the message of the need it names that the device lacks, and only then."""
+    assert common.unsupported_needs(caps) == skipped
+    assert {label: common.unsupported(caps, label) for label in ROW_NEEDS} == {
+        label: skipped.get(need) for label, need in ROW_NEEDS.items()}
 
 
 def test_kernel_summary_of_a_trace(common) -> None:
@@ -175,6 +241,22 @@ def test_bench_kernels_budget_skips_rows(kernels, tmp_path: Path) -> None:
                                                                               "path/seed/fp32/1048576"]}
 
 
+def test_bench_kernels_skips_dtypes_the_device_cannot_run(kernels, tmp_path: Path, monkeypatch) -> None:
+    caps = Capabilities("cpu", cpu())
+    use_caps(monkeypatch, kernels, caps)
+    res = kernels.main([str(tmp_path / "k.json"), "--device", "cpu", "--quick", "--budget", "0", "--dtypes",
+                        "fp32,bf16", "--ops", "path"])
+    assert res["unsupported"]["bf16"] == NO_BF16 and res["hardware"]["machine_class"] == "cpu-avx2"
+    assert [r for r in res["bench"] if r["impl"] == "all"] == [{"dtype": "bf16", "impl": "all", "skipped": NO_BF16}]
+    assert {r["dtype"] for r in res["bench"] if r["impl"] != "all"} == {"fp32"}
+    assert {c["dtype"] for c in res["cases"]} == {"fp32"}  # no goal case of a dtype the device cannot run
+    checks = kernels.check(caps, quick=True)
+    assert [c for c in checks if "skipped" in c] == [
+        {"dtype": "torch.bfloat16", "skipped": NO_BF16},
+        {"dtype": "torch.float16", "skipped": "fp16 is not native on this CPU (cpu-avx2, oneDNN ISA AVX2)"}]
+    assert {c["dtype"] for c in checks if c.get("ok")} == {"torch.float32"} and len(checks) == 2 + 4
+
+
 def test_bench_kernels_goals(kernels) -> None:
     big, small = 2**27, 2**20
 
@@ -223,17 +305,23 @@ def test_bench_train_peers_and_large_batch_on_cpu(tmp_path: Path) -> None:
     assert all(g["met"] is None for g in res["goals"].values())  # no compile-bf16 rows asked for
 
 
-def test_bench_train_missing_peer_and_budget(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("bf16", [True, False], ids=["avx512-bf16", "avx2"])
+def test_bench_train_missing_peer_and_budget(tmp_path: Path, monkeypatch, bf16: bool) -> None:
+    """Rows past the budget are skipped; without native bf16 the compile-bf16 row is skipped with the reason
+    and the batch 512 and DDP rows fall back to the last mode the device runs (mocked CPUs)."""
     bench = gpu_bench_script("bench_train")
     monkeypatch.setattr(bench, "missing", lambda packages: ["flow_matching"])
+    use_caps(monkeypatch, bench, Capabilities("cpu", cpu(bf16)))
     res = bench.main([str(tmp_path / "t.json"), "--device", "cpu", "--quick", "--modes", "eager,compile-bf16",
                       "--budget", "0"])
-    assert res["missing"] == ["flow_matching"] and res["complete"]
+    assert res["missing"] == ["flow_matching"] and res["complete"] and res["hardware"]["bf16_native"] is bf16
     assert {r["mode"]: r["missing"] for r in res["peer_results"]} == {
         "fm-eager": "flow_matching is not installed", "fm-compile-bf16": "flow_matching is not installed"}
-    assert [r["mode"] for r in res["results"]] == ["eager", "compile-bf16", "ddp-1rank-compile-bf16"]
-    assert all("skipped" in r for r in res["results"] + res["large_batch"])
-    assert res["large_batch"][0]["mode"] == "compile-bf16" and res["large_batch"][0]["batch"] == 8
+    last = "compile-bf16" if bf16 else "eager"
+    assert [r["mode"] for r in res["results"]] == ["eager", "compile-bf16", f"ddp-1rank-{last}"]
+    not_budget = [r for r in res["results"] + res["large_batch"] if not r["skipped"].startswith("time budget")]
+    assert not_budget == ([] if bf16 else [{"loop": "fastfm", "mode": "compile-bf16", "batch": 4, "skipped": NO_BF16}])
+    assert res["large_batch"][0]["mode"] == last and res["large_batch"][0]["batch"] == 8
 
 
 def test_bench_train_goals() -> None:
@@ -290,6 +378,16 @@ def test_bench_export_goal_booleans() -> None:
     assert bench.goals(slow, quick=False)[0]["met"] is False  # 16x and over 0.5 ms
 
 
+def test_bench_export_skips_bf16_engines_without_native_bf16(tmp_path: Path, monkeypatch) -> None:
+    bench = gpu_bench_script("bench_export")
+    use_caps(monkeypatch, bench, Capabilities("cpu", cpu()))
+    res = bench.main([str(tmp_path / "e.json"), "--device", "cpu", "--quick", "--impls", "eager,aoti_bf16",
+                      "--budget", "0"])
+    assert res["unsupported"]["bf16"] == NO_BF16 and res["hardware"]["machine_class"] == "cpu-avx2"
+    skipped = {(r["impl"], r["skipped"] == NO_BF16) for r in res["results"]}
+    assert skipped == {("eager", False), ("aoti_bf16", True)} and len(res["results"]) == 6
+
+
 def test_bench_export_budget_skips(tmp_path: Path) -> None:
     bench = gpu_bench_script("bench_export")
     res = bench.main([str(tmp_path / "e.json"), "--device", "cpu", "--quick", "--impls", "flow_matching,eager",
@@ -310,13 +408,12 @@ def test_check_sh_plumbing_without_gpu(tmp_path: Path) -> None:
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": str(wrapper), "CHECK_SECONDS": "300"}
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "check.sh"), str(out)], env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(["bash", str(CHECK_SH), str(out)], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "check.json").read_text())
-    assert list(report["stages"]) == ["install", "train", "engines", "tests", "bench_kernels", "bench_train",
-                                      "bench_export"]
+    assert list(report["stages"]) == STAGES and report["dry"] is False
     assert report["stages"]["install"]["status"] == "ok" and report["stages"]["tests"]["status"] == "ok"
+    assert "hardware" in report or report["hardware_error"].startswith("cuda: ")  # no CUDA device to describe
     for name in ("bench_kernels", "bench_train", "bench_export"):
         assert report["stages"][name]["status"] == "failed (1)"  # --device cuda without CUDA: a clean error
     log = (out / "check.log").read_text()
@@ -331,3 +428,37 @@ def test_check_sh_plumbing_without_gpu(tmp_path: Path) -> None:
     assert limits["bench_kernels"] <= 300 * 3 // 10 and limits["bench_train"] <= 300 * 4 // 7
     assert limits["bench_export"] <= 300 and limits["bench_train"] > limits["bench_kernels"]
     assert set(report["goals"]) == {"kernels", "train", "export"}
+
+
+def test_check_sh_dry_run(tmp_path: Path) -> None:
+    """CHECK_DRY=1: every stage of check.sh runs on the CPU at tiny sizes and is recorded as ok (install as
+    skipped, with the reason); each benchmark JSON is complete, marked dry and holds the device's capabilities;
+    what this CPU cannot do is skipped with the reason, in the JSONs and in the stages' messages."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "CHECK_DRY": "1"}
+    started = time.monotonic()
+    proc = subprocess.run(["bash", str(CHECK_SH), str(out)], env=env, capture_output=True, text=True, timeout=600)
+    seconds = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "check.json").read_text())
+    stages = report["stages"]
+    assert list(stages) == STAGES and report["dry"] is True, (out / "check.log").read_text()[-5000:]
+    assert stages["install"]["status"].startswith("skipped (dry): ")
+    assert {k: v["status"] for k, v in stages.items() if k != "install"} == {k: "ok" for k in STAGES[1:]}, \
+        (out / "check.log").read_text()[-5000:]
+    caps = report["hardware"]
+    assert caps["device"] == "cpu" and caps["machine_class"].startswith("cpu-") and caps["cuda"] is None
+    assert report["unsupported"]["flash_attention"].startswith("flash attention needs a CUDA GPU")
+    assert report["train"]["precision"]["requested"] == "bf16" and report["train"]["test"]["nll_nats"] > 0
+    assert report["tests"]["failures"] == report["tests"]["errors"] == 0 and stages["tests"]["message"]
+    assert report["engine_eval"]["test"]["backend"] == "aoti"
+    for name in ("kernels", "train", "export"):
+        bench = json.loads((out / f"gpu_{name}.json").read_text())
+        assert bench["dry"] is True and bench["complete"] and bench["device_type"] == "cpu", name
+        assert bench["hardware"] == caps and report["goals"][name]["dry"] is True
+        assert not [r for v in bench.values() if isinstance(v, list) for r in v if isinstance(r, dict) and "error" in r]
+    if not caps["bf16_native"]:  # the bf16 rows and the trainer's bf16 say why they did not run
+        assert report["train"]["precision"]["compute"] == "fp32"
+        for name in ("bench_kernels", "bench_train", "bench_export"):
+            assert report["unsupported"]["bf16"] in stages[name]["message"], name
+    print(f"dry run: {seconds:.0f} s", {k: v["seconds"] for k, v in stages.items()})

@@ -21,7 +21,9 @@ Rows run goal rows first (flow_matching, eager and the engines meant to meet eac
 the JSON is rewritten after every row; ``--budget`` records rows it has no time left for as skipped, and
 a row still running when the budget ends is stopped and recorded as an error.
 ``--device cpu --quick`` runs the same code on the CPU with tiny models (CUDA-only backends left
-out); the test suite runs it that way.
+out); the test suite runs it that way; ``--dry`` is that, marked ``dry`` in the JSON (check.sh's dry run).
+The bf16 engines are recorded as skipped, with the reason, on a device without native bf16 (compute
+capability below 8.0, a CPU without AVX512-BF16 / AMX-BF16): ``common.unsupported``.
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/gpu/, for common
 
 from common import (Budget, Results, TimeLimitExceeded, add_common_args, environment, kernel_time, log,  # noqa: E402
-                    missing, time_limit, time_wall)
+                    missing, parse_args, time_limit, time_wall, unsupported)
 from export_cases import MODELS, QUICK, WORKLOADS, check, inputs, make_runs, runner  # noqa: E402
+
+from fastfm.hardware import Capabilities, capabilities  # noqa: E402
 
 ENGINE_EXCLUDED = ("flow_matching", "eager", "compile")  # every other implementation is an exported engine
 # Goals of issue 12 (quick runs use the same rows at their small batches): engine speedup over flow_matching's
@@ -97,15 +101,21 @@ def plan(workloads: list[tuple[str, str, int]], impls: list[str], quick: bool) -
 
 
 def bench(root: Path, models: dict[str, dict[str, Any]], workloads: list[tuple[str, str, int]], impls: list[str],
-          device: str, rounds: int, quick: bool = False, budget: Budget | None = None,
+          caps: Capabilities, rounds: int, quick: bool = False, budget: Budget | None = None,
           results: Results | None = None) -> list[dict[str, Any]]:
+    """One row per (workload, implementation), in ``plan`` order; an implementation the device of ``caps`` cannot
+    run (``unsupported``) or one left when the budget is spent is a skipped row."""
+    device = torch.device(caps.device).type
     budget = budget or Budget(None)
     rows: list[dict[str, Any]] = []
     refs: dict[tuple[str, str, int], Tensor] = {}
     for (model, task, batch), impl in plan(workloads, impls, quick):
         row: dict[str, Any] = {"model": model, "task": task, "batch": batch, "impl": impl,
                                "steps": models[model]["steps"], "nfe": 2 * models[model]["steps"]}
-        if not budget.allows():
+        reason = unsupported(caps, impl)
+        if reason is not None:
+            row["skipped"] = reason
+        elif not budget.allows():
             budget.skipped(row)
         else:
             left = budget.left()
@@ -173,28 +183,26 @@ def goals(rows: list[dict[str, Any]], quick: bool) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", help="output JSON path")
-    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--quick", action="store_true", help="tiny models, small batches (a check of this script)")
     p.add_argument("--impls", default=None, help="comma-separated subset of the implementations")
     p.add_argument("--rounds", type=int, default=100, help="timed calls at batch 1 (a tenth at larger batches)")
     add_common_args(p)
-    args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but CUDA is not available (use --device cpu --quick for a CPU check)")
+    args = parse_args(p, argv)
+    caps = capabilities(args.device)
     models = QUICK if args.quick else MODELS
     workloads = [("mlp", "sample", 1), ("mlp", "likelihood", 8), ("unet", "sample", 2)] if args.quick else WORKLOADS
     impls = implementations(args.device)
     if args.impls:
         impls = [i for i in impls if i in args.impls.split(",")]
     budget = Budget(args.budget)
-    results = Results(args.out, **environment(args.device), quick=args.quick, implementations=impls,
+    results = Results(args.out, **environment(caps, args.dry), quick=args.quick, implementations=impls,
                       missing=missing(PEERS), rounds=args.rounds, results=[],
                       timing="median_s: median wall time of one synchronised call; kernel_sum_ms / gpu_busy_ms: "
                              "torch.profiler CUDA activity per call (sum / union of kernel intervals); "
                              "launch_gap_ms = engine time - GPU-busy time")
     with tempfile.TemporaryDirectory() as tmp:
         make_runs(Path(tmp), models)
-        rows = bench(Path(tmp), models, workloads, impls, args.device, args.rounds, args.quick, budget, results)
+        rows = bench(Path(tmp), models, workloads, impls, caps, args.rounds, args.quick, budget, results)
     results.data.update(results=rows, goals=goals(rows, args.quick), **budget.record())
     return results.finish()
 

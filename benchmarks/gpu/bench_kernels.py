@@ -27,7 +27,10 @@ The JSON is rewritten after every row (``complete`` false until the end), so a r
 time limit keeps what it measured; ``--budget`` skips (and records) rows once the seconds are spent,
 cheapest and most important rows first: all Triton and copy rows, then inductor x0-given, then
 inductor seeded. ``--device cpu --quick`` runs the same code on tiny sizes on the CPU (Triton in its
-interpreter); the test suite runs it so, with ``--compile-backend aot_eager``.
+interpreter); the test suite runs it so, with ``--compile-backend aot_eager``; ``--dry`` is that, marked
+``dry`` in the JSON (check.sh's dry run). A dtype the device does not run natively (bf16 below compute
+capability 8.0 or on a CPU without AVX512-BF16 / AMX-BF16; fp16 on such a CPU) is left out of the check and
+the rows, and recorded as skipped with the reason (``common.unsupported``).
 """
 
 from __future__ import annotations
@@ -46,13 +49,16 @@ if not torch.cuda.is_available():  # the Triton interpreter on CPU-only machines
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Budget, Results, add_common_args, compile_checked, environment, log, time_kernel, timed  # noqa: E402
+from common import (Budget, Results, add_common_args, compile_checked, environment, log, parse_args,  # noqa: E402
+                    time_kernel, timed, unsupported)
 
+from fastfm.hardware import Capabilities, capabilities  # noqa: E402
 from fastfm.kernels import reference, triton_kernels  # noqa: E402
 from fastfm.kernels.rng import philox_state  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 OPS = ("path", "loss_fwd", "loss_bwd")
 NOISES = ("x0", "seed")
 D = 3072  # elements per sample: one CIFAR-10 image
@@ -68,11 +74,17 @@ TRITON = {"path": triton_kernels.affine_path, "loss_fwd": triton_kernels.cfm_los
 # ----------------------------------------------------------------------------- correctness
 
 
-def check(device: str, quick: bool) -> list[dict]:
-    out = []
+def check(caps: Capabilities, quick: bool) -> list[dict]:
+    """Triton against the reference per dtype, shape and noise; a dtype the device cannot run is one skipped row."""
+    device = torch.device(caps.device).type
+    out: list[dict] = []
     shapes = [(3,), (5, 7)] if quick else [(1,), (3,), (5, 7), (2, 3, 17, 19), (1, 100003),
                                                                   (257, 1025)]
     for dtype, tol in TOL.items():
+        reason = unsupported(caps, NAMES[dtype])
+        if reason is not None:
+            out.append({"dtype": str(dtype), "skipped": reason})
+            continue
         for shape in shapes:
             g = torch.Generator(device=device).manual_seed(0)
             x1 = torch.randn(shape, device=device, generator=g).to(dtype)
@@ -294,7 +306,7 @@ def summarize(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[st
     """One entry per (op, noise, dtype, numel): Triton vs copy and vs the fastest compiled inductor row."""
     cases: dict[tuple, dict[str, Any]] = {}
     for r in rows:
-        if r["impl"] == "copy":
+        if r["impl"] in ("copy", "all"):
             continue
         key = (r["op"], r["noise"], r["dtype"], r["numel"])
         c = cases.setdefault(key, {"op": r["op"], "noise": r["noise"], "dtype": r["dtype"], "numel": r["numel"]})
@@ -353,7 +365,6 @@ def _name(c: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description="GPU check and benchmark of the Triton kernels")
     p.add_argument("out", nargs="?", default="gpu_kernels.json")
-    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--quick", action="store_true", help="tiny sizes, a short check (a check of this script)")
     p.add_argument("--sizes", default=None, help="comma-separated element counts (default 2^20,2^24,2^27)")
     p.add_argument("--dtypes", default="fp32,bf16")
@@ -365,26 +376,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--eager", action="store_true", help="also time the eager reference")
     p.add_argument("--target-ms", type=float, default=None, help="length of one timing repetition")
     add_common_args(p)
-    args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but CUDA is not available (use --device cpu --quick for a CPU check)")
+    args = parse_args(p, argv)
+    caps = capabilities(args.device)
     sizes = [_count(s) for s in args.sizes.split(",")] if args.sizes else list(QUICK_SIZES if args.quick else SIZES)
     dtypes, ops = args.dtypes.split(","), args.ops.split(",")
     if any(d not in DTYPES for d in dtypes) or any(o not in OPS for o in ops):
         p.error(f"--dtypes must be a subset of {tuple(DTYPES)} and --ops of {OPS}")
+    skipped = {d: reason for d in dtypes if (reason := unsupported(caps, d)) is not None}
     budget = Budget(args.budget)
-    results = Results(args.out, **environment(args.device), quick=args.quick, sizes=sizes, row_length=D,
+    results = Results(args.out, **environment(caps, args.dry), quick=args.quick, sizes=sizes, row_length=D,
                       compile_backend=args.compile_backend,
                       timing="ms: CUDA-graph replay of n calls (device time, L2 warm); ms_launch: eager calls "
                              "timed by CUDA events; wall clock on CPU",
                       triton_interpreter=os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
     if not args.no_check and budget.allows():
-        checks = check(args.device, args.quick)
-        results.data.update(checks_ok=all(c["ok"] for c in checks), checks=checks)
+        checks = check(caps, args.quick)
+        results.data.update(checks_ok=all(c["ok"] for c in checks if "skipped" not in c), checks=checks)
         print("checks ok:", results.data["checks_ok"], flush=True)
     results["bench"] = []
-    bench = Bench(results, budget, args.device, sizes, dtypes, ops, args.compile_backend, args.seeded_compile_limit,
+    runnable = [d for d in dtypes if d not in skipped]
+    bench = Bench(results, budget, args.device, sizes, runnable, ops, args.compile_backend, args.seeded_compile_limit,
                   args.target_ms or (2.0 if args.device == "cpu" else 20.0), args.eager)
+    for dtype, reason in skipped.items():
+        bench.emit({"dtype": dtype, "impl": "all", "skipped": reason})
     bench.pass_triton()
     bench.pass_compile("x0")
     bench.pass_compile("seed")

@@ -27,7 +27,10 @@ listed in ``missing``.
 Rows run most important first (compile-bf16, its peer, batch 512, eager, its peer, compile, DDP); the JSON
 is rewritten after every row; ``--budget`` records rows it has no time left for as skipped.
 ``--device cpu --quick`` runs the same code on the CPU with a tiny UNet, a small batch and a few steps
-(gloo for the one-rank DDP mode); the test suite runs it that way.
+(gloo for the one-rank DDP mode); the test suite runs it that way; ``--dry`` is that, marked ``dry`` in the
+JSON (check.sh's dry run). A mode or peer the device cannot run (the bf16 ones below compute capability 8.0
+or on a CPU without native bf16) is recorded as skipped with the reason (``common.unsupported``); the batch 512
+row and DDP then run the last mode it can.
 """
 
 from __future__ import annotations
@@ -49,10 +52,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (Budget, DynamoWatch, Results, TimeLimitExceeded, add_common_args, environment, log,  # noqa: E402
-                    missing, strict_dynamo, time_limit)
+                    missing, parse_args, strict_dynamo, time_limit, unsupported)
 
 from fastfm.config import TrainConfig  # noqa: E402
 from fastfm.distributed import env_from_torchrun  # noqa: E402
+from fastfm.hardware import capabilities  # noqa: E402
 from fastfm.telemetry import peak_flops, peak_memory_mb  # noqa: E402
 from fastfm.trainer import Trainer  # noqa: E402
 
@@ -207,16 +211,16 @@ def main(argv: list[str] | None = None) -> dict:
         return res
     p = argparse.ArgumentParser(description="GPU training throughput of a CIFAR-10-size UNet")
     p.add_argument("out", nargs="?", default="gpu_train.json")
-    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--quick", action="store_true", help="tiny UNet, batch 4, 2 steps (checks the script)")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}; DDP runs the last")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help=f"comma-separated subset of {MODES}; DDP runs the last one the device can run")
     p.add_argument("--peers", default="auto",
                    help=f"comma-separated subset of {tuple(PEERS)}, 'none', or 'auto' (the peers of --modes)")
     p.add_argument("--large-batch", type=int, default=None,
                    help="batch of the MFU row (default 512; --quick 8); 0 leaves it out")
     p.add_argument("--no-ddp", action="store_true", help="leave out the one-rank DDP row")
     add_common_args(p)
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     modes = args.modes.split(",")
     if not modes or any(m not in MODES for m in modes):
         p.error(f"--modes must be a comma-separated subset of {MODES}, got {args.modes!r}")
@@ -226,14 +230,14 @@ def main(argv: list[str] | None = None) -> dict:
         peers = [] if args.peers in ("", "none") else args.peers.split(",")
         if any(x not in PEERS for x in peers):
             p.error(f"--peers must be a comma-separated subset of {tuple(PEERS)}, 'none' or 'auto'")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but CUDA is not available (use --device cpu --quick for a CPU check)")
+    caps = capabilities(args.device)
     size = QUICK if args.quick else FULL
     large_batch = size["large_batch"] if args.large_batch is None else args.large_batch
-    large_mode = "compile-bf16" if "compile-bf16" in modes else modes[-1]
+    runnable = [m for m in modes if unsupported(caps, m) is None] or modes
+    large_mode = "compile-bf16" if "compile-bf16" in runnable else runnable[-1]
     absent = missing(("flow_matching",))
     budget = Budget(args.budget)
-    res = Results(args.out, **environment(args.device), batch=size["batch"], unet=size["unet"], modes=modes,
+    res = Results(args.out, **environment(caps, args.dry), batch=size["batch"], unet=size["unet"], modes=modes,
                   peers=peers, missing=absent, results=[], peer_results=[], large_batch=[],
                   peer_loop="flow_matching AffineProbPath(CondOTScheduler()), loss mean((model(x_t, t) - dx_t)^2), "
                             "AdamW (fused on CUDA); no EMA, no grad clipping; same model object as fastfm")
@@ -255,8 +259,11 @@ def main(argv: list[str] | None = None) -> dict:
             plan.append(("peer_results", {"loop": "flow_matching", "mode": peer, "batch": size["batch"]},
                          lambda x=peer: run_peer(x, data, tmp, args.device, size)))
         for key, label, job in plan:
+            reason = unsupported(caps, label["mode"])
             if label["loop"] == "flow_matching" and absent:
                 row = {**label, "missing": "flow_matching is not installed"}
+            elif reason is not None:
+                row = {**label, "skipped": reason}
             elif not budget.allows():
                 row = budget.skipped(dict(label))
             else:
@@ -272,10 +279,14 @@ def main(argv: list[str] | None = None) -> dict:
             res.append(key, row)
             log(row)
         if not args.no_ddp:
-            label = {"mode": f"ddp-1rank-{modes[-1]}"}
-            if budget.allows():
+            ddp_mode = runnable[-1]
+            label = {"mode": f"ddp-1rank-{ddp_mode}"}
+            reason = unsupported(caps, ddp_mode)
+            if reason is not None:
+                row = {**label, "skipped": reason}
+            elif budget.allows():
                 left = None if budget.seconds is None else budget.left()
-                row = _ddp(modes[-1], data, tmp, args.device, args.quick, left)
+                row = _ddp(ddp_mode, data, tmp, args.device, args.quick, left)
             else:
                 row = budget.skipped(label)
             res.append("results", row)

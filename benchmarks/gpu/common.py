@@ -2,7 +2,12 @@
 code for the environment record, incremental JSON results, the time budget, timing, checked
 torch.compile and kernel times from the profiler.
 
-* ``environment``   device, versions (python, torch, CUDA, triton, flow_matching, ...), GPU properties.
+* ``environment``   device, versions (python, torch, CUDA, triton, flow_matching, ...), GPU properties, the
+                    device's capabilities (fastfm.hardware) and what it cannot do, whether the run is dry.
+* ``unsupported``   why the device cannot run a row that needs bf16, fp16, fp8 or flash attention (None where it
+                    can): the scripts record such rows as skipped with this message instead of failing.
+* ``add_common_args`` / ``parse_args``  --device, --dry (check.sh's CHECK_DRY=1: the CPU at --quick sizes, the
+                    JSON marked ``dry``) and --budget, shared by the three scripts.
 * ``Results``       the output JSON, rewritten (atomically) after every row, so a script killed by its
                     time limit still leaves every finished row; ``complete`` is true only at the end.
 * ``Budget``        seconds a script may spend; rows it has no time for are recorded as skipped.
@@ -19,6 +24,7 @@ torch.compile and kernel times from the profiler.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.metadata
 import json
@@ -37,6 +43,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from fastfm import compat
+from fastfm.hardware import Capabilities, capabilities
 
 # ----------------------------------------------------------------------------- environment
 
@@ -61,22 +68,59 @@ def _nvidia_smi() -> dict[str, str]:
     return dict(zip(query.split(","), (v.strip() for v in out[0].split(",")))) if out else {}
 
 
-def environment(device: str) -> dict[str, Any]:
-    """Machine and versions, recorded in every result file."""
-    cuda = device == "cuda" and torch.cuda.is_available()
+def environment(caps: Capabilities, dry: bool = False) -> dict[str, Any]:
+    """Machine, versions and capabilities of the device of ``caps``, recorded in every result file."""
+    cuda = caps.cuda is not None
     env: dict[str, Any] = {
-        "device": torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine()),
-        "device_type": device, "python": platform.python_version(), "platform": platform.platform(),
+        "device": caps.cuda.name if cuda else (platform.processor() or platform.machine()),
+        "device_type": torch.device(caps.device).type, "dry": dry, "python": platform.python_version(),
+        "platform": platform.platform(),
         "torch": torch.__version__, "cuda": torch.version.cuda, "triton": package_version("triton"),
         "flow_matching": package_version("flow_matching"), "onnxruntime": package_version("onnxruntime"),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "hardware": caps.to_json(), "unsupported": unsupported_needs(caps),
     }
     if cuda:
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         env.update(gpu_memory_gib=props.total_memory / 2**30, sm_count=props.multi_processor_count,
                    capability=f"{props.major}.{props.minor}", nvidia_smi=_nvidia_smi())
     return env
+
+
+# need -> the CUDA compute capability it takes (bf16 and fp16 are native on some CPUs too, fp8 and flash attention
+# on none)
+NEEDS: dict[str, tuple[int, int]] = {"bf16": (8, 0), "fp16": (5, 3), "fp8": (8, 9), "flash_attention": (8, 0)}
+_CPU_NEEDS = ("bf16", "fp16")
+
+
+def _has(caps: Capabilities, need: str) -> bool:
+    """Whether the device of ``caps`` has ``need`` (a key of NEEDS) natively."""
+    if need == "flash_attention":
+        return caps.cuda is not None and caps.cuda.flash_attention
+    return getattr(caps, f"{need}_native")
+
+
+def unsupported(caps: Capabilities, label: str) -> str | None:
+    """Why the device of ``caps`` cannot run the row ``label`` (a dtype, mode or implementation name: ``bf16``,
+    ``compile-bf16``, ``aoti_bf16``, ``flash_attention``, ...): the first need of NEEDS named in ``label`` that the
+    device lacks, as the message the row is skipped with; None if it lacks none."""
+    for need, (major, minor) in NEEDS.items():
+        if need not in label or _has(caps, need):
+            continue
+        what = need.replace("_", " ")
+        if caps.cuda is not None:
+            have = caps.cuda.capability
+            return f"{what} needs compute capability >= {major}.{minor}; this device is sm_{have[0]}{have[1]}"
+        if need in _CPU_NEEDS:
+            return f"{what} is not native on this CPU ({caps.machine_class}, oneDNN ISA {caps.cpu.onednn_isa})"
+        return f"{what} needs a CUDA GPU of compute capability >= {major}.{minor}; this device is {caps.machine_class}"
+    return None
+
+
+def unsupported_needs(caps: Capabilities) -> dict[str, str]:
+    """Each need of NEEDS the device of ``caps`` lacks, with the message its rows are skipped with."""
+    return {need: reason for need in NEEDS if (reason := unsupported(caps, need)) is not None}
 
 
 def missing(packages: tuple[str, ...]) -> list[str]:
@@ -447,15 +491,29 @@ def log(row: dict[str, Any]) -> None:
     print(json.dumps(row, default=str), flush=True)
 
 
-def add_common_args(p) -> None:
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--dry", action="store_true",
+                   help="a dry run (check.sh's CHECK_DRY=1): --device cpu --quick, the JSON marked dry")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds this script may spend; rows left when it is spent are recorded as skipped")
 
 
-__all__ = ["Budget", "CheckedCompile", "DynamoWatch", "Results", "TimeLimitExceeded", "add_common_args",
+def parse_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``p``'s arguments with --dry applied; exits when --device cuda has no CUDA."""
+    args = p.parse_args(argv)
+    if args.dry:
+        args.device, args.quick = "cpu", True
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but CUDA is not available (use --device cpu --quick for a CPU check)")
+    return args
+
+
+__all__ = ["NEEDS", "Budget", "CheckedCompile", "DynamoWatch", "Results", "TimeLimitExceeded", "add_common_args",
            "compile_checked", "environment", "kernel_summary", "kernel_time", "log", "missing", "package_version",
-           "set_recompile_limit", "strict_dynamo", "sync", "time_kernel", "time_limit", "time_wall", "timed"]
+           "parse_args", "set_recompile_limit", "strict_dynamo", "sync", "time_kernel", "time_limit", "time_wall",
+           "timed", "unsupported", "unsupported_needs"]
 
 if __name__ == "__main__":  # pragma: no cover
-    print(json.dumps(environment("cuda" if torch.cuda.is_available() else "cpu"), indent=2))
+    print(json.dumps(environment(capabilities("cuda" if torch.cuda.is_available() else "cpu")), indent=2))
     sys.exit(0)
