@@ -1,20 +1,34 @@
 """Evaluation sized to a time budget: the seconds one test point or sample costs, measured before the
-evaluation runs, and how many points a budget pays for (the trainer's unrequested evaluations)."""
+evaluation runs, how many points a budget pays for (the trainer's unrequested evaluations), and the
+re-planning as it runs: the points go in chunks, each timed, and after each the points left are cut to
+what the rest of the budget pays for at the speed just measured, so a machine that slows down after the
+first measurement overruns the budget by at most one chunk (or the floor of points), not by a multiple."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 from torch import Tensor
 
-from fastfm.inference import Cond, EagerSampler
+from fastfm import seeding
+from fastfm.inference import Cond, EagerSampler, with_labels
+from fastfm.likelihood import LikelihoodResult
+from fastfm.ode import SampleResult
 from fastfm.solvers import TABLEAUS
 
 TIMED_POINTS = 32  # the first timed batch
 TIMED_MIN_S = 0.1  # a timed call this long amortises per-call overhead
+REPLAN_CHUNKS = 8  # a budgeted evaluation runs in about this many chunks, re-planned after each
+
+T = TypeVar("T")
+
+
+def clock() -> float:
+    """Seconds on the evaluation's clock: ``time.perf_counter`` (tests substitute a fake one)."""
+    return time.perf_counter()
 
 
 def points_within(budget_s: float | None, seconds_per_point: float, n_min: int, n_max: int) -> int:
@@ -25,11 +39,36 @@ def points_within(budget_s: float | None, seconds_per_point: float, n_min: int, 
     return int(min(n_max, max(n_min, budget_s // max(seconds_per_point, 1e-9))))
 
 
+def points_left(budget_s: float, elapsed_s: float, done: int, seconds_per_point: float, n_min: int,
+                n_max: int) -> int:
+    """Points still to evaluate when ``done`` are done after ``elapsed_s`` of the budget, at the measured
+    seconds per point: the total clamp(done + (budget - elapsed) // seconds per point, max(n_min, done), n_max)
+    less done, i.e. ``points_within`` of the budget left between max(n_min - done, 0) and n_max - done."""
+    return points_within(budget_s - elapsed_s, seconds_per_point, max(n_min - done, 0), n_max - done)
+
+
+def chunk_points(n: int, n_min: int, batch_size: int) -> int:
+    """Points per chunk of a budgeted evaluation of n points: ceil(n / REPLAN_CHUNKS), at least the floor n_min
+    (evaluated in any case), at most a batch (a chunk is one batch of the solve)."""
+    return min(batch_size, max(n_min, -(-n // REPLAN_CHUNKS)))
+
+
+def _rows(cond: Cond, i: int, m: int) -> Cond:
+    """Rows i..i+m of per-point conditioning."""
+    return {k: v[i:i + m] for k, v in cond.items()}
+
+
+def _with(sampler: EagerSampler, **settings: Any) -> EagerSampler:
+    """A plain ``EagerSampler`` of ``sampler``'s model with some inference settings changed."""
+    return EagerSampler(sampler.model, sampler.path, sampler.shape, target=sampler.target,
+                        settings=replace(sampler.settings, **settings), meta=sampler.meta)
+
+
 def _timed(fn: Callable[[int], Any], k: int) -> float:
     """Seconds of one call ``fn(k)``."""
-    start = time.perf_counter()
+    start = clock()
     fn(k)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def _seconds_per_point(fn: Callable[[int], Any], k_max: int) -> float:
@@ -50,8 +89,7 @@ def _one_step(sampler: EagerSampler, what: str) -> EagerSampler:
     s = sampler.settings
     if s.solver not in TABLEAUS or s.grid is not None:
         raise ValueError(f"a timed {what} needs a fixed-step solver without a grid, got {s.solver!r}")
-    return EagerSampler(sampler.model, sampler.path, sampler.shape, target=sampler.target,
-                        settings=replace(s, steps=1), meta=sampler.meta)
+    return _with(sampler, steps=1)
 
 
 def nll_seconds_per_point(sampler: EagerSampler, x: Tensor, cond: Cond | None = None) -> float:
@@ -60,7 +98,7 @@ def nll_seconds_per_point(sampler: EagerSampler, x: Tensor, cond: Cond | None = 
     step = _one_step(sampler, "NLL")
 
     def run(m: int) -> None:
-        step.log_likelihood(x[:m], cond={k: v[:m] for k, v in (cond or {}).items()}, progress=False)
+        step.log_likelihood(x[:m], cond=_rows(cond or {}, 0, m), progress=False)
 
     return _seconds_per_point(run, min(len(x), sampler.settings.batch_size)) * sampler.settings.steps
 
@@ -73,6 +111,67 @@ def sample_seconds_per_point(sampler: EagerSampler, n: int, cond: Cond | None = 
 
     def run(m: int) -> None:
         with torch.no_grad():
-            step.sample(m, cond={k: v[:m] for k, v in (cond or {}).items()}, progress=False)
+            step.sample(m, cond=_rows(cond or {}, 0, m), progress=False)
 
     return _seconds_per_point(run, k_max) * sampler.settings.steps
+
+
+def _joined(parts: list[Any], name: str) -> Tensor | None:
+    """The chunks' ``name`` tensors end to end (None where they have none)."""
+    tensors = [getattr(p, name) for p in parts]
+    return None if tensors[0] is None else torch.cat(tensors)
+
+
+class BudgetedSampler(EagerSampler):
+    """``sampler`` whose solves keep within ``budget_s`` seconds from ``started`` (on ``clock``) as they run.
+
+    The n points asked for (planned from a probe: ``points_within``) run in chunks of ``chunk_points``, one
+    batch each; after each chunk the total is re-planned, done + ``points_left`` at the seconds per point that
+    chunk took (at least n_min, at most n); ``sample`` / ``log_likelihood`` return the first points done. One
+    generator runs through the chunks, so they give what one call with the chunk as batch size gives.
+    ``replans`` records each re-plan: points done, elapsed seconds, measured seconds per point, new total."""
+
+    def __init__(self, sampler: EagerSampler, budget_s: float, started: float, n_min: int) -> None:
+        super().__init__(sampler.model, sampler.path, sampler.shape, target=sampler.target,
+                         settings=sampler.settings, meta=sampler.meta)
+        self.budget_s, self.started, self.n_min = budget_s, started, n_min
+        self.replans: list[dict[str, float]] = []
+
+    def _in_chunks(self, n: int, run: Callable[[EagerSampler, int, int], T]) -> list[T]:
+        """``run(batched, i, m)`` on points i..i+m of the n planned, a chunk at a time (``batched``: this
+        sampler with the chunk as batch size), re-planned after each chunk until the total is done."""
+        chunk = chunk_points(n, self.n_min, self.settings.batch_size)
+        batched = _with(self, batch_size=chunk)
+        parts: list[T] = []
+        done, total = 0, n
+        while done < total:
+            m = min(chunk, total - done)
+            start = clock()
+            parts.append(run(batched, done, m))
+            done, now = done + m, clock()
+            per, elapsed = (now - start) / m, now - self.started
+            total = done + points_left(self.budget_s, elapsed, done, per, self.n_min, n)
+            self.replans.append({"done": done, "elapsed_s": elapsed, "seconds_per_point": per, "points": total})
+        return parts
+
+    def sample(self, n: int, *, seed: int = 0, cond: Cond | None = None, log_likelihood: bool = False,
+               transport: bool = False, progress: bool = True,
+               generator: torch.Generator | None = None) -> SampleResult:
+        """The first of n samples the budget pays for (``EagerSampler.sample`` chunk by chunk)."""
+        cond = with_labels(self, n, cond)
+        gen = seeding.generator(seed, seeding.EVAL) if generator is None else generator
+        parts = self._in_chunks(n, lambda batched, i, m: batched.sample(
+            m, cond=_rows(cond, i, m), log_likelihood=log_likelihood, transport=transport, progress=progress,
+            generator=gen))
+        return SampleResult(_joined(parts, "x"), parts[-1].nfe, _joined(parts, "log_prob"),
+                            kinetic=_joined(parts, "kinetic"), straightness=_joined(parts, "straightness"))
+
+    def log_likelihood(self, x: Tensor, *, seed: int = 0, cond: Cond | None = None, progress: bool = True,
+                       generator: torch.Generator | None = None) -> LikelihoodResult:
+        """log p_1 of the first points of x the budget pays for (``EagerSampler.log_likelihood`` chunk by
+        chunk)."""
+        cond = with_labels(self, x.shape[0], cond)
+        gen = seeding.generator(seed, seeding.EVAL) if generator is None else generator
+        parts = self._in_chunks(x.shape[0], lambda batched, i, m: batched.log_likelihood(
+            x[i:i + m], cond=_rows(cond, i, m), progress=progress, generator=gen))
+        return LikelihoodResult(_joined(parts, "log_prob"), parts[-1].nfe, _joined(parts, "x0"))

@@ -213,10 +213,13 @@ class EagerSampler:
         return None if g is None else g.to(self.device)
 
     def sample(self, n: int, *, seed: int = 0, cond: Cond | None = None, log_likelihood: bool = False,
-               transport: bool = False, progress: bool = True) -> SampleResult:
+               transport: bool = False, progress: bool = True,
+               generator: torch.Generator | None = None) -> SampleResult:
         """n samples from the prior pushed to t = 1 in batches; optionally their log-likelihood and
         (``transport``) per-sample kinetic energy and straightness in the same pass, or with the SDE sampler
-        of ``fastfm.sde`` where the settings give a diffusion."""
+        of ``fastfm.sde`` where the settings give a diffusion. ``generator`` (default: the eval stream of
+        ``seed``) draws the prior, probes and noise: one passed through calls of a batch each draws what
+        one call on all of them does."""
         s, device = self.settings, self.device
         if s.diffusion is not None and (log_likelihood or s.grid is not None or transport):
             raise ValueError("the SDE sampler takes --steps (Euler-Maruyama); no --grid, no --log-likelihood and no "
@@ -224,7 +227,7 @@ class EagerSampler:
         if log_likelihood:
             require_log_prob(self.path.prior)
         cond = with_labels(self, n, cond)
-        gen = seeding.generator(seed, seeding.EVAL)
+        gen = seeding.generator(seed, seeding.EVAL) if generator is None else generator
         calls = self.calls(log_likelihood)
         xs, logps, kinetic, straight, nfe = [], [], [], [], 0
         with tqdm(total=None if calls is None else calls * -(-n // s.batch_size), desc=f"sampling ({n})",
@@ -255,14 +258,15 @@ class EagerSampler:
         cat = lambda parts: torch.cat(parts) if parts else None  # noqa: E731
         return SampleResult(torch.cat(xs), nfe, cat(logps), kinetic=cat(kinetic), straightness=cat(straight))
 
-    def log_likelihood(self, x: Tensor, *, seed: int = 0, cond: Cond | None = None,
-                       progress: bool = True) -> LikelihoodResult:
+    def log_likelihood(self, x: Tensor, *, seed: int = 0, cond: Cond | None = None, progress: bool = True,
+                       generator: torch.Generator | None = None) -> LikelihoodResult:
         """log p_1 of data points x in batches (the latents x(0) with them); a progress bar counts model
-        evaluations over all batches (with an ETA)."""
+        evaluations over all batches (with an ETA). ``generator`` (default: the eval stream of ``seed``) draws
+        the Hutchinson probes: one passed through calls on consecutive batches of x draws what one call does."""
         require_log_prob(self.path.prior)
         s, device = self.settings, self.device
         cond = with_labels(self, x.shape[0], cond)
-        gen = seeding.generator(seed, seeding.EVAL)
+        gen = seeding.generator(seed, seeding.EVAL) if generator is None else generator
         batches = -(-x.shape[0] // s.batch_size)
         calls = self.calls(likelihood=True)
         label = s.divergence_label(x[0].numel())

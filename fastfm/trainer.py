@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,9 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from fastfm import compat, distributed, seeding
-from fastfm.budget import nll_seconds_per_point, points_within, sample_seconds_per_point
+import fastfm
+from fastfm import compat, distributed, hardware, seeding
+from fastfm.budget import BudgetedSampler, clock, nll_seconds_per_point, points_within, sample_seconds_per_point
 from fastfm.checkpoint import (CHECKPOINT, EMA_WEIGHTS, META, atomic_write, load_training_state, save_inference,
                                save_training_state)
 from fastfm.config import ConfigError, TrainConfig
@@ -39,6 +41,7 @@ from fastfm.distributed import DistEnv
 from fastfm.guidance import drop_labels
 from fastfm.inference import EagerSampler, nll_report, settings_with
 from fastfm.interpolants import FourierInterpolant, LearnedScheduler, interpolant_objective
+from fastfm.kernels import ops, select
 from fastfm.kernels.rng import philox_state
 from fastfm.losses import cfm_loss
 from fastfm.metrics import sample_quality
@@ -206,7 +209,14 @@ class Trainer:
         # interpolant's step needs x0 itself).
         self.in_kernel_noise = (cfg.coupling == "independent" and isinstance(self.path.source, Gaussian)
                                 and self.interp is None)
-        step = LossStep(self.model, self.path, cfg.target, cfg.superres, cfg.bf16)
+        self.hardware = hardware.capabilities(self.device)
+        self.precision = hardware.autocast_precision(cfg.bf16, self.hardware, cfg.force_bf16)
+        # auto's kernel backend: timed on rank 0 for this job's rows, the same on every rank
+        rows = (cfg.batch_size // (world * accum), *self.data.shape)
+        probe = select.choose(rows, torch.float32, self.device, self.in_kernel_noise) if self.env.main else None
+        self.kernels = distributed.from_rank0(probe, self.env)
+        ops.set_auto_backend(self.device.type, self.kernels["backend"])
+        step = LossStep(self.model, self.path, cfg.target, cfg.superres, self.precision.bf16)
         step = torch.compile(step, fullgraph=True) if cfg.compile else step  # compile before the DDP wrap
         ids = [self.device.index] if self.device.type == "cuda" else None
         self.step_fn = DistributedDataParallel(step, device_ids=ids) if self.env.active else step
@@ -297,7 +307,7 @@ class Trainer:
                  "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                  "step": step, "config": dict(cfg.__dict__), "meta": self.meta,
                  "world": self.env.world, "rng": self.gen.get_state(), "torch_rng": torch_rng,
-                 "cuda_rng": cuda_rng, "data": self.data.state_dict()}
+                 "cuda_rng": cuda_rng, "data": self.data.state_dict(), "kernels": self.kernels["backend"]}
         if self.interp is not None:  # and model.json's path args rebuild the interpolant as trained so far
             self.meta["path"]["args"] = self.interp.args()
             state.update(interpolant=self.interp.state_dict(), interp_optimizer=self.interp_opt.state_dict())
@@ -324,6 +334,10 @@ class Trainer:
         if self.device.type == "cuda" and state["cuda_rng"] is not None:
             torch.cuda.set_rng_state(state["cuda_rng"][env.rank], self.device)
         self.data.load_state_dict(state["data"])
+        kernels = state.get("kernels")  # the backend the run began with, so a resume stays bitwise the same run
+        if kernels is not None and ops.forced_backend() is None and ops.unusable(kernels, self.device) is None:
+            ops.set_auto_backend(self.device.type, kernels)
+            self.kernels = {"backend": kernels, "rule": "the checkpoint's (resumed run)"}
         if self.interp is not None:
             self.interp.load_state_dict(state["interpolant"])
             self.interp_opt.load_state_dict(state["interp_optimizer"])
@@ -345,6 +359,13 @@ class Trainer:
             return (x, torch.rand(n, device=dev)), cond
         return flops_per_sample(self.model, inputs)
 
+    def header(self, resumed_at: int | None) -> dict[str, Any]:
+        """metrics.jsonl's first line of each (re)start: the machine, the precision and kernel backend chosen for
+        it, the world size, where a resume began."""
+        return {"hardware": self.hardware.to_json(), "precision": self.precision.to_json(),
+                "kernels": self.kernels, "world": self.env.world, "resumed_at": resumed_at,
+                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "fastfm": fastfm.__version__}
+
     def eval_budget(self, trained_s: float) -> float | None:
         """Seconds an evaluation may take (None: no limit): --eval-budget, or (-1) EVAL_BUDGET_FRACTION of the
         training time so far, at least EVAL_BUDGET_MIN_S: an evaluation nobody asked for adds a quarter to
@@ -357,21 +378,25 @@ class Trainer:
 
     def evaluate(self, png: Path, trained_s: float) -> dict[str, Any]:
         """A sample PNG, (vectors) sample quality and the test NLL of the EMA model (fixed-step solver),
-        sized to the evaluation budget before they run: up to half of it for the samples, the rest for
-        the NLL, each point's cost measured on a few points first (``eval_plan`` in the summary)."""
+        sized to the evaluation budget: up to half of it for the samples, the rest for the NLL, each
+        planned from its point's cost measured on a few points first and re-planned from the measured time
+        as it runs (``BudgetedSampler``; ``eval_plan`` in the summary)."""
         cfg, data, path = self.cfg, self.data, self.path
-        started, budget = time.perf_counter(), self.eval_budget(trained_s)
+        started, budget = clock(), self.eval_budget(trained_s)
         timed = budget is not None and cfg.eval_solver in TABLEAUS  # adaptive solvers run as asked
         settings = settings_with({"solver": cfg.eval_solver, "steps": cfg.eval_steps,
                                   "divergence": cfg.eval_divergence})
         sampler = EagerSampler(self.ema, path, data.shape, target=cfg.target, settings=settings, meta=self.meta)
         plan: dict[str, Any] = {"budget_s": budget if timed else None}
         n = min(cfg.n_samples, len(data.test)) if data.kind == "vector" else min(cfg.n_samples, 64, len(data.test))
+        drawer = sampler
         if timed:
-            per = sample_seconds_per_point(sampler, n, eval_conditioning(cfg, data, n))
-            n = points_within(budget / 2, per, min(n, EVAL_MIN_POINTS), n)
-            plan["sample_seconds_per_point"] = per
-        res = sampler.sample(n, seed=cfg.seed, cond=eval_conditioning(cfg, data, n), transport=True)
+            per, n_min = sample_seconds_per_point(sampler, n, eval_conditioning(cfg, data, n)), min(n, EVAL_MIN_POINTS)
+            n = points_within(budget / 2 - (clock() - started), per, n_min, n)
+            drawer = BudgetedSampler(sampler, budget / 2, started, n_min)
+            plan.update(sample_seconds_per_point=per, samples_planned=n, sample_replans=drawer.replans)  # as it runs
+        res = drawer.sample(n, seed=cfg.seed, cond=eval_conditioning(cfg, data, n), transport=True)
+        n = len(res.x)
         png.parent.mkdir(parents=True, exist_ok=True)
         save_samples_png(res.x, png, data.kind, data.levels, data.test,
                          title=f"{cfg.data}, {cfg.path}, {cfg.eval_solver} x {cfg.eval_steps}")
@@ -383,14 +408,15 @@ class Trainer:
         if path.prior.has_log_prob:
             test = data.test[: cfg.eval_n]
             cond = eval_conditioning(cfg, data, len(test))
+            scorer = sampler
             if timed:
-                per = nll_seconds_per_point(sampler, test, cond)
-                left = budget - (time.perf_counter() - started)
-                test = test[: points_within(left, per, min(len(test), EVAL_MIN_POINTS), len(test))]
-                plan["nll_seconds_per_point"] = per
-            plan["nll_points"] = len(test)
-            nll = nll_report(sampler, test, levels=data.levels, seed=cfg.seed, cond=cond)
-        plan["seconds"] = time.perf_counter() - started
+                per, n_min = nll_seconds_per_point(sampler, test, cond), min(len(test), EVAL_MIN_POINTS)
+                test = test[: points_within(budget - (clock() - started), per, n_min, len(test))]
+                scorer = BudgetedSampler(sampler, budget, started, n_min)
+                plan.update(nll_seconds_per_point=per, nll_points_planned=len(test), nll_replans=scorer.replans)
+            nll = nll_report(scorer, test, levels=data.levels, seed=cfg.seed, cond=cond)
+            plan["nll_points"] = nll["n"]
+        plan["seconds"] = clock() - started
         summary = {"test": nll, "samples_png": str(png), "sample_nfe": res.nfe, "transport": transport,
                    "eval_plan": plan}
         if data.kind == "vector":
@@ -413,7 +439,8 @@ class Trainer:
         metrics = out / METRICS
         if env.main:
             prepare_out_dir(cfg, None if state is None else start)
-        flops, peak = self._flops_per_sample(), peak_flops(dev, cfg.bf16)
+            append_jsonl(metrics, {"header": self.header(None if state is None else start)})
+        flops, peak = self._flops_per_sample(), peak_flops(dev, self.precision.bf16)
         bad_run = torch.zeros((), dtype=torch.int64, device=dev)
         skipped = torch.zeros((), dtype=torch.int64, device=dev)
         loss_sum, taken = torch.zeros((), device=dev), torch.zeros((), device=dev)
@@ -477,7 +504,7 @@ class Trainer:
 
 
 RESUMABLE = {"resume", "force", "steps", "log_every", "ckpt_every", "out", "device", "eval_n", "n_samples",
-             "eval_every", "eval_budget", "eval_divergence"}
+             "eval_every", "eval_budget", "eval_divergence", "force_bf16"}
 
 
 def eval_conditioning(cfg: TrainConfig, data: Any, n: int) -> dict[str, Tensor]:
