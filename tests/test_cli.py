@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastfm import evaluate, sample, train
+from fastfm import evaluate, hardware, sample, train
 from fastfm.config import TrainConfig, parse_config
 
 from conftest import TINY_UNET, Run, call, cli_error, is_png, last_json, run_training, train_argv
@@ -327,11 +327,15 @@ def test_mnist5k(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_compile_bf16(tmp_path: Path) -> None:
-    run = run_training(tmp_path / "run", "--compile", "--bf16", "--data", "checkerboard")
+@pytest.mark.parametrize("force", [False, True], ids=["as-make-train", "forced"])
+def test_compile_bf16(tmp_path: Path, force: bool) -> None:
+    """`make train`'s flags (bf16 where native, else fp32), and the compiled bf16 step forced on any machine."""
+    run = run_training(tmp_path / "run", "--compile", "--bf16", "--data", "checkerboard", *["--force-bf16"] * force)
     assert_healthy_run(run)
     cfg = json.loads((run.dir / "config.json").read_text())
     assert cfg["compile"] is True and cfg["bf16"] is True
+    compute = read_metrics(run.dir)[0]["header"]["precision"]["compute"]
+    assert compute == ("bf16" if force or hardware.capabilities("cpu").bf16_native else "fp32")
     # The saved weights are plain fp32 tensors without torch.compile's "_orig_mod." prefix.
     meta_keys = set(torch.load(run.dir / "checkpoint.pt", weights_only=True)["model"])
     assert meta_keys and not any(k.startswith("_orig_mod") for k in meta_keys)
