@@ -1,9 +1,9 @@
-"""Turn a pytest-benchmark JSON run of test_export_cpu.py into benchmarks/results/cpu_export.json:
+"""Turn a pytest-benchmark JSON run of test_export_cpu.py into benchmarks/results/cpu_export-CLASS.json:
 median latency, rows/s, and speed-ups over flow_matching's ODESolver and the eager fastfm loop
 measured in the same run, plus the goals (batch-1 sampling >= 8x, exact 2D likelihood at
 batch 1024 >= 4x faster than flow_matching).
 
-    python benchmarks/summarize_export.py RAW.json benchmarks/results/cpu_export.json
+    python benchmarks/summarize_export.py RAW.json benchmarks/results/cpu_export-cpu-avx2.json
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ AdamW, clipping, NaN guard, LR schedule, EMA); the plain loops do less (no clipp
     torchcfm:       t, xt, ut = ConditionalFlowMatcher(sigma=0).sample_location_and_conditional_flow(x0, x1)
                     loss = ((model(xt, t) - ut) ** 2).mean(); Adam step
 
-Run: make bench-train (pytest-benchmark JSON -> benchmarks/results/cpu_train.json via summarize.py).
+Run: make bench-train (pytest-benchmark JSON per machine class -> benchmarks/results/cpu_train-CLASS.json via
+run_levels.py and summarize.py).
 """
 
 from __future__ import annotations

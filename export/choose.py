@@ -48,9 +48,8 @@ def candidates(spec: EngineSpec, device: torch.device, caps: hardware.Capabiliti
         raise ExportError(f"unknown dtype {spec.dtype!r}; choose one of {(AUTO, *DTYPES)}")
     caps = caps or hardware.capabilities(device)
     dtypes = [spec.dtype] if spec.dtype != AUTO else ["fp32", *(["bf16"] if caps.bf16_native else [])]
-    if spec.backend != AUTO:
-        for dtype in dtypes:
-            check_available(spec.backend, device, dtype)
+    if spec.backend != AUTO:  # named: its package and device, and a named dtype, checked (auto dtypes filtered)
+        check_available(spec.backend, device, spec.dtype if spec.dtype != AUTO else "fp32")
         backends = [spec.backend]
     else:
         backends = list(CUDA_BACKENDS if device.type == "cuda" else CPU_BACKENDS)
