@@ -240,3 +240,17 @@ def test_a_bf16_engine_on_emulating_hardware_warns():
     spec = EngineSpec(task="sample", solver="euler", steps=2, batch=4, backend="aoti", dtype="bf16")
     with pytest.warns(PrecisionWarning, match="emulates bf16"):
         candidates(spec, torch.device("cpu"), caps_of(AVX2, aten="AVX2"))
+
+
+def test_a_backend_that_fails_is_not_a_candidate(monkeypatch):
+    cpu = torch.device("cpu")
+    if "cpp" not in ops.candidates(cpu):
+        pytest.skip("needs the C++ extension")
+    from fastfm.kernels import cpu as cpp
+
+    def broken(*args):
+        raise RuntimeError("illegal instruction")
+
+    monkeypatch.setattr(cpp, "cfm_loss", broken)
+    record = select.choose((256, 5), torch.float32, cpu, noise=True)
+    assert record["backend"] == "reference" and "illegal instruction" in record["rejected"]["cpp"]
