@@ -99,7 +99,8 @@ def _select(built: list[_Built], failed: dict[str, str], inputs: list[TensorSlot
     """The fastest engine that passed its parity check, and the record of the choice for the manifest."""
     if not built:
         raise ExportError(f"no candidate engine passed: {failed}")
-    record: dict[str, Any] = {"rule": "requested" if len(built) + len(failed) == 1 else "measured"}
+    rule = "requested" if len(built) + len(failed) == 1 else "measured" if len(built) > 1 else "the one that passed"
+    record: dict[str, Any] = {"rule": rule}
     best = built[0]
     if len(built) > 1:
         seconds = {f"{b.spec.backend}/{b.spec.dtype}": _timed(b, inputs, probe, dev) for b in built}
