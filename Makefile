@@ -42,7 +42,7 @@ bench-train: $(STAMP)
 	$(PY) benchmarks/run_levels.py cpu_train $(RESULTS) benchmarks/summarize.py benchmarks/test_train_cpu.py
 
 # Exported-engine benchmarks on CPU (pytest-benchmark) against eager, torch.compile and flow_matching's
-# ODESolver: $(RESULTS)/cpu_export-CLASS.json (about 45 minutes per class on 2 cores).
+# ODESolver: $(RESULTS)/cpu_export-CLASS.json (about 40 minutes per class on 2 cores).
 .PHONY: bench-export
 bench-export: $(STAMP)
 	$(PY) benchmarks/run_levels.py cpu_export $(RESULTS) benchmarks/summarize_export.py benchmarks/test_export_cpu.py

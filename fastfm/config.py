@@ -144,8 +144,8 @@ class TrainConfig:
                         "(CUDA compute capability >= 8.0, CPUs with AVX512-BF16 or AMX); elsewhere one warning and "
                         "fp32, as PyTorch's CPU autocast does for a dtype it cannot run")
     force_bf16: bool = option(False, "device and performance",
-                              "with --bf16: bf16 autocast even where the hardware emulates it (about 20x slower "
-                              "than fp32 on an AVX2 CPU)")
+                              "with --bf16: bf16 autocast even where the hardware emulates it (make train: 24x slower "
+                              "than fp32 on a 2-core AVX2 CPU)")
     memory_format: str = option("auto", "device and performance",
                                 "image models: channels_last, contiguous, or auto (channels_last on CUDA)")
 

@@ -135,3 +135,28 @@ def test_cuda_engine_matches_eager(runs, tmp_path: Path, case: str, backend: str
     torch.testing.assert_close(got.x.cpu(), ref["x"], **tol)
     if ref["log_prob"] is not None:
         torch.testing.assert_close(got.log_prob.cpu(), ref["log_prob"], **tol)
+
+
+@pytest.mark.parametrize("noise", [True, False], ids=["seeded", "x0-given"])
+def test_cuda_kernel_backend_probe(noise: bool):
+    """The trainer's kernel probe on CUDA tensors: Triton and the reference timed, both agreeing, one chosen."""
+    from fastfm.kernels import ops, select
+
+    try:
+        record = select.choose((1024, 3, 7), torch.float32, torch.device("cuda"), noise)
+        assert record["rule"] == "measured" and set(record["seconds"]) == {"triton", "reference"}
+        assert "rejected" not in record and ops.backend_for(torch.device("cuda")) == record["backend"]
+    finally:
+        ops.set_auto_backend("cuda", None)
+
+
+def test_cuda_auto_engine(runs, tmp_path: Path):  # noqa: F811 (fixture)
+    """--backend auto --dtype auto on the GPU: cudagraph and aoti (and bf16 from sm_80) built, timed, one kept."""
+    from fastfm import hardware
+
+    spec = EngineSpec(task="sample", solver="midpoint", steps=2, batch=8, backend="auto", dtype="auto")
+    info = export_engine(runs["mlp"], spec, tmp_path / "auto", device="cuda")
+    tried = set(info.selection["seconds_per_call"]) | set(info.selection.get("failed", {}))
+    assert {"cudagraph/fp32", "aoti/fp32"} <= tried
+    assert ("cudagraph/bf16" in tried) == hardware.capabilities("cuda").bf16_native
+    assert info.hardware["machine_class"].startswith("cuda-sm") and load(tmp_path / "auto").device.type == "cuda"

@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from fastfm import compat
-from fastfm.hardware import Capabilities, capabilities
+from fastfm.hardware import MIN_CAPABILITY, Capabilities, capabilities
 
 # ----------------------------------------------------------------------------- environment
 
@@ -90,7 +90,7 @@ def environment(caps: Capabilities, dry: bool = False) -> dict[str, Any]:
 
 # need -> the CUDA compute capability it takes (bf16 and fp16 are native on some CPUs too, fp8 and flash attention
 # on none)
-NEEDS: dict[str, tuple[int, int]] = {"bf16": (8, 0), "fp16": (5, 3), "fp8": (8, 9), "flash_attention": (8, 0)}
+NEEDS = MIN_CAPABILITY
 _CPU_NEEDS = ("bf16", "fp16")
 
 
