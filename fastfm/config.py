@@ -137,8 +137,14 @@ class TrainConfig:
     force: bool = option(False, "output and checkpoints", "replace the run already in OUT (without --resume)")
     log_every: int = option(100, "output and checkpoints", "steps between metrics lines", Range(1))
     ckpt_every: int = option(1000, "output and checkpoints", "steps between checkpoints", Range(1))
+    tensorboard: bool = option(False, "output and checkpoints",
+                               "also write the metrics as TensorBoard event files to OUT/tensorboard (needs the "
+                               "tensorboard package)")
     device: str = option("auto", "device and performance", "cpu, cuda, cuda:N or auto")
     compile: bool = option(False, "device and performance", "torch.compile the training step")
+    dist_timeout: float = option(1800.0, "device and performance",
+                                 "seconds a collective may wait for the other ranks before the job stops, naming "
+                                 "the rank that did not answer (torchrun jobs)", POSITIVE)
     bf16: bool = option(False, "device and performance",
                         "bf16 autocast (t, embeddings and loss stay fp32) where the hardware runs bf16 natively "
                         "(CUDA compute capability >= 8.0, CPUs with AVX512-BF16 or AMX); elsewhere one warning and "

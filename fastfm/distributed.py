@@ -15,7 +15,9 @@ the global torch RNG (dropout; the "rank" stream) and a per-rank coupling ("coup
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -54,13 +56,51 @@ def env_from_torchrun() -> DistEnv:
                    launched=True)
 
 
-def init(env: DistEnv, device: torch.device) -> None:
-    """Join the process group (NCCL for CUDA devices, gloo otherwise); nothing for one process."""
+class RankTimeout(RuntimeError):
+    """A collective did not complete within the job's timeout: a rank stopped answering."""
+
+
+_WATCH: list[Any] = []  # the gloo group that names unresponsive ranks (``unresponsive``), once joined
+
+
+def init(env: DistEnv, device: torch.device, timeout_s: float = 1800.0) -> None:
+    """Join the process group (NCCL for CUDA devices, gloo otherwise) with a collective timeout of
+    ``timeout_s``, and a gloo group to find a rank that stops answering; nothing for one process."""
     if env.active and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
-                                if device.type == "cuda" else None)
+        timeout = timedelta(seconds=timeout_s)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
+                                device_id=device if device.type == "cuda" else None)
+        _WATCH[:] = [dist.new_group(backend="gloo", timeout=timeout)]  # its own connections: usable after a timeout
+
+
+def is_timeout(e: BaseException) -> bool:
+    """Whether a collective failed by timing out (gloo: "Timed out waiting ...")."""
+    return isinstance(e, RuntimeError) and re.search(r"timed? ?out", str(e), re.IGNORECASE) is not None
+
+
+def unresponsive(env: DistEnv, wait_s: float) -> list[int]:
+    """After a collective timed out: the ranks that do not reach a monitored barrier within ``wait_s`` (on
+    rank 0, each rank that failed; elsewhere [0] if rank 0 did not answer, [] if it did)."""
+    try:
+        dist.monitored_barrier(_WATCH[0], timeout=timedelta(seconds=wait_s),
+                               wait_all_ranks=True)
+    except RuntimeError as e:
+        if not env.main:
+            return [0]
+        named = re.search(r"Ranks? ([\d, ]+) failed", str(e))
+        return [int(r) for r in named[1].replace(",", " ").split()] if named else []
+    return []
+
+
+def max_over_ranks(value: int, env: DistEnv, device: torch.device) -> int:
+    """The largest of every rank's ``value`` (a host sync; on the CPU for gloo, ``device`` for NCCL)."""
+    if not env.active:
+        return value
+    x = torch.tensor(value, dtype=torch.int64, device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return int(x)
 
 
 def shutdown(env: DistEnv) -> None:

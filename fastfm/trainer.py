@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
+import signal
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,8 +31,7 @@ from tqdm import tqdm
 import fastfm
 from fastfm import compat, distributed, hardware, seeding
 from fastfm.budget import BudgetedSampler, clock, nll_seconds_per_point, points_within, sample_seconds_per_point
-from fastfm.checkpoint import (CHECKPOINT, EMA_WEIGHTS, META, atomic_write, load_training_state, save_inference,
-                               save_training_state)
+from fastfm.checkpoint import CHECKPOINT, EMA_WEIGHTS, META, CheckpointError, load_training_state, read_committed, save_inference, settle
 from fastfm.config import ConfigError, TrainConfig
 from fastfm.couplings import get_coupling
 from fastfm.data import get_dataset
@@ -47,69 +46,19 @@ from fastfm.losses import cfm_loss
 from fastfm.metrics import sample_quality
 from fastfm.paths import AffinePath, get_path
 from fastfm.plotting import save_samples_png
+from fastfm.preemption import Interrupted, StopSignal
+from fastfm.rundir import (MetricsLog, RunLock, check_out_dir, check_space, command_line, prepare_out_dir,
+                           read_metrics, resume_command)
 from fastfm.runs import build_source, model_for, resolve_device, run_meta
 from fastfm.solvers import TABLEAUS
 from fastfm.telemetry import flops_per_sample, peak_flops, peak_memory_mb
 from fastfm.timesteps import get_time_sampler
 from fastfm.transport import transport_report
 
-METRICS = "metrics.jsonl"
-RUN_FILES = (CHECKPOINT, METRICS, "config.json", EMA_WEIGHTS)
-"""Files that make a directory a run directory: a new run there needs --force."""
-ATOMIC_FILES = (CHECKPOINT, EMA_WEIGHTS, META, METRICS)
-"""Files written by ``atomic_write``, whose temporaries (.NAME.XXXXXXXX.tmp) a killed run can leave behind."""
-
-
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def check_out_dir(cfg: TrainConfig) -> None:
-    """--resume needs OUT/checkpoint.pt; a new run must not replace another run's files unless --force."""
-    out = Path(cfg.out)
-    if cfg.resume:
-        if not (out / CHECKPOINT).is_file():
-            raise ConfigError(f"--resume: there is no {CHECKPOINT} in {out}; check --out, or drop --resume to "
-                              "start a new run")
-        return
-    found = [name for name in RUN_FILES if (out / name).exists()]
-    if found and not cfg.force:
-        raise ConfigError(f"{out} already holds a run ({', '.join(found)}); pass --resume to continue it or "
-                          "--force to replace it")
-
-
-def _logged_after(line: str, step: int) -> bool:
-    """Whether a metrics.jsonl line was logged after ``step``, or torn by a kill mid-write."""
-    try:
-        return json.loads(line).get("step", 0) > step
-    except json.JSONDecodeError:
-        return True
-
-
-def prepare_out_dir(cfg: TrainConfig, resumed_at: int | None) -> None:
-    """Rank 0, before the first step: remove a killed run's temporary files; on resume drop the metrics rows
-    logged after the checkpoint (atomic rewrite), else start the metrics afresh and remove the weights of a
-    run --force replaces; write config.json."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ATOMIC_FILES:
-        for tmp in out.glob(f".{name}.*.tmp"):
-            tmp.unlink(missing_ok=True)
-    metrics = out / METRICS
-    if resumed_at is None:
-        for name in (CHECKPOINT, EMA_WEIGHTS, META):
-            (out / name).unlink(missing_ok=True)
-        metrics.write_text("")
-    elif metrics.exists():
-        rows = [line for line in metrics.read_text().splitlines() if not _logged_after(line, resumed_at)]
-        atomic_write(metrics, lambda tmp: Path(tmp).write_text("".join(row + "\n" for row in rows)))
-    (out / "config.json").write_text(json.dumps(cfg.__dict__, indent=2, sort_keys=True))
-
-
 EVAL_BUDGET_FRACTION = 0.25  # the automatic evaluation budget: this fraction of the training time
 EVAL_BUDGET_MIN_S = 10.0  # and never below this
 EVAL_MIN_POINTS = 8  # an evaluation measures at least this many test points and samples
+EVAL_MIN_TEST = 2  # test points a run needs: sample quality and the NLL's standard error take two
 W2_EVAL_POINTS = 2000  # exact OT (prior -> data) on at most this many points per side: ~1 s on two cores
 
 
@@ -181,9 +130,14 @@ class Trainer:
                               f"{world} x {accum}")
         base = resolve_device(cfg.device)
         self.device = torch.device("cuda", self.env.local_rank) if base.type == "cuda" and self.env.active else base
-        distributed.init(self.env, self.device)
+        distributed.init(self.env, self.device, cfg.dist_timeout)
+        self.saved_at: int | None = None  # step of the last checkpoint written or resumed from
         torch.manual_seed(seeding.derive(cfg.seed, seeding.INIT))
         self.data = get_dataset(cfg.data, seed=cfg.seed, **cfg.data_args)
+        if len(self.data.test) < EVAL_MIN_TEST:  # found before training, not by the final evaluation
+            raise ConfigError(f"data set {cfg.data!r} has {len(self.data.test)} test point(s); the evaluation needs "
+                              f"at least {EVAL_MIN_TEST}: give more data or a larger test split (--data-args "
+                              "test_fraction=... or n_test=...)")
         path_args = {"modes": cfg.interp_modes} if cfg.path == "learned" else cfg.path_args
         self.path = get_path(cfg.path, build_source(cfg.source, cfg.seed, self.data.shape), **path_args)
         self.model = model_for(cfg, self.data).to(self.device)
@@ -295,24 +249,38 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
 
+    def weights_finite(self) -> bool:
+        """Whether every weight of the model and its EMA is finite (the same on every rank)."""
+        tensors = [t for m in (self.model, self.ema) for t in m.state_dict().values() if t.is_floating_point()]
+        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+    def last_good(self) -> str:
+        """Where the last checkpoint this run wrote (or resumed from) is, for error messages."""
+        out = Path(self.cfg.out) / CHECKPOINT
+        return "no checkpoint was written" if self.saved_at is None else f"last good checkpoint: {out} (step " \
+            f"{self.saved_at})"
+
     def save(self, step: int) -> None:
-        """Checkpoint (rank 0 writes; every rank's RNG states gathered into it) and EMA weights."""
+        """Commit the checkpoint (rank 0 writes; every rank's RNG states gathered into it) with its EMA weights
+        and model.json; non-finite weights are never written (``TrainingDiverged``)."""
+        if not self.weights_finite():
+            raise TrainingDiverged(f"the weights are not finite (inf/NaN) at step {step}: not checkpointed; "
+                                   f"{self.last_good()}")
         torch_rng = distributed.gather_states(torch.get_rng_state(), self.env)
         cuda_rng = (distributed.gather_states(torch.cuda.get_rng_state(self.device), self.env)
                     if self.device.type == "cuda" else None)
-        if not self.env.main:
-            return
-        cfg = self.cfg
-        state = {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                 "step": step, "config": dict(cfg.__dict__), "meta": self.meta,
-                 "world": self.env.world, "rng": self.gen.get_state(), "torch_rng": torch_rng,
-                 "cuda_rng": cuda_rng, "data": self.data.state_dict(), "kernels": self.kernels["backend"]}
-        if self.interp is not None:  # and model.json's path args rebuild the interpolant as trained so far
-            self.meta["path"]["args"] = self.interp.args()
-            state.update(interpolant=self.interp.state_dict(), interp_optimizer=self.interp_opt.state_dict())
-        save_training_state(state, Path(cfg.out) / CHECKPOINT)
-        save_inference(cfg.out, self.ema.state_dict(), self.meta)
+        if self.env.main:
+            cfg = self.cfg
+            state = {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                     "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                     "step": step, "config": dict(cfg.__dict__), "meta": self.meta,
+                     "world": self.env.world, "rng": self.gen.get_state(), "torch_rng": torch_rng,
+                     "cuda_rng": cuda_rng, "data": self.data.state_dict(), "kernels": self.kernels["backend"]}
+            if self.interp is not None:  # and model.json's path args rebuild the interpolant as trained so far
+                self.meta["path"]["args"] = self.interp.args()
+                state.update(interpolant=self.interp.state_dict(), interp_optimizer=self.interp_opt.state_dict())
+            save_inference(cfg.out, self.ema.state_dict(), self.meta, step=step, state=state)
+        self.saved_at = step
 
     def restore(self, state: dict) -> int:
         """Load a checkpoint's full state for ``--resume``; returns the step it was taken at."""
@@ -325,14 +293,20 @@ class Trainer:
         if state["world"] != env.world:
             raise ValueError(f"--resume: the checkpoint was written by {state['world']} rank(s), this run has "
                              f"{env.world}; resume with the same number of processes")
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        self.gen.set_state(state["rng"])
-        torch.set_rng_state(state["torch_rng"][env.rank])
-        if self.device.type == "cuda" and state["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"][env.rank], self.device)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            self.gen.set_state(state["rng"])
+            # a row of the (W, N) stack is a view into it: set_rng_state needs a tensor of its own
+            torch.set_rng_state(state["torch_rng"][env.rank].clone())
+            if self.device.type == "cuda" and state["cuda_rng"] is not None:
+                torch.cuda.set_rng_state(state["cuda_rng"][env.rank].clone(), self.device)
+        except (RuntimeError, ValueError, KeyError, IndexError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"{Path(cfg.out) / CHECKPOINT} does not fit this run's model or optimizer: "
+                                  f"{first}") from None
         self.data.load_state_dict(state["data"])
         kernels = state.get("kernels")  # the backend the run began with, so a resume stays bitwise the same run
         if kernels is not None and ops.forced_backend() is None and ops.unusable(kernels, self.device) is None:
@@ -342,11 +316,14 @@ class Trainer:
             self.interp.load_state_dict(state["interpolant"])
             self.interp_opt.load_state_dict(state["interp_optimizer"])
             self.meta["path"]["args"] = self.interp.args()
-        return int(state["step"])
+        self.saved_at = int(state["step"])
+        return self.saved_at
 
     # ------------------------------------------------------------------ the run
 
     def _flops_per_sample(self) -> float:
+        """FLOPs of one sample's step, counted on random inputs drawn with the RNG state set aside (a resumed
+        run's dropout draws stay those of the uninterrupted run)."""
         cfg, dev, shape = self.cfg, self.device, self.data.shape
 
         def inputs(n: int) -> tuple[tuple, dict]:
@@ -357,7 +334,8 @@ class Trainer:
             if cfg.superres:
                 cond["low_res"] = F.avg_pool2d(x, cfg.superres)
             return (x, torch.rand(n, device=dev)), cond
-        return flops_per_sample(self.model, inputs)
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            return flops_per_sample(self.model, inputs)
 
     def header(self, resumed_at: int | None) -> dict[str, Any]:
         """metrics.jsonl's first line of each (re)start: the machine, the precision and kernel backend chosen for
@@ -374,7 +352,9 @@ class Trainer:
             return None
         if self.cfg.eval_budget > 0:
             return self.cfg.eval_budget
-        return max(EVAL_BUDGET_MIN_S, EVAL_BUDGET_FRACTION * trained_s)
+        auto = max(EVAL_BUDGET_MIN_S, EVAL_BUDGET_FRACTION * trained_s)
+        # the other ranks wait for a periodic evaluation in their next collective: well within its timeout
+        return min(auto, self.cfg.dist_timeout / 2) if self.env.active else auto
 
     def evaluate(self, png: Path, trained_s: float) -> dict[str, Any]:
         """A sample PNG, (vectors) sample quality and the test NLL of the EMA model (fixed-step solver),
@@ -424,22 +404,91 @@ class Trainer:
         return summary
 
     def fit(self) -> dict[str, Any]:
-        """Run (or resume) the job; returns the final summary (also the last line of metrics.jsonl) on rank 0,
-        {} on the other ranks and when a resumed run has no steps left."""
+        """Run (or resume) the job holding OUT's lock; returns the final summary (also the last line of
+        metrics.jsonl) on rank 0, {} on the other ranks and when a resumed run has nothing left to do."""
+        cfg, env = self.cfg, self.env
+        out, lock, problem = Path(cfg.out), RunLock(cfg.out), None
+        if env.main:  # the writer: lock, finish or drop what a kill left, check before the first step
+            try:
+                if cfg.resume and not out.is_dir():  # a mistyped --out: nothing created
+                    check_out_dir(out, cfg.resume, cfg.force)
+                lock.acquire(command_line(env.world))
+                if cfg.resume:
+                    settle(out)
+                check_out_dir(out, cfg.resume, cfg.force)
+                check_space(out, self.checkpoint_bytes())
+            except ValueError as e:
+                problem = e
+        failed = distributed.from_rank0(None if problem is None else str(problem), env)
+        try:
+            if failed is not None:
+                raise problem if problem is not None else ConfigError(failed)
+            return self._fit(out)
+        finally:
+            lock.release()
+
+    def checkpoint_bytes(self) -> int:
+        """About the size of one checkpoint: weights, EMA and Adam's two moments in checkpoint.pt, and the EMA
+        weights again in ema.safetensors."""
+        return 5 * sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+
+    def _fit(self, out: Path) -> dict[str, Any]:
         cfg, env, dev = self.cfg, self.env, self.device
-        out = Path(cfg.out)
-        check_out_dir(cfg)
-        distributed.barrier(env)  # every rank has looked at OUT before rank 0 writes to it
         state = load_training_state(out / CHECKPOINT) if cfg.resume else None
         start = 0 if state is None else self.restore(state)
+        log = MetricsLog(out, cfg.tensorboard) if env.main else None
+        if state is not None and env.main:
+            self._repair(out, state)
         if start >= cfg.steps:
-            if env.main:
-                print(f"nothing to do: checkpoint at step {start} >= --steps {cfg.steps}")
-            return {}
-        metrics = out / METRICS
-        if env.main:
-            prepare_out_dir(cfg, None if state is None else start)
-            append_jsonl(metrics, {"header": self.header(None if state is None else start)})
+            done = env.main and any("final" in r for r in read_metrics(out))
+            if distributed.from_rank0(done, env):
+                if env.main:
+                    print(f"nothing to do: the run in {out} is complete at step {start} (raise --steps to go on)")
+                return {}
+        if log is not None:
+            prepare_out_dir(out, dict(cfg.__dict__), None if state is None else start)
+            log.write({"header": self.header(None if state is None else start)})
+        try:
+            rec, skipped, t_start = self._loop(out, start, log) if start < cfg.steps else self._logged(out)
+        except RuntimeError as e:
+            if not (env.active and distributed.is_timeout(e)):
+                raise
+            ranks = distributed.unresponsive(env, min(cfg.dist_timeout, 30.0))
+            who = f"rank(s) {', '.join(map(str, ranks))} did not answer" if ranks else "another rank did not answer"
+            raise distributed.RankTimeout(f"{who}: a collective timed out after --dist-timeout {cfg.dist_timeout:g} "
+                                          f"s; the job stops; {self.last_good()}") from None
+        summary: dict[str, Any] = {}
+        if log is not None:
+            summary = self.evaluate(out / "samples.png", time.perf_counter() - t_start)
+            summary.update(steps=cfg.steps, world=env.world, wall_s=time.perf_counter() - t_start,
+                           last=rec, skipped_steps=skipped)
+            log.write({"final": summary})
+            log.close()
+        return summary
+
+    def _repair(self, out: Path, state: dict) -> None:
+        """On resume: EMA weights and model.json as committed with the checkpoint, rewritten from it if they
+        were removed or edited."""
+        try:
+            for name in (EMA_WEIGHTS, META):
+                read_committed(out / name)
+        except CheckpointError as e:
+            print(f"{e}: rewriting them from {out / CHECKPOINT}")
+            save_inference(out, state["ema"], state["meta"], step=int(state["step"]), state=state)
+
+    def _logged(self, out: Path) -> tuple[dict[str, Any], int, float]:
+        """A run that ended without its final summary: the last metrics row, its skipped steps, and a start
+        time as far back as its training took (for the evaluation budget)."""
+        rows = [r for r in read_metrics(out) if "loss" in r]
+        rec = rows[-1] if rows else {}
+        trained = rec.get("sec_per_kimg", 0.0) * self.cfg.steps * self.cfg.batch_size / 1000
+        return rec, int(rec.get("skipped_steps", 0)), time.perf_counter() - trained
+
+    def _loop(self, out: Path, start: int, log: MetricsLog | None) -> tuple[dict[str, Any], int, float]:
+        """Steps start + 1 .. --steps with logging, periodic evaluation and checkpoints; a SIGTERM/SIGINT ends the
+        step it arrives in with a checkpoint (``Interrupted``). Returns (last metrics row, skipped steps, the
+        loop's start time)."""
+        cfg, env, dev = self.cfg, self.env, self.device
         flops, peak = self._flops_per_sample(), peak_flops(dev, self.precision.bf16)
         bad_run = torch.zeros((), dtype=torch.int64, device=dev)
         skipped = torch.zeros((), dtype=torch.int64, device=dev)
@@ -447,64 +496,70 @@ class Trainer:
         pbar = tqdm(desc="train", dynamic_ncols=True, initial=start, total=cfg.steps, disable=not env.main)
         t_start = t_last = time.perf_counter()
         n_since, rec = 0, {}
-        for step in range(start + 1, cfg.steps + 1):
-            loss, grad_norm, bad = self.train_step(step)
-            warm_up = step == start + 1  # compiles the step: left out of the bar's rate and ETA
-            if warm_up:
-                pbar.unpause()
-            pbar.update()
-            bad_run = (bad_run + bad) * bad
-            skipped += bad
-            loss_sum += torch.where(bad, 0.0, loss)
-            taken += ~bad
-            n_since += 1
-            log = step % cfg.log_every == 0 or step == cfg.steps
-            if (log or dev.type == "cpu") and int(bad_run) >= cfg.max_bad_steps:
-                raise TrainingDiverged(f"{int(bad_run)} non-finite steps in a row (loss or gradient NaN/Inf) up "
-                                       f"to step {step}; last checkpoint: {out / CHECKPOINT}")
-            if log:
-                n_taken = int(taken)  # steps not skipped by the guard (the same on every rank)
-                mean_loss = float(distributed.mean_over_ranks(loss_sum, env)) / n_taken if n_taken else None
-                now = time.perf_counter()
-                rate = n_since * cfg.batch_size / (now - t_last)
-                rec = {"step": step, "loss": mean_loss, "grad_norm": float(grad_norm),
-                       "lr": self.sched.get_last_lr()[0], "samples_per_s": rate, "sec_per_kimg": 1000 / rate,
-                       "peak_mem_mb": peak_memory_mb(dev), "tflops": flops * rate / env.world / 1e12,
-                       "skipped_steps": int(skipped)}
-                if peak is not None:
-                    rec["mfu"] = flops * rate / env.world / peak
-                if self.interp is not None:  # -G at the last interpolant step: ~ the interpolant's kinetic energy
-                    rec["interp_kinetic"] = -float(self.interp_objective)
-                if cfg.compile:
-                    rec["compiled_graphs"] = compat.compiled_graph_count()
-                t_last, n_since = now, 0
-                loss_sum.zero_()
-                taken.zero_()
-                if env.main:
-                    append_jsonl(metrics, rec)
-                    pbar.set_postfix(loss=f"{mean_loss:.4f}" if n_taken else "skipped", img_s=f"{rate:.0f}",
-                                     lr=f"{rec['lr']:.2e}")
-            elif warm_up:  # and out of the next logged rate (unless it is all that interval holds)
-                t_last, n_since = time.perf_counter(), 0
-            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps and env.main:
-                snap = self.evaluate(out / "samples" / f"step_{step:07d}.png", time.perf_counter() - t_start)
-                append_jsonl(metrics, {"step": step, "eval": snap})
-            if step % cfg.ckpt_every == 0 and step != cfg.steps:
-                self.save(step)
+        poll = 1 if dev.type == "cpu" else STOP_POLL_CUDA  # a host sync on CUDA: not every step
+        with StopSignal() as stop:
+            for step in range(start + 1, cfg.steps + 1):
+                loss, grad_norm, bad = self.train_step(step)
+                warm_up = step == start + 1  # compiles the step: left out of the bar's rate and ETA
+                if warm_up:
+                    pbar.unpause()
+                pbar.update()
+                bad_run = (bad_run + bad) * bad
+                skipped += bad
+                loss_sum += torch.where(bad, 0.0, loss)
+                taken += ~bad
+                n_since += 1
+                log_now = step % cfg.log_every == 0 or step == cfg.steps
+                if (log_now or dev.type == "cpu") and int(bad_run) >= cfg.max_bad_steps:
+                    raise TrainingDiverged(f"{int(bad_run)} non-finite steps in a row (loss or gradient NaN/Inf) "
+                                           f"up to step {step}; {self.last_good()}")
+                if log_now:
+                    n_taken = int(taken)  # steps not skipped by the guard (the same on every rank)
+                    mean_loss = float(distributed.mean_over_ranks(loss_sum, env)) / n_taken if n_taken else None
+                    now = time.perf_counter()
+                    rate = n_since * cfg.batch_size / (now - t_last)
+                    rec = {"step": step, "loss": mean_loss, "grad_norm": float(grad_norm),
+                           "lr": self.sched.get_last_lr()[0], "samples_per_s": rate, "sec_per_kimg": 1000 / rate,
+                           "peak_mem_mb": peak_memory_mb(dev), "tflops": flops * rate / env.world / 1e12,
+                           "skipped_steps": int(skipped)}
+                    if peak is not None:
+                        rec["mfu"] = flops * rate / env.world / peak
+                    if self.interp is not None:  # -G at the last interpolant step: ~ the interpolant's kinetic energy
+                        rec["interp_kinetic"] = -float(self.interp_objective)
+                    if cfg.compile:
+                        rec["compiled_graphs"] = compat.compiled_graph_count()
+                    t_last, n_since = now, 0
+                    loss_sum.zero_()
+                    taken.zero_()
+                    if log is not None:
+                        log.write(rec)
+                        pbar.set_postfix(loss=f"{mean_loss:.4f}" if n_taken else "skipped", img_s=f"{rate:.0f}",
+                                         lr=f"{rec['lr']:.2e}")
+                elif warm_up:  # and out of the next logged rate (unless it is all that interval holds)
+                    t_last, n_since = time.perf_counter(), 0
+                if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps and log is not None:
+                    snap = self.evaluate(out / "samples" / f"step_{step:07d}.png", time.perf_counter() - t_start)
+                    log.write({"step": step, "eval": snap})
+                if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                    self.save(step)
+                signum = distributed.max_over_ranks(stop.signum, env, dev) if step % poll == 0 else 0
+                if signum:
+                    if self.saved_at != step:
+                        self.save(step)
+                    pbar.close()
+                    raise Interrupted(f"stopped by {signal.Signals(signum).name} at step {step}: "
+                                      f"checkpoint written to {out / CHECKPOINT}; resume with: "
+                                      f"{resume_command(env.world)}", signum)
         pbar.close()
-        self.save(cfg.steps)
-        summary: dict[str, Any] = {}
-        if env.main:
-            summary = self.evaluate(out / "samples.png", time.perf_counter() - t_start)
-            summary.update(steps=cfg.steps, world=env.world, wall_s=time.perf_counter() - t_start,
-                           last=rec, skipped_steps=int(skipped))
-            append_jsonl(metrics, {"final": summary})
-        distributed.barrier(env)
-        return summary
+        return rec, int(skipped), t_start
+
+
+STOP_POLL_CUDA = 10
+"""On CUDA, ranks agree on a stop signal every this many steps (the check waits for the step to finish)."""
 
 
 RESUMABLE = {"resume", "force", "steps", "log_every", "ckpt_every", "out", "device", "eval_n", "n_samples",
-             "eval_every", "eval_budget", "eval_divergence", "force_bf16"}
+             "eval_every", "eval_budget", "eval_divergence", "force_bf16", "dist_timeout", "tensorboard"}
 
 
 def eval_conditioning(cfg: TrainConfig, data: Any, n: int) -> dict[str, Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import errno
 import os
 import pathlib
 import shutil
@@ -15,9 +16,11 @@ import fastfm.checkpoint as ckpt_mod
 from fastfm.runs import load_run
 from fastfm.checkpoint import (
     CHECKPOINT,
+    COMMIT,
     EMA_WEIGHTS,
     META,
     CheckpointError,
+    RunFileError,
     atomic_write,
     load_inference,
     load_training_state,
@@ -67,8 +70,10 @@ def test_atomic_write_replaces_and_creates_parents(tmp_path: Path) -> None:
     assert leftovers(dest.parent) == []
 
 
-@pytest.mark.parametrize("exc", [RuntimeError("disk full"), KeyboardInterrupt()], ids=["error", "interrupt"])
-def test_atomic_write_failure_keeps_old_content(tmp_path: Path, exc: BaseException) -> None:
+@pytest.mark.parametrize("exc, raised", [(RuntimeError("disk full"), RunFileError), (KeyboardInterrupt(), KeyboardInterrupt)],
+                         ids=["error", "interrupt"])
+def test_atomic_write_failure_keeps_old_content(tmp_path: Path, exc: BaseException, raised: type) -> None:
+    """A failed write: the old file as it was, no temporary, and (for an error) one line naming the file."""
     dest = tmp_path / "state.bin"
     dest.write_bytes(b"old content")
 
@@ -77,7 +82,7 @@ def test_atomic_write_failure_keeps_old_content(tmp_path: Path, exc: BaseExcepti
             f.write(b"half of the new")
         raise exc
 
-    with pytest.raises(type(exc)):
+    with pytest.raises(raised, match="" if raised is KeyboardInterrupt else "cannot write .*state.bin: disk full"):
         atomic_write(dest, writer)
     assert dest.read_bytes() == b"old content"
     assert leftovers(tmp_path) == []
@@ -87,9 +92,9 @@ def test_atomic_write_failure_keeps_old_content(tmp_path: Path, exc: BaseExcepti
 def test_atomic_write_failure_without_old_file(tmp_path: Path) -> None:
     def writer(tmp: str) -> None:
         Path(tmp).write_text("partial")
-        raise OSError("no space left on device")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(OSError):
+    with pytest.raises(RunFileError, match="cannot write .*new.json: No space left on device"):
         atomic_write(tmp_path / "new.json", writer)
     assert list(tmp_path.iterdir()) == []
 
@@ -114,7 +119,7 @@ def test_save_training_state_interrupted_keeps_previous(tmp_path: Path, monkeypa
         raise OSError("interrupted")
 
     monkeypatch.setattr(ckpt_mod.torch, "save", failing_save)
-    with pytest.raises(OSError):
+    with pytest.raises(RunFileError, match="interrupted"):
         save_training_state({"step": 2, "w": torch.zeros(3)}, path)
     monkeypatch.undo()
     state = load_training_state(path)
@@ -261,7 +266,7 @@ def test_inference_round_trip(tmp_path: Path) -> None:
     meta = {"model": {"name": "mlp", "dim": 2}, "data": {"shape": [2], "levels": None}, "seed": 3}
     run = tmp_path / "run"
     save_inference(run, weights, meta)
-    assert sorted(p.name for p in run.iterdir()) == [EMA_WEIGHTS, META]
+    assert sorted(p.name for p in run.iterdir()) == [COMMIT, EMA_WEIGHTS, META]
     assert json.loads((run / META).read_text()) == meta
     for source in (run, run / EMA_WEIGHTS, str(run)):
         w, m = load_inference(source)
@@ -377,8 +382,7 @@ def test_load_run_unet_round_trip(tmp_path: Path) -> None:
     meta = {"model": model.config, "path": {"name": "vp", "args": {"beta_max": 15}}, "source": "gaussian",
             "seed": 0, "target": "x0", "superres": 2,
             "data": {"name": "digits", "shape": [1, 8, 8], "kind": "image", "levels": 17, "num_classes": 10}}
-    save_inference(tmp_path, model.state_dict(), meta)
-    save_training_state({"ema": model.state_dict(), "meta": meta}, tmp_path / CHECKPOINT)
+    save_inference(tmp_path, model.state_dict(), meta, state={"ema": model.state_dict(), "meta": meta})
     x, t, y, low = torch.randn(3, 1, 8, 8), torch.rand(3), torch.tensor([0, 5, 10]), torch.randn(3, 1, 4, 4)
     expected = model.eval()(x, t, y=y, low_res=low)
     for source in (tmp_path, tmp_path / EMA_WEIGHTS, tmp_path / CHECKPOINT):
@@ -387,10 +391,15 @@ def test_load_run_unet_round_trip(tmp_path: Path) -> None:
         assert run.meta["target"] == "x0" and run.shape == (1, 8, 8)
 
 
+def _commit_meta(run: Path, meta: object) -> None:
+    """Replace model.json through the API (committed with the weights), not by a hand edit."""
+    save_inference(run, load_inference(run)[0], meta)  # type: ignore[arg-type]
+
+
 def test_load_run_weights_do_not_match_config(run_copy: Path) -> None:
     meta = json.loads((run_copy / META).read_text())
     meta["model"]["hidden"] = 16
-    (run_copy / META).write_text(json.dumps(meta))
+    _commit_meta(run_copy, meta)
     with pytest.raises(CheckpointError) as e:
         load_run(run_copy)
     assert str(run_copy) in str(e.value) and "do not match the model config" in str(e.value)
@@ -411,7 +420,7 @@ def test_load_run_weights_keys_mismatch(run_copy: Path, change: str) -> None:
 def test_load_run_metadata_incomplete(run_copy: Path) -> None:
     meta = json.loads((run_copy / META).read_text())
     del meta["path"], meta["target"]
-    (run_copy / META).write_text(json.dumps(meta))
+    _commit_meta(run_copy, meta)
     with pytest.raises(CheckpointError) as e:
         load_run(run_copy)
     assert "lacks" in str(e.value) and "path" in str(e.value) and "target" in str(e.value)
@@ -421,7 +430,7 @@ def test_load_run_metadata_incomplete(run_copy: Path) -> None:
                          ids=["null", "number", "string", "list"])
 def test_load_run_model_json_not_an_object(run_copy: Path, text: str) -> None:
     """Valid JSON that is not an object is a corrupt model.json, not a TypeError deep inside."""
-    (run_copy / META).write_text(text)
+    _commit_meta(run_copy, json.loads(text))
     with pytest.raises(CheckpointError) as e:
         load_run(run_copy)
     assert str(run_copy) in str(e.value)

@@ -22,7 +22,7 @@ from fastfm.data import DATASETS
 
 from conftest import call, cli_error, help_text, run_training, train_argv
 
-RUN_MARKERS = ("checkpoint.pt", "metrics.jsonl", "config.json", "ema.safetensors")
+RUN_MARKERS = ("checkpoint.pt", "metrics.jsonl", "config.json", "ema.safetensors", "commit.json")
 STALE_TEMPS = (".checkpoint.pt.a1b2c3.tmp", ".ema.safetensors.x9y8.tmp", ".model.json.q_w3.tmp",
                ".metrics.jsonl.zz01.tmp")
 
@@ -138,7 +138,7 @@ def test_range_boundaries_are_accepted() -> None:
 def test_resume_with_nothing_to_do(run_copy: Path, steps: int) -> None:
     before = snapshot(run_copy)
     stdout = call(train.main, train_argv(run_copy, "--data", "moons", "--resume", steps=steps))
-    assert stdout.strip() == f"nothing to do: checkpoint at step 3 >= --steps {steps}"
+    assert stdout.strip() == f"nothing to do: the run in {run_copy} is complete at step 3 (raise --steps to go on)"
     assert snapshot(run_copy) == before
 
 

@@ -4,9 +4,12 @@ line and the final summary as JSON."""
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 from fastfm.config import TrainConfig, parse_config
+from fastfm.distributed import RankTimeout
+from fastfm.preemption import Interrupted
 from fastfm.trainer import train
 
 
@@ -25,8 +28,14 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv, TrainConfig, "Train a flow matching model.", prog="python -m fastfm.train")
     try:
         summary = train(cfg)
-    except ValueError as e:
+    except (ValueError, OSError, RankTimeout) as e:  # bad input, a file that cannot be written, a hung rank
         raise SystemExit(f"error: {e}") from None
+    except Interrupted as e:  # SIGTERM / SIGINT in the loop: a checkpoint was written
+        print(e, file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
+    except KeyboardInterrupt:  # Ctrl-C before the first step or after the last checkpoint
+        print(f"interrupted; nothing more was written to {cfg.out}", file=sys.stderr)
+        raise SystemExit(130) from None
     if summary:
         print(summary_line(summary))
         print(json.dumps(summary))
