@@ -75,12 +75,17 @@ class SampleDensity:
         d = x[0].numel()
         return self.source.log_prob(x / self.scale) - d * math.log(self.scale)
 
+    def __repr__(self) -> str:
+        """The source by its name where it has one ("data set 'moons'"), as errors name it."""
+        name = getattr(self.source, "name", None)
+        source = repr(self.source) if name is None else f"data set {name!r}"
+        return source if self.scale == 1.0 else f"{source} scaled by {self.scale:g}"
+
 
 def require_log_prob(density: Density) -> None:
     """ValueError unless ``density`` has a log-density: likelihoods need a base with a known density."""
     if not density.has_log_prob:
-        raise ValueError(f"source density {getattr(density, 'source', density)!r} has no log_prob: likelihoods need "
-                         "a base with a known density")
+        raise ValueError(f"the source ({density!r}) has no log_prob: likelihoods need a base with a known density")
 
 
 def scaled(density: Density, scale: float) -> Density:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -284,14 +283,23 @@ def levels(info: CpuInfo | None = None) -> dict[str, dict[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import argparse
     import json
 
-    args = sys.argv[1:] if argv is None else argv
-    if args == ["--levels"]:
+    p = argparse.ArgumentParser(prog="python -m fastfm.hardware",
+                                description="What this machine does natively (ISA, native precisions, threads; "
+                                            "CUDA capability), as JSON.")
+    p.add_argument("device", nargs="?", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda where available, else cpu)")
+    p.add_argument("--levels", action="store_true",
+                   help="print instead the CPU classes this machine can be measured at, one per line as "
+                        "NAME ENV=VALUE ...")
+    args = p.parse_args(argv)
+    if args.levels:
         for name, env in levels().items():
             print(" ".join([name, *(f"{k}={v}" for k, v in env.items())]))
         return
-    device = args[0] if args else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(json.dumps(capabilities(device).to_json(), indent=2))
 
 

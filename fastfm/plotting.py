@@ -1,4 +1,4 @@
-"""PNG outputs: scatter plots for 2D samples, grids for images."""
+"""PNG outputs: scatter plots for 2D samples, grids for images; each under a title saying what drew them."""
 
 from __future__ import annotations
 
@@ -13,6 +13,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fastfm.data.pixels import to_pixels  # noqa: E402
+
+MIN_IMAGE_PX = 64
+"""Least side of one image in a sample grid, in pixels (8x8 digits are drawn 8 times larger)."""
+TITLE_PX, MIN_WIDTH_PX, DPI = 36, 320, 100
+"""A grid's title band (two lines of text) and least width in pixels, so that its title fits; the PNG's dpi."""
 
 
 def scatter_png(samples: torch.Tensor, path: str | Path, reference: torch.Tensor | None = None,
@@ -31,14 +36,17 @@ def scatter_png(samples: torch.Tensor, path: str | Path, reference: torch.Tensor
         ax.set_aspect("equal")
         ax.set_title(name)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=10, wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def grid_png(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> None:
-    """Tile uint8 images (N, C, H, W), C in {1, 3}, into one PNG."""
+def tile(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
+    """uint8 images (N, C, H, W) tiled ``nrow`` to a row (default: a square) with 2-pixel black gaps, each enlarged
+    (nearest-neighbour) to at least ``MIN_IMAGE_PX`` pixels a side: an (H', W', C) uint8 canvas."""
+    scale = -(-MIN_IMAGE_PX // min(images.shape[-2:]))
+    images = images.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
     n, c, h, w = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     ncol = math.ceil(n / nrow)
@@ -47,15 +55,35 @@ def grid_png(images: torch.Tensor, path: str | Path, nrow: int | None = None) ->
     for i in range(n):
         r, q = divmod(i, nrow)
         canvas[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + q * (w + 2): 2 + q * (w + 2) + w] = imgs[i]
-    plt.imsave(path, canvas[..., 0] if c == 1 else canvas, cmap="gray" if c == 1 else None, vmin=0, vmax=255)
+    return canvas
+
+
+def grid_png(images: torch.Tensor, path: str | Path, title: str, nrow: int | None = None) -> None:
+    """uint8 images (N, C, H, W), C in {1, 3}, as one PNG: their ``tile`` pixel for pixel under ``title``."""
+    canvas = tile(images, nrow)
+    height, width = canvas.shape[0] + TITLE_PX, max(canvas.shape[1], MIN_WIDTH_PX)
+    fig = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    fig.figimage(np.repeat(canvas, 3 // canvas.shape[2], axis=2), xo=(width - canvas.shape[1]) // 2)  # RGB, as is
+    fig.suptitle(title, y=1 - TITLE_PX / 2 / height, va="center", fontsize=8, wrap=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def nonfinite_rows(samples: torch.Tensor) -> int:
+    """How many samples (rows of the first dimension) hold a NaN or Inf."""
+    return int((~torch.isfinite(samples.reshape(len(samples), -1))).any(dim=1).sum())
 
 
 def save_samples_png(samples: torch.Tensor, path: str | Path, kind: str, levels: int | None,
-                     reference: torch.Tensor | None = None, title: str = "") -> None:
-    """Scatter (2D vectors, first two coordinates otherwise) or an image grid of up to 64."""
+                     reference: torch.Tensor | None = None, *, title: str) -> None:
+    """Scatter (2D vectors, first two coordinates otherwise) or an image grid of up to 64, under ``title`` (which
+    should name what drew them: solver, steps, NFE). ValueError for samples with NaN or Inf values."""
+    bad = nonfinite_rows(samples)
+    if bad:
+        raise ValueError(f"{bad} of {len(samples)} samples hold NaN/Inf values: nothing to plot")
     if kind == "image":
         levels = levels or 256
         pixels = to_pixels(samples[:64], levels).float() * (255 / (levels - 1))
-        grid_png(pixels.round().to(torch.uint8), path)
+        grid_png(pixels.round().to(torch.uint8), path, title)
     else:
         scatter_png(samples[:, :2], path, None if reference is None else reference[:, :2], title)

@@ -24,8 +24,10 @@ from fastfm.checkpoint import (CHECKPOINT, COMMIT, EMA_WEIGHTS, META, RunFileErr
                                save_json, write_error)
 
 LOCK, METRICS, CONFIG = ".lock", "metrics.jsonl", "config.json"
-RUN_FILES = (COMMIT, CHECKPOINT, EMA_WEIGHTS, METRICS, CONFIG)
-"""Files that make a directory a run directory (when not empty): a new run there needs --force."""
+RUN_FILES = (COMMIT, CHECKPOINT, EMA_WEIGHTS)
+"""Files that hold a model and so make a directory a run directory: a new run there needs --force. The metrics
+and config.json of a run that never wrote a checkpoint (killed early, or stopped by a full disk) are replaced
+by the next run, so a retry needs no --force (a live run is kept out by the lock)."""
 
 
 class RunInUse(ValueError):
@@ -67,6 +69,7 @@ class RunLock:
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(info).encode(), 0)
         except OSError as e:
+            self.path.unlink(missing_ok=True)
             os.close(fd)
             raise write_error(self.path, e) from None
         self.fd = fd
@@ -104,14 +107,13 @@ def resume_command(world: int) -> str:
 
 
 def check_out_dir(out: Path, resume: bool, force: bool) -> None:
-    """--resume needs OUT/checkpoint.pt; a new run must not replace another run's files unless --force
-    (empty files, as a full disk leaves them, are not a run)."""
+    """--resume needs OUT/checkpoint.pt; a new run must not replace another run's model unless --force."""
     if resume:
         if not (out / CHECKPOINT).is_file():
             raise RunFileError(f"--resume: there is no {CHECKPOINT} in {out}; check --out, or drop --resume to "
                                "start a new run")
         return
-    found = [name for name in RUN_FILES if (out / name).is_file() and (out / name).stat().st_size > 0]
+    found = [name for name in RUN_FILES if (out / name).exists()]
     if found and not force:
         raise RunFileError(f"{out} already holds a run ({', '.join(found)}); pass --resume to continue it or "
                            "--force to replace it")

@@ -379,7 +379,7 @@ class Trainer:
         n = len(res.x)
         png.parent.mkdir(parents=True, exist_ok=True)
         save_samples_png(res.x, png, data.kind, data.levels, data.test,
-                         title=f"{cfg.data}, {cfg.path}, {cfg.eval_solver} x {cfg.eval_steps}")
+                         title=f"{cfg.data}, {cfg.path}, {cfg.eval_solver} x {cfg.eval_steps}, NFE {res.nfe}")
         plan["samples"] = n
         # kinetic energy and straightness of the sampling solve; exact W2^2 prior -> data on at most as many points
         transport = transport_report(res, path, data.test if data.kind == "vector" else None, seed=cfg.seed,

@@ -111,4 +111,4 @@ def run_training(out: Path, *extra: str, **kw: Any) -> Run:
 def toy_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     """Checkerboard, tiny MLP, CondOT: 5 steps with a mid-run checkpoint."""
     out = tmp_path_factory.mktemp("toy") / "run"
-    return run_training(out, "--data", "checkerboard", "--ckpt-every", "2", "--log-every", "2", steps=5)
+    return run_training(out, "--data", "checkerboard", "--ckpt-every", "2", "--log-every", "2", "--eval-budget", "0", steps=5)

@@ -175,6 +175,14 @@ def test_interpolant_from_data_source_samples(interp_run: tuple[Path, str | None
     assert "log_prob" in msg and "density" in msg
 
 
+def test_interpolant_sde_names_its_source(interp_run: tuple[Path, str | None], tmp_path: Path) -> None:
+    """The SDE needs the score, hence a Gaussian base: the error names the run's source data set."""
+    out, _ = interp_run
+    msg = cli_error(sample.main, ["--checkpoint", str(out), "--sde", "--n", "10", "--out", str(tmp_path / "s"), *INFER])
+    assert "Gaussian base" in msg and "data set '8gaussians'" in msg and "object at 0x" not in msg, msg
+    assert not (tmp_path / "s").exists()
+
+
 def test_interpolant_from_gmm_has_finite_nll(tmp_path: Path) -> None:
     """gmm has an exact log-density, so the interpolant's NLL is defined."""
     run = run_training(tmp_path / "run", "--path", "linear", "--source", "gmm", "--data", "moons")
@@ -256,8 +264,8 @@ def test_digits_sample_class_guidance(digits_run: Run, tmp_path: Path) -> None:
     from PIL import Image
 
     assert is_png(out / "samples.png")
-    with Image.open(out / "samples.png") as im:  # 4 x 3 grid of 8x8 tiles with 2-pixel borders
-        assert im.size[0] >= 3 * 8 and im.size[1] >= 3 * 8
+    with Image.open(out / "samples.png") as im:  # 4 x 3 grid of 8x8 digits drawn 64x64, under a title
+        assert im.size[0] >= 4 * 64 and im.size[1] >= 3 * 64
     # Default: cycle through the classes, no guidance.
     call(sample.main, ["--checkpoint", str(digits_run.dir), "--n", "10", "--out", str(tmp_path / "c"), *INFER])
     assert np.load(tmp_path / "c" / "samples.npy").shape == (10, 1, 8, 8)

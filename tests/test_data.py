@@ -315,12 +315,34 @@ def test_bad_arrays_name_the_file(tmp_path: Path, filename: str, arrays: dict, m
         get_dataset(f"npy:{path}")
 
 
+def _write_foreign(path: Path) -> Path:
+    """Random bytes (numpy takes them for a pickle), or a pickled object array saved as .npy / .npz."""
+    objects = np.array([{"a": 1}, None], dtype=object)
+    if path.stem == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(1000))
+    elif path.suffix == ".npz":
+        np.savez(path, x=objects)
+    else:
+        np.save(path, objects, allow_pickle=True)
+    return path
+
+
+@pytest.mark.parametrize("name", ["random.npy", "random.npz", "objects.npy", "objects.npz"])
+def test_pickled_or_foreign_files_are_refused_without_unpickling(tmp_path: Path, name: str) -> None:
+    path = _write_foreign(tmp_path / name)
+    with pytest.raises(DataError) as e:
+        get_dataset(f"npy:{path}")
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: not a plain numeric .npy/.npz array") and "never unpickles" in msg, msg
+    assert "allow_pickle" not in msg and "\n" not in msg  # no advice to load it unsafely
+
+
 def test_unreadable_and_missing_files(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.npz"
-    garbage.write_bytes(b"this is not numpy")
-    pickled = tmp_path / "pickled.npy"
-    np.save(pickled, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
-    for path in (garbage, pickled):
+    garbage.write_bytes(b"PK\x03\x04 a zip header, then no zip file")
+    truncated = tmp_path / "truncated.npy"
+    truncated.write_bytes(b"\x93NUMPY\x01\x00")
+    for path in (garbage, truncated):
         with pytest.raises(DataError, match=re.escape(str(path)) + ".*unreadable"):
             get_dataset(f"npy:{path}")
     with pytest.raises(DataError, match="missing.npy.*no such file"):

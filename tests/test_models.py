@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -200,6 +201,26 @@ def test_build_model_errors() -> None:
         build_model({"name": "unet"})  # in_channels missing
     with pytest.raises(ValueError, match="unknown activation"):
         build_model({"name": "mlp", "dim": 2, "activation": "swish2"})
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"name": "unet", "in_channels": 1, "channel_mult": 1},
+     "unet model option channel_mult=1: expected a non-empty list of integers >= 1"),
+    ({"name": "unet", "in_channels": 1, "channel_mult": []}, "channel_mult=[]: expected a non-empty list"),
+    ({"name": "unet", "in_channels": 1, "dropout": "abc"}, "dropout='abc': expected a number in [0, 1)"),
+    ({"name": "unet", "in_channels": 1, "num_head_channels": 0},
+     "num_head_channels=0: expected an integer >= 1 or null"),
+    ({"name": "mlp", "dim": 2, "hidden": "abc"}, "mlp model option hidden='abc': expected an integer >= 1"),
+    ({"name": "mlp", "dim": 2, "hidden": 2.5}, "hidden=2.5: expected an integer >= 1"),
+    ({"name": "mlp", "dim": 2, "depth": -1}, "depth=-1: expected an integer >= 1"),
+    ({"name": "mlp", "dim": 2, "time_dim": True}, "time_dim=True: expected an integer >= 2"),
+], ids=["unet-channel_mult-scalar", "unet-channel_mult-empty", "unet-dropout-text", "unet-head_channels-0",
+        "mlp-hidden-text", "mlp-hidden-float", "mlp-depth-negative", "mlp-time_dim-bool"])
+def test_bad_option_names_option_value_and_expectation(config: dict, message: str) -> None:
+    """A wrong-typed or out-of-range option (from --model-args or model.json) is one ValueError, not a TypeError
+    from deep inside the constructor."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_model(config)
 
 
 # ---------------------------------------------------------------- compile / export

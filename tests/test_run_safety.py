@@ -22,7 +22,7 @@ from fastfm.data import DATASETS
 
 from conftest import call, cli_error, help_text, run_training, train_argv
 
-RUN_MARKERS = ("checkpoint.pt", "metrics.jsonl", "config.json", "ema.safetensors", "commit.json")
+RUN_MARKERS = ("checkpoint.pt", "ema.safetensors", "commit.json")
 STALE_TEMPS = (".checkpoint.pt.a1b2c3.tmp", ".ema.safetensors.x9y8.tmp", ".model.json.q_w3.tmp",
                ".metrics.jsonl.zz01.tmp")
 
@@ -75,6 +75,15 @@ def test_any_run_file_marks_a_run_directory(tmp_path: Path, marker: str) -> None
     msg = train_error(train_argv(tmp_path, "--data", "moons"))
     assert marker in msg and "--force" in msg, msg
     assert sorted(p.name for p in tmp_path.iterdir()) == [marker]
+
+
+def test_metrics_of_a_run_without_a_checkpoint_do_not_block_a_retry(tmp_path: Path) -> None:
+    """A run that ended before its first checkpoint (killed, or stopped by a full disk) left its metrics and
+    config (even empty ones): the same command again trains, no --force needed."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (tmp_path / "config.json").write_text("")
+    run = run_training(tmp_path, "--data", "moons", steps=2)
+    assert run.summary["steps"] == 2 and [r["step"] for r in metric_rows(tmp_path) if "loss" in r] == [1, 2]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,14 +16,23 @@ from fastfm.runs import path_from_meta
 from fastfm.transport import W2_MAX_POINTS, transport_report
 
 
+def held_out_points(asked: int, available: int, option: str) -> int:
+    """How many held-out points to evaluate: ``asked``, at most the ``available`` ones of the run's test split (one
+    line on stderr when that cuts the request)."""
+    if asked > available:
+        print(f"evaluate: only {available} test points in the run's test split: {option} evaluates {available} of "
+              f"the {asked} asked", file=sys.stderr)
+    return min(asked, available)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = inference_parser("evaluate", "Evaluate a trained flow matching model on its held-out data: test NLL "
                          "(nats; bits/dim for images) and, for vector data, sample quality.")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--n", type=int, default=2000, help="test points for the NLL")
+    g.add_argument("--n", type=int, default=2000, help="test points for the NLL (at most the run's test split)")
     g.add_argument("--n-samples", type=int, default=2000,
-                   help="samples for the quality metrics and the transport diagnostics (vector data; exact W2^2 "
-                        "on at most 10000)")
+                   help="samples for the quality metrics and the transport diagnostics (vector data; at most the "
+                        "run's test split, exact W2^2 on at most 10000)")
     g.add_argument("--out", default=None, help="write the results JSON here as well")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -40,18 +49,21 @@ def main(argv: list[str] | None = None) -> None:
         result = {"checkpoint": args.checkpoint, "engine": args.engine, "data": meta["data"]["name"],
                   "path": meta["path"]}
         if "likelihood" in tasks:
-            test = data.test[: args.n]
+            n = held_out_points(args.n, len(data.test), "--n")
+            test = data.test[:n]
             cond = low_res_of(meta, test)
             if meta["model"].get("num_classes") is not None:
-                cond["y"] = data.test_labels[: args.n]
-            result["test"] = nll_report(sampler, test, levels=data.levels, seed=args.seed, cond=cond)
+                cond["y"] = data.test_labels[:n]
+            result["test"] = {**nll_report(sampler, test, levels=data.levels, seed=args.seed, cond=cond),
+                              "n_asked": args.n}
         if sampled:
-            n = min(args.n_samples, len(data.test))
+            n = held_out_points(args.n_samples, len(data.test), "--n-samples")
             cond = {"y": data.test_labels[:n]} if meta["model"].get("num_classes") is not None else {}
             transport = "transport" in tasks
             res = sampler.sample(n, seed=args.seed, cond=cond, transport=transport)
             solved = sampler.describe()
-            result["quality"] = {**sample_quality(res.x, data.test[:n], args.seed), "n": n, "nfe": res.nfe, **solved}
+            result["quality"] = {**sample_quality(res.x, data.test[:n], args.seed), "n": n, "n_asked": args.n_samples,
+                                 "nfe": res.nfe, **solved}
             if transport:  # the same solve's kinetic energy and straightness; exact W2^2 prior -> test data
                 result["transport"] = {**transport_report(res, path_from_meta(meta), data.test, seed=args.seed,
                                                           w2_points=min(n, W2_MAX_POINTS)), **solved}

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from fastfm.commands.common import inference_parser, low_res_of, open_sampler, run_dataset
-from fastfm.plotting import save_samples_png
+from fastfm.inference import Sampler
+from fastfm.plotting import nonfinite_rows, save_samples_png
 
 
 def _load_low_res(path: str) -> torch.Tensor:
@@ -19,6 +21,13 @@ def _load_low_res(path: str) -> torch.Tensor:
         return torch.from_numpy(np.load(path)).float()
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read --low-res {path}: {e}") from None
+
+
+def png_title(meta: dict[str, Any], sampler: Sampler, nfe: int) -> str:
+    """What drew the samples: data, path, solver x steps, NFE (and guidance, the SDE's diffusion where used)."""
+    s, solved = sampler.settings, sampler.describe()
+    extra = (f", guidance {s.guidance:g}" if s.guidance != 1 else "") + (f", eps {s.diffusion}" if s.diffusion else "")
+    return f"{meta['data']['name']}, {meta['path']['name']}, {solved['solver']} x {solved['steps']}, NFE {nfe}{extra}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,14 +63,18 @@ def main(argv: list[str] | None = None) -> None:
             cond = {"low_res": low[:n]} if low is not None else low_res_of(meta, run_dataset(meta).test[:n])
             n = min(n, cond["low_res"].shape[0])
         res = sampler.sample(n, seed=args.seed, cond=cond, log_likelihood=args.log_likelihood)
+        bad = nonfinite_rows(res.x)
+        if bad:
+            raise ValueError(f"{bad} of {n} samples hold NaN/Inf values: the model's weights or the sampling settings "
+                             "(solver, steps, guidance) produce non-finite values; nothing written")
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     base = Path(args.checkpoint or args.engine)
     out = Path(args.out) if args.out else (base if base.is_dir() else base.parent) / "samples"
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "samples.npy", res.x.numpy())
-    save_samples_png(res.x, out / "samples.png", kind, meta["data"]["levels"])
     settings = sampler.settings
+    save_samples_png(res.x, out / "samples.png", kind, meta["data"]["levels"], title=png_title(meta, sampler, res.nfe))
     summary = {"n": n, "nfe": res.nfe, **sampler.describe(), "guidance": settings.guidance,
                "samples": str(out / "samples.npy"), "png": str(out / "samples.png")}
     if settings.diffusion:

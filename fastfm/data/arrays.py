@@ -70,7 +70,12 @@ def _read(path: Path) -> dict[str, np.ndarray]:
             return {"x": data}
         with data:
             return {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+    except ValueError as err:  # numpy suggests allow_pickle for anything that is not a plain array: never taken
+        if "pickle" in str(err):
+            raise DataError(f"{path}: not a plain numeric .npy/.npz array (not in NumPy's format, or it holds "
+                            "Python objects); fastfm never unpickles data files") from None
+        raise DataError(f"{path}: unreadable .npy/.npz file ({err})") from err
+    except (OSError, EOFError, zipfile.BadZipFile) as err:
         raise DataError(f"{path}: unreadable .npy/.npz file ({err})") from err
 
 

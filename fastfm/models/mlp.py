@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from fastfm.models.embeddings import ConditionEmbedding
+from fastfm.models.options import POSITIVE, Limit, checked_options
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "silu": nn.SiLU,
@@ -28,6 +29,7 @@ class MLP(nn.Module):
     ``y=None``) is the NULL class for classifier-free guidance.
     """
 
+    @checked_options("mlp", {"dim": POSITIVE, "hidden": POSITIVE, "depth": POSITIVE, "time_dim": Limit(2)})
     def __init__(
         self,
         dim: int,
@@ -40,8 +42,6 @@ class MLP(nn.Module):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
-        if min(dim, hidden, depth, time_dim) < 1:
-            raise ValueError("dim, hidden, depth and time_dim must be positive")
         self.config = dict(
             name="mlp", dim=dim, hidden=hidden, depth=depth, time_dim=time_dim,
             num_classes=num_classes, activation=activation,

@@ -19,6 +19,7 @@ from fastfm.models.blocks import (
     zero_init,
 )
 from fastfm.models.embeddings import ConditionEmbedding
+from fastfm.models.options import POSITIVE, Limit, checked_options
 
 
 def level_sizes(image_size: int, num_levels: int) -> list[int]:
@@ -48,6 +49,10 @@ class UNet(nn.Module):
     fixes where attention is placed.
     """
 
+    @checked_options("unet", {
+        "in_channels": POSITIVE, "out_channels": POSITIVE, "model_channels": Limit(2), "num_res_blocks": POSITIVE,
+        "channel_mult": Limit(1, min_items=1), "num_heads": POSITIVE, "num_head_channels": POSITIVE,
+        "dropout": Limit(0, 1), "low_res_channels": POSITIVE, "image_size": POSITIVE})
     def __init__(
         self,
         in_channels: int,
@@ -72,8 +77,6 @@ class UNet(nn.Module):
             raise ValueError(
                 f"attention_resolutions {unknown} are not feature-map sizes {sizes} of image_size={image_size}"
             )
-        if min(in_channels, out_channels, model_channels, num_res_blocks, *channel_mult) < 1:
-            raise ValueError("channel counts, channel_mult and num_res_blocks must be positive")
         self.config = dict(
             name="unet", in_channels=in_channels, out_channels=out_channels,
             model_channels=model_channels, channel_mult=list(channel_mult),
