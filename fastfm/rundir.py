@@ -22,6 +22,7 @@ from typing import Any
 
 from fastfm.checkpoint import (CHECKPOINT, COMMIT, EMA_WEIGHTS, META, RunFileError, atomic_write, drop_temporaries,
                                save_json, write_error)
+from fastfm.tensorboard import LOGDIR, TensorBoardLog
 
 LOCK, METRICS, CONFIG = ".lock", "metrics.jsonl", "config.json"
 RUN_FILES = (COMMIT, CHECKPOINT, EMA_WEIGHTS)
@@ -161,6 +162,7 @@ def prepare_out_dir(out: Path, config: dict[str, Any], resumed_at: int | None) -
         drop_temporaries(out)
         for name in (COMMIT, CHECKPOINT, EMA_WEIGHTS, META):
             (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / LOGDIR, ignore_errors=True)  # a replaced run's curves are not this run's
         atomic_write(metrics, lambda tmp: Path(tmp).write_text(""))
     elif metrics.exists():
         rows = [line for line in metrics.read_text().splitlines() if not _logged_after(line, resumed_at)]
@@ -175,8 +177,6 @@ class MetricsLog:
         self.path = out / METRICS
         self.board = None
         if tensorboard:
-            from fastfm.tensorboard import TensorBoardLog
-
             self.board = TensorBoardLog(out)
 
     def write(self, record: dict[str, Any]) -> None:

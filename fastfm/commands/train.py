@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
         print(e, file=sys.stderr)
         raise SystemExit(e.exit_code) from None
     except KeyboardInterrupt:  # Ctrl-C before the first step or after the last checkpoint
-        print(f"interrupted; nothing more was written to {cfg.out}", file=sys.stderr)
+        print(f"interrupted: {cfg.out} keeps its last committed checkpoint, if it has one (--resume continues "
+              "from it)", file=sys.stderr)
         raise SystemExit(130) from None
     if summary:
         print(summary_line(summary))
