@@ -476,3 +476,14 @@ def test_tensorboard_event_files(tmp_path: Path) -> None:
     final = [r["final"] for r in _rows(tmp_path) if "final" in r][0]
     nll = events.Scalars("eval/test/nll_nats")
     assert [(e.step, e.value) for e in nll] == [(3, pytest.approx(final["test"]["nll_nats"], rel=1e-6))]
+
+
+def test_too_little_data_is_found_before_training(tmp_path: Path) -> None:
+    """A 2-row data set (1 test row) used to train to the end and fail in the final evaluation."""
+    import numpy as np
+
+    np.save(tmp_path / "two.npy", np.random.default_rng(0).normal(size=(2, 2)).astype(np.float32))
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="has 1 test point\\(s\\); the evaluation needs at least 2"):
+        _train(out, data=f"npy:{tmp_path / 'two.npy'}", steps=3)
+    assert not out.exists()
