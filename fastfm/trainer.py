@@ -496,7 +496,7 @@ class Trainer:
         pbar = tqdm(desc="train", dynamic_ncols=True, initial=start, total=cfg.steps, disable=not env.main)
         t_start = t_last = time.perf_counter()
         n_since, rec = 0, {}
-        poll = 1 if dev.type == "cpu" else STOP_POLL_CUDA  # a host sync on CUDA: not every step
+        poll = STOP_POLL_CUDA if env.active and dev.type == "cuda" else 1  # a host sync there: not every step
         with StopSignal() as stop:
             for step in range(start + 1, cfg.steps + 1):
                 loss, grad_norm, bad = self.train_step(step)
@@ -555,7 +555,7 @@ class Trainer:
 
 
 STOP_POLL_CUDA = 10
-"""On CUDA, ranks agree on a stop signal every this many steps (the check waits for the step to finish)."""
+"""NCCL ranks agree on a stop signal every this many steps (the all-reduce read on the host waits for the step)."""
 
 
 RESUMABLE = {"resume", "force", "steps", "log_every", "ckpt_every", "out", "device", "eval_n", "n_samples",
