@@ -304,7 +304,8 @@ class Trainer:
             if self.device.type == "cuda" and state["cuda_rng"] is not None:
                 torch.cuda.set_rng_state(state["cuda_rng"][env.rank].clone(), self.device)
         except (RuntimeError, ValueError, KeyError, IndexError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+            first = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # "Error(s) in ...:" + the first
             raise CheckpointError(f"{Path(cfg.out) / CHECKPOINT} does not fit this run's model or optimizer: "
                                   f"{first}") from None
         self.data.load_state_dict(state["data"])

@@ -21,6 +21,7 @@ import pytest
 import torch
 from test_export import RUNS, make_run
 
+from fastfm.checkpoint import load_inference, save_inference
 from fastfm.runs import load_run
 from fastfm.export import ExportError
 from fastfm.export.graph import build_program, example_inputs, off_device, trace
@@ -58,8 +59,8 @@ def _make(root: Path, name: str) -> Path:
     if name != "mlp_gmm":
         return make_run(root / name, *RUNS[name])
     out = make_run(root / name, *RUNS["mlp"])
-    meta = json.loads((out / "model.json").read_text())
-    (out / "model.json").write_text(json.dumps({**meta, "source": "gmm", "path": {"name": "linear", "args": {}}}))
+    weights, meta = load_inference(out)
+    save_inference(out, weights, {**meta, "source": "gmm", "path": {"name": "linear", "args": {}}})
     return out
 
 
