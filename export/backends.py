@@ -1,14 +1,20 @@
 """Backends: build an engine file from the traced program, and load it back as a runner.
 
 A runner maps the engine's inputs (tensors in signature order, on the engine's device) to its
-outputs. Every backend gets the same simplified ExportedProgram and lowers it its own way:
+outputs. Every backend gets the same simplified ExportedProgram and lowers it its own way, and stores a
+stamp (what the engine computes, as JSON: ``manifest.identity``) in the engine file under ``STAMP``:
 
-    aoti       torch._inductor.aoti_compile_and_package -> .pt2, aoti_load_package (CPU and CUDA)
+    aoti       torch._inductor.aoti_compile_and_package -> .pt2, aoti_load_package (CPU and CUDA);
+               stamp: the package metadata (inductor config aot_inductor.metadata, get_metadata())
     onnx       torch.onnx.export(dynamo=True, opset 18, static shapes) -> .onnx, onnxruntime
-               (IO binding on the tensors' memory; CUDA execution provider for CUDA engines)
+               (IO binding on the tensors' memory; CUDA execution provider for CUDA engines);
+               stamp: the model's metadata_props (onnxruntime: get_modelmeta().custom_metadata_map)
     tensorrt   torch_tensorrt.dynamo.compile + torch_tensorrt.save -> .ep (needs torch-tensorrt, CUDA)
     cudagraph  torch.export.save -> .pt2; at load torch.compile of the program, captured once in a
                torch.cuda.CUDAGraph and replayed (CUDA only; no extra dependency)
+               (both: stamp in an extra file of the torch.export archive)
+
+onnxruntime logs errors only (no console warnings such as unused initializers).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import importlib.util
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch import Tensor
@@ -30,6 +36,9 @@ from .spec import ExportError, TensorSlot
 
 Runner = Callable[[list[Tensor]], list[Tensor]]
 ONNX_OPSET = 18
+ORT_LOG_ERRORS = 3  # onnxruntime's log severity: 3 = errors and fatal only
+STAMP = "fastfm.engine"
+"""The key (ONNX metadata, AOTInductor package metadata, torch.export extra file) of an engine file's stamp."""
 # CPU: weights frozen as constants (prepacked for oneDNN), and batch-1 GEMVs as inductor-generated
 # reductions (multi-threaded) rather than single-threaded BLAS calls; larger batches keep BLAS GEMMs.
 AOTI_CPU_CONFIGS = {"freezing": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}}
@@ -69,26 +78,36 @@ def _loading(loader: str, path: Path) -> Iterator[None]:
         raise ExportError(f"{loader} cannot load the engine file {path}: {reason}") from None
 
 
-def _build_aoti(ep: torch.export.ExportedProgram, example: list[Tensor], path: Path, names: list[str]) -> None:
+class Loaded(NamedTuple):
+    """A loaded engine file: its runner and the stamp it carries (None: none)."""
+
+    run: Runner
+    stamp: str | None
+
+
+def _build_aoti(ep: torch.export.ExportedProgram, example: list[Tensor], path: Path, names: list[str],
+                stamp: str) -> None:
     configs = AOTI_CPU_CONFIGS if example[0].device.type == "cpu" else {}
-    compat.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=configs)
+    compat.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=configs, metadata={STAMP: stamp})
 
 
-def _load_aoti(path: Path, inputs: list[TensorSlot], outputs: list[TensorSlot], device: torch.device) -> Runner:
+def _load_aoti(path: Path, inputs: list[TensorSlot], outputs: list[TensorSlot], device: torch.device) -> Loaded:
     with _loading("AOTInductor", path):
         module = compat.aoti_load_package(str(path), device_index=-1 if device.index is None else device.index)
-    return lambda xs: list(module(*xs))
+    return Loaded(lambda xs: list(module(*xs)), module.get_metadata().get(STAMP))
 
 
-def _build_onnx(ep: torch.export.ExportedProgram, example: list[Tensor], path: Path, names: list[str]) -> None:
+def _build_onnx(ep: torch.export.ExportedProgram, example: list[Tensor], path: Path, names: list[str],
+                stamp: str) -> None:
     """ONNX with the engine's input and output names; onnxruntime optimises the graph when it loads it
     (onnxscript's optimizer takes tens of minutes on graphs of a few 10k nodes)."""
     program = torch.onnx.export(ep, tuple(example), dynamo=True, opset_version=ONNX_OPSET, optimize=False,
                                 input_names=names[:len(example)], output_names=names[len(example):], verbose=False)
+    program.model.metadata_props[STAMP] = stamp
     program.save(str(path))
 
 
-def _load_onnx(path: Path, inputs: list[TensorSlot], outputs: list[TensorSlot], device: torch.device) -> Runner:
+def _load_onnx(path: Path, inputs: list[TensorSlot], outputs: list[TensorSlot], device: torch.device) -> Loaded:
     import numpy as np
     import onnxruntime as ort
 
@@ -98,8 +117,10 @@ def _load_onnx(path: Path, inputs: list[TensorSlot], outputs: list[TensorSlot], 
             raise ExportError("this ONNX engine was built for CUDA, but onnxruntime has no CUDAExecutionProvider "
                               "(pip install onnxruntime-gpu)")
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+    options = ort.SessionOptions()
+    options.log_severity_level = ORT_LOG_ERRORS
     with _loading("onnxruntime", path):
-        session = ort.InferenceSession(str(path), providers=providers)
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     in_names = [i.name for i in session.get_inputs()]
     out_names = [o.name for o in session.get_outputs()]
     np_dtype = {torch.float32: np.float32, torch.int64: np.int64}
@@ -116,37 +137,44 @@ def _load_onnx(path: Path, inputs: list[TensorSlot], outputs: list[TensorSlot], 
         session.run_with_iobinding(binding)
         return ys
 
-    return run
+    return Loaded(run, session.get_modelmeta().custom_metadata_map.get(STAMP))
 
 
-def _build_tensorrt(ep: torch.export.ExportedProgram, example: list[Tensor], path: Path, names: list[str]) -> None:
+def _build_tensorrt(ep: torch.export.ExportedProgram, example: list[Tensor], path: Path, names: list[str],
+                    stamp: str) -> None:
     import torch_tensorrt
 
     module = torch_tensorrt.dynamo.compile(ep, arg_inputs=example)
-    torch_tensorrt.save(module, str(path), output_format="exported_program", arg_inputs=example)
+    torch_tensorrt.save(module, str(path), output_format="exported_program", arg_inputs=example,
+                        extra_files={STAMP: stamp})
 
 
-def _load_exported(path: Path) -> torch.nn.Module:
+def _load_exported(path: Path) -> tuple[torch.nn.Module, str | None]:
+    """The program of a torch.export archive as a module, and its stamp."""
+    extra = {STAMP: ""}
     with _loading("torch.export", path):
-        return torch.export.load(str(path)).module()
+        module = torch.export.load(str(path), extra_files=extra).module()
+    return module, extra[STAMP] or None
 
 
-def _load_tensorrt(path: Path, inputs: list[TensorSlot], outputs: list[TensorSlot], device: torch.device) -> Runner:
+def _load_tensorrt(path: Path, inputs: list[TensorSlot], outputs: list[TensorSlot], device: torch.device) -> Loaded:
     check_available("tensorrt", device)
     importlib.import_module("torch_tensorrt")  # registers the TensorRT engine ops the saved program calls
-    module = _load_exported(path)
-    return lambda xs: list(module(*xs))
+    module, stamp = _load_exported(path)
+    return Loaded(lambda xs: list(module(*xs)), stamp)
 
 
-def _build_exported(ep: torch.export.ExportedProgram, example: list[Tensor], path: Path, names: list[str]) -> None:
-    torch.export.save(ep, str(path))
+def _build_exported(ep: torch.export.ExportedProgram, example: list[Tensor], path: Path, names: list[str],
+                    stamp: str) -> None:
+    torch.export.save(ep, str(path), extra_files={STAMP: stamp})
 
 
-def _load_cudagraph(path: Path, inputs: list[TensorSlot], outputs: list[TensorSlot], device: torch.device) -> Runner:
+def _load_cudagraph(path: Path, inputs: list[TensorSlot], outputs: list[TensorSlot], device: torch.device) -> Loaded:
     """Compile the program, capture one call in a CUDA graph; a call copies into the static inputs
     and replays it."""
     check_available("cudagraph", device)
-    fn = torch.compile(_load_exported(path), fullgraph=True, dynamic=False)
+    module, stamp = _load_exported(path)
+    fn = torch.compile(module, fullgraph=True, dynamic=False)
     static = [torch.zeros(i.shape, dtype=i.torch_dtype, device=device) for i in inputs]
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
@@ -164,17 +192,17 @@ def _load_cudagraph(path: Path, inputs: list[TensorSlot], outputs: list[TensorSl
         graph.replay()
         return [y.clone() for y in static_out]
 
-    return run
+    return Loaded(run, stamp)
 
 
 @dataclass(frozen=True)
 class Backend:
-    """How one backend writes its engine file and loads it back."""
+    """How one backend writes its engine file (with a stamp) and loads it back."""
 
     name: str
     filename: str
-    build: Callable[[torch.export.ExportedProgram, list[Tensor], Path, list[str]], None]  # names: inputs, outputs
-    load: Callable[[Path, list[TensorSlot], list[TensorSlot], torch.device], Runner]
+    build: Callable[[torch.export.ExportedProgram, list[Tensor], Path, list[str], str], None]  # names: in, out
+    load: Callable[[Path, list[TensorSlot], list[TensorSlot], torch.device], Loaded]
 
 
 ENGINE_BACKENDS: Registry[Backend] = Registry("backend")

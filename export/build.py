@@ -2,8 +2,10 @@
 manifest, publish.
 
 Everything is written to a temporary directory beside ``out`` and renamed into place only after
-the parity check passed, so a failed build leaves nothing at ``out``. Each finished stage can be
-reported as a line ``export: <what was done> (<seconds> s)``.
+the parity check passed, so a failed build leaves nothing at ``out``; the published directory and files
+have the modes the umask gives new ones (0755 and 0644 under umask 022). Each finished stage can be
+reported as a line ``export: <what was done> (<seconds> s)``; the export tools' own warnings and log
+lines are silenced (``quiet``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import Tensor
 
 import fastfm
 from fastfm import hardware
-from fastfm.checkpoint import inference_file
+from fastfm.checkpoint import inference_file, new_mode
 from fastfm.runs import LoadedRun, load_run, resolve_device
 
 from . import manifest
@@ -30,6 +32,7 @@ from .backends import Runner, backend, versions
 from .choose import candidates
 from .graph import build_program, example_inputs, trace
 from .parity import compare, probe_inputs, reference
+from .quiet import quiet
 from .spec import EngineSpec, ExportError, TensorSlot, signature, validate
 
 TIMED_MIN_S = 0.2
@@ -58,29 +61,42 @@ class _Built:
     filename: str
     parity: dict[str, Any]
     runner: Runner
-    grid: list[float]
+    described: dict[str, Any]  # the manifest's account of what it computes (``manifest.identity``)
 
 
-def _build_one(run: LoadedRun, spec: EngineSpec, inputs: list[TensorSlot], outputs: list[TensorSlot],
-               probe: dict[str, Tensor], ref: list[Tensor], directory: Path, dev: torch.device,
-               stages: _Stages) -> _Built:
-    """Trace, build, load and parity-check the engine of a concrete ``spec`` in ``directory``."""
+def _build_one(run: LoadedRun, spec: EngineSpec, base: dict[str, Any], inputs: list[TensorSlot],
+               outputs: list[TensorSlot], probe: dict[str, Tensor], ref: list[Tensor], directory: Path,
+               dev: torch.device, stages: _Stages) -> _Built:
+    """Trace, build (stamped with what it computes: ``base`` with the spec, nfe and grid), load and
+    parity-check the engine of a concrete ``spec`` in ``directory``."""
     label = f"{spec.backend} {spec.dtype}"
     program = build_program(run, spec)
+    described = {**base, "spec": spec.to_json(), "nfe": spec.nfe, "grid": program.grid.tolist()}
     ep = trace(program, example_inputs(inputs, dev))
     stages.done(f"traced, simplified and exported the {spec.dtype} program ({len(ep.graph.nodes)} graph nodes)")
     lowering = backend(spec.backend)
     directory.mkdir(parents=True, exist_ok=True)
     engine_file = directory / lowering.filename
-    lowering.build(ep, example_inputs(inputs, dev), engine_file, [t.name for t in inputs + outputs])
+    stamp = manifest.stamp(described)
+    lowering.build(ep, example_inputs(inputs, dev), engine_file, [t.name for t in inputs + outputs], stamp)
     stages.done(f"built the {label} engine {lowering.filename}")
-    runner = lowering.load(engine_file, inputs, outputs, dev)
-    parity = compare(runner([probe[i.name].to(dev) for i in inputs]), ref, outputs, spec.dtype)
+    loaded = lowering.load(engine_file, inputs, outputs, dev)
+    if loaded.stamp != stamp:
+        raise ExportError(f"the {label} engine file {lowering.filename} did not keep its stamp of what it computes "
+                          "(its loader cannot check it against the manifest)")
+    parity = compare(loaded.run([probe[i.name].to(dev) for i in inputs]), ref, outputs, spec.dtype)
     if not parity["ok"]:
         raise ExportError(f"parity check failed, engine not written ({label}): {parity['outputs']} "
                           f"(tolerance {parity['tolerance']})")
     stages.done(f"loaded the {label} engine; parity check against eager passed")
-    return _Built(spec, directory, lowering.filename, parity, runner, program.grid.tolist())
+    return _Built(spec, directory, lowering.filename, parity, loaded.run, described)
+
+
+def _umask_modes(directory: Path) -> None:
+    """``directory`` and everything in it with the modes the umask gives new directories and files (a temporary
+    directory is created 0700, and some writers create their files 0600)."""
+    for path in [directory, *directory.rglob("*")]:
+        path.chmod(new_mode(path.is_dir()))
 
 
 def _timed(built: _Built, inputs: list[TensorSlot], probe: dict[str, Tensor], dev: torch.device) -> float:
@@ -140,6 +156,10 @@ def export_engine(checkpoint: str | Path, spec: EngineSpec, out: str | Path, *, 
     inputs, outputs = signature(spec, run.meta)
     probe = probe_inputs(run, inputs, seed, low_res)
     ref = reference(run, spec, probe, outputs)
+    weights = inference_file(checkpoint)
+    base = {"device": str(dev), "inputs": [i.to_json() for i in inputs], "outputs": [o.to_json() for o in outputs],
+            "checkpoint": {"source": str(checkpoint), "file": weights.name, "sha256": manifest.sha256(weights),
+                           "meta": run.meta}}
     stages.done(f"checked the request and loaded {checkpoint}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
@@ -148,7 +168,8 @@ def export_engine(checkpoint: str | Path, spec: EngineSpec, out: str | Path, *, 
         for option in options:
             where = tmp if len(options) == 1 else tmp / f"{option.backend}-{option.dtype}"
             try:
-                built.append(_build_one(run, option, inputs, outputs, probe, ref, where, dev, stages))
+                with quiet():
+                    built.append(_build_one(run, option, base, inputs, outputs, probe, ref, where, dev, stages))
             except ExportError as e:
                 if len(options) == 1:
                     raise
@@ -158,18 +179,13 @@ def export_engine(checkpoint: str | Path, spec: EngineSpec, out: str | Path, *, 
             os.replace(best.directory / best.filename, tmp / best.filename)
             for b in built:
                 shutil.rmtree(b.directory, ignore_errors=True)
-        weights = inference_file(checkpoint)
         manifest.write(tmp, {
-            "fastfm_version": fastfm.__version__, "created": datetime.now(timezone.utc).isoformat(),
-            "spec": best.spec.to_json(), "nfe": best.spec.nfe, "device": str(dev),
-            "grid": best.grid,
-            "inputs": [i.to_json() for i in inputs], "outputs": [o.to_json() for o in outputs],
+            **best.described, "fastfm_version": fastfm.__version__, "created": datetime.now(timezone.utc).isoformat(),
             "engine": {"file": best.filename, "sha256": manifest.sha256(tmp / best.filename)},
-            "checkpoint": {"source": str(checkpoint), "file": weights.name, "sha256": manifest.sha256(weights),
-                           "meta": run.meta},
             "parity": best.parity, "versions": versions(best.spec.backend), "hardware": caps.to_json(),
             "selection": selection, "build_seconds": round(time.perf_counter() - started, 1),
         })
+        _umask_modes(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -1,16 +1,19 @@
 """A loaded engine: one callable with the same signature for every backend.
 
-    engine(x, y=None, low_res=None, probes=None) -> EngineResult(x, log_prob, bits_per_dim, nfe)
+    engine(x, y=None, low_res=None, probes=None, noise=None, progress=None)
+        -> EngineResult(x, log_prob, bits_per_dim, nfe)
 
-x is the noise x0 (sampling engines) or the data x1 (likelihood engines), any number N of rows;
-probes have shape (k, N, *shape). The engine's batch is static, so rows run in chunks of that
-batch and the last chunk is padded by repeating its last row (rows are independent).
+x is the noise x0 (sampling engines) or the data x1 (likelihood engines), any number N >= 1 of rows;
+probes have shape (k, N, *shape). The engine's batch is static, so rows run in ``calls(N)`` chunks of
+that batch (``progress(1)`` after each) and the last chunk is padded by repeating its last row (rows are
+independent). Loading checks the manifest against the engine file's own stamp of what it computes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -19,6 +22,7 @@ from fastfm.checkpoint import inference_file
 
 from . import manifest
 from .backends import Runner, backend
+from .quiet import quiet
 from .spec import ExportError
 
 
@@ -58,15 +62,13 @@ class Engine:
         unexpected = [k for k, v in given.items() if v is not None and k not in self.input_names]
         if unexpected:
             raise ExportError(f"this engine takes no {', '.join(unexpected)} (its inputs: {self.input_names})")
-        n = x.shape[0] if x.dim() else 0
+        rows = None
         out = []
         for spec, dim, t in zip(self.info.inputs, self._row_dims, [x, *map(given.get, self.input_names[1:])]):
             if t is None:
                 raise ExportError(f"this engine needs {spec.name!r} (shape {spec.shape}, {spec.dtype})")
-            want = spec.shape[:dim] + (n,) + spec.shape[dim + 1:]
-            if t.shape != want or n == 0:
-                raise ExportError(f"{spec.name!r} must have shape {want} (engine batch {self.batch} per call, "
-                                  f"any number of rows), got {tuple(t.shape)}")
+            spec.check_rows(tuple(t.shape), dim, rows)
+            rows = t.shape[dim]  # every input has the rows of x
             self._check_values(spec.name, t, spec.torch_dtype)
             out.append(t.to(self.device, spec.torch_dtype).contiguous())
         return out
@@ -86,12 +88,19 @@ class Engine:
         if classes is not None and (lo < 0 or hi >= classes):
             raise ExportError(f"{name!r} must hold class labels in 0..{classes - 1}, got values in {lo}..{hi}")
 
+    def calls(self, rows: int) -> int:
+        """Engine calls that ``rows`` rows take (chunks of the static batch)."""
+        return -(-rows // self.batch)
+
     def __call__(self, x: Tensor, y: Tensor | None = None, low_res: Tensor | None = None,
-                 probes: Tensor | None = None, noise: Tensor | None = None) -> EngineResult:
+                 probes: Tensor | None = None, noise: Tensor | None = None,
+                 progress: Callable[[int], Any] | None = None) -> EngineResult:
         inputs = self._prepare(x, {"y": y, "low_res": low_res, "probes": probes, "noise": noise})
         n, b = x.shape[0], self.batch
+        done = progress or (lambda calls: None)
         if n == b:  # one call, no copies
             outputs = self._run(inputs)
+            done(1)
         else:
             chunks = []
             for start in range(0, n, b):
@@ -100,6 +109,7 @@ class Engine:
                 # runners read their inputs as dense buffers
                 call = [_pad(t.narrow(d, start, m), d, b).contiguous() for t, d in zip(inputs, self._row_dims)]
                 chunks.append([o[:m] for o in self._run(call)])
+                done(1)
             outputs = [torch.cat(parts) for parts in zip(*chunks)]
         values = dict(zip(self._outputs, outputs))
         return EngineResult(values["x"], values.get("log_prob"), values.get("bits_per_dim"), self.nfe)
@@ -118,5 +128,7 @@ def load(directory: str | Path, checkpoint: str | Path | None = None) -> Engine:
         if got != info.checkpoint_sha256:
             raise manifest.ManifestError(f"engine {directory} was built from other weights than {checkpoint} "
                                          f"(sha256 {info.checkpoint_sha256[:12]}..., checkpoint {got[:12]}...)")
-    runner = backend(info.spec.backend).load(info.engine_file, info.inputs, info.outputs, info.device)
-    return Engine(directory, info, runner)
+    with quiet():
+        loaded = backend(info.spec.backend).load(info.engine_file, info.inputs, info.outputs, info.device)
+    manifest.check_stamp(info, loaded.stamp)
+    return Engine(directory, info, loaded.run)

@@ -101,7 +101,8 @@ class SampleProgram(_Program):
                              guidance=self.spec.guidance, **cond)
             return (res.x,)
         res = sample(self.model, self.path, x0, solver=self.spec.solver, grid=grid, target=self.target, y=y,
-                     guidance=self.spec.guidance, log_likelihood=self.spec.log_likelihood, probes=probes, **cond)
+                     guidance=self.spec.guidance, log_likelihood=self.spec.log_likelihood, probes=probes,
+                     denoise=self.spec.denoise, **cond)
         return (res.x,) if res.log_prob is None else (res.x, res.log_prob)
 
 

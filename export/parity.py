@@ -26,7 +26,7 @@ from fastfm.likelihood import bits_per_dim, log_likelihood
 from fastfm.ode import draw_prior, sample
 from fastfm.sde import parse_diffusion, sde_sample
 
-from .spec import EngineSpec, ExportError, TensorSlot
+from .spec import EngineSpec, TensorSlot
 
 REFERENCE_ROWS = 64
 
@@ -62,9 +62,7 @@ def probe_inputs(run: LoadedRun, inputs: list[TensorSlot], seed: int = 0, low_re
         elif spec.name == "low_res":
             if low_res is None:
                 low_res = F.avg_pool2d(draw_prior(run.path, b, shape, gen), int(run.meta["superres"]))
-            if tuple(low_res.shape[1:]) != spec.shape[1:]:
-                raise ExportError(f"low-res inputs must have shape (N, {', '.join(map(str, spec.shape[1:]))}) "
-                                  f"for this model, got {tuple(low_res.shape)}")
+            spec.check_rows(tuple(low_res.shape))
             out["low_res"] = low_res.float().repeat(-(-b // low_res.shape[0]), 1, 1, 1)[:b]
     return out
 
@@ -87,7 +85,7 @@ def reference(run: LoadedRun, spec: EngineSpec, probe: dict[str, Tensor], output
             values = {"x": res.x}
         elif spec.task == "sample":
             res = sample(run.model, run.path, cut.pop("x0"), guidance=spec.guidance,
-                         log_likelihood=spec.log_likelihood, **opts, **cut)
+                         log_likelihood=spec.log_likelihood, denoise=spec.denoise, **opts, **cut)
             values = {"x": res.x, "log_prob": res.log_prob}
         else:
             x1 = cut.pop("x1")

@@ -2,8 +2,9 @@
 
 The engine fixes its solver, steps, divergence, guidance, baked class and diffusion at export: options
 a user gives must be left out or agree with them. The engine's static batch is served in chunks
-(``Engine.__call__``), so ``sample(n)`` and ``log_likelihood(x)`` take any number of rows. The prior
-draws, probes and SDE noise are drawn here in the order the eager sampler draws them for one batch.
+(``Engine.__call__``), so ``sample(n)`` and ``log_likelihood(x)`` take any number of rows, with the eager
+sampler's progress bar counting engine calls. The prior draws, probes and SDE noise are drawn here in the
+order the eager sampler draws them for one batch.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import Tensor
 from fastfm import seeding
 from fastfm.divergence import draw_probes
 from fastfm.guidance import check_conditioning
-from fastfm.inference import Cond, InferenceSettings, settings_with, with_labels
+from fastfm.inference import Cond, InferenceSettings, progress_bar, settings_with, with_labels
 from fastfm.likelihood import LikelihoodResult
 from fastfm.ode import SampleResult, draw_prior
 from fastfm.runs import path_from_meta
@@ -109,7 +110,8 @@ class EngineSampler:
         x0 = draw_prior(path_from_meta(self.meta), n, shape, gen)
         probes = self._probes((n, *shape), gen)
         noise = torch.randn((spec.steps, n, *shape), generator=gen) if spec.diffusion is not None else None
-        res = self.engine(x0, probes=probes, noise=noise, **cond)
+        with progress_bar(n, self.engine.calls(n), enabled=progress, unit="batch") as bar:
+            res = self.engine(x0, probes=probes, noise=noise, progress=bar.update, **cond)
         return SampleResult(res.x.cpu(), res.nfe, None if res.log_prob is None or not log_likelihood
                             else res.log_prob.cpu())
 
@@ -118,5 +120,9 @@ class EngineSampler:
         """log p_1 of x through the engine, Hutchinson probes (if any) drawn here (Rademacher)."""
         self._require("likelihood")
         gen = seeding.generator(seed, seeding.EVAL)
-        res = self.engine(x, probes=self._probes(tuple(x.shape), gen), **with_labels(self, x.shape[0], cond))
+        n = x.shape[0] if x.dim() else 0  # the engine names a wrong shape
+        with progress_bar(n, self.engine.calls(n), enabled=progress, unit="batch",
+                          likelihood=self.settings.divergence_label(math.prod(self.meta["data"]["shape"]))) as bar:
+            res = self.engine(x, probes=self._probes(tuple(x.shape), gen), progress=bar.update,
+                              **with_labels(self, n, cond))
         return LikelihoodResult(res.log_prob.cpu(), res.nfe, res.x.cpu())

@@ -28,6 +28,7 @@ import torch
 from fastfm.densities import Gaussian
 from fastfm.divergence import DIVERGENCES, EXACT_MAX_DIM, resolve_divergence
 from fastfm.guidance import check_conditioning
+from fastfm.ode import jumps
 from fastfm.runs import path_from_meta
 from fastfm.score import score_interval
 from fastfm.sde import parse_diffusion
@@ -56,6 +57,20 @@ class TensorSlot:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
+    def check_rows(self, shape: tuple[int, ...], dim: int = 0, rows: int | None = None) -> None:
+        """``shape`` is this slot's with at least one row along ``dim`` (exactly ``rows``, those of another input,
+        if given); ExportError saying what is wrong otherwise."""
+        ndim = len(self.shape)
+        layout = "(" + ", ".join("rows" if i == dim else str(s) for i, s in enumerate(self.shape)) \
+            + ("," if ndim == 1 else "") + ")"
+        if len(shape) != ndim:
+            raise ExportError(f"{self.name!r} must be {ndim}-D {layout}, got {len(shape)}-D {shape}")
+        want = self.shape[:dim] + (shape[dim] if rows is None else rows,) + self.shape[dim + 1:]
+        if shape[dim] == 0 and rows is None:
+            raise ExportError(f"{self.name!r} has 0 rows, shape {shape}: need at least one row {layout}")
+        if shape != want:
+            raise ExportError(f"{self.name!r} must have shape {want} {layout}, got {shape}")
+
     @staticmethod
     def from_json(d: dict[str, Any]) -> TensorSlot:
         return TensorSlot(str(d["name"]), tuple(int(s) for s in d["shape"]), str(d["dtype"]))
@@ -77,7 +92,7 @@ class EngineSpec:
     guidance: float = 1.0
     class_label: int | None = None
     diffusion: str | None = None  # SDE sampling: eps(t) as ``fastfm.sde.parse_diffusion`` reads it
-    denoise: bool = False  # SDE: a final denoising jump (resolved by validate: the score interval ends before 1)
+    denoise: bool = False  # sampling: a final jump to E[x1 | x_t] (resolved by validate: the interval ends before 1)
 
     @property
     def nfe(self) -> int:
@@ -121,8 +136,10 @@ def validate(spec: EngineSpec, meta: dict[str, Any]) -> EngineSpec:
         raise ExportError(str(e)) from None
     if spec.diffusion is not None:
         spec = _validate_sde(spec, meta)
+    elif spec.task == "sample":  # the ODE's final jump to E[x1 | x_t] where its interval stops short of t = 1
+        spec = replace(spec, denoise=jumps(path_from_meta(meta), meta["target"]))
     elif spec.denoise:
-        raise ExportError("denoise is resolved for SDE engines (diffusion set) only")
+        raise ExportError("denoise is resolved for sampling engines only")
     if not spec.wants_divergence:
         if spec.divergence not in ("auto", "none"):
             raise ExportError(f"divergence {spec.divergence!r} needs a likelihood: use task 'likelihood' "

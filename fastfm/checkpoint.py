@@ -76,11 +76,11 @@ def _temporary(path: Path) -> str:
     return tmp
 
 
-def _set_mode(tmp: str) -> None:
-    """0666 less the umask, as open() gives; after writing, since some writers re-create the file 0600."""
+def new_mode(directory: bool = False) -> int:
+    """The mode open() and mkdir() give new files (0666) and directories (0777) under this process's umask."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    return (0o777 if directory else 0o666) & ~umask
 
 
 def _write_temporary(path: Path, write: Callable[[str], None]) -> str:
@@ -88,7 +88,7 @@ def _write_temporary(path: Path, write: Callable[[str], None]) -> str:
     tmp = _temporary(path)
     try:
         write(tmp)
-        _set_mode(tmp)
+        os.chmod(tmp, new_mode())  # after writing: some writers re-create the file 0600
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
     except BaseException as e:

@@ -16,8 +16,9 @@ A leaf utility: it imports torch alone (private submodules lazily, on first use)
     get_decompositions        torch._decomp.get_decompositions: a decomposition table for make_fx
     op_schema                 torch._ops.OpOverload and its ._schema: an ATen node's op name and mutability
     trace_fake                make_fx(..., tracing_mode="fake", _allow_non_fake_inputs=True)
-    aoti_compile_and_package  torch._inductor.aoti_compile_and_package: an ExportedProgram to a .pt2
-    aoti_load_package         torch._inductor.aoti_load_package: a .pt2 back as a callable
+    aoti_compile_and_package  torch._inductor.aoti_compile_and_package: an ExportedProgram to a .pt2, with
+                              metadata (inductor config aot_inductor.metadata)
+    aoti_load_package         torch._inductor.aoti_load_package: a .pt2 back as a callable (get_metadata())
 """
 
 from __future__ import annotations
@@ -109,11 +110,14 @@ def trace_fake(fn: Callable, decompositions: dict[Any, Callable] | None = None) 
 
 
 def aoti_compile_and_package(ep: torch.export.ExportedProgram, package_path: str,
-                             inductor_configs: dict[str, Any] | None = None) -> str:
+                             inductor_configs: dict[str, Any] | None = None,
+                             metadata: dict[str, str] | None = None) -> str:
     """Compile ``ep`` with AOTInductor into the package ``package_path`` (a .pt2)
-    (``torch._inductor.aoti_compile_and_package``); returns its path."""
+    (``torch._inductor.aoti_compile_and_package``), with string ``metadata`` stored in the package (inductor
+    config ``aot_inductor.metadata``; read back by the loaded package's ``get_metadata()``); returns its path."""
+    configs = {**(inductor_configs or {}), **({"aot_inductor.metadata": metadata} if metadata else {})}
     return private("torch._inductor", "aoti_compile_and_package")(ep, package_path=package_path,
-                                                                  inductor_configs=inductor_configs)
+                                                                  inductor_configs=configs)
 
 
 def aoti_load_package(path: str, device_index: int = -1) -> Callable:

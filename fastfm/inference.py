@@ -28,7 +28,7 @@ from fastfm.densities import require_log_prob
 from fastfm.divergence import DIVERGENCES, draw_probes, resolve_divergence
 from fastfm.guidance import check_conditioning, default_labels
 from fastfm.likelihood import LikelihoodResult, log_likelihood, nll_summary
-from fastfm.ode import SampleResult, draw_prior, sample
+from fastfm.ode import SampleResult, draw_prior, jumps, sample
 from fastfm.paths import AffinePath
 from fastfm.runs import LoadedRun
 from fastfm.score import score_interval
@@ -149,6 +149,14 @@ def with_labels(sampler: Sampler, n: int, cond: Cond | None) -> Cond:
     return cond
 
 
+def progress_bar(n: int, total: int | None, *, enabled: bool = True, unit: str = "eval",
+                 likelihood: str | None = None) -> tqdm:
+    """The progress bar (stderr, with an ETA, cleared when done) of one solve over n rows: ``total`` units (None:
+    unknown); 'sampling (n)', or with ``likelihood`` (the divergence's label) 'test NLL (n points, label)'."""
+    desc = f"sampling ({n})" if likelihood is None else f"test NLL ({n} points, {likelihood})"
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not enabled)
+
+
 class Progress(nn.Module):
     """``model`` that advances a progress bar on every call (one per model evaluation, JVPs included)."""
 
@@ -183,7 +191,8 @@ class EagerSampler:
 
     @property
     def tasks(self) -> frozenset[str]:
-        return frozenset(TASKS)
+        """Every task, but the likelihood only where the path's prior has a log-density (not a data-set source)."""
+        return frozenset(t for t in TASKS if t != "likelihood" or self.path.prior.has_log_prob)
 
     @property
     def device(self) -> torch.device:
@@ -194,7 +203,8 @@ class EagerSampler:
 
     def calls(self, likelihood: bool = False) -> int | None:
         """Model calls of one batch's solve (None for adaptive solvers): NFE x (D exact JVPs, k probes or 1);
-        the SDE makes one call per Euler-Maruyama step, plus the denoising jump short of t = 1."""
+        the SDE makes one call per Euler-Maruyama step; both samplers add the final jump where their interval
+        stops short of t = 1 (``fastfm.ode.jumps``)."""
         s = self.settings
         if s.diffusion is not None:
             return s.steps + (score_interval(self.path, self.target)[1] < 1.0)
@@ -202,7 +212,7 @@ class EagerSampler:
             return None
         dim = math.prod(self.shape)
         per_eval = 1 if not likelihood else (dim if resolve_divergence(s.divergence, dim) == "exact" else s.probes)
-        return s.steps_run * nfe_per_step(s.solver) * per_eval
+        return s.steps_run * nfe_per_step(s.solver) * per_eval + (not likelihood and jumps(self.path, self.target))
 
     def _probes(self, shape: tuple[int, ...], gen: torch.Generator) -> Tensor | None:
         s = self.settings
@@ -230,8 +240,7 @@ class EagerSampler:
         gen = seeding.generator(seed, seeding.EVAL) if generator is None else generator
         calls = self.calls(log_likelihood)
         xs, logps, kinetic, straight, nfe = [], [], [], [], 0
-        with tqdm(total=None if calls is None else calls * -(-n // s.batch_size), desc=f"sampling ({n})",
-                  unit="eval", leave=False, disable=not progress) as bar:
+        with progress_bar(n, None if calls is None else calls * -(-n // s.batch_size), enabled=progress) as bar:
             counted = Progress(self.model, bar)
             for i in range(0, n, s.batch_size):
                 m = min(s.batch_size, n - i)
@@ -271,8 +280,8 @@ class EagerSampler:
         calls = self.calls(likelihood=True)
         label = s.divergence_label(x[0].numel())
         logps, latents, nfe = [], [], 0
-        with tqdm(total=None if calls is None else calls * batches, desc=f"test NLL ({x.shape[0]} points, {label})",
-                  unit="eval", disable=not progress, leave=False) as bar:
+        with progress_bar(x.shape[0], None if calls is None else calls * batches, enabled=progress,
+                          likelihood=label) as bar:
             counted = Progress(self.model, bar)
             for i in range(0, x.shape[0], s.batch_size):
                 xb = x[i:i + s.batch_size].to(device)

@@ -72,10 +72,13 @@ def bits_per_dim(log_prob: Tensor, dim: int, levels: int = 256) -> Tensor:
 
 
 def nll_summary(log_prob: Tensor, dim: int, levels: int | None, **info: Any) -> dict[str, Any]:
-    """Mean NLL in nats with its standard error (and bits/dim for discrete data) of log-likelihoods."""
+    """Mean NLL in nats with its standard error, and for discrete data bits/dim with its own standard error
+    (bits/dim is affine in log p, so its standard error is the nats one over D log 2)."""
     out: dict[str, Any] = {"nll_nats": float(-log_prob.mean()),
                            "nll_nats_stderr": float(log_prob.std() / math.sqrt(len(log_prob))), **info,
                            "n": len(log_prob)}
     if levels is not None:
-        out["bits_per_dim"] = float(bits_per_dim(log_prob, dim, levels).mean())
+        bpd = bits_per_dim(log_prob, dim, levels)
+        out["bits_per_dim"] = float(bpd.mean())
+        out["bits_per_dim_stderr"] = float(bpd.std() / math.sqrt(len(bpd)))
     return out

@@ -208,11 +208,13 @@ class AffinePath:
 
     def time_interval(self, target: str = "velocity") -> tuple[float, float]:
         """[t_start, t_end] on which the sampled field is finite: an end moves in by T_EPS = 1e-3 where
-        the x1 conversion divides by sigma_1 = 0, the x0 conversion by alpha_0 = 0, or sigma'_t
-        diverges at t = 1 (VP). Sampling and likelihood integrate over this interval. Pure Python
-        (the schedule's exact end points, computed once), so traced solves have no host syncs."""
+        the x1 conversion divides by sigma_1 = 0, the x0 conversion by alpha_0 = 0, an x0 prediction
+        is undefined (sigma_1 = 0: x_1 = x1 says nothing of x0, and E[x0 | x_t] = (x - alpha_t x1) / sigma_t
+        of sharp data is 0/0 there), or sigma'_t diverges at t = 1 (VP). Sampling and likelihood integrate
+        over this interval (sampling then jumps to E[x1 | x_t], ``fastfm.ode``). Pure Python (the schedule's
+        exact end points, computed once), so traced solves have no host syncs."""
         lo = T_EPS if target == "x0" and self.ends.alpha_0 == 0.0 else 0.0
-        singular = self.scheduler.singular_at_one or (target == "x1" and self.ends.sigma_1 == 0.0)
+        singular = self.scheduler.singular_at_one or (target != "velocity" and self.ends.sigma_1 == 0.0)
         return lo, 1.0 - T_EPS if singular else 1.0
 
     def coefficients(self, t: Tensor, target: str = "velocity") -> Coefficients:

@@ -7,8 +7,9 @@ form (``fastfm.score``), so any Gaussian-base affine path and any prediction tar
 
 Fixed-step Euler-Maruyama over ``score_interval`` (t = 1 moved in by T_EPS where sigma_1 = 0, the
 score diverging there), then, when the interval stops short of t = 1, one denoising jump to the
-model's E[x1 | x_t]. The noise is an input (``noise``: steps x the state's shape, standard normal)
-or drawn from a generator; no host syncs, so the solve traces like the ODE sampler.
+model's E[x1 | x_t] (``fastfm.ode.jump_to_data``, the ODE sampler's jump). The noise is an input
+(``noise``: steps x the state's shape, standard normal) or drawn from a generator; no host syncs, so
+the solve traces like the ODE sampler.
 
 Diffusion schedules (``parse_diffusion``): a number C is eps(t) = C; ``sin2:C`` is
 eps(t) = C sin^2(pi t), which vanishes at both ends (no noise where the score is largest).
@@ -24,9 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from fastfm.guidance import guided_model
-from fastfm.paths import AffinePath, expand_like
-from fastfm.ode import SampleResult
-from fastfm.score import posterior_x0, score_from_prediction, score_interval
+from fastfm.paths import AffinePath
+from fastfm.ode import SampleResult, jump_to_data
+from fastfm.score import score_from_prediction, score_interval
 from fastfm.solvers import time_grid
 
 Diffusion = Callable[[Tensor], Tensor]
@@ -87,11 +88,6 @@ def sde_sample(model: nn.Module, path: AffinePath, x0: Tensor, *, diffusion: Dif
         eps = diffusion(t).to(x.dtype)
         drift = v + 0.5 * eps * score_from_prediction(path, pred, x, tb, target)
         x = x + h * drift + torch.sqrt(eps * h) * noise[i]
-    nfe = steps
-    if denoise and hi < 1.0:  # E[x1 | x_t] = (x - sigma x0_hat) / alpha at the last time
-        tb = grid[-1].expand(x.shape[0])
-        s = path.scheduler(tb.to(x.dtype))
-        x0_hat = posterior_x0(path, g(x, tb), x, tb, target)
-        x = (x - expand_like(s.sigma_t, x) * x0_hat) / expand_like(s.alpha_t, x)
-        nfe += 1
-    return SampleResult(x, nfe)
+    if denoise and hi < 1.0:
+        return SampleResult(jump_to_data(g, path, x, grid[-1], target), steps + 1)
+    return SampleResult(x, steps)

@@ -82,7 +82,7 @@ def test_atomic_write_failure_keeps_old_content(tmp_path: Path, exc: BaseExcepti
             f.write(b"half of the new")
         raise exc
 
-    with pytest.raises(raised, match="" if raised is KeyboardInterrupt else "cannot write .*state.bin: disk full"):
+    with pytest.raises(raised, match=None if raised is KeyboardInterrupt else "cannot write .*state.bin: disk full"):
         atomic_write(dest, writer)
     assert dest.read_bytes() == b"old content"
     assert leftovers(tmp_path) == []

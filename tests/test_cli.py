@@ -171,8 +171,9 @@ def test_interpolant_from_data_source_samples(interp_run: tuple[Path, str | None
                                   "--out", str(tmp_path / "ll"), *INFER])
     assert "log_prob" in msg and "8gaussians" in msg
     assert not (tmp_path / "ll").exists()
-    msg = cli_error(evaluate.main, ["--checkpoint", str(out), "--n", "20", *INFER])
-    assert "log_prob" in msg and "density" in msg
+    # evaluate measures what it can: sample quality, and says why there is no test NLL
+    res = last_json(call(evaluate.main, ["--checkpoint", str(out), "--n", "20", "--n-samples", "20", *INFER]))
+    assert "test" not in res and finite(res["quality"]["energy_distance"]) and res["quality"]["n"] == 20
 
 
 def test_interpolant_sde_names_its_source(interp_run: tuple[Path, str | None], tmp_path: Path) -> None:
@@ -185,7 +186,7 @@ def test_interpolant_sde_names_its_source(interp_run: tuple[Path, str | None], t
 
 def test_interpolant_from_gmm_has_finite_nll(tmp_path: Path) -> None:
     """gmm has an exact log-density, so the interpolant's NLL is defined."""
-    run = run_training(tmp_path / "run", "--path", "linear", "--source", "gmm", "--data", "moons")
+    run = run_training(tmp_path / "run", "--path", "linear", "--source", "gmm", "--data", "moons", "--eval-budget", "0")
     assert_healthy_run(run)
     res = last_json(call(evaluate.main, ["--checkpoint", str(run.dir), "--n", "50", "--n-samples", "50", *INFER]))
     assert finite(res["test"]["nll_nats"]) and finite(res["quality"]["energy_distance"])

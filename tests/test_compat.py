@@ -119,3 +119,7 @@ def test_aoti_functions_exist():
         f"torch {torch.__version__}: aoti_compile_and_package takes {list(params)}"
     params = inspect.signature(load_package).parameters
     assert "device_index" in params, f"torch {torch.__version__}: aoti_load_package takes {list(params)}"
+    from torch._inductor import config
+
+    assert isinstance(config.aot_inductor.metadata, dict), \
+        f"torch {torch.__version__}: no inductor config aot_inductor.metadata (an AOTI engine's stamp)"

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import call, gpu_bench_script, last_json
-from fastfm.export import Engine, EngineSpec, ExportError, ManifestError, export_engine, load, parity
+from fastfm.export import Engine, EngineSampler, EngineSpec, ExportError, ManifestError, export_engine, load, \
+    manifest, parity
 from fastfm.commands import export as export_cli
-from fastfm.export.backends import check_available
+from fastfm.export.backends import backend, check_available
 from fastfm.export.graph import build_program, example_inputs, trace, trace_aten
 from fastfm.export.spec import signature, validate
 
@@ -339,6 +340,12 @@ def test_engine_call_errors(build) -> None:
     engine = build("mlp", task="likelihood", solver="heun", steps=2, backend="onnx")
     with pytest.raises(ExportError, match=r"'x1' must have shape \(5, 2\)"):
         engine(torch.zeros(5, 3))
+    with pytest.raises(ExportError, match=r"^'x1' has 0 rows, shape \(0, 2\): need at least one row \(rows, 2\)$"):
+        engine(torch.zeros(0, 2))
+    with pytest.raises(ExportError, match=r"^'x1' must be 2-D \(rows, 2\), got 1-D \(2,\)$"):
+        engine(torch.zeros(2))
+    with pytest.raises(ExportError, match=r"^'x1' must be 2-D \(rows, 2\), got 0-D \(\)$"):
+        engine(torch.zeros(()))
     with pytest.raises(ExportError, match="takes no probes"):
         engine(torch.zeros(5, 2), probes=torch.zeros(1, 5, 2))
     x = torch.randn(20, 2, generator=torch.Generator().manual_seed(3))
@@ -393,6 +400,32 @@ def test_engine_from_other_weights(engine_copy: Path, runs) -> None:
         load(engine_copy, checkpoint=runs["mlp_gelu"])
 
 
+def test_aoti_engine_carries_its_spec(build, tmp_path: Path) -> None:
+    """A consistent edit of steps, nfe and grid (digest recomputed) against the AOTInductor package's stamp."""
+    engine = build("mlp", task="sample", solver="midpoint", steps=3, backend="aoti")
+    copy = Path(shutil.copytree(engine.directory, tmp_path / "engine"))
+    body = json.loads((copy / "manifest.json").read_text())
+    body["spec"]["steps"], body["nfe"], body["grid"] = 4, 8, [0.0, 0.25, 0.5, 0.75, 1.0]
+    manifest.write(copy, body)
+    with pytest.raises(ManifestError, match=r"does not describe its engine file engine\.pt2: grid: manifest "
+                                            r"\[0\.0, 0\.25, 0\.5, 0\.75, 1\.0\], engine file \[0\.0, 0\.333.*\]; "
+                                            r"nfe: manifest 8, engine file 6; spec\.steps: manifest 4, engine file 3;"):
+        load(copy)
+
+
+def test_exported_program_engines_carry_their_stamp(tmp_path: Path) -> None:
+    """cudagraph and tensorrt engines are torch.export archives: the stamp is an extra file in them."""
+    from fastfm.export.backends import _load_exported
+
+    x = torch.randn(3, 2)
+    ep = torch.export.export(torch.nn.Linear(2, 2), (x,))
+    backend("cudagraph").build(ep, [x], tmp_path / "program.pt2", ["x0", "x"], '{"spec": 1}')
+    module, stamp = _load_exported(tmp_path / "program.pt2")
+    assert stamp == '{"spec": 1}'
+    torch.export.save(ep, tmp_path / "bare.pt2")
+    assert _load_exported(tmp_path / "bare.pt2")[1] is None
+
+
 # ------------------------------------------------------------------------- bad requests
 
 
@@ -438,8 +471,11 @@ def test_low_res_for_plain_model_and_existing_out(runs, tmp_path: Path) -> None:
     spec = EngineSpec(task="sample", solver="euler", steps=1, batch=2)
     with pytest.raises(ExportError, match="not trained for super-resolution"):
         export_engine(runs["unet"], spec, tmp_path / "a", device="cpu", low_res=torch.zeros(2, 1, 4, 4))
-    with pytest.raises(ExportError, match="low-res inputs must have shape"):
+    with pytest.raises(ExportError, match=r"'low_res' must have shape \(2, 1, 4, 4\) \(rows, 1, 4, 4\), "
+                                          r"got \(2, 1, 3, 3\)"):
         export_engine(runs["unet_sr"], spec, tmp_path / "b", device="cpu", low_res=torch.zeros(2, 1, 3, 3))
+    with pytest.raises(ExportError, match=r"'low_res' has 0 rows"):
+        export_engine(runs["unet_sr"], spec, tmp_path / "b", device="cpu", low_res=torch.zeros(0, 1, 4, 4))
     (tmp_path / "c").mkdir()
     with pytest.raises(ExportError, match="exists; pass force"):
         export_engine(runs["mlp"], spec, tmp_path / "c", device="cpu")
@@ -453,6 +489,22 @@ def test_failed_parity_writes_nothing(runs, tmp_path: Path, monkeypatch: pytest.
         export_engine(runs["mlp"], EngineSpec(task="sample", solver="euler", steps=1, batch=2, backend="onnx"), out,
                       device="cpu")
     assert list(tmp_path.iterdir()) == []  # no engine, no temporary directory
+
+
+def test_engine_file_that_drops_its_stamp_is_not_written(runs, tmp_path: Path, monkeypatch) -> None:
+    """A backend whose file does not keep the stamp (e.g. a torch-tensorrt that ignores extra_files) fails the
+    build instead of publishing an engine that no load accepts."""
+    from dataclasses import replace
+
+    from fastfm.export import build
+
+    onnx = backend("onnx")
+    dropping = replace(onnx, build=lambda ep, example, path, names, stamp: onnx.build(ep, example, path, names, ""))
+    monkeypatch.setattr(build, "backend", lambda name: dropping)
+    with pytest.raises(ExportError, match="onnx fp32 engine file engine.onnx did not keep its stamp"):
+        export_engine(runs["mlp"], EngineSpec(task="sample", solver="euler", steps=1, batch=2, backend="onnx"),
+                      tmp_path / "engine", device="cpu")
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------- command lines
@@ -474,6 +526,14 @@ def test_cli_export_sample_evaluate(runs, tmp_path: Path) -> None:
         call(evaluate.main, ["--engine", str(out), "--steps", "3"])
     with pytest.raises(SystemExit, match="likelihood engine; this command needs a sample engine"):
         call(sample.main, ["--engine", str(out)])
+
+
+def test_engine_likelihood_shows_a_progress_bar(build, capsys: pytest.CaptureFixture[str]) -> None:
+    """Like the eager sampler's, over the engine's calls: 20 points in batches of 8."""
+    engine = build("mlp", task="likelihood", solver="heun", steps=2, backend="onnx")
+    EngineSampler(engine).log_likelihood(torch.randn(20, 2))
+    err = capsys.readouterr().err
+    assert "test NLL (20 points, exact):" in err and " 0/3 [" in err and "batch/s" in err, err
 
 
 def test_cli_sample_with_engine_matches_eager(build, runs, tmp_path: Path) -> None:

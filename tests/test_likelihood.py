@@ -185,14 +185,18 @@ def test_x1_prediction_samples_like_velocity_prediction():
     # x1-prediction divides by sigma_1 = 0, so it stops at t = 1 - T_EPS; compare on that interval
     assert path.time_interval("x1") == (0.0, 1.0 - T_EPS)
     x1 = sample(MarginalVelocity(path, "x1"), path, x0, solver="midpoint", steps=16, target="x1")
+    torch.testing.assert_close(x1.x, v.x, rtol=1e-4, atol=1e-4)  # the final jump lands on the flow's end
+    assert x1.nfe == v.nfe + 1
+    unjumped = sample(MarginalVelocity(path, "x1"), path, x0, solver="midpoint", steps=16, target="x1",
+                      denoise=False)
     v_eps = sample(MarginalVelocity(path), path, x0, solver="midpoint", grid=time_grid(16, 0.0, 1.0 - T_EPS))
-    torch.testing.assert_close(x1.x, v_eps.x, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(unjumped.x, v_eps.x, rtol=1e-4, atol=1e-4)
 
 
 def test_time_interval_moves_singular_ends():
     assert get_path("condot").time_interval("velocity") == (0.0, 1.0)
     assert get_path("condot", sigma_min=0.01).time_interval("x1") == (0.0, 1.0)
-    assert get_path("trig").time_interval("x0") == (T_EPS, 1.0)
+    assert get_path("trig").time_interval("x0") == (T_EPS, 1.0 - T_EPS)
     assert get_path("ve").time_interval("x0") == (0.0, 1.0)
     assert get_path("vp").time_interval("velocity") == (0.0, 1.0 - T_EPS)
 

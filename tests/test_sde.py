@@ -78,14 +78,16 @@ def test_spread_matches_and_a_planted_score_error_is_rejected(monkeypatch):
     assert permutation_pvalue(sde_samples("condot", "5", n=4000, steps=1500), truth, spread_gap, 1000) < 0.01
 
 
-def test_zero_diffusion_is_the_euler_ode():
-    path = get_path("trig")
+@pytest.mark.parametrize("name,target", [("trig", "x1"), ("vp", "velocity")])
+def test_zero_diffusion_is_the_euler_ode(name, target):
+    """eps = 0 is the ODE by Euler, final jump to E[x1 | x_t] included (one jump, shared): same samples, same NFE."""
+    path = get_path(name)
     x0 = draw_prior(path, 64, (2,), torch.Generator().manual_seed(3)).to(F64)
-    model = MixturePredictor(path, "x1")
-    got = sde.sde_sample(model, path, x0, diffusion=sde.parse_diffusion("0"), steps=20, target="x1", denoise=False)
-    ode = sample(model, path, x0, solver="euler", grid=time_grid(20, *score_interval(path, "x1")), target="x1")
+    model = MixturePredictor(path, target)
+    got = sde.sde_sample(model, path, x0, diffusion=sde.parse_diffusion("0"), steps=20, target=target)
+    ode = sample(model, path, x0, solver="euler", grid=time_grid(20, *score_interval(path, target)), target=target)
     torch.testing.assert_close(got.x, ode.x, rtol=1e-12, atol=1e-12)
-    assert got.nfe == 20
+    assert got.nfe == ode.nfe == 21
 
 
 def test_given_noise_is_used_and_checked():

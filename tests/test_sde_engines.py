@@ -88,7 +88,7 @@ def test_sde_requests_are_checked(runs):
         (dict(base, log_likelihood=True, diffusion="1"), "no log-likelihood"),
         (dict(base, diffusion="cos:1"), "expected C or sin2:C"),
         (dict(base, diffusion="-1"), "expected C or sin2:C"),
-        (dict(base, denoise=True), "denoise is resolved"),
+        (dict(base, task="likelihood", denoise=True), "denoise is resolved"),
     ]:
         with pytest.raises(ExportError, match=message):
             validate(EngineSpec(**spec), meta)

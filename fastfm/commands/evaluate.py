@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> None:
                              "likelihood engine")
         result = {"checkpoint": args.checkpoint, "engine": args.engine, "data": meta["data"]["name"],
                   "path": meta["path"]}
-        if "likelihood" in tasks:
+        if "likelihood" not in tasks:
+            print(f"evaluate: no test NLL: this sampler can {', '.join(sorted(tasks))} (an interpolant from a data "
+                  "set has no prior log-density; an engine, the task it was built for)", file=sys.stderr)
+        else:
             n = held_out_points(args.n, len(data.test), "--n")
             test = data.test[:n]
             cond = low_res_of(meta, test)

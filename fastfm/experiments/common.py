@@ -1,5 +1,6 @@
 """What every experiment shares: its context (output folder, scale, device, one progress bar over all its
-stages), training a configuration with an evaluation hook along the way, sample quality, and figures."""
+stages), training a configuration with an evaluation hook along the way, the settings a report records, and
+figures (sample quality: ``fastfm.experiments.judges``)."""
 
 from __future__ import annotations
 
@@ -21,9 +22,8 @@ from fastfm import seeding  # noqa: E402
 from fastfm.checkpoint import save_inference  # noqa: E402
 from fastfm.config import TrainConfig  # noqa: E402
 from fastfm.data.pixels import to_pixels  # noqa: E402
-from fastfm.frechet import accuracy, classifier_frechet_distance, train_classifier  # noqa: E402
+from fastfm.experiments.verdicts import BOOTSTRAP, SETTLED  # noqa: E402
 from fastfm.inference import EagerSampler, settings_with  # noqa: E402
-from fastfm.metrics import sliced_wasserstein  # noqa: E402
 from fastfm.ode import draw_prior, sample  # noqa: E402
 from fastfm.solvers import ADAPTIVE_TOL  # noqa: E402
 from fastfm.trainer import Trainer  # noqa: E402
@@ -112,13 +112,26 @@ def train(ctx: Context, key: str, options: dict[str, Any], *,
             started = time.perf_counter()
     sync()
     run.wall_s += time.perf_counter() - started
-    save_inference(out, tr.ema.state_dict(), tr.meta)
+    save_inference(out, tr.ema.state_dict(), tr.meta, step=cfg.steps)
     ctx.done()
     return run
 
 
 TOLERANCE = "rtol = atol = " + f"{ADAPTIVE_TOL:.0e}".replace("e-0", "e-")
 """dopri5's tolerances (``fastfm.solvers.ADAPTIVE_TOL``); the tiny scale (tests) solves with RK4 x 4 instead."""
+
+
+def recorded(size: dict[str, Any]) -> dict[str, Any]:
+    """A report's settings: the scale's sizes, the adaptive tolerance and the verdict rules' constants."""
+    return {**size, "adaptive_tol": ADAPTIVE_TOL, "settled": SETTLED, "bootstrap": BOOTSTRAP,
+            "nfe_batches": NFE_BATCHES}
+
+
+VERDICTS = ("A verdict counts a difference when it exceeds {settled:g} x its noise, measured on the models' own "
+            "outputs: {bootstrap} bootstrap resamples of their samples, the standard errors of paired or binomial "
+            "measures, the NFE of {nfe_batches} batches; otherwise, or where the setup cannot test a claim, it says "
+            "not settled.")
+"""The sentence on verdicts every report's introduction ends with, formatted with ``recorded`` settings."""
 
 
 def solve_label(solve: dict[str, Any]) -> str:
@@ -135,26 +148,28 @@ def attempt(notes: list[str], what: str, solve: Callable[[], T]) -> T | None:
         return None
 
 
-def less(a: float | None, b: float | None) -> bool | None:
-    """a < b, or None (not settled) where either number is missing (a solve that failed)."""
-    return None if a is None or b is None else a < b
-
-
-def quality_claim(report: Any, claim: str, a: float | None, b: float | None, spread: float,
-                  names: tuple[str, str] = ("CondOT", "VP")) -> None:
-    """"a's samples are better than b's" (lower measure): settled only when the two differ by more than
-    SETTLED x the spread of the measure over fresh draws of the data (``Judge.floor``)."""
-    if a is None or b is None:
-        report.claim(claim, None, f"{names[0]} {{a}} vs {names[1]} {{b}}: a solve failed", a=a, b=b)
-        return
-    holds = None if abs(a - b) <= SETTLED * spread else a < b
-    report.claim(claim, holds, f"{names[0]} {{a}} vs {names[1]} {{b}}, spread of the data's own {{s}}"
-                 + ("" if holds is not None else f": within {SETTLED} x the spread"), a=a, b=b, s=spread)
-
-
 def nll_value(rep: dict[str, Any]) -> float:
     """The headline of an ``nll_report``: bits/dim for discrete data, else nats."""
     return rep["bits_per_dim"] if "bits_per_dim" in rep else rep["nll_nats"]
+
+
+def nll_stderr(rep: dict[str, Any]) -> float:
+    """The standard error of ``nll_value``, in its unit."""
+    return rep["bits_per_dim_stderr"] if "bits_per_dim" in rep else rep["nll_nats_stderr"]
+
+
+NFE_BATCHES = 4
+"""Batches of an adaptive sampling solve: each reports its NFE, whose spread says how much an NFE difference means."""
+
+
+def batched_sample(run: Trained, solve: dict[str, Any], n: int, seed: int,
+                   progress: bool) -> tuple[Tensor, list[int]]:
+    """n samples by ``solve`` in NFE_BATCHES batches drawn from one generator (one call's samples) and each
+    batch's NFE."""
+    m = -(-n // NFE_BATCHES)
+    sampler, gen = run.sampler(**solve, batch_size=m), seeding.generator(seed, seeding.EVAL)
+    parts = [sampler.sample(min(m, n - i), generator=gen, progress=progress) for i in range(0, n, m)]
+    return torch.cat([p.x for p in parts]), [p.nfe for p in parts]
 
 
 def trajectory(run: Trained, steps: int, seed: int, n: int = 300) -> Tensor:
@@ -165,64 +180,6 @@ def trajectory(run: Trained, steps: int, seed: int, n: int = 300) -> Tensor:
         res = sample(tr.ema, tr.path, x0.to(tr.device), solver="rk4", steps=steps, target=tr.cfg.target,
                      return_intermediates=True)
     return res.intermediates.flatten(2).cpu()
-
-
-SETTLED = 2.0
-"""A difference is settled when it exceeds this many standard errors (NLL, paired) or spreads of the data's own
-quality measure (sample quality)."""
-REFERENCE_POINTS = 20_000
-"""Reference draws of a generated (2D) data set for sliced W2: a 2,000-point test set alone leaves the distance
-between two draws of the data itself anywhere in 0.08-0.17 on the checkerboard."""
-FLOOR_DRAWS = 5
-
-
-class Judge:
-    """Sample quality against a data set, lower is better: sliced W2 (256 projections) to a large reference draw
-    for vectors, the classifier Fréchet distance to the test images for images (``ImageJudge``). ``floor``: the
-    same measure for fresh draws of the data itself (mean and spread over draws), the best a sampler can show."""
-
-    def __init__(self, data: Any, seed: int) -> None:
-        self.data, self.seed = data, seed
-        generated = getattr(data, "train", None) is None
-        self.reference = data.sample(REFERENCE_POINTS, seeding.generator(seed, seeding.EVAL, 11))[0] \
-            if generated else data.test
-
-    def __call__(self, samples: Tensor) -> float:
-        gen = seeding.generator(self.seed, seeding.EVAL)
-        return float(sliced_wasserstein(samples.flatten(1).float(), self.reference.flatten(1).float(), generator=gen))
-
-    def floor(self, n: int, draws: int = FLOOR_DRAWS) -> tuple[float, float]:
-        """Mean and standard deviation of the measure over ``draws`` fresh draws of n data points."""
-        q = torch.tensor([self(self.data.sample(n, seeding.generator(self.seed, seeding.EVAL, 12, i))[0])
-                          for i in range(draws)], dtype=torch.float64)
-        return float(q.mean()), float(q.std()) if draws > 1 else 0.0
-
-
-class ImageJudge(Judge):
-    """The small classifier that fastfm trains on an image data set's training split, and what it measures:
-    its test accuracy, the Fréchet distance of samples to the test images in its feature space (not FID), the
-    accuracy of samples' labels, features."""
-
-    def __init__(self, data: Any, seed: int, steps: int, progress: bool = True) -> None:
-        super().__init__(data, seed)
-        images, labels = data.sample(len(data.train), seeding.generator(seed, seeding.DATA, 1))
-        self.model = train_classifier(images, labels, data.num_classes, steps=steps, seed=seed, progress=progress)
-        self.test_accuracy = accuracy(self.model, data.test, data.test_labels)
-
-    def __call__(self, samples: Tensor) -> float:
-        return classifier_frechet_distance(self.model, samples.float().clamp(-1, 1), self.reference)
-
-    def accuracy(self, samples: Tensor, labels: Tensor) -> float:
-        return accuracy(self.model, samples.float().clamp(-1, 1), labels)
-
-    @torch.no_grad()
-    def features(self, samples: Tensor) -> Tensor:
-        return self.model.features(samples.float().clamp(-1, 1))
-
-
-def judge_for(data: Any, seed: int, classifier_steps: int, progress: bool = True) -> Judge:
-    """The quality measure of a data set: ``ImageJudge`` for images (it trains the classifier), else ``Judge``."""
-    return ImageJudge(data, seed, classifier_steps, progress) if data.kind == "image" else Judge(data, seed)
 
 
 # ---------------------------------------------------------------------------------------------- figures

@@ -1,12 +1,5 @@
-"""Experiment ``conditional``: conditional generation with Flow Matching, at small scale.
-
-(1) Class-conditional 8x8 digits with classifier-free guidance v = v_u + w (v_c - v_u), w in {0, 1, 2, 4} (w = 0
-the unconditional field, w = 1 the conditional one): the accuracy of a small classifier that fastfm trains on
-the training split, on samples of each requested class, their diversity (mean pairwise distance of the
-classifier's features within a class, relative to the test images') and their classifier Fréchet distance to
-the test set. (2) Super-resolution: the UNet conditioned on the 2x average-pooled image (4x4 -> 8x8 digits;
-14 -> 28 MNIST-5k at ``--scale gpu``), PSNR of a sample and of the mean of k samples against the test image,
-beside bicubic upsampling of the same low-resolution input.
+"""Experiment ``conditional``: conditional generation with Flow Matching, at small scale; the report's
+introduction (``intro``) is written from its settings.
 """
 
 from __future__ import annotations
@@ -19,9 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastfm.data import get_dataset
-from fastfm.experiments.common import (MEDIUM_UNET, SMALL_UNET, TINY_UNET, Context, ImageJudge, Trained, grids_png,
-                                       lines_png, solve_label, train)
+from fastfm.experiments.common import (MEDIUM_UNET, SMALL_UNET, TINY_UNET, VERDICTS, Context, Trained, grids_png,
+                                       lines_png, recorded, solve_label, train)
+from fastfm.experiments.judges import ImageJudge
 from fastfm.experiments.report import Report
+from fastfm.experiments.verdicts import bootstrap_std, lower, noise
 
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"guided": {"steps": 6, "batch_size": 32, "model_args": TINY_UNET},
@@ -52,10 +47,24 @@ def trainings(scale: str) -> dict[str, dict[str, Any]]:
     return runs
 
 
+def intro(settings: dict[str, Any]) -> str:
+    """What the experiment does, from its recorded settings."""
+    ws = ", ".join(f"{w:g}" for w in settings["guidance"])
+    return (f"Class-conditional digits with classifier-free guidance v = v_u + w (v_c - v_u), w in {{{ws}}} (w = 0 "
+            f"the unconditional field, w = 1 the conditional one): the accuracy of a small classifier that fastfm "
+            f"trains on the training split, on samples of each requested class, their diversity (mean pairwise "
+            f"distance of the classifier's features within a class, relative to the test images') and their "
+            f"classifier Fréchet distance to the test set. Super-resolution on "
+            f"{', '.join(settings['superres'])}: the UNet conditioned on the {settings['factor']}x average-pooled "
+            f"image, PSNR of a sample and of the mean of {settings['sr_k']} samples against the test image, beside "
+            f"bicubic upsampling of the same low-resolution input. " + VERDICTS.format(**settings))
+
+
 def run(ctx: Context) -> Report:
     size = SIZES[ctx.scale]
+    settings = recorded({**size, "factor": FACTOR})
     report = Report("conditional", "Conditional generation: guidance and super-resolution", ctx.scale,
-                    intro=__doc__.split("\n\n", 1)[1], settings=size)
+                    intro=intro(settings), settings=settings)
     ctx.plan("conditional", 3 + 2 * len(size["superres"]))
     _guidance(ctx, report, size)
     _superres(ctx, report, size)
@@ -73,12 +82,18 @@ def _guidance(ctx: Context, report: Report, size: dict[str, Any]) -> None:
     data, classes = run_.data, run_.data.num_classes
     labels = torch.arange(classes).repeat_interleave(size["per_class"])
     real = _diversity(judge.features(data.test), data.test_labels)
-    rows, grids, acc, div = [], {}, {}, {}
+    rows, grids, acc, div, div_spread = [], {}, {}, {}, {}
+
+    def diversity(r: Tensor) -> float:
+        """Diversity relative to the test images' of rows (classifier features, then the label)."""
+        return _diversity(r[:, :-1], r[:, -1].long()) / real
+
     for w in size["guidance"]:
         x = run_.sampler(guidance=w, **size["solve"]).sample(len(labels), seed=ctx.seed, cond={"y": labels},
                                                              progress=ctx.progress).x
         acc[w] = judge.accuracy(x, labels)
-        div[w] = _diversity(judge.features(x), labels) / real
+        features = torch.cat([judge.features(x), labels[:, None].to(x.dtype)], 1)
+        div[w], div_spread[w] = diversity(features), bootstrap_std(diversity, features, ctx.seed)
         rows.append([w, acc[w], div[w], judge(x)])
         grids[f"w = {w:g}"] = x.view(classes, size["per_class"], *x.shape[1:])[:, :8].transpose(0, 1).flatten(0, 1)
     report.table("guidance", "Class-conditional digits: guidance scale",
@@ -86,17 +101,22 @@ def _guidance(ctx: Context, report: Report, size: dict[str, Any]) -> None:
                  note=f"{size['per_class']} samples per class by {solve_label(size['solve'])}; the classifier "
                       f"(trained on the training split) reaches {judge.test_accuracy:.4g} on the test images. "
                       f"Diversity: mean pairwise feature distance within a class over the test images'.")
-    ws = size["guidance"]
-    report.claim("conditioning on the class works: accuracy rises from the unconditional field (w = 0) to the "
-                 "conditional one (w = 1)", acc[1.0] > acc[0.0], "accuracy {a} at w = 0, {b} at w = 1",
-                 a=acc[0.0], b=acc[1.0])
+    ws, n = size["guidance"], len(labels)
+    acc_se = {w: math.sqrt(acc[w] * (1 - acc[w]) / n) for w in ws}  # binomial standard error
+    report.judge("conditioning on the class works: accuracy rises from the unconditional field (w = 0) to the "
+                 "conditional one (w = 1)", lower(-acc[1.0], -acc[0.0], noise(acc_se[0.0], acc_se[1.0])),
+                 "accuracy {a} at w = 0, {b} at w = 1, standard error {s}", a=acc[0.0], b=acc[1.0],
+                 s=noise(acc_se[0.0], acc_se[1.0]))
     best = max((w for w in ws if w > 1), key=lambda w: acc[w])
-    report.claim("guidance (w > 1) raises the accuracy further", acc[best] > acc[1.0],
-                 "accuracy {b} at w = {w} vs {a} at w = 1", a=acc[1.0], b=acc[best], w=best)
-    report.claim("guidance trades diversity for fidelity: diversity falls from w = 1 to the largest w",
-                 div[ws[-1]] < div[1.0], "diversity {a} at w = 1, {b} at w = {w}", a=div[1.0], b=div[ws[-1]],
-                 w=ws[-1])
-    report.data["guidance"] = {"accuracy": acc, "diversity": div}
+    report.judge("guidance (w > 1) raises the accuracy further", lower(-acc[best], -acc[1.0],
+                                                                      noise(acc_se[1.0], acc_se[best])),
+                 "accuracy {b} at w = {w} vs {a} at w = 1, standard error {s}", a=acc[1.0], b=acc[best], w=best,
+                 s=noise(acc_se[1.0], acc_se[best]))
+    spread = noise(div_spread[1.0], div_spread[ws[-1]])
+    report.judge("guidance trades diversity for fidelity: diversity falls from w = 1 to the largest w",
+                 lower(div[ws[-1]], div[1.0], spread), "diversity {a} at w = 1, {b} at w = {w}, bootstrap noise {s}",
+                 a=div[1.0], b=div[ws[-1]], w=ws[-1], s=spread)
+    report.data["guidance"] = {"accuracy": acc, "diversity": div, "diversity_spread": div_spread}
     ctx.out.mkdir(parents=True, exist_ok=True)
     grids_png(ctx.out / "guidance_samples.png", grids, data.levels, nrow=classes,
               title="8 samples per class (columns: digits 0-9)")
@@ -134,8 +154,10 @@ def _superres(ctx: Context, report: Report, size: dict[str, Any]) -> None:
         r, grid = _superres_eval(ctx, run_, size)
         rows.append([name, f"{r['low']} -> {r['high']}", r["one"], r["mean_k"], r["one_stderr"], r["bicubic"],
                      r["nearest"], r["consistency"]])
-        report.claim(f"{name}: a super-resolution sample beats bicubic upsampling in PSNR", r["one"] > r["bicubic"],
-                     "{a} dB vs {b} dB", a=r["one"], b=r["bicubic"])
+        report.judge(f"{name}: a super-resolution sample beats bicubic upsampling in PSNR",
+                     lower(-r["one"], -r["bicubic"], r["gain_stderr"]),
+                     "{a} dB vs {b} dB, paired difference standard error {s}", a=r["one"], b=r["bicubic"],
+                     s=r["gain_stderr"])
         report.data.setdefault("superres", {})[name] = r
         grids[name] = grid
         ctx.done()
@@ -167,6 +189,7 @@ def _superres_eval(ctx: Context, run_: Trained, size: dict[str, Any]) -> tuple[d
          "one": float(one.mean()), "mean_k": float(psnr(x.mean(0), truth).mean()),
          "one_stderr": float(one.std() / math.sqrt(len(one))),
          "bicubic": float(psnr(bicubic, truth).mean()), "nearest": float(psnr(nearest, truth).mean()),
+         "gain_stderr": float((one - psnr(bicubic, truth)).std() / math.sqrt(len(one))),
          "consistency": float(psnr(F.avg_pool2d(x[0], FACTOR), low).mean())}
     show = slice(0, 16)
     grid = {"low-res": nearest[show], "bicubic": bicubic[show].clamp(-1, 1), "sample": x[0, show], "truth": truth[show]}

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from fastfm.checkpoint import atomic_write
+from fastfm.experiments.verdicts import Verdict
 
 Cell = float | int | str | bool | None
 
@@ -78,6 +79,10 @@ class Report:
         noise or a solve that failed); ``evidence`` is a format string over ``values``, filled with :func:`fmt`."""
         text = evidence.format(**{k: fmt(v) for k, v in values.items()})
         self.claims.append({"claim": claim, "holds": holds, "evidence": text, "values": values})
+
+    def judge(self, claim: str, verdict: Verdict, evidence: str, **values: Cell) -> None:
+        """A claim judged by a rule of ``fastfm.experiments.verdicts``; why it is not settled joins the evidence."""
+        self.claim(claim, verdict.holds, evidence + (f": {verdict.why}" if verdict.why else ""), **values)
 
     def figure(self, file: str, caption: str) -> None:
         self.figures.append({"file": file, "caption": caption})
