@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from fastfm import evaluate, hardware, sample, train
+from fastfm.commands import export as export_cli
 from fastfm.config import TrainConfig, parse_config
 
 from conftest import TINY_UNET, Run, call, cli_error, is_png, last_json, run_training, train_argv
@@ -311,11 +312,24 @@ def test_superres_train_sample_evaluate(superres_run: Run, tmp_path: Path) -> No
     assert finite(res["test"]["bits_per_dim"])
 
 
-def test_superres_missing_low_res_file(superres_run: Run, tmp_path: Path) -> None:
-    missing = tmp_path / "missing.npy"
-    msg = cli_error(sample.main, ["--checkpoint", str(superres_run.dir), "--low-res", str(missing),
-                                  "--out", str(tmp_path / "s"), *INFER])
-    assert str(missing) in msg
+@pytest.mark.parametrize("content, needle", [
+    (None, "no such file"),
+    (b"not numpy at all", "fastfm never unpickles"),
+    ("objects", "fastfm never unpickles"),
+], ids=["missing", "garbage", "object-array"])
+@pytest.mark.parametrize("command", ["sample", "export"])
+def test_superres_bad_low_res_file(superres_run: Run, tmp_path: Path, command: str, content: bytes | str | None,
+                                   needle: str) -> None:
+    """One line naming the file, never numpy's advice to load it with allow_pickle; nothing written."""
+    low = tmp_path / "low.npy"
+    if content == "objects":
+        np.save(low, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    elif content is not None:
+        low.write_bytes(content)
+    main, task = (sample.main, []) if command == "sample" else (export_cli.main, ["--task", "sample"])
+    msg = cli_error(main, ["--checkpoint", str(superres_run.dir), "--low-res", str(low), "--out", str(tmp_path / "s"),
+                           "--device", "cpu", "--steps", "2", *task])
+    assert str(low) in msg and needle in msg and "allow_pickle" not in msg and "\n" not in msg, msg
     assert not (tmp_path / "s").exists()
 
 

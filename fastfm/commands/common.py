@@ -5,13 +5,16 @@ tells them apart)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from fastfm import helpformat
 from fastfm.data import Dataset, get_dataset
+from fastfm.data.arrays import read_arrays
 from fastfm.divergence import DIVERGENCES
 from fastfm.inference import DEFAULTS, SETTINGS, EagerSampler, Sampler, settings_with
 from fastfm.runs import load_run, resolve_device
@@ -68,6 +71,17 @@ def run_dataset(meta: dict[str, Any]) -> Dataset:
     """The data set a run was trained on (same seed, so the same test split), from its model.json."""
     data = meta["data"]
     return get_dataset(data["name"], seed=meta.get("seed", 0), **data.get("args", {}))
+
+
+def read_low_res(path: str) -> torch.Tensor:
+    """A --low-res .npy file as float32, read without unpickling (errors name the file, as data files' do)."""
+    arrays = read_arrays(Path(path))
+    if list(arrays) != ["x"]:
+        raise ValueError(f"--low-res {path}: expected one array in a .npy file, got {sorted(arrays)}")
+    try:
+        return torch.from_numpy(arrays["x"].astype(np.float32))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--low-res {path}: not a numeric array ({e})") from None
 
 
 def low_res_of(meta: dict[str, Any], images: torch.Tensor) -> dict[str, Any]:

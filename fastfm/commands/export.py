@@ -13,10 +13,8 @@ import argparse
 import json
 import sys
 
-import numpy as np
-import torch
-
 from fastfm import helpformat
+from fastfm.commands.common import read_low_res
 from fastfm.divergence import DIVERGENCES
 from fastfm.export import DTYPES, ENGINE_BACKENDS, TASKS, EngineSpec, export_engine
 from fastfm.export.choose import AUTO
@@ -83,12 +81,7 @@ def main(argv: list[str] | None = None) -> None:
                       probes=args.probes, guidance=args.guidance, class_label=args.class_label,
                       diffusion=args.diffusion if args.sde else None)
     try:
-        low_res = None
-        if args.low_res is not None:
-            try:
-                low_res = torch.from_numpy(np.load(args.low_res)).float()
-            except (OSError, ValueError) as e:
-                raise ValueError(f"cannot read --low-res {args.low_res}: {e}") from None
+        low_res = None if args.low_res is None else read_low_res(args.low_res)
         info = export_engine(args.checkpoint, spec, args.out, device=args.device, seed=args.seed, low_res=low_res,
                              force=args.force, progress=_progress)
     except ValueError as e:

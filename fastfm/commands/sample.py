@@ -9,18 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from fastfm.commands.common import inference_parser, low_res_of, open_sampler, run_dataset
+from fastfm.commands.common import inference_parser, low_res_of, open_sampler, read_low_res, run_dataset
 from fastfm.inference import Sampler
 from fastfm.plotting import nonfinite_rows, save_samples_png
-
-
-def _load_low_res(path: str) -> torch.Tensor:
-    try:
-        return torch.from_numpy(np.load(path)).float()
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read --low-res {path}: {e}") from None
 
 
 def png_title(meta: dict[str, Any], sampler: Sampler, nfe: int) -> str:
@@ -59,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.low_res and not meta.get("superres", 0):
             raise ValueError("--low-res given, but the model was not trained for super-resolution")
         if meta.get("superres", 0):
-            low = _load_low_res(args.low_res) if args.low_res else None
+            low = read_low_res(args.low_res) if args.low_res else None
             cond = {"low_res": low[:n]} if low is not None else low_res_of(meta, run_dataset(meta).test[:n])
             n = min(n, cond["low_res"].shape[0])
         res = sampler.sample(n, seed=args.seed, cond=cond, log_likelihood=args.log_likelihood)

@@ -60,7 +60,7 @@ def array_dataset(
                                      test_fraction=test_fraction, source=source)
 
 
-def _read(path: Path) -> dict[str, np.ndarray]:
+def read_arrays(path: Path) -> dict[str, np.ndarray]:
     """All arrays in a .npy file (as key "x") or a .npz file."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -85,7 +85,7 @@ def file_dataset(
     """Data from a .npy file, or a .npz file with key "x" (else its first array other
     than "y") and optional integer labels under "y"."""
     path = Path(path)
-    arrays = _read(path)
+    arrays = read_arrays(path)
     key = "x" if "x" in arrays else next((k for k in arrays if k != "y"), None)
     if key is None:
         raise DataError(f"{path}: holds no data array (expected key 'x')")
