@@ -161,8 +161,12 @@ class TrainConfig:
             value, allowed = getattr(self, f.name), f.metadata["range"]
             if allowed is not None and value not in allowed:
                 raise ConfigError(f"{f.name} must be {allowed}, got {value!r}")
+        interp = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(self)
+                  if f.name.startswith("interp_") and getattr(self, f.name) != f.default]
         checks = [
             (self.target in TARGETS, f"unknown target {self.target!r}; choose one of {TARGETS}"),
+            (self.path == "learned" or not interp,
+             f"{', '.join(interp)}: for --path learned only (path {self.path!r} has no trained coefficients)"),
             (self.eval_budget == -1 or self.eval_budget >= 0,
              f"eval_budget must be -1 (auto), 0 (no limit) or seconds > 0, got {self.eval_budget}"),
             (self.lr_schedule in ("constant", "cosine"), f"unknown lr_schedule {self.lr_schedule!r}; choose constant or cosine"),

@@ -36,6 +36,8 @@ from fastfm.sde import parse_diffusion, sde_sample
 from fastfm.solvers import DEFAULT_SOLVER, DEFAULT_STEPS, SOLVERS, TABLEAUS, check_grid, nfe_per_step
 
 Cond = dict[str, Tensor]
+GRID_TOL = 1e-6
+"""How far a user grid's ends may fall inside the solve's interval (float32 times)."""
 TASKS = ("sample", "likelihood", "transport")
 """What a sampler can do: draw samples, evaluate log-likelihoods, report the transport of its ODE solve."""
 
@@ -109,6 +111,9 @@ def settings_with(given: dict[str, Any], base: InferenceSettings = DEFAULTS) -> 
             given["grid"] = tuple(float(v) for v in given["grid"].split(","))
         except ValueError:
             raise ValueError(f"--grid: expected comma-separated times, got {given['grid']!r}") from None
+    if given.get("diffusion") is not None and given.get("solver", "euler") != "euler":
+        raise ValueError(f"the SDE sampler integrates with Euler-Maruyama: --solver {given['solver']} does not apply "
+                         "(leave --solver out, or give euler)")
     return replace(base, **given)
 
 
@@ -219,8 +224,17 @@ class EagerSampler:
         return draw_probes(s.divergence, math.prod(self.shape), s.probes, shape, gen, self.device)
 
     def _grid(self) -> Tensor | None:
+        """The user's grid, checked to span the solve's interval, from noise to data (the likelihood runs it
+        backwards); times given from data to noise are reversed."""
         g = self.settings.grid_tensor
-        return None if g is None else g.to(self.device)
+        if g is None:
+            return None
+        t0, t1 = self.path.time_interval(self.target)
+        lo, hi = float(g.min()), float(g.max())
+        if lo > t0 + GRID_TOL or hi < t1 - GRID_TOL:
+            raise ValueError(f"--grid must span the solve from t = {t0:g} to t = {t1:g}, got {lo:g} .. {hi:g}: a "
+                             "shorter grid stops between noise and data")
+        return (g.flip(0) if bool(g[0] > g[-1]) else g).to(self.device)
 
     def sample(self, n: int, *, seed: int = 0, cond: Cond | None = None, log_likelihood: bool = False,
                transport: bool = False, progress: bool = True,
@@ -236,6 +250,7 @@ class EagerSampler:
                              "transport diagnostics (they are properties of the ODE flow)")
         if log_likelihood:
             require_log_prob(self.path.prior)
+        grid = None if s.diffusion is not None else self._grid()
         cond = with_labels(self, n, cond)
         gen = seeding.generator(seed, seeding.EVAL) if generator is None else generator
         calls = self.calls(log_likelihood)
@@ -254,7 +269,7 @@ class EagerSampler:
                                          steps=s.steps, target=self.target, generator=gen, y=y, guidance=s.guidance,
                                          **c)
                     else:
-                        res = sample(counted, self.path, x0, solver=s.solver, steps=s.steps, grid=self._grid(),
+                        res = sample(counted, self.path, x0, solver=s.solver, steps=s.steps, grid=grid,
                                      target=self.target, y=y, guidance=s.guidance, log_likelihood=log_likelihood,
                                      probes=probes, transport=transport, **c)
                 xs.append(res.x.cpu())
@@ -274,6 +289,7 @@ class EagerSampler:
         the Hutchinson probes: one passed through calls on consecutive batches of x draws what one call does."""
         require_log_prob(self.path.prior)
         s, device = self.settings, self.device
+        grid = self._grid()
         cond = with_labels(self, x.shape[0], cond)
         gen = seeding.generator(seed, seeding.EVAL) if generator is None else generator
         batches = -(-x.shape[0] // s.batch_size)
@@ -287,7 +303,7 @@ class EagerSampler:
                 xb = x[i:i + s.batch_size].to(device)
                 probes = self._probes(tuple(xb.shape), gen)
                 with torch.no_grad():  # forward-mode JVPs only: no autograd graph to keep
-                    res = log_likelihood(counted, self.path, xb, solver=s.solver, steps=s.steps, grid=self._grid(),
+                    res = log_likelihood(counted, self.path, xb, solver=s.solver, steps=s.steps, grid=grid,
                                          target=self.target, probes=probes, **_slice(cond, i, xb.shape[0], device))
                 logps.append(res.log_prob.cpu())
                 latents.append(res.x0.cpu())

@@ -316,7 +316,9 @@ def test_superres_train_sample_evaluate(superres_run: Run, tmp_path: Path) -> No
     (None, "no such file"),
     (b"not numpy at all", "fastfm never unpickles"),
     ("objects", "fastfm never unpickles"),
-], ids=["missing", "garbage", "object-array"])
+    ("nan", "holds NaN/Inf values"),
+    ("shape", "expected shape (N, 1, 4, 4) with N >= 1 (the 8x8 images pooled by 2), got (5, 1, 3, 3)"),
+], ids=["missing", "garbage", "object-array", "nan", "wrong-shape"])
 @pytest.mark.parametrize("command", ["sample", "export"])
 def test_superres_bad_low_res_file(superres_run: Run, tmp_path: Path, command: str, content: bytes | str | None,
                                    needle: str) -> None:
@@ -324,6 +326,10 @@ def test_superres_bad_low_res_file(superres_run: Run, tmp_path: Path, command: s
     low = tmp_path / "low.npy"
     if content == "objects":
         np.save(low, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    elif content == "nan":
+        np.save(low, np.full((5, 1, 4, 4), np.nan, np.float32))
+    elif content == "shape":
+        np.save(low, np.zeros((5, 1, 3, 3), np.float32))
     elif content is not None:
         low.write_bytes(content)
     main, task = (sample.main, []) if command == "sample" else (export_cli.main, ["--task", "sample"])

@@ -13,6 +13,7 @@ from PIL import Image
 
 from fastfm import evaluate, sample, train
 from fastfm.commands import common
+from fastfm.commands import export as export_cli
 from fastfm.data import to_pixels
 from fastfm.plotting import save_samples_png, tile
 from fastfm.runs import LoadedRun, load_run
@@ -111,3 +112,45 @@ def test_digit_grid_is_readable_and_titled(tmp_path: Path, png_titles: list[str]
         png = np.asarray(im.convert("RGB"))[..., 0]
     assert png.shape[0] > canvas.shape[0] and png.shape[1] == canvas.shape[1]  # a title band above the grid
     np.testing.assert_array_equal(png[-canvas.shape[0]:], canvas[..., 0])
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--diffusion", "0.5"], "--diffusion 0.5 applies to SDE sampling: add --sde"),
+    (["--sde", "--solver", "dopri5"], "Euler-Maruyama: --solver dopri5 does not apply"),
+    (["--grid", "0,0.5"], "--grid must span the solve from t = 0 to t = 1, got 0 .. 0.5"),
+], ids=["diffusion-without-sde", "sde-with-dopri5", "short-grid"])
+def test_sample_refuses_settings_it_would_ignore(small_run: Path, tmp_path: Path, argv: list[str],
+                                                 needle: str) -> None:
+    """Options that would be ignored or give wrong samples (exit 0 before): one line, nothing written."""
+    out = tmp_path / "s"
+    msg = cli_error(sample.main, ["--checkpoint", str(small_run), "--out", str(out), "--device", "cpu", *argv])
+    assert needle in msg and "\n" not in msg, msg
+    assert not out.exists()
+
+
+def test_export_refuses_diffusion_without_sde(small_run: Path, tmp_path: Path) -> None:
+    msg = cli_error(export_cli.main, ["--checkpoint", str(small_run), "--task", "sample", "--diffusion", "2",
+                                      "--out", str(tmp_path / "e")])
+    assert "--diffusion 2 applies to SDE sampling: add --sde" in msg
+    assert not (tmp_path / "e").exists()
+
+
+def test_a_grid_may_be_written_either_way(small_run: Path, tmp_path: Path) -> None:
+    """Sampling runs noise -> data and the likelihood data -> noise whichever way the grid's times are written
+    (the same samples and NLL both ways); a short grid is refused by evaluate too."""
+    results = []
+    for i, grid in enumerate(("0,0.5,1", "1,0.5,0")):
+        argv = ["--checkpoint", str(small_run), "--device", "cpu", "--grid", grid]
+        res = last_json(call(evaluate.main, [*argv, "--n", "8"]))
+        call(sample.main, [*argv, "--n", "16", "--out", str(tmp_path / str(i))])
+        results.append((res["test"]["nll_nats"], np.load(tmp_path / str(i) / "samples.npy")))
+    assert results[0][0] == results[1][0] and np.array_equal(results[0][1], results[1][1])
+    msg = cli_error(evaluate.main, ["--checkpoint", str(small_run), "--device", "cpu", "--grid", "0.5,1"])
+    assert "--grid must span the solve from t = 0 to t = 1, got 0.5 .. 1" in msg
+
+
+def test_interpolant_options_need_the_learned_path(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    msg = cli_error(train.main, train_argv(out, "--path", "condot", "--interp-lr", "0.01"))
+    assert "--interp-lr: for --path learned only (path 'condot' has no trained coefficients)" in msg
+    assert not out.exists()

@@ -50,13 +50,30 @@ def inference_parser(command: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+DEFAULT_DIFFUSION = "1"
+
+
+def add_sde_options(group: argparse._ArgumentGroup, sde_help: str) -> None:
+    """--sde (what it does for this command) and its --diffusion, shared by sample and export."""
+    group.add_argument("--sde", action="store_true", help=sde_help)
+    group.add_argument("--diffusion", default=None,
+                       help=f"eps(t) of --sde: a constant C, or sin2:C for C sin^2(pi t) (vanishing at both ends) "
+                            f"(default: {DEFAULT_DIFFUSION})")
+
+
+def diffusion_of(args: argparse.Namespace) -> str | None:
+    """The SDE's eps(t) of the arguments (None: the ODE); --diffusion without --sde would be ignored: an error."""
+    if args.diffusion is not None and not args.sde:
+        raise ValueError(f"--diffusion {args.diffusion} applies to SDE sampling: add --sde (without it the ODE runs)")
+    return (args.diffusion or DEFAULT_DIFFUSION) if args.sde else None
+
+
 def open_sampler(args: argparse.Namespace, task: str | None = None) -> Sampler:
     """The sampler the arguments ask for: an exported engine (``--engine``, of ``task`` if given; the export
     layer is imported here, lazily) or the eager model of ``--checkpoint``; errors before any output is
     written."""
     given: dict[str, Any] = {k: getattr(args, k, None) for k in SETTINGS}
-    if not getattr(args, "sde", False):
-        given["diffusion"] = None
+    given["diffusion"] = diffusion_of(args) if hasattr(args, "sde") else None
     if args.engine:
         from fastfm.export.sampler import EngineSampler
 
@@ -73,15 +90,27 @@ def run_dataset(meta: dict[str, Any]) -> Dataset:
     return get_dataset(data["name"], seed=meta.get("seed", 0), **data.get("args", {}))
 
 
-def read_low_res(path: str) -> torch.Tensor:
-    """A --low-res .npy file as float32, read without unpickling (errors name the file, as data files' do)."""
+def read_low_res(path: str, meta: dict[str, Any]) -> torch.Tensor:
+    """A --low-res .npy file as float32, read without unpickling (errors name the file, as data files' do),
+    for a super-resolution run of ``meta``: (N, C, H / f, W / f) for data (C, H, W) and factor f, finite."""
+    factor = meta.get("superres", 0)
+    if not factor:
+        raise ValueError(f"--low-res {path} given, but the model was not trained for super-resolution")
     arrays = read_arrays(Path(path))
     if list(arrays) != ["x"]:
         raise ValueError(f"--low-res {path}: expected one array in a .npy file, got {sorted(arrays)}")
     try:
-        return torch.from_numpy(arrays["x"].astype(np.float32))
+        low = torch.from_numpy(arrays["x"].astype(np.float32))
     except (TypeError, ValueError) as e:
         raise ValueError(f"--low-res {path}: not a numeric array ({e})") from None
+    c, h, w = meta["data"]["shape"]
+    want = (c, h // factor, w // factor)
+    if low.dim() != 4 or tuple(low.shape[1:]) != want or low.shape[0] == 0:
+        raise ValueError(f"--low-res {path}: expected shape (N, {', '.join(map(str, want))}) with N >= 1 (the "
+                         f"{h}x{w} images pooled by {factor}), got {tuple(low.shape)}")
+    if not bool(torch.isfinite(low).all()):
+        raise ValueError(f"--low-res {path} holds NaN/Inf values")
+    return low
 
 
 def low_res_of(meta: dict[str, Any], images: torch.Tensor) -> dict[str, Any]:

@@ -14,7 +14,8 @@ import json
 import sys
 
 from fastfm import helpformat
-from fastfm.commands.common import read_low_res
+from fastfm.checkpoint import load_inference
+from fastfm.commands.common import add_sde_options, diffusion_of, read_low_res
 from fastfm.divergence import DIVERGENCES
 from fastfm.export import DTYPES, ENGINE_BACKENDS, TASKS, EngineSpec, export_engine
 from fastfm.export.choose import AUTO
@@ -54,12 +55,9 @@ def parser() -> argparse.ArgumentParser:
     cond.add_argument("--low-res", default=None,
                       help="super-resolution models: .npy of low-res images for the parity probe batch "
                            "(default: downsampled prior draws); the engine takes low_res as an input")
-    sde = p.add_argument_group("SDE sampling")
-    sde.add_argument("--sde", action="store_true",
-                     help="sampling engine of the SDE dX = [v + eps/2 score] dt + sqrt(eps) dW (Gaussian-base "
-                          "paths; Euler-Maruyama over --steps, noise (steps, B, ...) as an engine input)")
-    sde.add_argument("--diffusion", default="1",
-                     help="eps(t) of --sde: a constant C, or sin2:C for C sin^2(pi t) (vanishing at both ends)")
+    add_sde_options(p.add_argument_group("SDE sampling"),
+                    "sampling engine of the SDE dX = [v + eps/2 score] dt + sqrt(eps) dW (Gaussian-base paths; "
+                    "Euler-Maruyama over --steps, noise (steps, B, ...) as an engine input)")
     lik = p.add_argument_group("likelihood")
     lik.add_argument("--log-likelihood", action="store_true",
                      help="sampling engine also returns log p of its samples")
@@ -76,12 +74,12 @@ def _progress(line: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     solver = args.solver or ("euler" if args.sde else DEFAULTS.solver)
-    spec = EngineSpec(task=args.task, solver=solver, steps=args.steps, batch=args.batch, backend=args.backend,
-                      dtype=args.dtype, log_likelihood=args.log_likelihood, divergence=args.divergence,
-                      probes=args.probes, guidance=args.guidance, class_label=args.class_label,
-                      diffusion=args.diffusion if args.sde else None)
     try:
-        low_res = None if args.low_res is None else read_low_res(args.low_res)
+        spec = EngineSpec(task=args.task, solver=solver, steps=args.steps, batch=args.batch, backend=args.backend,
+                          dtype=args.dtype, log_likelihood=args.log_likelihood, divergence=args.divergence,
+                          probes=args.probes, guidance=args.guidance, class_label=args.class_label,
+                          diffusion=diffusion_of(args))
+        low_res = None if args.low_res is None else read_low_res(args.low_res, load_inference(args.checkpoint)[1])
         info = export_engine(args.checkpoint, spec, args.out, device=args.device, seed=args.seed, low_res=low_res,
                              force=args.force, progress=_progress)
     except ValueError as e:

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from fastfm.commands.common import inference_parser, low_res_of, open_sampler, read_low_res, run_dataset
+from fastfm.commands.common import (add_sde_options, inference_parser, low_res_of, open_sampler, read_low_res,
+                                    run_dataset)
 from fastfm.inference import Sampler
 from fastfm.plotting import nonfinite_rows, save_samples_png
 
@@ -31,11 +32,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="class to sample (conditional models; default: cycle through all classes)")
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale w (default 1: none)")
     g.add_argument("--low-res", default=None, help="super-resolution inputs as .npy (default: the test set's)")
-    g.add_argument("--sde", action="store_true",
-                   help="sample with the SDE dX = [v + eps/2 score] dt + sqrt(eps) dW (Euler-Maruyama over --steps; "
-                        "Gaussian-base paths): same marginals as the ODE")
-    g.add_argument("--diffusion", default="1",
-                   help="eps(t) of --sde: a constant C, or sin2:C for C sin^2(pi t) (vanishing at both ends)")
+    add_sde_options(g, "sample with the SDE dX = [v + eps/2 score] dt + sqrt(eps) dW (Euler-Maruyama over --steps; "
+                       "Gaussian-base paths): same marginals as the ODE")
     g.add_argument("--log-likelihood", action="store_true", help="also integrate the samples' log-likelihood")
     g.add_argument("--out", default=None,
                    help="output directory (default: CHECKPOINT_DIR/samples, or ENGINE_DIR/samples with --engine)")
@@ -48,10 +46,8 @@ def main(argv: list[str] | None = None) -> None:
         kind = meta["data"]["kind"]
         n = args.n or (2000 if kind == "vector" else 64)
         cond = {}
-        if args.low_res and not meta.get("superres", 0):
-            raise ValueError("--low-res given, but the model was not trained for super-resolution")
-        if meta.get("superres", 0):
-            low = read_low_res(args.low_res) if args.low_res else None
+        if args.low_res or meta.get("superres", 0):
+            low = read_low_res(args.low_res, meta) if args.low_res else None
             cond = {"low_res": low[:n]} if low is not None else low_res_of(meta, run_dataset(meta).test[:n])
             n = min(n, cond["low_res"].shape[0])
         res = sampler.sample(n, seed=args.seed, cond=cond, log_likelihood=args.log_likelihood)
