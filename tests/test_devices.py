@@ -48,19 +48,29 @@ ENGINES = [  # (run, spec): every task, solver, dtype, conditioning and divergen
     ("unet_sr", dict(task="sample", solver="heun", steps=1, batch=2)),
     ("unet_sr", dict(task="likelihood", solver="euler", steps=1, batch=2)),
     ("mlp_gmm", dict(task="likelihood", solver="midpoint", steps=2, batch=4)),  # base density's parameters
+    ("mlp_vp_x1", dict(task="sample", solver="heun", steps=2, batch=4)),  # ODE ending with the jump
+    ("mlp_vp_x1", dict(task="sample", solver="euler", steps=2, batch=4, diffusion="1")),  # SDE ending with it
     ("mlp", dict(task="sample", solver="euler", steps=3, batch=4, diffusion="sin2:2")),  # SDE: noise input
     ("unet_cond", dict(task="sample", solver="euler", steps=2, batch=2, diffusion="1", guidance=2.0)),
 ]
 
 
+MLP_VARIANTS = {  # run -> model.json entries that replace test_export's "mlp" run's
+    "mlp_gmm": {"source": "gmm", "path": {"name": "linear", "args": {}}},
+    "mlp_vp_x1": {"path": {"name": "vp", "args": {}}, "target": "x1"},
+}
+"""``mlp_gmm``: a linear interpolant from a Gaussian-mixture base, whose log-density (CPU parameters moved to the
+input's device) the likelihood engine evaluates; ``mlp_vp_x1``: an x1 predictor on VP, whose solves stop short of
+t = 1 and end with the jump to E[x1 | x_t]."""
+
+
 def _make(root: Path, name: str) -> Path:
-    """A run of test_export's RUNS; ``mlp_gmm``: the MLP as a linear interpolant from a Gaussian-mixture base,
-    whose log-density (CPU parameters moved to the input's device) the likelihood engine evaluates."""
-    if name != "mlp_gmm":
+    """A run of test_export's RUNS, or an MLP_VARIANTS one (re-committed with its edited model.json)."""
+    if name not in MLP_VARIANTS:
         return make_run(root / name, *RUNS[name])
     out = make_run(root / name, *RUNS["mlp"])
     weights, meta = load_inference(out)
-    save_inference(out, weights, {**meta, "source": "gmm", "path": {"name": "linear", "args": {}}})
+    save_inference(out, weights, {**meta, **MLP_VARIANTS[name]})
     return out
 
 
@@ -83,6 +93,7 @@ def test_engine_programs_trace_on_the_inputs_device(meta_runs, name, spec):
     (On commit f3b4950 every case failed here: the time grid was a CPU buffer.)"""
     run = meta_runs[name]
     spec = validate(EngineSpec(**spec), run.meta)
+    assert spec.denoise or name != "mlp_vp_x1"  # its cases trace the jump
     inputs, _ = signature(spec, run.meta)
     ep = trace(build_program(run, spec), example_inputs(inputs, META))
     assert off_device(ep, META) == []
