@@ -48,7 +48,7 @@ bench-export: $(STAMP)
 	$(PY) benchmarks/run_levels.py cpu_export $(RESULTS) benchmarks/summarize_export.py benchmarks/test_export_cpu.py
 
 # The papers' experiments (paths, interpolants, conditional) at the default CPU scale: reports, figures and JSON
-# under runs/experiments/ (34 minutes on 2 cores; --scale gpu for one GPU).
+# under runs/experiments/ (35-40 minutes on 2 cores, an estimate; --scale gpu for one GPU).
 experiments: $(STAMP)
 	$(PY) -m fastfm.experiments all
 
