@@ -146,7 +146,7 @@ def _build_tensorrt(ep: torch.export.ExportedProgram, example: list[Tensor], pat
 
     module = torch_tensorrt.dynamo.compile(ep, arg_inputs=example)
     # extra_files: a keyword of recent Torch-TensorRT releases' save (not run here: no TensorRT on these machines);
-    # a release without it writes no stamp, and loading then refuses the engine naming the missing stamp
+    # an older release rejects the keyword at build, or ignores it and loading then refuses the unstamped engine
     torch_tensorrt.save(module, str(path), output_format="exported_program", arg_inputs=example,
                         extra_files={STAMP: stamp})
 
