@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from fastfm.export import EngineSpec, export_engine, load
+from fastfm.export import EngineRequest, export_engine, load
 from fastfm.export.choose import AUTO
 from fastfm.export.graph import build_program
-from fastfm.export.spec import signature, validate
+from fastfm.export.spec import resolve
 from torch import Tensor, nn
 
 import fastfm
-from fastfm.runs import load_run
+from fastfm.run.load import load_run
 from fastfm.checkpoint import save_inference
 from fastfm.likelihood import log_likelihood
 from fastfm.models import build_model
@@ -94,13 +94,13 @@ def runner(root: Path, models: dict[str, dict[str, Any]], model: str, task: str,
         return torch.no_grad()(lambda x: log_likelihood(run.model, run.path, x, solver=SOLVER, steps=steps).log_prob), 0.0
     backend, _, dtype = impl.partition("_")
     dtype = dtype or (AUTO if backend == AUTO else "fp32")
-    spec = EngineSpec(task=task, solver=SOLVER, steps=steps, batch=batch, dtype=dtype,
-                      backend="aoti" if backend == "compile" else backend)
+    spec = EngineRequest.of(task=task, solver=SOLVER, steps=steps, batch=batch, dtype=dtype,
+                            backend="aoti" if backend == "compile" else backend)
     if backend == "compile":
-        spec = validate(spec, run.meta)
+        spec = resolve(spec, run.meta, run.path)
         program = torch.compile(build_program(run, spec), fullgraph=True, dynamic=False)
         fn = torch.no_grad()(lambda x: program(x)[-1 if task == "likelihood" else 0])  # (x0, log p) or (x,)
-        fn(torch.zeros(signature(spec, run.meta)[0][0].shape, device=device))  # compile now
+        fn(torch.zeros(spec.signature()[0][0].shape, device=device))  # compile now
         return fn, time.perf_counter() - started
     out = root / f"{model}-{task}-{batch}-{impl}"
     export_engine(root / model, spec, out, device=device, force=True)

@@ -23,7 +23,7 @@ from typing import Callable
 import pytest
 import torch
 
-from fastfm.runs import model_for
+from fastfm.training.assemble import model_for
 from fastfm.config import TrainConfig
 from fastfm.data import get_dataset
 from fastfm.distributed import DistEnv

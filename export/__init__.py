@@ -12,7 +12,8 @@ from .build import export_engine
 from .engine import Engine, EngineResult, load
 from .manifest import ManifestError
 from .sampler import EngineSampler
-from .spec import DTYPES, TASKS, EngineSpec, ExportError
+from .spec import DTYPES, TASKS, EngineRequest, EngineSpec, ExportError
 
-__all__ = ["DTYPES", "ENGINE_BACKENDS", "TASKS", "Engine", "EngineResult", "EngineSampler", "EngineSpec", "ExportError",
+__all__ = ["DTYPES", "ENGINE_BACKENDS", "TASKS", "Engine", "EngineResult", "EngineRequest", "EngineSampler", "EngineSpec",
+           "ExportError",
            "ManifestError", "export_engine", "load"]

@@ -25,7 +25,7 @@ from torch import Tensor
 import fastfm
 from fastfm import hardware
 from fastfm.checkpoint import inference_file, new_mode
-from fastfm.runs import LoadedRun, load_run, resolve_device
+from fastfm.run.load import LoadedRun, load_run, resolve_device
 
 from . import manifest
 from .backends import Runner, backend, versions
@@ -33,7 +33,7 @@ from .choose import candidates
 from .graph import build_program, example_inputs, trace
 from .parity import compare, probe_inputs, reference
 from .quiet import quiet
-from .spec import EngineSpec, ExportError, TensorSlot, signature, validate
+from .spec import EngineRequest, EngineSpec, ExportError, TensorSlot, resolve
 
 TIMED_MIN_S = 0.2
 """Each candidate engine is timed over at least this many seconds of calls (and at least 3 calls)."""
@@ -129,12 +129,12 @@ def _select(built: list[_Built], failed: dict[str, str], inputs: list[TensorSlot
     return best, record
 
 
-def export_engine(checkpoint: str | Path, spec: EngineSpec, out: str | Path, *, device: str = "auto",
+def export_engine(checkpoint: str | Path, request: EngineRequest, out: str | Path, *, device: str = "auto",
                   seed: int = 0, low_res: Tensor | None = None, force: bool = False,
                   progress: Callable[[str], None] | None = None) -> manifest.Manifest:
-    """Build the engine of ``spec`` for the run at ``checkpoint`` into ``out``; returns its manifest.
+    """Build the engine of ``request`` for the run at ``checkpoint`` into ``out``; returns its manifest.
 
-    ``spec.backend`` / ``spec.dtype`` 'auto' build every candidate this machine offers (export/choose.py), check
+    ``request.backend`` / ``request.dtype`` 'auto' build every candidate this machine offers (export/choose.py), check
     each one's parity, time each on the probe batch and publish the fastest, recording every time in the manifest.
     ``low_res`` optionally gives the low-resolution images of the parity probe batch (super-resolution
     models; default: downsampled prior draws); ``progress`` gets one line per finished stage.
@@ -145,33 +145,36 @@ def export_engine(checkpoint: str | Path, spec: EngineSpec, out: str | Path, *, 
     out = Path(out)
     dev = resolve_device(device)
     caps = hardware.capabilities(dev)
-    options = candidates(spec, dev, caps)
+    options = candidates(request, dev, caps)
     run = load_run(checkpoint, dev)
-    options = [validate(option, run.meta) for option in options]
-    spec = options[0]
-    if low_res is not None and not run.meta.get("superres"):
-        raise ExportError("low-res inputs given, but the model was not trained for super-resolution")
+    specs = [resolve(option, run.meta, run.path, warn=i == 0) for i, option in enumerate(options)]
+    spec = specs[0]
+    if low_res is not None:
+        try:
+            run.meta.check_conditioning({"low_res": low_res}, "low-res inputs")
+        except ValueError as e:
+            raise ExportError(str(e)) from None
     if out.exists() and not force:
         raise ExportError(f"{out} exists; pass force=True (--force) to replace it")
-    inputs, outputs = signature(spec, run.meta)
-    probe = probe_inputs(run, inputs, seed, low_res)
-    ref = reference(run, spec, probe, outputs)
+    inputs, outputs = spec.signature()
+    probe = probe_inputs(run, spec, seed, low_res)
+    ref = reference(run, spec, probe)
     weights = inference_file(checkpoint)
     base = {"device": str(dev), "inputs": [i.to_json() for i in inputs], "outputs": [o.to_json() for o in outputs],
             "checkpoint": {"source": str(checkpoint), "file": weights.name, "sha256": manifest.sha256(weights),
-                           "meta": run.meta}}
+                           "meta": run.meta.to_json()}}
     stages.done(f"checked the request and loaded {checkpoint}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         built, failed = [], {}
-        for option in options:
-            where = tmp if len(options) == 1 else tmp / f"{option.backend}-{option.dtype}"
+        for option in specs:
+            where = tmp if len(specs) == 1 else tmp / f"{option.backend}-{option.dtype}"
             try:
                 with quiet():
                     built.append(_build_one(run, option, base, inputs, outputs, probe, ref, where, dev, stages))
             except ExportError as e:
-                if len(options) == 1:
+                if len(specs) == 1:
                     raise
                 failed[f"{option.backend}/{option.dtype}"] = str(e).splitlines()[0]
         best, selection = _select(built, failed, inputs, probe, dev, stages)

@@ -20,7 +20,7 @@ import torch
 from fastfm import hardware
 
 from .backends import ENGINE_BACKENDS, check_available
-from .spec import DTYPES, EngineSpec, ExportError
+from .spec import DTYPES, EngineRequest, ExportError
 
 AUTO = "auto"
 CPU_BACKENDS = ("aoti", "onnx")
@@ -39,7 +39,8 @@ def _usable(backend: str, device: torch.device, dtype: str) -> bool:
     return True
 
 
-def candidates(spec: EngineSpec, device: torch.device, caps: hardware.Capabilities | None = None) -> list[EngineSpec]:
+def candidates(spec: EngineRequest, device: torch.device,
+               caps: hardware.Capabilities | None = None) -> list[EngineRequest]:
     """The concrete (backend, dtype) requests ``spec`` stands for on ``device``, the explicit ones checked
     (ExportError naming a missing package or device), in order of preference for equal times."""
     if spec.backend != AUTO and spec.backend not in ENGINE_BACKENDS:

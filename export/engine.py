@@ -67,7 +67,10 @@ class Engine:
         for spec, dim, t in zip(self.info.inputs, self._row_dims, [x, *map(given.get, self.input_names[1:])]):
             if t is None:
                 raise ExportError(f"this engine needs {spec.name!r} (shape {spec.shape}, {spec.dtype})")
-            spec.check_rows(tuple(t.shape), dim, rows)
+            try:
+                spec.check_rows(tuple(t.shape), dim, rows)
+            except ValueError as e:
+                raise ExportError(str(e)) from None
             rows = t.shape[dim]  # every input has the rows of x
             self._check_values(spec.name, t, spec.torch_dtype)
             out.append(t.to(self.device, spec.torch_dtype).contiguous())
@@ -81,7 +84,7 @@ class Engine:
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise ExportError(f"{name!r} contains NaN or Inf")
             return
-        classes = self.meta["model"].get("num_classes")
+        classes = self.meta.num_classes
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise ExportError(f"{name!r} must hold integer class labels, got {t.dtype}")
         lo, hi = int(t.min()), int(t.max())

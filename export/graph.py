@@ -1,7 +1,7 @@
 """The engine graph: a trained model and a fixed-step solver unrolled into one traced program.
 
-``SampleProgram`` runs ``fastfm.ode.sample`` and ``LikelihoodProgram`` runs
-``fastfm.likelihood.integrate_log_likelihood`` on a fixed time grid, so the solver loop (Butcher
+``EngineProgram`` runs the spec's ``SolvePlan`` (``fastfm.solve.plan``: the ODE or SDE sampler or the
+likelihood, the one definition eager sampling runs too) on a fixed time grid, so the solver loop (Butcher
 tableau coefficients as fp32 constants) unrolls into steps x stages model calls. Everything the
 program creates (the grid, a baked class label) is made on the device of its input, so the same
 program traces for CPU and CUDA engines; ``trace`` checks that no tensor of the exported graph
@@ -22,15 +22,10 @@ import torch
 from torch import Tensor, fx, nn
 
 from fastfm.compat import trace_fake
-from fastfm.runs import LoadedRun
-from fastfm.likelihood import bits_per_dim, integrate_log_likelihood
-from fastfm.ode import sample
-from fastfm.score import score_interval
-from fastfm.sde import parse_diffusion, sde_sample
-from fastfm.solvers import time_grid
+from fastfm.run.load import LoadedRun
 
 from .simplify import JVP_DECOMPOSITIONS, simplify
-from .spec import DTYPES, EngineSpec, ExportError, TensorSlot, signature
+from .spec import DTYPES, EngineSpec, ExportError, TensorSlot
 
 
 class ModelInDtype(nn.Module):
@@ -53,83 +48,31 @@ class ModelInDtype(nn.Module):
         return self.model(x.to(self.dtype), t, **cond).float()
 
 
-class _Program(nn.Module):
-    """Shared set-up: the model (in the engine dtype), the path, the input names, the time grid over
-    ``path.time_interval`` (t = 0 -> 1 for sampling, 1 -> 0 for likelihoods) and a baked class label."""
+class EngineProgram(nn.Module):
+    """(inputs in signature order) -> (outputs in signature order): ``plan.run`` of the spec on the model in the
+    engine dtype; the grid and a baked class label are made on the device of the input x."""
 
-    def __init__(self, run: LoadedRun, spec: EngineSpec, inputs: list[TensorSlot]) -> None:
+    def __init__(self, run: LoadedRun, spec: EngineSpec) -> None:
         super().__init__()
         dtype = DTYPES[spec.dtype]
         self.model = run.model if dtype == torch.float32 else ModelInDtype(run.model, dtype)
-        self.path, self.spec, self.target = run.path, spec, run.meta["target"]
-        self.input_names = [i.name for i in inputs]
-        t0, t1 = score_interval(run.path, self.target) if spec.diffusion else run.path.time_interval(self.target)
-        self.ends = (t0, t1) if spec.task == "sample" else (t1, t0)
+        self.path, self.plan = run.path, spec.plan
+        self.input_names = [i.name for i in spec.signature()[0]]
 
     @property
     def grid(self) -> Tensor:
         """The fixed fp32 time grid (on the CPU; the traced program makes it on its input's device)."""
-        return time_grid(self.spec.steps, *self.ends)
-
-    def _split(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None,
-                                                           dict[str, Tensor]]:
-        """(x, grid, y, probes, extra conditioning) from the positional engine inputs; the grid and a baked
-        label are made on x's device."""
-        a = dict(zip(self.input_names, inputs))
-        x = a["x0"] if "x0" in a else a["x1"]
-        y = a.get("y")
-        if y is None and self.spec.class_label is not None:
-            y = torch.full((x.shape[0],), self.spec.class_label, dtype=torch.int64, device=x.device)
-        cond = {"low_res": a["low_res"]} if "low_res" in a else {}
-        return x, time_grid(self.spec.steps, *self.ends, device=x.device), y, a.get("probes"), cond
-
-
-class SampleProgram(_Program):
-    """(x0 [, y, low_res, probes]) -> (x(1) [, log p_1(x(1))]): noise pushed from t = 0 to 1 by the ODE;
-    with a diffusion, (x0 [, y, low_res], noise) -> x(1) by the SDE of ``fastfm.sde``."""
-
-    def __init__(self, run: LoadedRun, spec: EngineSpec, inputs: list[TensorSlot]) -> None:
-        super().__init__(run, spec, inputs)
-        self.diffusion = None if spec.diffusion is None else parse_diffusion(spec.diffusion)
+        return self.plan.times()
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        x0, grid, y, probes, cond = self._split(inputs)
-        if self.diffusion is not None:
-            noise = inputs[self.input_names.index("noise")]
-            res = sde_sample(self.model, self.path, x0, diffusion=self.diffusion, steps=self.spec.steps,
-                             target=self.target, noise=noise, denoise=self.spec.denoise, y=y,
-                             guidance=self.spec.guidance, **cond)
-            return (res.x,)
-        res = sample(self.model, self.path, x0, solver=self.spec.solver, grid=grid, target=self.target, y=y,
-                     guidance=self.spec.guidance, log_likelihood=self.spec.log_likelihood, probes=probes,
-                     denoise=self.spec.denoise, **cond)
-        return (res.x,) if res.log_prob is None else (res.x, res.log_prob)
+        given = dict(zip(self.input_names, inputs))
+        x = given.pop(self.plan.x_name)
+        return self.plan.output_values(self.plan.run(self.model, self.path, x, **given), x)
 
 
-class LikelihoodProgram(_Program):
-    """(x1 [, y, low_res, probes]) -> (x(0), log p_1(x1) [, bits/dim]): data pulled from t = 1 to 0,
-    log p_1(x1) = log p_0(x(0)) + int_0^1 div v dt, bits/dim as in ``fastfm.likelihood``."""
-
-    def __init__(self, run: LoadedRun, spec: EngineSpec, inputs: list[TensorSlot], levels: int | None) -> None:
-        super().__init__(run, spec, inputs)
-        self.levels = levels
-
-    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        x1, grid, y, probes, cond = self._split(inputs)
-        res = integrate_log_likelihood(self.model, self.path, x1, solver=self.spec.solver, grid=grid,
-                                       target=self.target, probes=probes, y=y, **cond)
-        if self.levels is None:
-            return res.x0, res.log_prob
-        return res.x0, res.log_prob, bits_per_dim(res.log_prob, x1[0].numel(), self.levels)
-
-
-def build_program(run: LoadedRun, spec: EngineSpec) -> _Program:
-    """The eval-mode program of a validated spec."""
-    inputs, outputs = signature(spec, run.meta)
-    if spec.task == "sample":
-        return SampleProgram(run, spec, inputs).eval()
-    levels = run.meta["data"].get("levels") if any(o.name == "bits_per_dim" for o in outputs) else None
-    return LikelihoodProgram(run, spec, inputs, levels).eval()
+def build_program(run: LoadedRun, spec: EngineSpec) -> EngineProgram:
+    """The eval-mode program of a resolved spec."""
+    return EngineProgram(run, spec).eval()
 
 
 def trace_aten(program: nn.Module, example: list[Tensor]) -> fx.GraphModule:

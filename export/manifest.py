@@ -28,17 +28,19 @@ from __future__ import annotations
 import hashlib
 import json
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fastfm.checkpoint import load_json, save_json, sha256
-from fastfm.solvers import TABLEAUS, time_grid
+from fastfm.run.load import path_of
+from fastfm.run.meta import RunMeta
+from fastfm.solvers import FIXED_SOLVERS
 
 from .backends import ENGINE_BACKENDS
-from .spec import DTYPES, TASKS, EngineSpec, ExportError, TensorSlot, signature
+from .spec import DTYPES, TASKS, EngineSpec, ExportError, TensorSlot
 
 MANIFEST = "manifest.json"
 SCHEMA = 4
@@ -69,7 +71,7 @@ class Manifest:
     outputs: list[TensorSlot]
     engine_file: Path
     checkpoint_sha256: str
-    meta: dict[str, Any]
+    meta: RunMeta
     parity: dict[str, Any]
     identity: dict[str, Any]  # what the engine computes, as the manifest states it (``identity``)
     hardware: dict[str, Any] | None = None  # the machine that built it (fastfm.hardware)
@@ -151,21 +153,30 @@ def _names(kind: Any) -> str:
     return " or ".join(_JSON_NAMES[k] for k in typing.get_args(kind) or (kind,))
 
 
-def _spec(d: dict[str, Any], path: Path) -> EngineSpec:
-    names = {f.name for f in fields(EngineSpec)}
-    if set(d) != names:
-        raise ManifestError(f"{path}: spec must have exactly the keys {sorted(names)}")
-    for name, kind in typing.get_type_hints(EngineSpec).items():
+SPEC_TYPES: dict[str, Any] = {
+    "task": str, "solver": str, "steps": int, "batch": int, "backend": str, "dtype": str, "log_likelihood": bool,
+    "divergence": str, "probes": int, "guidance": float, "class_label": int | None, "diffusion": str | None,
+    "denoise": bool}
+"""The keys of a stored spec (``EngineSpec.to_json``) and the type of each value."""
+
+
+def _spec(d: dict[str, Any], meta: RunMeta, path: Path) -> EngineSpec:
+    if set(d) != set(SPEC_TYPES):
+        raise ManifestError(f"{path}: spec must have exactly the keys {sorted(SPEC_TYPES)}")
+    for name, kind in SPEC_TYPES.items():
         if not _typed(d[name], kind):
             raise ManifestError(f"{path}: spec.{name} must be {_names(kind)}, got {d[name]!r}")
     if d["backend"] not in ENGINE_BACKENDS:
         raise ManifestError(f"{path} names unknown backend {d['backend']!r}; known: {ENGINE_BACKENDS.names}")
-    for field, allowed in (("task", TASKS), ("solver", tuple(TABLEAUS)), ("dtype", tuple(DTYPES))):
+    for field, allowed in (("task", TASKS), ("solver", FIXED_SOLVERS), ("dtype", tuple(DTYPES))):
         if d[field] not in allowed:
             raise ManifestError(f"{path} names unknown {field} {d[field]!r}; known: {allowed}")
     if any(d[k] < 0 for k in ("steps", "batch", "probes")):
         raise ManifestError(f"{path}: spec steps, batch and probes must be non-negative")
-    return EngineSpec(**d)
+    try:
+        return EngineSpec.from_json(d, meta, path_of(meta))
+    except ValueError as e:
+        raise ManifestError(f"{path}: {e}") from None
 
 
 def _slots(entries: list[Any], key: str, path: Path) -> list[TensorSlot]:
@@ -186,12 +197,11 @@ def _engine_file(directory: Path, name: Any, path: Path) -> Path:
 
 
 def _check_grid(grid: Any, spec: EngineSpec, path: Path) -> None:
-    """The grid must be the uniform fp32 grid of the spec's steps between its own end points."""
-    ok = (spec.steps >= 1 and isinstance(grid, list) and len(grid) == spec.steps + 1
-          and all(isinstance(t, (int, float)) for t in grid))
-    if not ok or not torch.allclose(torch.tensor(grid, dtype=torch.float32), time_grid(spec.steps, grid[0], grid[-1]),
-                                    rtol=0, atol=1e-6):
-        raise ManifestError(f"{path}: grid {grid} is not the time grid of {spec.steps} {spec.solver} steps")
+    """The grid must be the plan's uniform fp32 grid."""
+    plan = spec.plan
+    ok = isinstance(grid, list) and len(grid) == plan.steps + 1 and all(isinstance(t, (int, float)) for t in grid)
+    if not ok or not torch.allclose(torch.tensor(grid, dtype=torch.float32), plan.times(), rtol=0, atol=1e-6):
+        raise ManifestError(f"{path}: grid {grid} is not the time grid of {plan.steps} {plan.solver} steps")
 
 
 def read(directory: str | Path, verify: bool = True) -> Manifest:
@@ -217,10 +227,10 @@ def _read(directory: Path, path: Path, verify: bool) -> Manifest:
     if wrong:
         raise ManifestError(f"malformed {path}: {'; '.join(wrong)}")
     try:
-        spec = _spec(body["spec"], path)
-        meta = body["checkpoint"]["meta"]
+        meta = RunMeta.from_json(body["checkpoint"]["meta"], f"{path} checkpoint.meta")
+        spec = _spec(body["spec"], meta, path)
         inputs, outputs = _slots(body["inputs"], "inputs", path), _slots(body["outputs"], "outputs", path)
-        expected = signature(spec, meta)
+        expected = spec.signature()
         engine_file = _engine_file(directory, body["engine"]["file"], path)
         engine_sha, ckpt_sha = str(body["engine"]["sha256"]), str(body["checkpoint"]["sha256"])
         device = torch.device(body["device"])
@@ -232,7 +242,8 @@ def _read(directory: Path, path: Path, verify: bool) -> Manifest:
         raise ManifestError(f"{path}: inputs/outputs do not follow from its spec and model "
                             f"(expected {expected}, manifest has {(inputs, outputs)})")
     if body["nfe"] != spec.nfe:
-        raise ManifestError(f"{path}: nfe {body['nfe']} does not match {spec.steps} {spec.solver} steps ({spec.nfe})")
+        raise ManifestError(f"{path}: nfe {body['nfe']} does not match {spec.plan.steps} {spec.plan.solver} steps "
+                            f"({spec.nfe})")
     _check_grid(body["grid"], spec, path)
     if body[DIGEST] != digest(body):
         raise ManifestError(f"{path} was edited after the build (its content does not match its {DIGEST}); "

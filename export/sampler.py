@@ -1,7 +1,7 @@
-"""An exported engine behind the inference interface (``fastfm.inference.Sampler``).
+"""An exported engine behind the inference interface (``fastfm.solve.Sampler``).
 
-The engine fixes its solver, steps, divergence, guidance, baked class and diffusion at export: options
-a user gives must be left out or agree with them. The engine's static batch is served in chunks
+The engine fixes its solve plan at export (solver, steps, divergence, guidance, baked class, diffusion):
+options a user gives must be left out or agree with it. The engine's static batch is served in chunks
 (``Engine.__call__``), so ``sample(n)`` and ``log_likelihood(x)`` take any number of rows, with the eager
 sampler's progress bar counting engine calls. The prior draws, probes and SDE noise are drawn here in the
 order the eager sampler draws them for one batch.
@@ -9,7 +9,7 @@ order the eager sampler draws them for one batch.
 
 from __future__ import annotations
 
-import math
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -17,41 +17,40 @@ import torch
 from torch import Tensor
 
 from fastfm import seeding
-from fastfm.divergence import draw_probes
 from fastfm.guidance import check_conditioning
-from fastfm.inference import Cond, InferenceSettings, progress_bar, settings_with, with_labels
 from fastfm.likelihood import LikelihoodResult
-from fastfm.ode import SampleResult, draw_prior
-from fastfm.runs import path_from_meta
+from fastfm.ode import SampleResult
+from fastfm.paths import AffinePath
+from fastfm.run.load import path_of
+from fastfm.run.meta import Cond
+from fastfm.solve.plan import SolvePlan
+from fastfm.solve.sampler import progress_bar, with_labels
+from fastfm.solve.settings import settings_with
 
-from .engine import Engine, load
+from .engine import Engine, EngineResult, load
 from .spec import ExportError
 
 
 class EngineSampler:
-    """``Sampler`` of an engine directory written by ``python -m fastfm.export``."""
+    """``Sampler`` of an engine directory written by ``python -m fastfm.export``: its one plan, fixed at export."""
 
     def __init__(self, engine: Engine, given: dict[str, Any] | None = None) -> None:
-        """``given``: the inference options a user set (None: not given), checked against the engine."""
-        self.engine, self.meta, spec = engine, engine.meta, engine.spec
-        fixed = {"solver": spec.solver, "steps": spec.steps, "probes": spec.probes or None,
-                 "divergence": None if spec.divergence == "none" else spec.divergence,
-                 "guidance": spec.guidance, "diffusion": spec.diffusion}
-        if spec.class_label is not None:
-            fixed["class_label"] = spec.class_label
+        """``given``: the inference options a user set (None: not given), checked against the engine's plan."""
+        self.engine, self.meta, self.spec = engine, engine.meta, engine.spec
+        plan = self.spec.plan
         given = {k: v for k, v in (given or {}).items() if v is not None and k != "batch_size"}
         if "grid" in given:
             raise ValueError("--grid cannot be used with --engine: the engine's time grid is baked in")
         wanted = settings_with(given)  # the user's options, checked and normalised like an eager run's
+        fixed = {"solver": plan.solver, "steps": plan.steps, "probes": plan.probes or None,
+                 "divergence": None if plan.divergence == "none" else plan.divergence, "guidance": plan.guidance,
+                 "diffusion": plan.diffusion, "class_label": plan.class_label}
         for name, value in fixed.items():
             if name in given and getattr(wanted, name) != value and not (name == "divergence" and
                                                                           given[name] == "auto"):
                 raise ValueError(self._conflict(name, getattr(wanted, name), value))
-        self.settings = InferenceSettings(
-            solver=spec.solver, steps=spec.steps, divergence=fixed["divergence"] or "auto", probes=spec.probes or 1,
-            batch_size=spec.batch, guidance=spec.guidance, class_label=given.get("class_label", spec.class_label),
-            diffusion=spec.diffusion)
-        check_conditioning(self.meta["model"].get("num_classes"), self.settings.guidance, self.settings.class_label)
+        check_conditioning(self.meta.num_classes, plan.guidance, wanted.class_label)
+        self.class_label = wanted.class_label  # labels of an engine that takes them, where none are given
 
     def _conflict(self, name: str, value: Any, fixed: Any) -> str:
         if name == "diffusion":
@@ -73,56 +72,53 @@ class EngineSampler:
             raise ValueError(f"--engine {directory} is a {engine.spec.task} engine; this command needs a {task} engine")
         return cls(engine, given)
 
+    @cached_property
+    def path(self) -> AffinePath:
+        """The run's path (its prior draws the engine's x0)."""
+        return path_of(self.meta)
+
     @property
     def tasks(self) -> frozenset[str]:
-        return frozenset((self.engine.spec.task,))
+        return frozenset((self.spec.task,))
 
-    def describe(self) -> dict[str, Any]:
-        spec = self.engine.spec
-        return {**self.settings.describe(), "engine": str(self.engine.directory), "backend": spec.backend,
-                "dtype": spec.dtype}
-
-    def _probes(self, shape: tuple[int, ...], gen: torch.Generator) -> Tensor | None:
-        spec = self.engine.spec
-        if spec.divergence == "none":
-            return None
-        return draw_probes(spec.divergence, math.prod(shape[1:]), spec.probes, shape, gen, torch.device("cpu"))
-
-    def _require(self, task: str) -> None:
-        if self.engine.spec.task != task:
-            raise ExportError(f"engine {self.engine.directory} is a {self.engine.spec.task} engine; it cannot {task}")
-
-    def sample(self, n: int, *, seed: int = 0, cond: Cond | None = None, log_likelihood: bool = False,
-               transport: bool = False, progress: bool = True) -> SampleResult:
-        """n prior draws pushed to t = 1 by the engine (and their log-likelihood where it computes it)."""
-        self._require("sample")
-        spec = self.engine.spec
-        if log_likelihood and not spec.log_likelihood:
+    def plan(self, task: str = "sample", *, log_likelihood: bool = False, transport: bool = False) -> SolvePlan:
+        """The engine's plan, if it is one for ``task`` (and computes the samples' log-likelihood if asked)."""
+        if task != self.spec.task:
+            raise ExportError(f"engine {self.engine.directory} is a {self.spec.task} engine; it cannot {task}")
+        if log_likelihood and not self.spec.plan.log_likelihood:
             raise ValueError(f"--engine {self.engine.directory} computes no log-likelihood; export it with "
                              "--log-likelihood")
         if transport:
             raise ValueError("an engine returns no trajectories: transport diagnostics need the eager sampler")
-        cond = with_labels(self, n, cond)
-        if spec.class_label is not None:  # baked into the engine, which takes no labels
-            cond.pop("y", None)
-        gen = seeding.generator(seed, seeding.EVAL)
-        shape = tuple(self.meta["data"]["shape"])
-        x0 = draw_prior(path_from_meta(self.meta), n, shape, gen)
-        probes = self._probes((n, *shape), gen)
-        noise = torch.randn((spec.steps, n, *shape), generator=gen) if spec.diffusion is not None else None
-        with progress_bar(n, self.engine.calls(n), enabled=progress, unit="batch") as bar:
-            res = self.engine(x0, probes=probes, noise=noise, progress=bar.update, **cond)
-        return SampleResult(res.x.cpu(), res.nfe, None if res.log_prob is None or not log_likelihood
-                            else res.log_prob.cpu())
+        return self.spec.plan
+
+    def describe(self, task: str = "sample") -> dict[str, Any]:
+        return {**self.plan(task).describe(), "engine": str(self.engine.directory), "backend": self.spec.backend,
+                "dtype": self.spec.dtype}
+
+    def _run(self, plan: SolvePlan, n: int, x: Tensor | None, cond: Cond | None, seed: int,
+             progress: bool) -> EngineResult:
+        """The engine on n rows: the plan's inputs drawn (on the CPU) with the sampling stream of ``seed`` in the
+        order the eager sampler draws them for one batch, labels cycling through the classes where it takes them."""
+        cond = dict(cond or {})
+        if self.class_label is not None and plan.class_label is None:
+            cond.setdefault("y", torch.full((n,), self.class_label))
+        cond = with_labels(self.meta, plan, n, cond)
+        inputs = plan.draw(self.path, n, seeding.generator(seed, seeding.EVAL), "cpu", x)
+        label = None if plan.task == "sample" else plan.divergence_label
+        with progress_bar(n, self.engine.calls(n), enabled=progress, unit="batch", likelihood=label) as bar:
+            return self.engine(inputs.pop(plan.x_name), progress=bar.update, **inputs, **cond)
+
+    def sample(self, n: int, *, seed: int = 0, cond: Cond | None = None, log_likelihood: bool = False,
+               transport: bool = False, progress: bool = True) -> SampleResult:
+        """n prior draws pushed to t = 1 by the engine (and their log-likelihood where asked)."""
+        plan = self.plan("sample", log_likelihood=log_likelihood, transport=transport)
+        res = self._run(plan, n, None, cond, seed, progress)
+        return SampleResult(res.x.cpu(), res.nfe, res.log_prob.cpu() if log_likelihood else None)
 
     def log_likelihood(self, x: Tensor, *, seed: int = 0, cond: Cond | None = None,
                        progress: bool = True) -> LikelihoodResult:
         """log p_1 of x through the engine, Hutchinson probes (if any) drawn here (Rademacher)."""
-        self._require("likelihood")
-        gen = seeding.generator(seed, seeding.EVAL)
-        n = x.shape[0] if x.dim() else 0  # the engine names a wrong shape
-        with progress_bar(n, self.engine.calls(n), enabled=progress, unit="batch",
-                          likelihood=self.settings.divergence_label(math.prod(self.meta["data"]["shape"]))) as bar:
-            res = self.engine(x, probes=self._probes(tuple(x.shape), gen), progress=bar.update,
-                              **with_labels(self, n, cond))
+        plan = self.plan("likelihood")
+        res = self._run(plan, x.shape[0] if x.dim() else 0, x, cond, seed, progress)  # the engine names a bad shape
         return LikelihoodResult(res.log_prob.cpu(), res.nfe, res.x.cpu())

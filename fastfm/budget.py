@@ -14,10 +14,10 @@ import torch
 from torch import Tensor
 
 from fastfm import seeding
-from fastfm.inference import Cond, EagerSampler, with_labels
 from fastfm.likelihood import LikelihoodResult
 from fastfm.ode import SampleResult
-from fastfm.solvers import TABLEAUS
+from fastfm.run.meta import Cond
+from fastfm.solve.sampler import EagerSampler, with_labels
 
 TIMED_POINTS = 32  # the first timed batch
 TIMED_MIN_S = 0.1  # a timed call this long amortises per-call overhead
@@ -60,8 +60,7 @@ def _rows(cond: Cond, i: int, m: int) -> Cond:
 
 def _with(sampler: EagerSampler, **settings: Any) -> EagerSampler:
     """A plain ``EagerSampler`` of ``sampler``'s model with some inference settings changed."""
-    return EagerSampler(sampler.model, sampler.path, sampler.shape, target=sampler.target,
-                        settings=replace(sampler.settings, **settings), meta=sampler.meta)
+    return EagerSampler(sampler.model, sampler.path, sampler.meta, replace(sampler.settings, **settings))
 
 
 def _timed(fn: Callable[[int], Any], k: int) -> float:
@@ -86,9 +85,9 @@ def _seconds_per_point(fn: Callable[[int], Any], k_max: int) -> float:
 
 def _one_step(sampler: EagerSampler, what: str) -> EagerSampler:
     """The sampler with one solver step (a timed step costs 1/steps of the solve)."""
-    s = sampler.settings
-    if s.solver not in TABLEAUS or s.grid is not None:
-        raise ValueError(f"a timed {what} needs a fixed-step solver without a grid, got {s.solver!r}")
+    plan = sampler.plan()
+    if not plan.fixed or plan.grid is not None:
+        raise ValueError(f"a timed {what} needs a fixed-step solver without a grid, got {plan.solver!r}")
     return _with(sampler, steps=1)
 
 
@@ -132,8 +131,7 @@ class BudgetedSampler(EagerSampler):
     ``replans`` records each re-plan: points done, elapsed seconds, measured seconds per point, new total."""
 
     def __init__(self, sampler: EagerSampler, budget_s: float, started: float, n_min: int) -> None:
-        super().__init__(sampler.model, sampler.path, sampler.shape, target=sampler.target,
-                         settings=sampler.settings, meta=sampler.meta)
+        super().__init__(sampler.model, sampler.path, sampler.meta, sampler.settings)
         self.budget_s, self.started, self.n_min = budget_s, started, n_min
         self.replans: list[dict[str, float]] = []
 
@@ -158,7 +156,7 @@ class BudgetedSampler(EagerSampler):
                transport: bool = False, progress: bool = True,
                generator: torch.Generator | None = None) -> SampleResult:
         """The first of n samples the budget pays for (``EagerSampler.sample`` chunk by chunk)."""
-        cond = with_labels(self, n, cond)
+        cond = with_labels(self.meta, self.plan("sample", log_likelihood=log_likelihood, transport=transport), n, cond)
         gen = seeding.generator(seed, seeding.EVAL) if generator is None else generator
         parts = self._in_chunks(n, lambda batched, i, m: batched.sample(
             m, cond=_rows(cond, i, m), log_likelihood=log_likelihood, transport=transport, progress=progress,
@@ -170,8 +168,33 @@ class BudgetedSampler(EagerSampler):
                        generator: torch.Generator | None = None) -> LikelihoodResult:
         """log p_1 of the first points of x the budget pays for (``EagerSampler.log_likelihood`` chunk by
         chunk)."""
-        cond = with_labels(self, x.shape[0], cond)
+        cond = with_labels(self.meta, self.plan("likelihood"), x.shape[0], cond)
         gen = seeding.generator(seed, seeding.EVAL) if generator is None else generator
         parts = self._in_chunks(x.shape[0], lambda batched, i, m: batched.log_likelihood(
             x[i:i + m], cond=_rows(cond, i, m), progress=progress, generator=gen))
         return LikelihoodResult(_joined(parts, "log_prob"), parts[-1].nfe, _joined(parts, "x0"))
+
+
+class EvalBudget:
+    """A time budget of ``budget_s`` seconds from ``started`` for an evaluation (``fastfm.evaluation.report``): up
+    to half of it for the samples, the rest for the NLL, each planned from its point's cost measured on a few
+    points first (at least ``n_min``) and re-planned as it runs (``BudgetedSampler``). ``record`` holds the
+    plan: seconds per point, the points planned, the re-plans."""
+
+    def __init__(self, budget_s: float, started: float, n_min: int) -> None:
+        self.budget_s, self.started, self.n_min = budget_s, started, n_min
+        self.record: dict[str, Any] = {}
+
+    def samples(self, sampler: EagerSampler, n: int, cond: Cond) -> tuple[int, EagerSampler]:
+        per, n_min = sample_seconds_per_point(sampler, n, cond), min(n, self.n_min)
+        n = points_within(self.budget_s / 2 - (clock() - self.started), per, n_min, n)
+        drawer = BudgetedSampler(sampler, self.budget_s / 2, self.started, n_min)
+        self.record.update(sample_seconds_per_point=per, samples_planned=n, sample_replans=drawer.replans)
+        return n, drawer
+
+    def nll(self, sampler: EagerSampler, x: Tensor, cond: Cond) -> tuple[int, EagerSampler]:
+        per, n_min = nll_seconds_per_point(sampler, x, cond), min(len(x), self.n_min)
+        n = points_within(self.budget_s - (clock() - self.started), per, n_min, len(x))
+        scorer = BudgetedSampler(sampler, self.budget_s, self.started, n_min)
+        self.record.update(nll_seconds_per_point=per, nll_points_planned=n, nll_replans=scorer.replans)
+        return n, scorer

@@ -19,7 +19,6 @@ from typing import Any
 from fastfm.couplings import COUPLINGS
 from fastfm.data import DATASETS, check_dataset
 from fastfm.divergence import DIVERGENCES
-from fastfm.interpolants import MAX_MODES
 from fastfm.models import MODELS
 from fastfm.paths import PATHS, TARGETS
 from fastfm.solvers import DEFAULT_SOLVER, DEFAULT_STEPS, SOLVERS
@@ -102,12 +101,6 @@ class TrainConfig:
                                f"t distribution, with its --time-sampler-args: {TIME_SAMPLERS.help_text()}")
     time_sampler_args: dict = option({}, "path and target", "time sampler parameters KEY=VALUE (mean, std: see "
                                      "--time-sampler)")
-    interp_modes: int = option(4, "path and target", "learned path: sine modes of each interpolant coefficient",
-                               Range(1, MAX_MODES + 1))
-    interp_lr: float = option(2e-3, "path and target", "learned path: Adam learning rate of the interpolant's "
-                              "ascent on the max-min objective", POSITIVE)
-    interp_every: int = option(1, "path and target",
-                               "learned path: velocity steps per interpolant step (k of the max-min)", Range(1))
     steps: int = option(5000, "training", "optimizer steps", Range(1))
     batch_size: int = option(1024, "training", "global batch size (all ranks and micro-batches)", Range(1))
     grad_accum: int = option(1, "training", "micro-batches per optimizer step (DDP syncs on the last)", Range(1))
@@ -161,12 +154,8 @@ class TrainConfig:
             value, allowed = getattr(self, f.name), f.metadata["range"]
             if allowed is not None and value not in allowed:
                 raise ConfigError(f"{f.name} must be {allowed}, got {value!r}")
-        interp = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(self)
-                  if f.name.startswith("interp_") and getattr(self, f.name) != f.default]
         checks = [
             (self.target in TARGETS, f"unknown target {self.target!r}; choose one of {TARGETS}"),
-            (self.path == "learned" or not interp,
-             f"{', '.join(interp)}: for --path learned only (path {self.path!r} has no trained coefficients)"),
             (self.eval_budget == -1 or self.eval_budget >= 0,
              f"eval_budget must be -1 (auto), 0 (no limit) or seconds > 0, got {self.eval_budget}"),
             (self.lr_schedule in ("constant", "cosine"), f"unknown lr_schedule {self.lr_schedule!r}; choose constant or cosine"),
@@ -175,14 +164,6 @@ class TrainConfig:
             (self.coupling_scope in ("rank", "global"), f"unknown coupling_scope {self.coupling_scope!r}; choose rank or global"),
             (self.memory_format in ("auto", "channels_last", "contiguous"),
              f"unknown memory_format {self.memory_format!r}; choose auto, channels_last or contiguous"),
-            (not (self.source != "gaussian" and self.path in ("vp", "ve")),
-             f"path {self.path!r} is a Gaussian diffusion path; a data source needs an interpolant (linear, trig, condot)"),
-            (not (self.path == "learned" and self.path_args),
-             "path 'learned' takes no --path-args: its coefficients are trained (size them with --interp-modes)"),
-            (not (self.path == "learned" and self.target != "velocity"),
-             f"path 'learned' trains the velocity (the max-min objective); use --target velocity, not {self.target!r}"),
-            (not (self.path == "learned" and self.time_sampler != "uniform"),
-             "path 'learned' needs --time-sampler uniform: its objective integrates over t ~ U[0, 1]"),
             (not (self.coupling.endswith("-label") and not self.class_cond),
              f"coupling {self.coupling!r} needs class labels: add --class-cond"),
             ("seed" not in self.data_args, "--data-args cannot set seed: the data set's seed is --seed"),
@@ -192,7 +173,7 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(msg)
         try:  # names and parameters, by the registries that build them
-            PATHS.check(self.path, **self.path_args)  # none for learned: refused above
+            requires = PATHS.build(self.path, **self.path_args).requires
             COUPLINGS.check(self.coupling, **self.coupling_args)
             TIME_SAMPLERS.check(self.time_sampler, **self.time_sampler_args)
             check_dataset(self.data, **self.data_args)
@@ -202,6 +183,11 @@ class TrainConfig:
                 MODELS.entry(self.model)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        unmet = requires.unmet(self.__dict__)
+        if unmet is not None:
+            option, needed = unmet
+            raise ConfigError(f"path {self.path!r} needs {_flag(option)} {needed}, not {getattr(self, option)!r}: "
+                              f"{requires.why}")
         return self
 
 
@@ -236,10 +222,26 @@ def build_parser(cls: type = TrainConfig, description: str = "", prog: str | Non
     return p
 
 
+RETIRED = {"interp_modes": "modes", "interp_lr": "lr", "interp_every": "every"}
+"""Options of an older fastfm that are the learned path's args now (``--path-args modes=... lr=... every=...``)."""
+
+
+def upgrade(options: dict[str, Any]) -> dict[str, Any]:
+    """Saved ``options`` (a config file, a checkpoint's config) in today's names: the :data:`RETIRED` options off
+    their defaults become the learned path's args; on another path (where they were refused) they are dropped."""
+    out = {k: v for k, v in options.items() if k not in RETIRED}
+    if options.get("path") == "learned":
+        defaults = PATHS.params("learned")
+        moved = {new: options[old] for old, new in RETIRED.items() if options.get(old, defaults[new]) != defaults[new]}
+        out["path_args"] = {**moved, **options.get("path_args", {})}
+    return out
+
+
 def from_dict(d: dict, cls: type = TrainConfig) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     if not isinstance(d, dict):
         raise ConfigError(f"a config must be a JSON object of options, got {type(d).__name__}")
+    d = upgrade(d)
     unknown = sorted(set(d) - names)
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown}; valid options: {sorted(names)}")

@@ -8,6 +8,7 @@ Both are plain traced ops (no autograd.grad loop), so torch.compile and torch.ex
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -21,29 +22,40 @@ PROBES = ("rademacher", "gaussian")
 EXACT_MAX_DIM = 16
 VectorField = Callable[[Tensor, Tensor], Tensor]
 
-DIVERGENCES: Registry[str] = Registry("divergence", supplied=("dim",))
-"""Each factory maps the data dimension D to the method used: 'exact' or 'hutchinson'."""
+
+@dataclass(frozen=True)
+class Estimator:
+    """A divergence estimator: ``exact`` (D JVPs per evaluation, no probes) or ``hutchinson`` (one JVP per
+    probe; the samplers draw k Rademacher probes, E[eps eps^T] = I)."""
+
+    name: str
+    takes_probes: bool
+
+    def jvps(self, dim: int, probes: int) -> int:
+        """JVPs (model calls) per field evaluation of a D = ``dim`` field with ``probes`` probes."""
+        return probes if self.takes_probes else dim
+
+    def draw(self, k: int, shape: tuple[int, ...], generator: torch.Generator | None = None,
+             device: torch.device | str | None = None) -> Tensor | None:
+        """The probes this estimator takes: None (exact), else k Rademacher probes of ``shape`` drawn with
+        ``generator`` (on its device), moved to ``device``."""
+        return make_probes(k, shape, "rademacher", generator).to(device) if self.takes_probes else None
+
+
+EXACT, HUTCHINSON = Estimator("exact", False), Estimator("hutchinson", True)
+DIVERGENCES: Registry[Estimator] = Registry("divergence", supplied=("dim",))
+"""Each factory maps the data dimension D to the estimator used."""
 DIVERGENCES.register("auto", f"exact up to {EXACT_MAX_DIM} dimensions, Hutchinson above",
-                     lambda dim: "exact" if dim <= EXACT_MAX_DIM else "hutchinson")
-DIVERGENCES.register("exact", "exact trace of the Jacobian, D JVPs per evaluation", lambda dim: "exact")
+                     lambda dim: EXACT if dim <= EXACT_MAX_DIM else HUTCHINSON)
+DIVERGENCES.register("exact", "exact trace of the Jacobian, D JVPs per evaluation", lambda dim: EXACT)
 DIVERGENCES.register("hutchinson", "unbiased Hutchinson estimate, one JVP per Rademacher probe",
-                     lambda dim: "hutchinson")
+                     lambda dim: HUTCHINSON)
 
 
-def resolve_divergence(divergence: str, dim: int) -> str:
-    """'exact' or 'hutchinson': ``auto`` is exact up to EXACT_MAX_DIM = 16 dimensions (D JVPs per
-    evaluation), Hutchinson above."""
+def estimator(divergence: str, dim: int) -> Estimator:
+    """The estimator of ``divergence`` for a D = ``dim`` field: ``auto`` is exact up to EXACT_MAX_DIM = 16
+    dimensions (D JVPs per evaluation), Hutchinson above."""
     return DIVERGENCES.build(divergence, dim=dim)
-
-
-def draw_probes(divergence: str, dim: int, n_probes: int, shape: tuple[int, ...],
-                generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor | None:
-    """The probes a divergence of a D = ``dim`` field takes: None for the exact divergence (``auto`` resolved by
-    :func:`resolve_divergence`), else ``n_probes`` Rademacher probes of ``shape`` drawn with ``generator`` (on its
-    device), moved to ``device``."""
-    if resolve_divergence(divergence, dim) == "exact":
-        return None
-    return make_probes(n_probes, shape, "rademacher", generator).to(device)
 
 
 def divergence_exact(v: VectorField, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,14 +1,9 @@
 """Learned interpolants (Albergo & Vanden-Eijnden 2022, Sec. 2.4): the path itself is optimised to shorten transport.
 
-A Fourier interpolant with the end conditions built in (x0 the source sample, x1 the data sample):
-
-    x_t = sigma(t) x0 + alpha(t) x1
-    sigma(t) = 1 - t + sum_k a_k sin(pi k t),     sigma'(t) = -1 + sum_k pi k a_k cos(pi k t)
-    alpha(t) =     t + sum_k b_k sin(pi k t),     alpha'(t) =  1 + sum_k pi k b_k cos(pi k t)
-
-so sigma(0) = alpha(1) = 1 and sigma(1) = alpha(0) = 0 for every (a, b); a = b = 0 is the linear interpolant.
-(The paper's optional gamma(t) z term is left out: it is not an affine path of (x0, x1), and with a Gaussian
-source it adds nothing an affine path lacks.)
+The learned path is registered in fastfm.paths like every path (``--path learned --path-args modes=4 lr=2e-3
+every=1``): a :class:`~fastfm.paths.FourierInterpolant` x_t = sigma(t) x0 + alpha(t) x1 whose sine coefficients
+this module's objective trains. (The paper's optional gamma(t) z term is left out: it is not an affine path of
+(x0, x1), and with a Gaussian source it adds nothing an affine path lacks.)
 
 Max-min training: for a fixed interpolant I the velocity minimises
 
@@ -22,74 +17,14 @@ flowing through x_t and d_t I_t (:func:`interpolant_objective`).
 
 The fused path and loss kernels are not differentiable in their coefficients, so the objective is computed here
 in plain PyTorch; the velocity's own steps keep using the kernels with the (detached) coefficients of
-:class:`LearnedScheduler`.
+:class:`~fastfm.paths.LearnedScheduler`.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any, Sequence
-
-import torch
 from torch import Tensor, nn
 
-from fastfm.paths import Endpoints, Scheduler, SchedulerOutput, expand_like
-
-MAX_MODES = 64
-
-
-class FourierInterpolant(nn.Module):
-    """sigma(t), alpha(t) with ``modes`` sine corrections each (parameters ``sigma_coef`` a, ``alpha_coef`` b);
-    calling it gives the schedule and its time derivatives at t, differentiable in the parameters."""
-
-    def __init__(self, modes: int = 4, sigma_coef: Sequence[float] | None = None,
-                 alpha_coef: Sequence[float] | None = None) -> None:
-        super().__init__()
-        if isinstance(modes, bool) or not isinstance(modes, int) or not 1 <= modes <= MAX_MODES:
-            raise ValueError(f"interpolant modes must be an integer in [1, {MAX_MODES}], got {modes!r}")
-        coefs = []
-        for name, given in (("sigma_coef", sigma_coef), ("alpha_coef", alpha_coef)):
-            c = torch.zeros(modes) if given is None else torch.as_tensor(given, dtype=torch.float32)
-            if c.shape != (modes,) or not bool(torch.isfinite(c).all()):
-                raise ValueError(f"{name} must be {modes} finite numbers (one per mode), got {given!r}")
-            coefs.append(c)
-        self.modes = modes
-        self.sigma_coef = nn.Parameter(coefs[0].clone())
-        self.alpha_coef = nn.Parameter(coefs[1].clone())
-
-    def forward(self, t: Tensor) -> SchedulerOutput:
-        """(alpha, sigma, alpha', sigma') at t (B,), in t's floating dtype (fp32 for integer t)."""
-        dtype = t.dtype if t.is_floating_point() else torch.float32
-        t = t.to(dtype)
-        freq = math.pi * torch.arange(1, self.modes + 1, device=t.device, dtype=dtype)  # pi k
-        phase = t[:, None] * freq
-        sin, dcos = torch.sin(phase), torch.cos(phase) * freq  # d/dt sin(pi k t) = pi k cos(pi k t)
-        a, b = self.sigma_coef.to(dtype), self.alpha_coef.to(dtype)
-        return SchedulerOutput(t + sin @ b, 1 - t + sin @ a, 1 + dcos @ b, -1 + dcos @ a)
-
-    def args(self) -> dict[str, Any]:
-        """The constructor arguments that rebuild this interpolant (a run's model.json path args)."""
-        return {"modes": self.modes, "sigma_coef": self.sigma_coef.detach().cpu().tolist(),
-                "alpha_coef": self.alpha_coef.detach().cpu().tolist()}
-
-
-class LearnedScheduler(Scheduler):
-    """A :class:`FourierInterpolant` as a path's scheduler: detached values (for the kernels and the solvers);
-    the interpolant itself stays trainable (``interpolant``). End points are exact: sin(0) = sin(pi k) = 0."""
-
-    def __init__(self, interpolant: FourierInterpolant) -> None:
-        self.interpolant = interpolant
-
-    def __call__(self, t: Tensor) -> SchedulerOutput:
-        s = self.interpolant(t)
-        return SchedulerOutput(*(v.detach() for v in (s.alpha_t, s.sigma_t, s.d_alpha_t, s.d_sigma_t)))
-
-    def endpoints(self) -> Endpoints:
-        return Endpoints(0.0, 1.0, 1.0, 0.0)
-
-    @property
-    def config(self) -> dict:  # type: ignore[override]
-        return {"name": "learned", **self.interpolant.args()}
+from fastfm.paths import FourierInterpolant, expand_like
 
 
 def interpolant_objective(model: nn.Module, interpolant: FourierInterpolant, x0: Tensor, x1: Tensor, t: Tensor,

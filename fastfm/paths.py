@@ -4,17 +4,27 @@
 
 t = 0 is the source (noise), t = 1 the data. A scheduler gives (alpha_t, sigma_t, alpha'_t,
 sigma'_t) per sample; one ``AffinePath`` turns them into x_t, the regression target and the
-conversions between prediction targets.
+conversions between prediction targets. Every scheduler, the learned one included, is registered in
+``PATHS`` with its parameters (``--path-args``) and declares what it needs of the run that trains it
+(``Scheduler.requires``).
+
+The learned path (Albergo & Vanden-Eijnden 2022, Sec. 2.4) is a Fourier interpolant with the end
+conditions built in, whose coefficients training optimises to shorten transport (fastfm.interpolants):
+
+    sigma(t) = 1 - t + sum_k a_k sin(pi k t),     sigma'(t) = -1 + sum_k pi k a_k cos(pi k t)
+    alpha(t) =     t + sum_k b_k sin(pi k t),     alpha'(t) =  1 + sum_k pi k b_k cos(pi k t)
+
+so sigma(0) = alpha(1) = 1 and sigma(1) = alpha(0) = 0 for every (a, b); a = b = 0 is the linear interpolant.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fastfm.densities import Density, Gaussian, scaled
 from fastfm.registry import Registry
@@ -64,16 +74,34 @@ class PathSample:
 ENDPOINT_ATOL = 1e-9
 
 
+@dataclass(frozen=True)
+class Requires:
+    """What a path needs of the run that trains it: each run option of ``settings`` (source, target,
+    time_sampler) set to the given value, for the reason ``why``. Config validation checks every path's."""
+
+    settings: Mapping[str, str] = field(default_factory=dict)
+    why: str = ""
+
+    def unmet(self, run: Mapping[str, Any]) -> tuple[str, str] | None:
+        """The first (option, needed value) that the options ``run`` do not meet; None when all are met."""
+        return next(((k, v) for k, v in self.settings.items() if run[k] != v), None)
+
+
+GAUSSIAN_SOURCE = Requires({"source": "gaussian"}, "a Gaussian diffusion path; a data source needs an interpolant "
+                                                   "(linear, trig, condot)")
+
+
 class Scheduler:
     """Base class: subclasses implement ``__call__(t) -> SchedulerOutput`` and set ``config``.
 
     ``singular_at_one`` marks schedules whose sigma'_t diverges as t -> 1 (VP). ``endpoints`` gives
     alpha and sigma at t = 0 and 1; the built-in schedules state them in closed form (so trig's
-    sigma_1 is 0, not fp32 cos(pi/2) = -4.4e-8).
+    sigma_1 is 0, not fp32 cos(pi/2) = -4.4e-8). ``requires`` declares what the path needs of its run.
     """
 
     config: dict
     singular_at_one: bool = False
+    requires: Requires = Requires()
 
     def __call__(self, t: Tensor) -> SchedulerOutput:
         raise NotImplementedError
@@ -113,6 +141,7 @@ class VPScheduler(Scheduler):
     """
 
     singular_at_one = True
+    requires = GAUSSIAN_SOURCE
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0) -> None:
         if not 0 <= beta_min <= beta_max or beta_max <= 0:
@@ -137,6 +166,8 @@ class VPScheduler(Scheduler):
 
 class VEScheduler(Scheduler):
     """VE diffusion: alpha_t = 1, sigma_t = s_min (s_max / s_min)^(1 - t); sigma'_t = -sigma_t log(s_max / s_min)."""
+
+    requires = GAUSSIAN_SOURCE
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0) -> None:
         if not 0 < sigma_min < sigma_max:
@@ -186,6 +217,77 @@ class AffineScheduler(Scheduler):
         alpha, d_alpha = self._value_and_derivative(self.alpha, self.d_alpha, t)
         sigma, d_sigma = self._value_and_derivative(self.sigma, self.d_sigma, t)
         return SchedulerOutput(alpha, sigma, d_alpha, d_sigma)
+
+
+MAX_MODES = 64
+
+
+class FourierInterpolant(nn.Module):
+    """sigma(t), alpha(t) with ``modes`` sine corrections each (parameters ``sigma_coef`` a, ``alpha_coef`` b);
+    calling it gives the schedule and its time derivatives at t, differentiable in the parameters."""
+
+    def __init__(self, modes: int = 4, sigma_coef: Sequence[float] | None = None,
+                 alpha_coef: Sequence[float] | None = None) -> None:
+        super().__init__()
+        if isinstance(modes, bool) or not isinstance(modes, int) or not 1 <= modes <= MAX_MODES:
+            raise ValueError(f"interpolant modes must be an integer in [1, {MAX_MODES}], got {modes!r}")
+        coefs = []
+        for name, given in (("sigma_coef", sigma_coef), ("alpha_coef", alpha_coef)):
+            c = torch.zeros(modes) if given is None else torch.as_tensor(given, dtype=torch.float32)
+            if c.shape != (modes,) or not bool(torch.isfinite(c).all()):
+                raise ValueError(f"{name} must be {modes} finite numbers (one per mode), got {given!r}")
+            coefs.append(c)
+        self.modes = modes
+        self.sigma_coef = nn.Parameter(coefs[0].clone())
+        self.alpha_coef = nn.Parameter(coefs[1].clone())
+
+    def forward(self, t: Tensor) -> SchedulerOutput:
+        """(alpha, sigma, alpha', sigma') at t (B,), in t's floating dtype (fp32 for integer t)."""
+        dtype = t.dtype if t.is_floating_point() else torch.float32
+        t = t.to(dtype)
+        freq = math.pi * torch.arange(1, self.modes + 1, device=t.device, dtype=dtype)  # pi k
+        phase = t[:, None] * freq
+        sin, dcos = torch.sin(phase), torch.cos(phase) * freq  # d/dt sin(pi k t) = pi k cos(pi k t)
+        a, b = self.sigma_coef.to(dtype), self.alpha_coef.to(dtype)
+        return SchedulerOutput(t + sin @ b, 1 - t + sin @ a, 1 + dcos @ b, -1 + dcos @ a)
+
+    def args(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this interpolant."""
+        return {"modes": self.modes, "sigma_coef": self.sigma_coef.detach().cpu().tolist(),
+                "alpha_coef": self.alpha_coef.detach().cpu().tolist()}
+
+
+class LearnedScheduler(Scheduler):
+    """A :class:`FourierInterpolant` as a path's scheduler: detached values (for the kernels and the solvers);
+    the interpolant itself stays trainable (``interpolant``), by Adam at learning rate ``lr`` once every ``every``
+    velocity steps (fastfm.interpolants). End points are exact: sin(0) = sin(pi k) = 0."""
+
+    requires = Requires({"target": "velocity", "time_sampler": "uniform"},
+                        "its max-min objective trains the velocity over t ~ U[0, 1]")
+
+    def __init__(self, interpolant: FourierInterpolant, lr: float, every: int) -> None:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+            raise ValueError(f"the learned path's lr must be a positive number, got {lr!r}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"the learned path's every (velocity steps per interpolant step) must be an integer "
+                             f">= 1, got {every!r}")
+        self.interpolant, self.lr, self.every = interpolant, float(lr), every
+
+    def __call__(self, t: Tensor) -> SchedulerOutput:
+        s = self.interpolant(t)
+        return SchedulerOutput(*(v.detach() for v in (s.alpha_t, s.sigma_t, s.d_alpha_t, s.d_sigma_t)))
+
+    def endpoints(self) -> Endpoints:
+        return Endpoints(0.0, 1.0, 1.0, 0.0)
+
+    def args(self) -> dict[str, Any]:
+        """The path args that rebuild this scheduler as trained so far (a run's model.json)."""
+        interp = self.interpolant.args()
+        return {"modes": interp.pop("modes"), "lr": self.lr, "every": self.every, **interp}
+
+    @property
+    def config(self) -> dict:  # type: ignore[override]
+        return {"name": "learned", **self.args()}
 
 
 def expand_like(c: Tensor, x: Tensor) -> Tensor:
@@ -278,13 +380,12 @@ def _linear() -> Scheduler:
 PATHS.register("trig", "trigonometric interpolant x_t = sin(pi t/2) x1 + cos(pi t/2) x0", TrigScheduler)
 
 
-@PATHS.register("learned", "Fourier-corrected interpolant trained by the max-min objective (fastfm.interpolants), "
-                "linear when untrained; train sizes it by --interp-modes")
-def _learned(modes: int = 4, sigma_coef: Sequence[float] | None = None,
+@PATHS.register("learned", "Fourier-corrected interpolant (modes sine terms in sigma and in alpha) trained by the "
+                "max-min objective (fastfm.interpolants): an Adam step at lr per `every` velocity steps; linear "
+                "when untrained")
+def _learned(modes: int = 4, lr: float = 2e-3, every: int = 1, sigma_coef: Sequence[float] | None = None,
              alpha_coef: Sequence[float] | None = None) -> Scheduler:
-    from fastfm.interpolants import FourierInterpolant, LearnedScheduler  # it imports this module
-
-    return LearnedScheduler(FourierInterpolant(modes, sigma_coef, alpha_coef))
+    return LearnedScheduler(FourierInterpolant(modes, sigma_coef, alpha_coef), lr, every)
 
 
 def get_path(name: str, source: Density | None = None, **kwargs: Any) -> AffinePath:

@@ -32,14 +32,33 @@ class Tableau(NamedTuple):
     b: list[float]
 
 
-SOLVERS: Registry[Tableau | str] = Registry("solver")
-"""Every solver ``solve`` takes: a fixed-step one builds its ``Tableau``, an adaptive one its torchdiffeq name."""
-TABLEAUS: Registry[Tableau] = Registry("fixed-step solver")
-ADAPTIVE: Registry[str] = Registry("adaptive solver")
+@dataclass(frozen=True)
+class Solver:
+    """A registered solver: fixed-step (its ``tableau``: steps x stages field evaluations, traceable, exportable) or
+    adaptive (``method``, torchdiffeq's name: steps set by rtol/atol, for reference solves)."""
+
+    name: str
+    tableau: Tableau | None = None
+    method: str | None = None
+
+    @property
+    def fixed(self) -> bool:
+        return self.tableau is not None
+
+    @property
+    def stages(self) -> int:
+        """Field evaluations per step of a fixed-step solver (stages with a used output)."""
+        if self.tableau is None:
+            raise ValueError(f"{self.name} is adaptive: its evaluations per step are not fixed")
+        return len(self.tableau.c)
 
 
-def _constant(value: Tableau | str) -> Callable[[], Tableau | str]:
-    return lambda: value
+SOLVERS: Registry[Solver] = Registry("solver")
+"""Every solver ``solve`` takes, fixed-step or adaptive (``Solver.fixed``)."""
+
+
+def _made(solver: Solver) -> Callable[[], Solver]:
+    return lambda: solver
 
 
 for _name, _help, _tableau in (
@@ -49,16 +68,23 @@ for _name, _help, _tableau in (
     ("rk4", "classic Runge-Kutta, 4 evaluations per step, order 4",
      Tableau([0.0, 0.5, 0.5, 1.0], [[], [0.5], [0.0, 0.5], [0.0, 0.0, 1.0]], [1 / 6, 1 / 3, 1 / 3, 1 / 6])),
 ):
-    for _registry in (TABLEAUS, SOLVERS):
-        _registry.register(_name, _help, _constant(_tableau))
+    SOLVERS.register(_name, _help, _made(Solver(_name, tableau=_tableau)))
 for _name, _help in (
     ("dopri5", "adaptive Dormand-Prince 5(4) (torchdiffeq), steps set by rtol/atol"),
     ("dopri8", "adaptive Dormand-Prince 8(7) (torchdiffeq)"),
     ("bosh3", "adaptive Bogacki-Shampine 3(2) (torchdiffeq)"),
     ("adaptive_heun", "adaptive Heun-Euler 2(1) (torchdiffeq)"),
 ):
-    for _registry in (ADAPTIVE, SOLVERS):
-        _registry.register(_name, _help, _constant(_name))
+    SOLVERS.register(_name, _help, _made(Solver(_name, method=_name)))
+
+
+def solver_of(name: str) -> Solver:
+    """The registered solver ``name`` (ValueError naming the valid ones)."""
+    return SOLVERS.build(name)
+
+
+FIXED_SOLVERS = tuple(n for n in SOLVERS if solver_of(n).fixed)
+ADAPTIVE_SOLVERS = tuple(n for n in SOLVERS if not solver_of(n).fixed)
 
 
 @dataclass
@@ -68,11 +94,6 @@ class SolveResult:
     y: State
     nfe: int
     intermediates: State | None = None
-
-
-def tableau(solver: str) -> Tableau:
-    """The Butcher tableau (c, A, b) of a fixed-step solver."""
-    return TABLEAUS.build(solver)
 
 
 def _axpy(y: State, h: Tensor, terms: Sequence[tuple[float, State]]) -> State:
@@ -86,11 +107,6 @@ def _axpy(y: State, h: Tensor, terms: Sequence[tuple[float, State]]) -> State:
                 acc = w * kk if acc is None else acc + w * kk
         return base if acc is None else base + h * acc
     return one(None) if isinstance(y, Tensor) else tuple(one(i) for i in range(len(y)))
-
-
-def nfe_per_step(solver: str) -> int:
-    """Field evaluations per step of a fixed-step solver (stages with a used output)."""
-    return len(tableau(solver)[0])
 
 
 def time_grid(steps: int, t0: float = 0.0, t1: float = 1.0, device: torch.device | str | None = None) -> Tensor:
@@ -109,7 +125,10 @@ def _stack(states: list[State]) -> State:
 def odeint_fixed(f: Field, y0: State, grid: Tensor, solver: str = DEFAULT_SOLVER,
                  return_intermediates: bool = False) -> SolveResult:
     """Integrate dy/dt = f(t, y) over ``grid`` (fp32, monotone) with an explicit RK tableau."""
-    c, a, b = tableau(solver)
+    tab = solver_of(solver).tableau
+    if tab is None:
+        raise ValueError(f"{solver!r} is adaptive: odeint_fixed takes a fixed-step solver ({', '.join(FIXED_SOLVERS)})")
+    c, a, b = tab
     y, states = y0, [y0]
     for i in range(grid.shape[0] - 1):
         t, h = grid[i], grid[i + 1] - grid[i]
@@ -140,7 +159,7 @@ def odeint_adaptive(f: Field, y0: State, grid: Tensor, solver: str = "dopri5", r
         return f(t, y)
 
     try:
-        ys = odeint(counted, y0, grid, rtol=rtol, atol=atol, method=solver, options={"step_t": grid[-1:]})
+        ys = odeint(counted, y0, grid, rtol=rtol, atol=atol, method=solver_of(solver).method, options={"step_t": grid[-1:]})
     except AssertionError as e:  # torchdiffeq asserts on a step size that underflows
         raise ValueError(f"{solver} could not integrate this field ({e}; {nfe} evaluations): it is too stiff near "
                          "an end of the time interval; use a fixed-step solver (e.g. rk4) or looser rtol/atol") from None
@@ -155,13 +174,13 @@ def solve(f: Field, y0: State, solver: str = DEFAULT_SOLVER, steps: int = DEFAUL
 
     Adaptive solvers use the grid only for the times they report.
     """
-    SOLVERS.check(solver)
+    fixed = solver_of(solver).fixed
     if grid is None:
-        grid = time_grid(steps if solver in TABLEAUS else 1, t0, t1, device=_device(y0))
+        grid = time_grid(steps if fixed else 1, t0, t1, device=_device(y0))
     elif grid.dim() != 1 or grid.shape[0] < 2:
         raise ValueError(f"time grid must be 1-D with at least 2 times, got shape {tuple(grid.shape)}")
     grid = grid.to(torch.float32)
-    if solver in TABLEAUS:
+    if fixed:
         return odeint_fixed(f, y0, grid, solver, return_intermediates)
     return odeint_adaptive(f, y0, grid, solver, rtol, atol, return_intermediates)
 

@@ -23,43 +23,42 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import fastfm
 from fastfm import compat, distributed, hardware, seeding
-from fastfm.budget import BudgetedSampler, clock, nll_seconds_per_point, points_within, sample_seconds_per_point
+from fastfm.budget import EvalBudget, clock
 from fastfm.checkpoint import CHECKPOINT, EMA_WEIGHTS, META, CheckpointError, load_training_state, read_committed, save_inference, settle
-from fastfm.config import ConfigError, TrainConfig
+from fastfm.config import ConfigError, TrainConfig, upgrade
 from fastfm.couplings import get_coupling
 from fastfm.data import get_dataset
 from fastfm.densities import Gaussian
 from fastfm.distributed import DistEnv
 from fastfm.guidance import drop_labels
-from fastfm.inference import EagerSampler, nll_report, settings_with
-from fastfm.interpolants import FourierInterpolant, LearnedScheduler, interpolant_objective
+from fastfm.interpolants import interpolant_objective
 from fastfm.kernels import ops, select
 from fastfm.kernels.rng import philox_state
 from fastfm.losses import cfm_loss
-from fastfm.metrics import sample_quality
-from fastfm.paths import AffinePath, get_path
+from fastfm.paths import AffinePath, FourierInterpolant, LearnedScheduler, get_path
 from fastfm.plotting import save_samples_png
 from fastfm.preemption import Interrupted, StopSignal
 from fastfm.rundir import (MetricsLog, RunLock, check_out_dir, check_space, command_line, prepare_out_dir,
                            read_metrics, resume_command)
-from fastfm.runs import build_source, model_for, resolve_device, run_meta
-from fastfm.solvers import TABLEAUS
+from fastfm.evaluation.report import evaluate
+from fastfm.run.load import build_source, resolve_device
+from fastfm.run.meta import downsample
+from fastfm.solve import EagerSampler, settings_with
+from fastfm.solve.settings import SAMPLE_COUNTS
+from fastfm.training.assemble import model_for, run_meta
 from fastfm.telemetry import flops_per_sample, peak_flops, peak_memory_mb
 from fastfm.timesteps import get_time_sampler
-from fastfm.transport import transport_report
 
 EVAL_BUDGET_FRACTION = 0.25  # the automatic evaluation budget: this fraction of the training time
 EVAL_BUDGET_MIN_S = 10.0  # and never below this
 EVAL_MIN_POINTS = 8  # an evaluation measures at least this many test points and samples
 EVAL_MIN_TEST = 2  # test points a run needs: sample quality and the NLL's standard error take two
-W2_EVAL_POINTS = 2000  # exact OT (prior -> data) on at most this many points per side: ~1 s on two cores
 
 
 class TrainingDiverged(ValueError):
@@ -108,7 +107,7 @@ class LossStep(nn.Module):
         an input like the data, so a new seed never recompiles the step."""
         cond = {} if y is None else {"y": y}
         if self.superres:
-            cond["low_res"] = F.avg_pool2d(x1, self.superres)
+            cond["low_res"] = downsample(x1, self.superres)
         bf16 = torch.autocast(x1.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
         with bf16:
             return cfm_loss(self.model, self.path, x0, x1, t, self.target, rng=rng, **cond).loss
@@ -138,8 +137,7 @@ class Trainer:
             raise ConfigError(f"data set {cfg.data!r} has {len(self.data.test)} test point(s); the evaluation needs "
                               f"at least {EVAL_MIN_TEST}: give more data or a larger test split (--data-args "
                               "test_fraction=... or n_test=...)")
-        path_args = {"modes": cfg.interp_modes} if cfg.path == "learned" else cfg.path_args
-        self.path = get_path(cfg.path, build_source(cfg.source, cfg.seed, self.data.shape), **path_args)
+        self.path = get_path(cfg.path, build_source(cfg.source, cfg.seed, self.data.shape), **cfg.path_args)
         self.model = model_for(cfg, self.data).to(self.device)
         if self.env.active:  # same initial weights everywhere (DDP also broadcasts), per-rank dropout streams
             torch.manual_seed(seeding.derive(cfg.seed, seeding.RANK, self.env.rank))
@@ -148,7 +146,7 @@ class Trainer:
         self.interp: FourierInterpolant | None = None
         if isinstance(self.path.scheduler, LearnedScheduler):
             self.interp = self.path.scheduler.interpolant.to(self.device)
-            self.interp_opt = torch.optim.Adam(self.interp.parameters(), lr=cfg.interp_lr, maximize=True)
+            self.interp_opt = torch.optim.Adam(self.interp.parameters(), lr=self.path.scheduler.lr, maximize=True)
             self.interp_objective = torch.full((), float("nan"), device=self.device)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)  # contiguous: evaluation takes JVPs
         if channels_last(cfg, self.device, self.data.kind == "image"):
@@ -224,7 +222,7 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         _ema_update(self.ema, self.model, ema_decay(cfg, step))
-        if self.interp is not None and step % cfg.interp_every == 0:
+        if self.interp is not None and step % self.path.scheduler.every == 0:
             self._interpolant_step(x0, x1, t, y)
         return total / cfg.grad_accum, grad_norm, bad
 
@@ -233,9 +231,7 @@ class Trainer:
         on this step's rows (gradients averaged over ranks; eager PyTorch, see fastfm.interpolants). The velocity
         gets no gradient here; a non-finite G or gradient skips the step."""
         cfg, interp = self.cfg, self.interp
-        cond = {} if y is None else {"y": y}
-        if cfg.superres:
-            cond["low_res"] = F.avg_pool2d(x1, cfg.superres)
+        cond = self.meta.conditioning(x1, y)
         params = list(interp.parameters())
         g = interpolant_objective(self.model, interp, x0, x1, t, **cond)
         grads = torch.autograd.grad(g, params)
@@ -273,19 +269,19 @@ class Trainer:
             cfg = self.cfg
             state = {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
                      "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                     "step": step, "config": dict(cfg.__dict__), "meta": self.meta,
+                     "step": step, "config": dict(cfg.__dict__), "meta": self.meta.to_json(),
                      "world": self.env.world, "rng": self.gen.get_state(), "torch_rng": torch_rng,
                      "cuda_rng": cuda_rng, "data": self.data.state_dict(), "kernels": self.kernels["backend"]}
             if self.interp is not None:  # and model.json's path args rebuild the interpolant as trained so far
-                self.meta["path"]["args"] = self.interp.args()
+                self.meta.path_args = self.path.scheduler.args()
                 state.update(interpolant=self.interp.state_dict(), interp_optimizer=self.interp_opt.state_dict())
-            save_inference(cfg.out, self.ema.state_dict(), self.meta, step=step, state=state)
+            save_inference(cfg.out, self.ema.state_dict(), self.meta.to_json(), step=step, state=state)
         self.saved_at = step
 
     def restore(self, state: dict) -> int:
         """Load a checkpoint's full state for ``--resume``; returns the step it was taken at."""
         cfg, env = self.cfg, self.env
-        saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE}
+        saved = {k: v for k, v in upgrade(state["config"]).items() if k not in RESUMABLE}  # an older run's too
         now = {k: v for k, v in cfg.__dict__.items() if k not in RESUMABLE}
         diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         if diff:
@@ -316,7 +312,7 @@ class Trainer:
         if self.interp is not None:
             self.interp.load_state_dict(state["interpolant"])
             self.interp_opt.load_state_dict(state["interp_optimizer"])
-            self.meta["path"]["args"] = self.interp.args()
+            self.meta.path_args = self.path.scheduler.args()
         self.saved_at = int(state["step"])
         return self.saved_at
 
@@ -329,11 +325,7 @@ class Trainer:
 
         def inputs(n: int) -> tuple[tuple, dict]:
             x = torch.randn(n, *shape, device=dev)
-            cond: dict[str, Tensor] = {}
-            if cfg.class_cond:
-                cond["y"] = torch.zeros(n, dtype=torch.long, device=dev)
-            if cfg.superres:
-                cond["low_res"] = F.avg_pool2d(x, cfg.superres)
+            cond = self.meta.conditioning(x, torch.zeros(n, dtype=torch.long, device=dev))
             return (x, torch.rand(n, device=dev)), cond
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             return flops_per_sample(self.model, inputs)
@@ -358,51 +350,29 @@ class Trainer:
         return min(auto, self.cfg.dist_timeout / 2) if self.env.active else auto
 
     def evaluate(self, png: Path, trained_s: float) -> dict[str, Any]:
-        """A sample PNG, (vectors) sample quality and the test NLL of the EMA model (fixed-step solver),
-        sized to the evaluation budget: up to half of it for the samples, the rest for the NLL, each
-        planned from its point's cost measured on a few points first and re-planned from the measured time
-        as it runs (``BudgetedSampler``; ``eval_plan`` in the summary)."""
-        cfg, data, path = self.cfg, self.data, self.path
-        started, budget = clock(), self.eval_budget(trained_s)
-        timed = budget is not None and cfg.eval_solver in TABLEAUS  # adaptive solvers run as asked
+        """A sample PNG, (vectors) sample quality and transport, and the test NLL of the EMA model
+        (``fastfm.evaluation.report.evaluate``), sized to the evaluation budget (fixed-step solvers): up to half
+        of it for the samples, the rest for the NLL (``EvalBudget``; ``eval_plan`` in the summary)."""
+        cfg, data = self.cfg, self.data
+        started, budget_s = clock(), self.eval_budget(trained_s)
         settings = settings_with({"solver": cfg.eval_solver, "steps": cfg.eval_steps,
                                   "divergence": cfg.eval_divergence})
-        sampler = EagerSampler(self.ema, path, data.shape, target=cfg.target, settings=settings, meta=self.meta)
-        plan: dict[str, Any] = {"budget_s": budget if timed else None}
-        n = min(cfg.n_samples, len(data.test)) if data.kind == "vector" else min(cfg.n_samples, 64, len(data.test))
-        drawer = sampler
-        if timed:
-            per, n_min = sample_seconds_per_point(sampler, n, eval_conditioning(cfg, data, n)), min(n, EVAL_MIN_POINTS)
-            n = points_within(budget / 2 - (clock() - started), per, n_min, n)
-            drawer = BudgetedSampler(sampler, budget / 2, started, n_min)
-            plan.update(sample_seconds_per_point=per, samples_planned=n, sample_replans=drawer.replans)  # as it runs
-        res = drawer.sample(n, seed=cfg.seed, cond=eval_conditioning(cfg, data, n), transport=True)
-        n = len(res.x)
+        sampler = EagerSampler(self.ema, self.path, self.meta, settings)
+        timed = budget_s is not None and sampler.plan("sample").fixed  # adaptive solvers run as asked
+        budget = EvalBudget(budget_s, started, EVAL_MIN_POINTS) if timed else None
+        n = min(cfg.n_samples, SAMPLE_COUNTS["image"]) if data.kind == "image" else cfg.n_samples
+        report, res = evaluate(sampler, data, n_samples=n, n_nll=cfg.eval_n, seed=cfg.seed, budget=budget)
+        assert res is not None  # an eager sampler draws samples
         png.parent.mkdir(parents=True, exist_ok=True)
         save_samples_png(res.x, png, data.kind, data.levels, data.test,
                          title=f"{cfg.data}, {cfg.path}, {cfg.eval_solver} x {cfg.eval_steps}, NFE {res.nfe}")
-        plan["samples"] = n
-        # kinetic energy and straightness of the sampling solve; exact W2^2 prior -> data on at most as many points
-        transport = transport_report(res, path, data.test if data.kind == "vector" else None, seed=cfg.seed,
-                                     w2_points=min(n, W2_EVAL_POINTS))
-        nll = None
-        if path.prior.has_log_prob:
-            test = data.test[: cfg.eval_n]
-            cond = eval_conditioning(cfg, data, len(test))
-            scorer = sampler
-            if timed:
-                per, n_min = nll_seconds_per_point(sampler, test, cond), min(len(test), EVAL_MIN_POINTS)
-                test = test[: points_within(budget - (clock() - started), per, n_min, len(test))]
-                scorer = BudgetedSampler(sampler, budget, started, n_min)
-                plan.update(nll_seconds_per_point=per, nll_points_planned=len(test), nll_replans=scorer.replans)
-            nll = nll_report(scorer, test, levels=data.levels, seed=cfg.seed, cond=cond)
-            plan["nll_points"] = nll["n"]
-        plan["seconds"] = clock() - started
-        summary = {"test": nll, "samples_png": str(png), "sample_nfe": res.nfe, "transport": transport,
-                   "eval_plan": plan}
-        if data.kind == "vector":
-            summary["quality"] = sample_quality(res.x, data.test)
-        return summary
+        plan = {"budget_s": budget_s if timed else None, **(budget.record if budget else {}), "samples": len(res.x),
+                "seconds": clock() - started}
+        if "test" in report:
+            plan["nll_points"] = report["test"]["n"]
+        return {"test": report.get("test"), "samples_png": str(png), "sample_nfe": res.nfe,
+                "transport": report["transport"], "eval_plan": plan, **({"quality": report["quality"]}
+                                                                       if "quality" in report else {})}
 
     def fit(self) -> dict[str, Any]:
         """Run (or resume) the job holding OUT's lock; returns the final summary (also the last line of
@@ -561,16 +531,6 @@ STOP_POLL_CUDA = 10
 
 RESUMABLE = {"resume", "force", "steps", "log_every", "ckpt_every", "out", "device", "eval_n", "n_samples",
              "eval_every", "eval_budget", "eval_divergence", "force_bf16", "dist_timeout", "tensorboard"}
-
-
-def eval_conditioning(cfg: TrainConfig, data: Any, n: int) -> dict[str, Tensor]:
-    """Per-sample conditioning for evaluation: test labels and/or low-resolution test images."""
-    cond: dict[str, Tensor] = {}
-    if cfg.class_cond:
-        cond["y"] = data.test_labels[:n]
-    if cfg.superres:
-        cond["low_res"] = F.avg_pool2d(data.test[:n], cfg.superres)
-    return cond
 
 
 def train(cfg: TrainConfig, env: DistEnv | None = None) -> dict[str, Any]:

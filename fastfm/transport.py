@@ -115,14 +115,15 @@ def transport_report(res: Any, path: AffinePath, reference: Tensor | None = None
                      seed: int = 0) -> dict[str, Any]:
     """The "transport" block of an evaluation: kinetic energy and straightness (means over the trajectories of
     the solve that made ``res``, a ``SampleResult`` of a solve with ``transport=True``) and, given reference
-    data (vectors), POT's exact W2^2 between ``w2_points`` prior draws and as many reference points: the least
-    kinetic energy any flow from the prior to the data can have (Benamou-Brenier), up to sampling error."""
+    data (vectors), POT's exact W2^2 between ``w2_points`` prior draws (the stream ``seeding.TRANSPORT`` of
+    ``seed``, apart from the sampler's draws) and as many reference points: the least kinetic energy any flow
+    from the prior to the data can have (Benamou-Brenier), up to sampling error."""
     if res.kinetic is None or res.straightness is None:
         raise ValueError("transport_report needs samples generated with transport=True")
     out: dict[str, Any] = transport_summary(res.kinetic, res.straightness)
     if reference is not None:
         n = min(w2_points, len(reference))
-        x0 = path.prior.sample((n, *reference.shape[1:]), generator=seeding.generator(seed, seeding.EVAL))
+        x0 = path.prior.sample((n, *reference.shape[1:]), generator=seeding.generator(seed, seeding.TRANSPORT))
         out["w2_sq_pot"] = w2_squared(x0, reference[:n])
         out["w2_n"] = n
     return out

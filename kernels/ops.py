@@ -4,13 +4,14 @@
     fastfm::cfm_loss(v, x1, c, d, x0?, rng?, std) -> per-sample loss (B,), differentiable in v
     fastfm::cfm_loss_grad(grad, v, x1, c, d, x0?, rng?, std) -> dL/dv
 
-Backends (``FASTFM_KERNELS`` = one of :data:`KERNEL_BACKENDS`: auto | reference | cpp | triton; auto takes the
-backend a timed probe chose for the device (kernels/select.py, run by the trainer), and without one Triton for
-CUDA tensors and the C++ extension for CPU tensors, the reference where those are missing), all
-with this one signature: the Triton launchers run inside a ``triton_op`` so torch.compile and
-torch.export see the kernels; the C++ kernels and the reference sit behind opaque
-``fastfm::*_cpp`` / ``fastfm::*_reference`` ops with fake implementations, so a compiled graph
-never inlines the reference's Philox arithmetic (inductor does not finish compiling it).
+Backends (``FASTFM_KERNELS`` = auto or one of :data:`KERNEL_BACKENDS`: reference | cpp | triton; auto takes
+the backend a timed probe chose for the device (kernels/select.py, run by the trainer), and without one the
+installed backend built for the device type (Triton for CUDA, C++ for CPU), else the reference). Each is a
+:class:`KernelBackend` that declares its device types, dtypes, size limit and whether it is installed here, and
+carries its ops (:class:`KernelOps`), all with this one signature: the Triton launchers run inside a
+``triton_op`` so torch.compile and torch.export see the kernels; the C++ kernels and the reference sit behind
+opaque ``fastfm::*_cpp`` / ``fastfm::*_reference`` ops with fake implementations, so a compiled graph never
+inlines the reference's Philox arithmetic (inductor does not finish compiling it).
 With x0 = None the noise x0 = std * N(0, I) is drawn inside the kernel from the Philox stream of
 ``rng``, the int64 tensor [seed, offset] on the data's device (kernels/rng.py; a shard of a batch
 draws its rows of the whole batch's noise at its offset), so the noise is never read from or
@@ -19,8 +20,8 @@ written to memory, and a new seed is new data to a compiled or CUDA-graph-captur
 Arguments. This module owns their validation for every backend, and every check raises
 :class:`KernelArgumentError` (a ``ValueError``) naming what is wrong: :func:`check_args` runs inside each
 op, so every caller (the functions below, ``torch.ops.fastfm.*``, the autograd backward, an exported
-graph) goes through it; :func:`backend_for` holds the backends' device rules and :data:`DATA_DTYPES` /
-:data:`MAX_NUMEL` their dtypes and sizes; the opaque C++ and reference ops, which run on real data, also
+graph) goes through it, reading the serving backend's declared dtypes and size limit, and :func:`backend_for`
+its devices; the opaque C++ and reference ops, which run on real data, also
 read a CPU state's offset and check its rows are in the stream (kernels/rng.py). The functions below check
 beforehand only what the dispatcher would refuse with its own error (a Python type), and make the
 coefficients float32. The backend modules (cpu, triton_kernels, reference) take validated arguments.
@@ -30,7 +31,8 @@ from __future__ import annotations
 
 import numbers
 import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -46,26 +48,132 @@ except ImportError:  # no triton: the same ops as plain custom ops
     triton_kernels = None
     _define = torch.library.custom_op
 
-__all__ = ["DATA_DTYPES", "KERNEL_BACKENDS", "MAX_NUMEL", "KernelArgumentError", "affine_path", "backend_for",
+__all__ = ["KERNEL_BACKENDS", "KernelArgumentError", "KernelBackend", "KernelOps", "affine_path", "backend_for",
            "candidates", "cfm_loss", "cfm_loss_grad", "check_args", "forced_backend", "noise_state",
            "set_auto_backend", "unusable"]
 
-KERNEL_BACKENDS: Registry[str] = Registry("kernel backend")
-for _name, _help in (("auto", "the faster of the device's compiled backend and the reference, measured when training "
-                              "starts (kernels/select.py); untimed: Triton for CUDA, C++ for CPU"),
-                     ("reference", "the plain-PyTorch spec (kernels/reference.py), behind opaque ops"),
-                     ("cpp", "the C++ extension fastfm._C (CPU tensors)"),
-                     ("triton", "the Triton kernels (CUDA tensors, or the interpreter with TRITON_INTERPRET=1)")):
-    KERNEL_BACKENDS.register(_name, _help, lambda name=_name: name)
-
 _F32, _F64, _BF16, _F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
-DATA_DTYPES = {  # the dtypes each backend computes with (x1, x0 and v share one)
-    "reference": (_F32, _F64, _BF16, _F16),
-    "cpp": (_F32, _F64, _BF16),
-    "triton": (_F32, _BF16, _F16),
-}
-MAX_NUMEL = {"triton": 2**31 - 1}  # the Triton kernels index elements (and the noise stream) with int32 offsets
 
+
+@dataclass(frozen=True)
+class KernelOps:
+    """A backend's three fused ops on validated arguments, with the signatures of ``fastfm::*`` (affine_path's
+    target may come back None or empty when not written)."""
+
+    affine_path: Callable[..., tuple[Tensor, Tensor | None]]
+    cfm_loss: Callable[..., Tensor]
+    cfm_loss_grad: Callable[..., Tensor]
+
+
+def _never(device: torch.device) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class KernelBackend:
+    """A kernel backend and its rules. It serves tensors whose device type is in ``devices`` (None: every
+    type), or that ``interprets`` says an interpreter runs (served when forced, never auto's choice); x1, x0
+    and v in one of ``dtypes``; at most ``max_numel`` elements. ``ops`` is None where it is not installed
+    here (``requires`` says what it needs); ``hint`` follows a refusal for the device."""
+
+    name: str
+    help: str
+    devices: tuple[str, ...] | None
+    dtypes: tuple[torch.dtype, ...]
+    ops: KernelOps | None
+    requires: str = ""
+    max_numel: int | None = None
+    interprets: Callable[[torch.device], bool] = _never
+    hint: str = ""
+
+    @property
+    def available(self) -> bool:
+        """Whether it is installed here."""
+        return self.ops is not None
+
+    def native(self, device: torch.device) -> bool:
+        """Whether it is built for ``device`` (auto may choose it there): declared for the type, not interpreted."""
+        return self.devices is None or device.type in self.devices
+
+    def unusable(self, device: torch.device) -> str | None:
+        """Why it cannot serve tensors on ``device`` (None: it can)."""
+        if not self.available:
+            return f"needs {self.requires}"
+        if not self.native(device) and not self.interprets(device):
+            kinds = " or ".join(d.upper() for d in self.devices)
+            return f"needs {kinds} tensors, got tensors on {device}{self.hint}"
+        return None
+
+
+def _register_opaque(name: str, backend) -> KernelOps:
+    """``fastfm::{affine_path,cfm_loss,cfm_loss_grad}_<name>``: ``backend``'s functions as opaque custom ops."""
+
+    @torch.library.custom_op(f"fastfm::affine_path_{name}", mutates_args=())
+    def path_op(x1: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, x0: Optional[Tensor], rng: Optional[Tensor],
+                std: float, write_target: bool) -> tuple[Tensor, Tensor]:
+        _check_rows(x1, x0, rng)
+        x_t, target = backend.affine_path(x1, a, b, c, d, x0, rng, std, write_target)
+        return x_t, target if target is not None else x1.new_empty(0)
+
+    @torch.library.custom_op(f"fastfm::cfm_loss_{name}", mutates_args=())
+    def loss_op(v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Optional[Tensor], rng: Optional[Tensor],
+                std: float) -> Tensor:
+        _check_rows(x1, x0, rng)
+        return backend.cfm_loss(v, x1, c, d, x0, rng, std)
+
+    @torch.library.custom_op(f"fastfm::cfm_loss_grad_{name}", mutates_args=())
+    def grad_op(grad: Tensor, v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Optional[Tensor],
+                rng: Optional[Tensor], std: float) -> Tensor:
+        _check_rows(x1, x0, rng)
+        return backend.cfm_loss_grad(grad, v, x1, c, d, x0, rng, std)
+
+    path_op.register_fake(lambda x1, a, b, c, d, x0, rng, std, write_target: _fake_path(x1, write_target))
+    loss_op.register_fake(lambda v, x1, c, d, x0, rng, std: _fake_loss(v))
+    grad_op.register_fake(lambda grad, v, x1, c, d, x0, rng, std: torch.empty_like(v))
+    return KernelOps(path_op, loss_op, grad_op)
+
+
+def _fake_path(x1: Tensor, write_target: bool) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x1), torch.empty_like(x1) if write_target else x1.new_empty(0)
+
+
+def _fake_loss(v: Tensor) -> Tensor:
+    return v.new_empty(v.shape[0], dtype=torch.float32)
+
+
+def _check_rows(x1: Tensor, x0: Tensor | None, rng: Tensor | None) -> None:
+    """The rows a drawing op reads lie in the stream, for a state on the CPU (real tensors only: the opaque
+    ops' fake implementations serve tracing)."""
+    if x0 is None:
+        check_state_rows(rng, x1.shape[0])
+
+
+AUTO = "auto"
+"""FASTFM_KERNELS's default: the faster of the device's compiled backend and the reference, measured when
+training starts (kernels/select.py); untimed: the first of :func:`candidates`."""
+KERNEL_BACKENDS: Registry[KernelBackend] = Registry("kernel backend")
+
+
+def _register(backend: KernelBackend) -> None:
+    KERNEL_BACKENDS.register(backend.name, backend.help, lambda: backend)
+
+
+_register(KernelBackend("reference", "the plain-PyTorch spec (kernels/reference.py), behind opaque ops",
+                        devices=None, dtypes=(_F32, _F64, _BF16, _F16), ops=_register_opaque("reference", reference)))
+_cpp_ops = _register_opaque("cpp", cpu)  # registered where fastfm._C is not built too: a saved graph may name them
+_register(KernelBackend("cpp", "the C++ extension fastfm._C (CPU tensors)",
+                        devices=("cpu",), dtypes=(_F32, _F64, _BF16), ops=_cpp_ops if cpu.available() else None,
+                        requires="the built extension fastfm._C (pip install -e .)"))
+_register(KernelBackend("triton", "the Triton kernels (CUDA tensors, or the interpreter with TRITON_INTERPRET=1)",
+                        devices=("cuda",), dtypes=(_F32, _BF16, _F16),
+                        ops=None if triton_kernels is None else KernelOps(triton_kernels.affine_path,
+                                                                          triton_kernels.cfm_loss,
+                                                                          triton_kernels.cfm_loss_grad),
+                        requires="the triton package",
+                        max_numel=2**31 - 1,  # the kernels index elements (and the noise stream) with int32 offsets
+                        interprets=lambda device: device.type == "cpu" and triton_kernels.interpret_mode(),
+                        hint=" (CPU tensors run in Triton's interpreter when TRITON_INTERPRET=1 is set before "
+                             "triton is imported)"))
 
 _measured: dict[str, str] = {}
 """auto's backend per device type where a timed probe chose one (kernels/select.py); else the rule below."""
@@ -73,22 +181,15 @@ _measured: dict[str, str] = {}
 
 def unusable(name: str, device: torch.device) -> str | None:
     """Why backend ``name`` cannot serve tensors on ``device`` (None: it can)."""
-    if name == "cpp" and (device.type != "cpu" or not cpu.available()):
-        return f"needs CPU tensors and the built extension fastfm._C (device {device})"
-    if name == "triton":
-        if triton_kernels is None:
-            return "needs the triton package"
-        if device.type == "cpu" and not triton_kernels.interpret_mode():
-            return ("with tensors on the CPU: the Triton kernels need GPU tensors (or TRITON_INTERPRET=1 set "
-                    "before triton is imported, to run them in the interpreter)")
-    return None
+    return KERNEL_BACKENDS.build(name).unusable(device)
 
 
 def candidates(device: torch.device) -> list[str]:
-    """The backends auto may choose among for tensors on ``device``: the compiled ones that can serve it, and
-    the reference."""
-    native = "triton" if device.type == "cuda" else "cpp"
-    return [name for name in (native, "reference") if unusable(name, device) is None]
+    """The backends auto may choose among for tensors on ``device``, in the rule's order: the installed ones
+    built for its device type, then those built for every type (the reference)."""
+    backends = [KERNEL_BACKENDS.build(name) for name in KERNEL_BACKENDS]
+    native = [b for b in backends if b.available and b.native(device)]
+    return [b.name for b in sorted(native, key=lambda b: b.devices is None)]
 
 
 def set_auto_backend(device_type: str, name: str | None) -> None:
@@ -101,16 +202,16 @@ def set_auto_backend(device_type: str, name: str | None) -> None:
 
 def forced_backend() -> str | None:
     """FASTFM_KERNELS when it names a backend other than auto (checked), else None."""
-    choice = os.environ.get("FASTFM_KERNELS", "auto")
-    if choice not in KERNEL_BACKENDS:
+    choice = os.environ.get("FASTFM_KERNELS", AUTO)
+    if choice != AUTO and choice not in KERNEL_BACKENDS:
         raise KernelArgumentError(f"FASTFM_KERNELS={choice!r} is not a backend; choose one of "
-                                  f"{', '.join(KERNEL_BACKENDS)}")
-    return None if choice == "auto" else choice
+                                  f"{', '.join((AUTO, *KERNEL_BACKENDS))}")
+    return None if choice == AUTO else choice
 
 
 def backend_for(device: torch.device) -> str:
     """The backend that serves tensors on ``device``: FASTFM_KERNELS if it forces one, else auto's measured choice
-    (``set_auto_backend``), else the rule: Triton for CUDA, C++ for CPU, the reference where those are missing."""
+    (``set_auto_backend``), else the first of :func:`candidates`."""
     choice = forced_backend()
     if choice is None:
         return _measured.get(device.type) or candidates(device)[0]
@@ -156,21 +257,20 @@ def _check_coefficient(name: str, t: Tensor, x1: Tensor) -> None:
         raise KernelArgumentError(f"coefficient {name} must be float32 (per-sample coefficient), got {t.dtype}")
 
 
-def check_args(backend: str, x1: Tensor, coefs: dict[str, Tensor], x0: Tensor | None, rng: Tensor | None,
-               v: Tensor | None = None) -> None:
+def check_args(backend: KernelBackend, x1: Tensor, coefs: dict[str, Tensor], x0: Tensor | None,
+               rng: Tensor | None, v: Tensor | None = None) -> None:
     """Raise :class:`KernelArgumentError` unless the tensors of an op are right for ``backend``: x1 with a batch
-    dimension (B, ...) in a dtype the backend computes with (and, for Triton, under 2^31 elements); v and x0
-    like x1 (device, dtype, shape); each coefficient float32 of shape (B,) on x1's device; with x0 None, rng
-    the noise state on x1's device (kernels/rng.py)."""
+    dimension (B, ...) in one of the backend's dtypes and within its ``max_numel``; v and x0 like x1 (device,
+    dtype, shape); each coefficient float32 of shape (B,) on x1's device; with x0 None, rng the noise state on
+    x1's device (kernels/rng.py)."""
     if x1.dim() < 1:
         raise KernelArgumentError("x1 must have a batch dimension (B, ...), got a 0-d tensor")
-    dtypes = DATA_DTYPES[backend]
-    if x1.dtype not in dtypes:
-        raise KernelArgumentError(f"unsupported dtype {x1.dtype}: x1 must be {_dtype_names(dtypes)} for the "
-                                  f"{backend} backend")
-    if backend in MAX_NUMEL and x1.numel() > MAX_NUMEL[backend]:
-        raise KernelArgumentError(f"x1 has {x1.numel()} elements; the {backend} kernels index elements (and the "
-                                  f"noise stream) with int32 offsets, so numel must be < 2**31")
+    if x1.dtype not in backend.dtypes:
+        raise KernelArgumentError(f"unsupported dtype {x1.dtype}: x1 must be {_dtype_names(backend.dtypes)} for "
+                                  f"the {backend.name} backend")
+    if backend.max_numel is not None and x1.numel() > backend.max_numel:
+        raise KernelArgumentError(f"x1 has {x1.numel()} elements, more than the {backend.name} backend's limit "
+                                  f"of {backend.max_numel}")
     for name, t in (("v", v), ("x0", x0)):
         if t is not None:
             _check_like(name, t, x1)
@@ -206,86 +306,31 @@ def _public_args(x1: object, coefs: dict[str, object], x0: object, rng: object, 
     return out, rng, float(std)
 
 
-# ---------------------------------------------------------------- opaque backends (C++, reference)
-
-def _fake_path(x1: Tensor, write_target: bool) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(x1), torch.empty_like(x1) if write_target else x1.new_empty(0)
-
-
-def _fake_loss(v: Tensor) -> Tensor:
-    return v.new_empty(v.shape[0], dtype=torch.float32)
-
-
-def _check_rows(x1: Tensor, x0: Tensor | None, rng: Tensor | None) -> None:
-    """The rows a drawing op reads lie in the stream, for a state on the CPU (real tensors only: the opaque
-    ops' fake implementations serve tracing)."""
-    if x0 is None:
-        check_state_rows(rng, x1.shape[0])
-
-
-def _register_opaque(name: str, backend) -> None:
-    """``fastfm::{affine_path,cfm_loss,cfm_loss_grad}_<name>``: ``backend``'s functions as opaque custom ops."""
-
-    @torch.library.custom_op(f"fastfm::affine_path_{name}", mutates_args=())
-    def path_op(x1: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, x0: Optional[Tensor], rng: Optional[Tensor],
-                std: float, write_target: bool) -> tuple[Tensor, Tensor]:
-        _check_rows(x1, x0, rng)
-        x_t, target = backend.affine_path(x1, a, b, c, d, x0, rng, std, write_target)
-        return x_t, target if target is not None else x1.new_empty(0)
-
-    @torch.library.custom_op(f"fastfm::cfm_loss_{name}", mutates_args=())
-    def loss_op(v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Optional[Tensor], rng: Optional[Tensor],
-                std: float) -> Tensor:
-        _check_rows(x1, x0, rng)
-        return backend.cfm_loss(v, x1, c, d, x0, rng, std)
-
-    @torch.library.custom_op(f"fastfm::cfm_loss_grad_{name}", mutates_args=())
-    def grad_op(grad: Tensor, v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Optional[Tensor],
-                rng: Optional[Tensor], std: float) -> Tensor:
-        _check_rows(x1, x0, rng)
-        return backend.cfm_loss_grad(grad, v, x1, c, d, x0, rng, std)
-
-    path_op.register_fake(lambda x1, a, b, c, d, x0, rng, std, write_target: _fake_path(x1, write_target))
-    loss_op.register_fake(lambda v, x1, c, d, x0, rng, std: _fake_loss(v))
-    grad_op.register_fake(lambda grad, v, x1, c, d, x0, rng, std: torch.empty_like(v))
-
-
-_register_opaque("cpp", cpu)
-_register_opaque("reference", reference)
-
-
 # ---------------------------------------------------------------- public ops
 
-def _opaque(backend: str, op: str):
-    return getattr(torch.ops.fastfm, f"{op}_{backend}")
+def _serving(x1: Tensor, coefs: dict[str, Tensor], x0: Tensor | None, rng: Tensor | None,
+             v: Tensor | None = None) -> KernelOps:
+    """The ops of the backend that serves x1's device (:func:`backend_for`), after :func:`check_args`."""
+    backend = KERNEL_BACKENDS.build(backend_for(x1.device))
+    check_args(backend, x1, coefs, x0, rng, v)
+    return backend.ops
 
 
 def _affine_path_impl(x1: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, x0: Optional[Tensor],
                       rng: Optional[Tensor], std: float, write_target: bool) -> tuple[Tensor, Tensor]:
-    backend = backend_for(x1.device)
-    check_args(backend, x1, {"a": a, "b": b, "c": c, "d": d}, x0, rng)
-    if backend != "triton":
-        return _opaque(backend, "affine_path")(x1, a, b, c, d, x0, rng, std, write_target)
-    x_t, target = triton_kernels.affine_path(x1, a, b, c, d, x0, rng, std, write_target)
+    ops = _serving(x1, {"a": a, "b": b, "c": c, "d": d}, x0, rng)
+    x_t, target = ops.affine_path(x1, a, b, c, d, x0, rng, std, write_target)
     return x_t, target if target is not None else x1.new_empty(0)
 
 
 def _cfm_loss_impl(v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Optional[Tensor], rng: Optional[Tensor],
                    std: float) -> Tensor:
-    backend = backend_for(x1.device)
-    check_args(backend, x1, {"c": c, "d": d}, x0, rng, v)
-    if backend != "triton":
-        return _opaque(backend, "cfm_loss")(v, x1, c, d, x0, rng, std)
-    return triton_kernels.cfm_loss(v, x1, c, d, x0, rng, std)
+    return _serving(x1, {"c": c, "d": d}, x0, rng, v).cfm_loss(v, x1, c, d, x0, rng, std)
 
 
 def _cfm_loss_grad_impl(grad: Tensor, v: Tensor, x1: Tensor, c: Tensor, d: Tensor, x0: Optional[Tensor],
                         rng: Optional[Tensor], std: float) -> Tensor:
-    backend = backend_for(x1.device)
-    check_args(backend, x1, {"grad": grad, "c": c, "d": d}, x0, rng, v)
-    if backend != "triton":
-        return _opaque(backend, "cfm_loss_grad")(grad, v, x1, c, d, x0, rng, std)
-    return triton_kernels.cfm_loss_grad(grad, v, x1, c, d, x0, rng, std)
+    return _serving(x1, {"grad": grad, "c": c, "d": d}, x0, rng, v).cfm_loss_grad(grad, v, x1, c, d, x0, rng, std)
 
 
 _affine_path_op = _define("fastfm::affine_path", _affine_path_impl, mutates_args=())

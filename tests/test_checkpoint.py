@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fastfm.checkpoint as ckpt_mod
-from fastfm.runs import load_run
+from fastfm.run.load import load_run
 from fastfm.checkpoint import (
     CHECKPOINT,
     COMMIT,
@@ -388,7 +388,7 @@ def test_load_run_unet_round_trip(tmp_path: Path) -> None:
     for source in (tmp_path, tmp_path / EMA_WEIGHTS, tmp_path / CHECKPOINT):
         run = load_run(source)
         assert torch.equal(run.model(x, t, y=y, low_res=low), expected)
-        assert run.meta["target"] == "x0" and run.shape == (1, 8, 8)
+        assert run.meta.target == "x0" and run.shape == (1, 8, 8)
 
 
 def _commit_meta(run: Path, meta: object) -> None:

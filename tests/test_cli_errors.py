@@ -16,7 +16,7 @@ from fastfm.commands import common
 from fastfm.commands import export as export_cli
 from fastfm.data import to_pixels
 from fastfm.plotting import save_samples_png, tile
-from fastfm.runs import LoadedRun, load_run
+from fastfm.run.load import LoadedRun, load_run
 
 from conftest import call, cli_error, last_json, train_argv
 
@@ -149,8 +149,8 @@ def test_a_grid_may_be_written_either_way(small_run: Path, tmp_path: Path) -> No
     assert "--grid must span the solve from t = 0 to t = 1, got 0.5 .. 1" in msg
 
 
-def test_interpolant_options_need_the_learned_path(tmp_path: Path) -> None:
+def test_interpolant_parameters_need_the_learned_path(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    msg = cli_error(train.main, train_argv(out, "--path", "condot", "--interp-lr", "0.01"))
-    assert "--interp-lr: for --path learned only (path 'condot' has no trained coefficients)" in msg
+    msg = cli_error(train.main, train_argv(out, "--path", "condot", "--path-args", "lr=0.01"))
+    assert "bad parameters for path 'condot'" in msg and "'lr'" in msg
     assert not out.exists()

@@ -15,7 +15,7 @@ import torch
 from conftest import run_training
 from test_export import TOL, _call, inputs, reference, runs  # noqa: F401 (runs: the module's run fixture)
 
-from fastfm.export import EngineSpec, export_engine, load
+from fastfm.export import EngineRequest, export_engine, load
 from fastfm.kernels.rng import philox_state
 from fastfm.models import build_model
 from fastfm.paths import get_path
@@ -124,7 +124,7 @@ ENGINES = {  # run, spec: sampling and likelihood, MLP and UNet, every dtype, gu
 def test_cuda_engine_matches_eager(runs, tmp_path: Path, case: str, backend: str):  # noqa: F811 (fixture)
     run, spec = ENGINES[case]
     out = tmp_path / f"{case}-{backend}"
-    export_engine(runs[run], EngineSpec(backend=backend, **spec), out, device="cuda")
+    export_engine(runs[run], EngineRequest.of(backend=backend, **spec), out, device="cuda")
     engine = load(out)
     assert engine.device.type == "cuda"
     given = inputs(engine)
@@ -154,7 +154,7 @@ def test_cuda_auto_engine(runs, tmp_path: Path):  # noqa: F811 (fixture)
     """--backend auto --dtype auto on the GPU: cudagraph and aoti (and bf16 from sm_80) built, timed, one kept."""
     from fastfm import hardware
 
-    spec = EngineSpec(task="sample", solver="midpoint", steps=2, batch=8, backend="auto", dtype="auto")
+    spec = EngineRequest.of(task="sample", solver="midpoint", steps=2, batch=8, backend="auto", dtype="auto")
     info = export_engine(runs["mlp"], spec, tmp_path / "auto", device="cuda")
     tried = set(info.selection["seconds_per_call"]) | set(info.selection.get("failed", {}))
     assert {"cudagraph/fp32", "aoti/fp32"} <= tried

@@ -22,10 +22,10 @@ import torch
 from test_export import RUNS, make_run
 
 from fastfm.checkpoint import load_inference, save_inference
-from fastfm.runs import load_run
+from fastfm.run.load import load_run
 from fastfm.export import ExportError
 from fastfm.export.graph import build_program, example_inputs, off_device, trace
-from fastfm.export.spec import EngineSpec, signature, validate
+from fastfm.export.spec import EngineRequest, resolve
 from fastfm.kernels.rng import philox_state
 from fastfm.models import build_model
 from fastfm.paths import get_path
@@ -92,9 +92,9 @@ def test_engine_programs_trace_on_the_inputs_device(meta_runs, name, spec):
     device of its inputs: traced, simplified and exported on meta, nothing of it is on the CPU.
     (On commit f3b4950 every case failed here: the time grid was a CPU buffer.)"""
     run = meta_runs[name]
-    spec = validate(EngineSpec(**spec), run.meta)
-    assert spec.denoise or name != "mlp_vp_x1"  # its cases trace the jump
-    inputs, _ = signature(spec, run.meta)
+    spec = resolve(EngineRequest.of(**spec), run.meta, run.path)
+    assert spec.plan.denoise or name != "mlp_vp_x1"  # its cases trace the jump
+    inputs, _ = spec.signature()
     ep = trace(build_program(run, spec), example_inputs(inputs, META))
     assert off_device(ep, META) == []
     assert {v.device for v in ep.state_dict.values()} <= {META}
@@ -107,7 +107,7 @@ def test_gmm_base_likelihood_engine_matches_eager(tmp_path: Path):
     from fastfm.likelihood import log_likelihood
 
     run_dir = _make(tmp_path, "mlp_gmm")
-    export_engine(run_dir, EngineSpec(task="likelihood", solver="midpoint", steps=2, batch=8), tmp_path / "e",
+    export_engine(run_dir, EngineRequest.of(task="likelihood", solver="midpoint", steps=2, batch=8), tmp_path / "e",
                   device="cpu")
     x = torch.randn(11, 2, generator=torch.Generator().manual_seed(0))
     got = load(tmp_path / "e")(x)

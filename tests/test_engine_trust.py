@@ -26,12 +26,12 @@ import onnx
 import pytest
 import torch
 from conftest import call, help_text
-from fastfm.export import EngineSampler, EngineSpec, ExportError, ManifestError, export_engine, load, manifest
+from fastfm.export import EngineSampler, EngineRequest, ExportError, ManifestError, export_engine, load, manifest
 from fastfm.commands import export as export_cli
 from fastfm.export.backends import STAMP, backend
 from fastfm.export.quiet import quiet
 from fastfm.export.spec import TensorSlot
-from fastfm.inference import DEFAULTS
+from fastfm.solve import DEFAULTS
 from test_export import RUNS, make_run
 
 from fastfm import hardware, sample
@@ -46,7 +46,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def built(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("trust_engine") / "engine"
-    export_engine(run_dir, EngineSpec(task="sample", solver="euler", steps=2, batch=8, backend="onnx"), out,
+    export_engine(run_dir, EngineRequest.of(task="sample", solver="euler", steps=2, batch=8, backend="onnx"), out,
                   device="cpu")
     return out
 
@@ -170,7 +170,7 @@ def _dimension(b: dict[str, Any], dim: int) -> None:
                              "grid: manifest [0.0, 0.25, 0.5, 0.75, 1.0], engine file [0.0, 0.5, 1.0]"]),
     (lambda b: _batch(b, 16), ["spec.batch: manifest 16, engine file 8", "inputs: manifest"]),
     (lambda b: _dimension(b, 3), ["checkpoint.meta.data.shape: manifest [3], engine file [2]"]),
-    (lambda b: b["checkpoint"]["meta"]["path"].update(name="vp"), ["checkpoint.meta.path.name: manifest vp"]),
+    (lambda b: b["checkpoint"]["meta"]["path"].update(name="linear"), ["checkpoint.meta.path.name: manifest linear"]),
     (lambda b: b["checkpoint"].update(sha256="0" * 64), ["checkpoint.sha256: manifest 000"]),
 ], ids=["steps-nfe-grid", "batch", "dimension", "path", "weights"])
 def test_consistently_edited_manifest_is_refused_by_its_engine_file(engine_dir: Path, change, differ) -> None:
@@ -362,16 +362,16 @@ def test_cli_help_is_grouped_with_defaults() -> None:
         title, _, rest = block.partition("\n")
         if title.endswith(":") and not title.startswith(" "):
             groups[title[:-1]] = re.findall(r"^  (?:-\w, )?(--[\w-]+)", rest, re.M)
-    assert list(groups)[1:] == ["what to build", "solver", "engine", "conditioning", "SDE sampling", "likelihood"]
+    assert list(groups)[1:] == ["what to build", "solver", "likelihood", "engine", "sampling"]
     assert groups["options"] == ["--help"]
     assert sorted(sum(groups.values(), [])) == sorted(
         a.option_strings[-1] for a in export_cli.parser()._actions)
     for action in export_cli.parser()._actions:
         assert action.help, f"{action.option_strings} has no help"
-    assert "(default midpoint; euler, i.e. Euler-Maruyama, with --sde)" in " ".join(text.split())
+    assert "(default: midpoint; euler with --sde)" in " ".join(text.split())
     for option, default in [("--diffusion", "1"), ("--steps", str(DEFAULTS.steps)), ("--batch", "1"), ("--backend", "auto"),
                             ("--dtype", "auto"), ("--device", "auto"), ("--divergence", "auto"), ("--probes", "1"),
-                            ("--guidance", "1.0"), ("--seed", "0")]:
+                            ("--guidance", "1"), ("--seed", "0")]:
         entry = re.search(rf"^  {option} .*?(?=^  -|\Z)", text, re.M | re.S)
         assert entry and f"(default: {default})" in " ".join(entry[0].split()), option
     assert "(default: None)" not in text and "(default: False)" not in text

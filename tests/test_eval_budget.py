@@ -18,7 +18,9 @@ from torch import nn
 from fastfm import budget, evaluate, sample, trainer
 from fastfm.budget import (BudgetedSampler, chunk_points, nll_seconds_per_point, points_left, points_within,
                            sample_seconds_per_point)
-from fastfm.inference import EagerSampler, InferenceSettings, Progress, nll_report
+from fastfm.run.meta import RunMeta
+from fastfm.solve import EagerSampler, InferenceSettings, nll_report, plan_solve
+from fastfm.solve.sampler import Progress
 from fastfm.models import build_model
 from fastfm.paths import get_path
 
@@ -91,7 +93,7 @@ def test_the_nll_replans_when_the_machine_slows_down(monkeypatch, slowdown: int)
     clock = FakeClock(2 ** -7)
     monkeypatch.setattr(budget, "clock", clock)
     settings = InferenceSettings(solver="euler", steps=4, divergence="exact")
-    sampler = EagerSampler(Costly(mlp(), clock), get_path("condot"), (3,), settings=settings)
+    sampler = EagerSampler(Costly(mlp(), clock), get_path("condot"), RunMeta.bare((3,)), settings=settings)
     x = torch.randn(200, 3)
     per = nll_seconds_per_point(sampler, x)
     assert per == 12 / 128 and clock.now == 99 / 128
@@ -108,7 +110,7 @@ def test_the_nll_replans_when_the_machine_slows_down(monkeypatch, slowdown: int)
             {"done": 13, "elapsed_s": 723 / 128, "seconds_per_point": 48 / 128, "points": 13 + 11},
             {"done": 24, "elapsed_s": 1251 / 128, "seconds_per_point": 48 / 128, "points": 24}]
     # the points done are those of one unbudgeted call with the chunk as batch size
-    batched = EagerSampler(sampler.model, sampler.path, (3,), settings=InferenceSettings(
+    batched = EagerSampler(sampler.model, sampler.path, RunMeta.bare((3,)), settings=InferenceSettings(
         solver="euler", steps=4, divergence="exact", batch_size=13))
     assert torch.equal(res.log_prob, batched.log_likelihood(x[:len(res.log_prob)]).log_prob)
 
@@ -120,8 +122,8 @@ def test_chunks_give_what_one_call_gives():
     model = mlp(num_classes=3)
 
     def sampler(**settings):
-        return EagerSampler(model, get_path("condot"), (3,), settings=InferenceSettings(solver="midpoint", steps=3,
-                                                                                        **settings))
+        return EagerSampler(model, get_path("condot"), RunMeta.bare((3,), num_classes=3),
+                            settings=InferenceSettings(solver="midpoint", steps=3, **settings))
 
     x = torch.randn(50, 3)
     for divergence in ("hutchinson", "exact"):
@@ -157,7 +159,7 @@ def test_measured_costs_are_one_timed_step_scaled(monkeypatch):
     path = get_path("condot")
 
     def sampler(**settings):
-        return EagerSampler(unet, path, (1, 8, 8), settings=InferenceSettings(batch_size=500, **settings))
+        return EagerSampler(unet, path, RunMeta.bare((1, 8, 8), kind="image"), settings=InferenceSettings(batch_size=500, **settings))
 
     assert nll_seconds_per_point(sampler(steps=64), torch.randn(600, 1, 8, 8)) == pytest.approx(0.5 / 500 * 64)
     assert timed == [32, 128, 500]  # grown while calls were short, capped at the batch
@@ -174,7 +176,7 @@ def test_progress_counts_every_model_evaluation():
     model = build_model({"name": "mlp", "dim": 3, "hidden": 16, "depth": 2}).eval()
 
     def sampler(**settings):
-        return EagerSampler(model, get_path("condot"), (3,), settings=InferenceSettings(batch_size=4, **settings))
+        return EagerSampler(model, get_path("condot"), RunMeta.bare((3,)), settings=InferenceSettings(batch_size=4, **settings))
 
     calls = []
     real = Progress.forward
@@ -199,9 +201,12 @@ def test_progress_counts_every_model_evaluation():
 
 
 def test_reported_steps_are_what_ran():
-    assert InferenceSettings(solver="midpoint", steps=32).steps_run == 32
-    assert InferenceSettings(solver="dopri5", steps=32).steps_run == "adaptive"
-    assert InferenceSettings(solver="euler", steps=32, grid=(0.0, 0.5, 0.9, 1.0)).steps_run == 3
+    def steps(**settings):
+        return plan_solve(InferenceSettings(**settings), RunMeta.bare((3,)), get_path("condot")).describe()["steps"]
+
+    assert steps(solver="midpoint", steps=32) == 32
+    assert steps(solver="dopri5", steps=32) == "adaptive"
+    assert steps(solver="euler", steps=32, grid=(0.0, 0.5, 0.9, 1.0)) == 3
 
 
 def finite(value) -> bool:
@@ -256,7 +261,7 @@ def test_a_training_run_evaluation_replans_on_a_slower_machine(tmp_path: Path, m
     clock = FakeClock(2 ** -8)
     monkeypatch.setattr(budget, "clock", clock)
     monkeypatch.setattr(trainer, "clock", clock)
-    costly, probe = Progress.forward, trainer.nll_seconds_per_point
+    costly, probe = Progress.forward, budget.nll_seconds_per_point
 
     def forward(self, x, *args, **kw):
         clock.charge(x.shape[0])
@@ -268,7 +273,7 @@ def test_a_training_run_evaluation_replans_on_a_slower_machine(tmp_path: Path, m
         return per
 
     monkeypatch.setattr(Progress, "forward", forward)
-    monkeypatch.setattr(trainer, "nll_seconds_per_point", slower_after)
+    monkeypatch.setattr(budget, "nll_seconds_per_point", slower_after)
     run = run_training(tmp_path / "toy", "--data", "checkerboard", "--eval-n", "300", "--n-samples", "100",
                        "--eval-steps", "4", "--eval-budget", "10", steps=2)
     plan, test = run.summary["eval_plan"], run.summary["test"]

@@ -20,7 +20,7 @@ from fastfm.experiments.common import SCALES
 from fastfm.experiments.conditional import _diversity, psnr
 from fastfm.experiments.paths import _claims
 from fastfm.experiments.report import Report, fmt
-from fastfm.runs import model_for
+from fastfm.training.assemble import model_for
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

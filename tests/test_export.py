@@ -19,16 +19,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import call, gpu_bench_script, last_json
-from fastfm.export import Engine, EngineSampler, EngineSpec, ExportError, ManifestError, export_engine, load, \
+from fastfm.export import Engine, EngineSampler, EngineRequest, ExportError, ManifestError, export_engine, load, \
     manifest, parity
 from fastfm.commands import export as export_cli
 from fastfm.export.backends import backend, check_available
 from fastfm.export.graph import build_program, example_inputs, trace, trace_aten
-from fastfm.export.spec import signature, validate
+from fastfm.export.spec import resolve
 
 import fastfm
 from fastfm import evaluate, sample
-from fastfm.runs import load_run
+from fastfm.run.load import load_run
 from fastfm.checkpoint import save_inference
 from fastfm.likelihood import bits_per_dim, log_likelihood
 from fastfm.models import build_model
@@ -81,7 +81,7 @@ def build(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Ca
         if key not in cache:
             spec.setdefault("batch", 4 if run.startswith("unet") else 8)
             out = root / f"engine{len(cache)}"
-            export_engine(runs[run], EngineSpec(**spec), out, device="cpu")
+            export_engine(runs[run], EngineRequest.of(**spec), out, device="cpu")
             cache[key] = load(out)
         return cache[key]
 
@@ -95,7 +95,7 @@ def inputs(engine: Engine, rows: int = ROWS, seed: int = 1) -> dict[str, torch.T
     for spec in engine.info.inputs:
         shape = (rows, *spec.shape[1:]) if spec.name != "probes" else (spec.shape[0], rows, *spec.shape[2:])
         if spec.name == "y":
-            out["y"] = torch.arange(rows) % engine.meta["model"]["num_classes"]
+            out["y"] = torch.arange(rows) % engine.meta.num_classes
         elif spec.name == "probes":
             out["probes"] = torch.randint(0, 2, shape, generator=gen).float() * 2 - 1
         else:
@@ -106,12 +106,12 @@ def inputs(engine: Engine, rows: int = ROWS, seed: int = 1) -> dict[str, torch.T
 def reference(run_dir: Path, engine: Engine, given: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The eager fp32 outputs for the same inputs, through fastfm.ode / fastfm.likelihood."""
     run = load_run(run_dir)
-    spec = engine.spec
+    spec = engine.spec.plan
     cond = dict(given)
     x = cond.pop("x0", None) if spec.task == "sample" else cond.pop("x1")
     if spec.class_label is not None:
         cond["y"] = torch.full((x.shape[0],), spec.class_label)
-    opts = dict(solver=spec.solver, steps=spec.steps, target=run.meta["target"], **cond)
+    opts = dict(solver=spec.solver, steps=spec.steps, target=run.meta.target, **cond)
     with torch.no_grad():
         if spec.task == "sample":
             res = eager_sample(run.model, run.path, x, guidance=spec.guidance, log_likelihood=spec.log_likelihood,
@@ -147,7 +147,7 @@ def _call(engine: Engine, given: dict[str, torch.Tensor]):
 @pytest.mark.parametrize("solver", ["euler", "midpoint", "heun", "rk4"])
 def test_onnx_sampler_with_log_likelihood_every_solver(build, runs, solver: str) -> None:
     engine = build("mlp", task="sample", solver=solver, steps=2, backend="onnx", log_likelihood=True)
-    assert engine.spec.divergence == "exact" and engine.input_names == ["x0"]
+    assert engine.spec.plan.divergence == "exact" and engine.input_names == ["x0"]
     out = assert_parity(runs["mlp"], engine)
     assert torch.isfinite(out["log_prob"]).all()
 
@@ -186,7 +186,7 @@ def test_unet_aoti_sampler(build, runs) -> None:
 
 def test_unet_hutchinson_likelihood_with_bits_per_dim(build, runs) -> None:
     engine = build("unet", task="likelihood", solver="midpoint", steps=1, backend="onnx")
-    assert engine.spec.divergence == "hutchinson" and engine.spec.probes == 1  # auto: 64 dims > 16
+    assert engine.spec.plan.divergence == "hutchinson" and engine.spec.plan.probes == 1  # auto: 64 dims > 16
     out = assert_parity(runs["unet"], engine, rows=5)
     torch.testing.assert_close(out["bits_per_dim"], bits_per_dim(out["log_prob"], 64, 17))
 
@@ -207,7 +207,7 @@ def test_conditional_likelihood_takes_labels(build, runs) -> None:
     assert engine.input_names == ["x1", "y"]
     assert_parity(runs["mlp_cond"], engine)
     x, y = torch.zeros(3, 2), torch.tensor([0, 1, 2])
-    classes = load_run(runs["mlp_cond"]).meta["model"]["num_classes"]
+    classes = load_run(runs["mlp_cond"]).meta.num_classes
     with pytest.raises(ExportError, match=rf"'y' must hold class labels in 0..{classes - 1}, got values in 0..{classes}"):
         engine(x, y=torch.tensor([0, 1, classes]))
     with pytest.raises(ExportError, match=r"'y' must hold class labels in .*got values in -1..1"):
@@ -250,9 +250,9 @@ def test_fp16_onnx_engine(build, runs) -> None:
 
 def test_bf16_graph_keeps_time_state_and_outputs_fp32(runs) -> None:
     run = load_run(runs["mlp"])
-    spec = validate(EngineSpec(task="sample", solver="euler", steps=1, batch=64, dtype="bf16",
-                               log_likelihood=True), run.meta)
-    ins, _ = signature(spec, run.meta)
+    spec = resolve(EngineRequest.of(task="sample", solver="euler", steps=1, batch=64, dtype="bf16",
+                               log_likelihood=True), run.meta, run.path)
+    ins, _ = spec.signature()
     program, example = build_program(run, spec), example_inputs(ins)
     dtypes = {}
     for n in trace_aten(program, example).graph.nodes:  # before the time features are precomputed
@@ -269,8 +269,8 @@ def test_traced_jvps_drop_zero_tangents_and_repeated_primals(runs) -> None:
     run = load_run(runs["mlp"])
 
     def gemms(task: str) -> int:
-        spec = validate(EngineSpec(task=task, solver="euler", steps=1, batch=2), run.meta)
-        ep = trace(build_program(run, spec), example_inputs(signature(spec, run.meta)[0]))
+        spec = resolve(EngineRequest.of(task=task, solver="euler", steps=1, batch=2), run.meta, run.path)
+        ep = trace(build_program(run, spec), example_inputs(spec.signature()[0]))
         return sum(str(n.target) in ("aten.mm.default", "aten.addmm.default") for n in ep.graph.nodes)
 
     assert gemms("sample") == 3  # one evaluation of the model's 3 layers on x (the time MLP is precomputed)
@@ -285,8 +285,8 @@ def test_time_features_of_the_first_layer_are_precomputed(runs, batch: int) -> N
     """[x, e(t)] W = x W_x + e(t) W_e with e(t) W_e a constant per stage (a row expanded over a large batch):
     the first layer multiplies only the 2 coordinates of x, and no time features are left to compute."""
     run = load_run(runs["mlp"])
-    spec = validate(EngineSpec(task="sample", solver="midpoint", steps=2, batch=batch), run.meta)
-    ep = trace(build_program(run, spec), example_inputs(signature(spec, run.meta)[0]))
+    spec = resolve(EngineRequest.of(task="sample", solver="midpoint", steps=2, batch=batch), run.meta, run.path)
+    ep = trace(build_program(run, spec), example_inputs(spec.signature()[0]))
     names = [n.target._schema.name.split("::")[-1] for n in ep.graph.nodes if n.op == "call_function"]
     assert {"cat", "cos", "sin"}.isdisjoint(names)
     first = [n for n in ep.graph.nodes if str(n.target) == "aten.addmm.default"][0]
@@ -430,16 +430,18 @@ def test_exported_program_engines_carry_their_stamp(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("run, spec, message", [
-    ("mlp", dict(solver="dopri5"), "unknown solver 'dopri5'"),
+    ("mlp", dict(solver="dopri5"), "fixed-step solver"),
+    ("mlp", dict(solver="rk45"), "unknown solver 'rk45'"),
+    ("mlp", dict(grid=(0.0, 1.0)), "--grid does not apply"),
     ("mlp", dict(backend="tflite"), "unknown backend"),
     ("mlp", dict(dtype="int8"), "unknown dtype"),
-    ("mlp", dict(steps=0), "steps must be >= 1"),
+    ("mlp", dict(steps=0), "--steps must be >= 1"),
     ("mlp", dict(batch=0), "batch must be >= 1"),
     ("mlp", dict(guidance=2.0), "needs a class-conditional model"),
     ("mlp", dict(class_label=0), "class label 0 invalid: the model has no classes"),
     ("mlp_cond", dict(class_label=3), r"classes 0\.\.2"),
-    ("mlp_cond", dict(task="likelihood", guidance=2.0), "guidance applies to sampling"),
-    ("mlp_cond", dict(task="likelihood", class_label=1), "class label applies to sampling"),
+    ("mlp_cond", dict(task="likelihood", guidance=2.0), "guidance 2 applies to sampling"),
+    ("mlp_cond", dict(task="likelihood", class_label=1), "class label 1 applies to sampling"),
     ("mlp", dict(task="likelihood", log_likelihood=True), "always returns log p"),
     ("mlp", dict(divergence="hutchinson"), "needs a likelihood"),
     ("mlp", dict(backend="cudagraph"), "needs a CUDA GPU"),
@@ -448,8 +450,8 @@ def test_exported_program_engines_carry_their_stamp(tmp_path: Path) -> None:
 def test_bad_requests_fail_before_building(runs, tmp_path: Path, run: str, spec: dict, message: str) -> None:
     out = tmp_path / "engine"
     full = {"task": "sample", "solver": "euler", "steps": 1, "batch": 2, **spec}
-    with pytest.raises(ExportError, match=message):
-        export_engine(runs[run], EngineSpec(**full), out, device="cpu")
+    with pytest.raises(ValueError, match=message):  # the settings' own errors, or ExportError
+        export_engine(runs[run], EngineRequest.of(**full), out, device="cpu")
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
@@ -462,19 +464,19 @@ def test_tensorrt_missing_is_named() -> None:
 def test_exact_divergence_of_images_warns(runs) -> None:
     run = load_run(runs["unet"])
     with pytest.warns(UserWarning, match="64 JVPs per evaluation"):
-        spec = validate(EngineSpec(task="likelihood", solver="euler", steps=1, batch=1, divergence="exact"),
-                        run.meta)
-    assert spec.divergence == "exact" and signature(spec, run.meta)[0][-1].name == "x1"  # no probes input
+        spec = resolve(EngineRequest.of(task="likelihood", solver="euler", steps=1, batch=1, divergence="exact"),
+                       run.meta, run.path)
+    assert spec.plan.divergence == "exact" and spec.signature()[0][-1].name == "x1"  # no probes input
 
 
 def test_low_res_for_plain_model_and_existing_out(runs, tmp_path: Path) -> None:
-    spec = EngineSpec(task="sample", solver="euler", steps=1, batch=2)
+    spec = EngineRequest.of(task="sample", solver="euler", steps=1, batch=2)
     with pytest.raises(ExportError, match="not trained for super-resolution"):
         export_engine(runs["unet"], spec, tmp_path / "a", device="cpu", low_res=torch.zeros(2, 1, 4, 4))
-    with pytest.raises(ExportError, match=r"'low_res' must have shape \(2, 1, 4, 4\) \(rows, 1, 4, 4\), "
-                                          r"got \(2, 1, 3, 3\)"):
+    with pytest.raises(ExportError, match=r"low-res inputs: expected shape \(N, 1, 4, 4\) with N >= 1 \(the 8x8 images "
+                                          r"pooled by 2\), got \(2, 1, 3, 3\)"):
         export_engine(runs["unet_sr"], spec, tmp_path / "b", device="cpu", low_res=torch.zeros(2, 1, 3, 3))
-    with pytest.raises(ExportError, match=r"'low_res' has 0 rows"):
+    with pytest.raises(ExportError, match=r"low-res inputs: expected shape \(N, 1, 4, 4\) with N >= 1"):
         export_engine(runs["unet_sr"], spec, tmp_path / "b", device="cpu", low_res=torch.zeros(0, 1, 4, 4))
     (tmp_path / "c").mkdir()
     with pytest.raises(ExportError, match="exists; pass force"):
@@ -486,7 +488,7 @@ def test_failed_parity_writes_nothing(runs, tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setitem(parity.TOLERANCES, "fp32", parity.Tolerance(atol=0.0, rtol=0.0, min_cosine=2.0))
     out = tmp_path / "engine"
     with pytest.raises(ExportError, match="parity check failed, engine not written"):
-        export_engine(runs["mlp"], EngineSpec(task="sample", solver="euler", steps=1, batch=2, backend="onnx"), out,
+        export_engine(runs["mlp"], EngineRequest.of(task="sample", solver="euler", steps=1, batch=2, backend="onnx"), out,
                       device="cpu")
     assert list(tmp_path.iterdir()) == []  # no engine, no temporary directory
 
@@ -502,7 +504,7 @@ def test_engine_file_that_drops_its_stamp_is_not_written(runs, tmp_path: Path, m
     dropping = replace(onnx, build=lambda ep, example, path, names, stamp: onnx.build(ep, example, path, names, ""))
     monkeypatch.setattr(build, "backend", lambda name: dropping)
     with pytest.raises(ExportError, match="onnx fp32 engine file engine.onnx did not keep its stamp"):
-        export_engine(runs["mlp"], EngineSpec(task="sample", solver="euler", steps=1, batch=2, backend="onnx"),
+        export_engine(runs["mlp"], EngineRequest.of(task="sample", solver="euler", steps=1, batch=2, backend="onnx"),
                       tmp_path / "engine", device="cpu")
     assert list(tmp_path.iterdir()) == []
 
@@ -587,7 +589,7 @@ def test_auto_engine_is_the_fastest_correct_candidate(runs, tmp_path: Path, monk
     caps = hardware.Capabilities("cpu", hardware.cpu_info(flags=flags, env={}, aten="AVX2"))
     monkeypatch.setattr(hardware, "capabilities", lambda device="cpu": caps)
     backend, expect = ("aoti", {"aoti/fp32", "aoti/bf16"}) if native else ("auto", {"aoti/fp32", "onnx/fp32"})
-    spec = EngineSpec(task="sample", solver="euler", steps=2, batch=8, backend=backend, dtype="auto")
+    spec = EngineRequest.of(task="sample", solver="euler", steps=2, batch=8, backend=backend, dtype="auto")
     info = export_engine(runs["mlp"], spec, tmp_path / "e", device="cpu")
     chosen, seconds = info.selection["chosen"], info.selection["seconds_per_call"]
     assert info.selection["rule"] == "measured" and set(seconds) == expect

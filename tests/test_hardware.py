@@ -222,22 +222,22 @@ def test_a_wrong_backend_is_never_chosen(monkeypatch):
 def test_engine_candidates_per_machine(device, caps, expect):
     pytest.importorskip("onnxruntime")
     from fastfm.export.choose import candidates
-    from fastfm.export.spec import EngineSpec
+    from fastfm.export.spec import EngineRequest
 
-    spec = EngineSpec(task="sample", solver="euler", steps=2, batch=4, backend="auto", dtype="auto")
+    spec = EngineRequest.of(task="sample", solver="euler", steps=2, batch=4, backend="auto", dtype="auto")
     got = [(c.backend, c.dtype) for c in candidates(spec, torch.device(device), caps)]
     assert got == [e for e in expect if e[0] != "tensorrt"]
     for backend in ("aoti", "onnx") if device == "cpu" else ("aoti",):  # a named backend: auto's dtypes it has
-        named = candidates(EngineSpec(task="sample", solver="euler", steps=2, batch=4, backend=backend,
+        named = candidates(EngineRequest.of(task="sample", solver="euler", steps=2, batch=4, backend=backend,
                                       dtype="auto"), torch.device(device), caps)
         assert [c.dtype for c in named] == [d for b, d in expect if b == backend]
 
 
 def test_a_bf16_engine_on_emulating_hardware_warns():
     from fastfm.export.choose import candidates
-    from fastfm.export.spec import EngineSpec
+    from fastfm.export.spec import EngineRequest
 
-    spec = EngineSpec(task="sample", solver="euler", steps=2, batch=4, backend="aoti", dtype="bf16")
+    spec = EngineRequest.of(task="sample", solver="euler", steps=2, batch=4, backend="aoti", dtype="bf16")
     with pytest.warns(PrecisionWarning, match="emulates bf16"):
         candidates(spec, torch.device("cpu"), caps_of(AVX2, aten="AVX2"))
 

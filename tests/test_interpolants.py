@@ -1,19 +1,23 @@
 """Learned (Fourier) interpolants: end conditions, closed-form derivatives, the max-min objective, the trainer's
---path learned (checkpoint, resume, rebuild from model.json) and its shorter transport on GMM -> moons."""
+--path learned (its --path-args, checkpoint, resume, rebuild from model.json, an older run's options) and its shorter
+transport on GMM -> moons."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from conftest import call, cli_error, run_training
 
 from fastfm import evaluate, train
-from fastfm.runs import load_run
+from fastfm.config import TrainConfig, from_dict, upgrade
+from fastfm.run.load import load_run
 from fastfm.checkpoint import CHECKPOINT, load_training_state
-from fastfm.interpolants import FourierInterpolant, LearnedScheduler, interpolant_objective
-from fastfm.paths import get_path
+from fastfm.interpolants import interpolant_objective
+from fastfm.paths import FourierInterpolant, LearnedScheduler, get_path
 
 F64 = torch.float64
 
@@ -57,6 +61,18 @@ def test_bad_parameters_are_refused():
         FourierInterpolant(3, sigma_coef=[0.0, 1.0])
     with pytest.raises(ValueError, match="bad parameters for path 'learned'"):
         get_path("learned", sigma_min=0.1)
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        get_path("learned", lr=0)
+    with pytest.raises(ValueError, match="every .* must be an integer >= 1"):
+        get_path("learned", every=0)
+
+
+def test_learned_path_is_built_without_the_training_module():
+    """fastfm.paths owns the learned scheduler: building it imports no fastfm.interpolants (no import cycle)."""
+    code = ("import sys; from fastfm.paths import get_path; p = get_path('learned', modes=2, lr=0.01, every=3); "
+            "print(type(p.scheduler).__name__, p.scheduler.every, 'fastfm.interpolants' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["LearnedScheduler", "3", "False"]
 
 
 def test_objective_is_cfm_loss_less_a_constant_and_minimised_by_the_target():
@@ -78,18 +94,34 @@ def test_objective_is_cfm_loss_less_a_constant_and_minimised_by_the_target():
         interpolant_objective(lambda x, tt: x, interp, x0, x1[:3], t)
 
 
-def test_config_checks(tmp_path):
-    for flags, msg in [(["--target", "x1"], "use --target velocity"),
-                       (["--time-sampler", "logit-normal"], "time-sampler uniform"),
-                       (["--path-args", "modes=2"], "takes no --path-args"),
-                       (["--interp-modes", "0"], "interp_modes must be in"),
-                       (["--interp-lr", "0"], "interp_lr must be positive")]:
+def test_config_checks(tmp_path, capsys):
+    """The learned path's requirements, declared by its scheduler, and its --path-args, checked by its factory."""
+    why = "its max-min objective trains the velocity over t ~ U[0, 1]"
+    for flags, msg in [(["--target", "x1"], f"path 'learned' needs --target velocity, not 'x1': {why}"),
+                       (["--time-sampler", "logit-normal"], "path 'learned' needs --time-sampler uniform"),
+                       (["--path-args", "modes=0"], "interpolant modes must be an integer in [1, 64]"),
+                       (["--path-args", "lr=0"], "lr must be a positive number"),
+                       (["--path-args", "every=1.5"], "must be an integer >= 1"),
+                       (["--path-args", "sigma_min=0.1"], "bad parameters for path 'learned'")]:
         assert msg in cli_error(train.main, ["--path", "learned", "--out", str(tmp_path / "x"), *flags])
+    with pytest.raises(SystemExit):  # its parameters are path args, not options of their own
+        call(train.main, ["--path", "learned", "--interp-lr", "0.01", "--out", str(tmp_path / "x")])
+    assert "unrecognized arguments: --interp-lr" in capsys.readouterr().err
+    assert TrainConfig(path="learned", path_args={"modes": 3, "lr": 0.05, "every": 2}).validate()
+
+
+def test_an_older_runs_interp_options_become_path_args():
+    """A config file or checkpoint of a run from before --path-args took the learned path's parameters (it saved
+    every option, --interp-* included) still loads and resumes: those off their defaults become path args."""
+    old = {"path": "learned", "path_args": {}, "interp_modes": 3, "interp_lr": 0.05, "interp_every": 1}
+    assert upgrade(old) == {"path": "learned", "path_args": {"modes": 3, "lr": 0.05}}
+    assert upgrade({"path": "condot", "path_args": {}, "interp_modes": 4}) == {"path": "condot", "path_args": {}}
+    assert from_dict(old).validate().path_args == {"modes": 3, "lr": 0.05}
 
 
 def test_learned_run_saves_resumes_and_rebuilds(tmp_path):
     out = tmp_path / "run"
-    flags = ["--data", "moons", "--source", "gmm", "--path", "learned", "--interp-modes", "3", "--interp-lr", "0.05",
+    flags = ["--data", "moons", "--source", "gmm", "--path", "learned", "--path-args", "modes=3", "lr=0.05",
              "--ckpt-every", "2"]
     run = run_training(out, *flags, steps=4)
     state = load_training_state(out / CHECKPOINT)
@@ -97,6 +129,7 @@ def test_learned_run_saves_resumes_and_rebuilds(tmp_path):
     assert float(trained.abs().sum()) > 0  # the ascent moved the coefficients
     meta = json.loads((out / "model.json").read_text())["path"]
     assert meta["name"] == "learned" and meta["args"]["alpha_coef"] == pytest.approx(trained.tolist())
+    assert (meta["args"]["modes"], meta["args"]["lr"], meta["args"]["every"]) == (3, 0.05, 1)
     loaded = load_run(out)
     assert isinstance(loaded.path.scheduler, LearnedScheduler)
     assert loaded.path.config["alpha_coef"] == pytest.approx(trained.tolist())

@@ -24,7 +24,7 @@ from fastfm.checkpoint import (CHECKPOINT, COMMIT, EMA_WEIGHTS, META, UNIT, Chec
                                load_inference, load_training_state, save_inference, sha256)
 from fastfm.config import TrainConfig
 from fastfm.distributed import DistEnv
-from fastfm.runs import load_run
+from fastfm.run.load import load_run
 
 from conftest import TINY_UNET
 

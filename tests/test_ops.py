@@ -31,10 +31,40 @@ def test_auto_dispatch_on_cpu(monkeypatch):
     assert ops.backend_for(torch.device("cpu")) == ("cpp" if cpu.available() else "reference")
     monkeypatch.setenv("FASTFM_KERNELS", "reference")
     assert ops.backend_for(torch.device("cpu")) == "reference"
+    monkeypatch.setenv("FASTFM_KERNELS", "auto")
+    assert ops.backend_for(torch.device("cpu")) == ops.candidates(torch.device("cpu"))[0]
     monkeypatch.setenv("FASTFM_KERNELS", "cuda-magic")
-    with pytest.raises(KernelArgumentError, match="FASTFM_KERNELS"):
+    with pytest.raises(KernelArgumentError, match="FASTFM_KERNELS.*auto, reference, cpp, triton"):
         ops.backend_for(torch.device("cpu"))
-    assert ops.KERNEL_BACKENDS.names == ("auto", "reference", "cpp", "triton")
+    assert ops.KERNEL_BACKENDS.names == ("reference", "cpp", "triton")
+
+
+def test_backends_declare_their_rules_and_dispatch_follows_them(monkeypatch):
+    """Each backend object declares its device types, dtypes and size limit: auto chooses among those built for
+    the device (the reference last), and a forced backend serves exactly its dtypes and device types."""
+    cpu_dev, meta = torch.device("cpu"), torch.device("meta")
+    x1, one = torch.randn(2, 3), torch.ones(2)
+    assert ops.candidates(cpu_dev)[-1] == ops.candidates(meta)[-1] == "reference"
+    assert ops.KERNEL_BACKENDS.build("triton").max_numel == 2**31 - 1
+    for name in ops.KERNEL_BACKENDS:
+        backend = ops.KERNEL_BACKENDS.build(name)
+        assert backend.name == name and backend.dtypes and backend.devices != ()
+        assert (name in ops.candidates(cpu_dev)) == (backend.available and backend.native(cpu_dev))
+        monkeypatch.setenv("FASTFM_KERNELS", name)
+        if not backend.available or backend.devices is None:
+            assert (ops.unusable(name, meta) is None) == backend.available
+        else:
+            with pytest.raises(KernelArgumentError, match=f"FASTFM_KERNELS={name} needs"):
+                ops.backend_for(meta)
+        if backend.unusable(cpu_dev) is not None:
+            continue
+        for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            if dtype in backend.dtypes:
+                x_t, _ = ops.affine_path(x1.to(dtype), one, one, one, one, rng=_rng(0))
+                assert x_t.dtype == dtype
+            else:
+                with pytest.raises(KernelArgumentError, match=f"for the {name} backend"):
+                    ops.affine_path(x1.to(dtype), one, one, one, one, rng=_rng(0))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS, indirect=True)

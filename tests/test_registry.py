@@ -18,11 +18,12 @@ from fastfm.config import ConfigError, TrainConfig, build_parser, parse_config
 from fastfm.couplings import COUPLINGS, SinkhornCoupling
 from fastfm.data import DATASETS, check_dataset
 from fastfm.distributed import DistEnv
-from fastfm.divergence import DIVERGENCES, draw_probes
+from fastfm.divergence import DIVERGENCES, EXACT, HUTCHINSON, estimator
 from fastfm.models import MODELS, config_for_data
-from fastfm.paths import PATHS
+from fastfm.paths import PATHS, CondOTScheduler, Requires
 from fastfm.registry import Registry
-from fastfm.solvers import SOLVERS, TABLEAUS
+from fastfm.solve import PLAN_KINDS
+from fastfm.solvers import SOLVERS
 from fastfm.timesteps import TIME_SAMPLERS, LogitNormalTime
 
 from conftest import cli_error, train_argv
@@ -68,7 +69,7 @@ def test_unknown_name_is_one_clear_error() -> None:
     shapes, _ = _shapes()
     with pytest.raises(ValueError, match=r"^unknown shape 'hexagon'; choose one of square, circle$"):
         shapes.build("hexagon")
-    for registry in (PATHS, COUPLINGS, TIME_SAMPLERS, MODELS, DATASETS, SOLVERS, TABLEAUS, DIVERGENCES):
+    for registry in (PATHS, COUPLINGS, TIME_SAMPLERS, MODELS, DATASETS, SOLVERS, DIVERGENCES, PLAN_KINDS):
         with pytest.raises(ValueError, match=f"unknown {registry.kind} 'nope'; choose one of {', '.join(registry)}"):
             registry.build("nope")
 
@@ -122,6 +123,21 @@ def test_validate_asks_the_registries(monkeypatch: pytest.MonkeyPatch) -> None:
         TrainConfig().validate()
 
 
+def test_validate_checks_what_every_path_requires(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A path declares what it needs of its run (``Scheduler.requires``); config checks it for any path, by no name."""
+    class Picky(CondOTScheduler):
+        requires = Requires({"target": "x1", "time_sampler": "uniform"}, "a path of one's own")
+
+    custom: Registry[object] = Registry("path")
+    custom.register("picky", "a path that needs x1 prediction", Picky)
+    monkeypatch.setattr(config_mod, "PATHS", custom)
+    TrainConfig(path="picky", target="x1").validate()
+    with pytest.raises(ConfigError, match="path 'picky' needs --target x1, not 'velocity': a path of one's own"):
+        TrainConfig(path="picky").validate()
+    with pytest.raises(ConfigError, match="path 'picky' needs --time-sampler uniform, not 'logit-normal'"):
+        TrainConfig(path="picky", target="x1", time_sampler="logit-normal").validate()
+
+
 @pytest.mark.parametrize("opts, needles", [
     ({"coupling": "sinkhorn", "coupling_args": {"regularisation": 0.1}},
      ["bad parameters for coupling 'sinkhorn'", "'regularisation'", "reg=0.01, n_iters=100"]),
@@ -132,7 +148,8 @@ def test_validate_asks_the_registries(monkeypatch: pytest.MonkeyPatch) -> None:
                                                        "n_components=8"]),
     ({"data_args": {"seed": 3}}, ["--data-args cannot set seed", "--seed"]),
     ({"path": "vp", "path_args": {"sigma_min": 0.1}}, ["bad parameters for path 'vp'", "beta_min=0.1"]),
-    ({"path": "learned", "path_args": {"modes": 2}}, ["path 'learned' takes no --path-args"]),
+    ({"path": "learned", "path_args": {"modes": 2, "every": 0}}, ["the learned path's every", "integer >= 1"]),
+    ({"path": "learned", "path_args": {"sigma_min": 0.1}}, ["bad parameters for path 'learned'", "modes=4"]),
     ({"model": "transformer"}, ["unknown model 'transformer'; choose one of mlp, unet"]),
     ({"eval_divergence": "trace"}, ["unknown divergence 'trace'; choose one of auto, exact, hutchinson"]),
 ])
@@ -181,15 +198,16 @@ def test_args_reach_the_trainer(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_draw_probes_resolves_auto() -> None:
+def test_divergences_carry_their_estimator_and_probe_rule() -> None:
     gen = torch.Generator().manual_seed(0)
-    assert draw_probes("exact", 100, 3, (2, 100), gen, "cpu") is None
-    assert draw_probes("auto", 16, 3, (2, 16), gen, "cpu") is None
-    p = draw_probes("auto", 17, 3, (2, 17), gen, "cpu")
+    assert estimator("exact", 100) is EXACT and estimator("auto", 16) is EXACT
+    assert estimator("auto", 17) is HUTCHINSON and estimator("hutchinson", 2) is HUTCHINSON
+    assert EXACT.draw(3, (2, 100), gen, "cpu") is None and EXACT.jvps(100, 3) == 100
+    p = HUTCHINSON.draw(3, (2, 17), gen, "cpu")
     assert p is not None and p.shape == (3, 2, 17) and set(p.unique().tolist()) == {-1.0, 1.0}
-    assert draw_probes("hutchinson", 2, 1, (4, 2), gen, "cpu").shape == (1, 4, 2)
+    assert HUTCHINSON.jvps(17, 3) == 3
     with pytest.raises(ValueError, match="unknown divergence 'trace'"):
-        draw_probes("trace", 2, 1, (4, 2), gen, "cpu")
+        estimator("trace", 2)
 
 
 def test_model_defaults_for_data() -> None:
@@ -215,9 +233,11 @@ def test_model_defaults_for_data() -> None:
 
 def test_a_runs_data_args_rebuild_its_data_set():
     """--data-args are recorded in model.json and used again where sample/evaluate rebuild the test split."""
-    from fastfm.commands.common import run_dataset
+    from fastfm.run.load import dataset_of
+    from fastfm.run.meta import DataMeta, RunMeta
 
-    meta = {"seed": 3, "data": {"name": "gmm", "args": {"n_components": 3, "n_test": 50}}}
-    data = run_dataset(meta)
+    meta = RunMeta(model={}, path="condot", source="gaussian", target="velocity", seed=3,
+                   data=DataMeta(name="gmm", shape=(2,), kind="vector", args={"n_components": 3, "n_test": 50}))
+    data = dataset_of(meta)
     assert data.num_classes == 3 and len(data.test) == 50
-    assert torch.equal(data.test, run_dataset(meta).test)
+    assert torch.equal(data.test, dataset_of(meta).test)

@@ -3,6 +3,7 @@ for given noise equals the eager Euler-Maruyama sampler's; the SDE compiles with
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,11 +12,12 @@ from conftest import call, cli_error, last_json
 from test_export import DIGITS, MLP, UNET, VECTOR, make_run
 
 from fastfm import sample as sample_cli
-from fastfm.runs import load_run
-from fastfm.export import EngineSpec, ExportError, export_engine, load
+from fastfm.run.load import load_run, path_of
+from fastfm.export import EngineRequest, ExportError, export_engine, load
 from fastfm.commands import export as export_cli
-from fastfm.export.spec import signature, validate
+from fastfm.export.spec import resolve
 from fastfm.sde import parse_diffusion, sde_sample
+from fastfm.solve import SolvePlan
 
 
 @pytest.fixture(scope="module")
@@ -25,29 +27,29 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "unet_cond": make_run(root / "unet_cond", {**UNET, "num_classes": 10}, DIGITS, 0)}
 
 
-def _eager(run_dir: Path, spec: EngineSpec, x0: torch.Tensor, noise: torch.Tensor, **cond: torch.Tensor):
+def _eager(run_dir: Path, spec: SolvePlan, x0: torch.Tensor, noise: torch.Tensor, **cond: torch.Tensor):
     run = load_run(run_dir)
     with torch.no_grad():
         return sde_sample(run.model, run.path, x0, diffusion=parse_diffusion(spec.diffusion), steps=spec.steps,
-                          target=run.meta["target"], noise=noise, guidance=spec.guidance, **cond).x
+                          target=run.meta.target, noise=noise, guidance=spec.guidance, **cond).x
 
 
 @pytest.mark.parametrize("run,backend,diffusion,guidance", [
     ("mlp", "aoti", "sin2:2", 1.0), ("mlp", "onnx", "0.5", 1.0), ("unet_cond", "aoti", "1", 2.0)])
 def test_sde_engine_equals_eager_for_the_same_noise(runs, tmp_path, run, backend, diffusion, guidance):
     batch, rows = (8, 11) if run == "mlp" else (4, 5)  # rows not a multiple of the batch: chunked calls
-    spec = EngineSpec(task="sample", solver="euler", steps=6, batch=batch, backend=backend, diffusion=diffusion,
+    spec = EngineRequest.of(task="sample", solver="euler", steps=6, batch=batch, backend=backend, diffusion=diffusion,
                       guidance=guidance)
     info = export_engine(runs[run], spec, tmp_path / "e", device="cpu")
-    assert info.parity["ok"] and info.spec.denoise  # CondOT with sigma_min 0: the score interval stops short of 1
+    assert info.parity["ok"] and info.spec.plan.denoise  # CondOT with sigma_min 0: the score interval stops short of 1
     engine = load(tmp_path / "e")
     assert engine.nfe == 7 and [i.name for i in engine.info.inputs][-1] == "noise"
     gen = torch.Generator().manual_seed(5)
-    shape = tuple(engine.meta["data"]["shape"])
+    shape = engine.meta.shape
     x0, noise = torch.randn(rows, *shape, generator=gen), torch.randn(6, rows, *shape, generator=gen)
     cond = {"y": torch.arange(rows) % 10} if run == "unet_cond" else {}
     got = engine(x0, noise=noise, **cond).x
-    want = _eager(runs[run], engine.spec, x0, noise, **cond)
+    want = _eager(runs[run], engine.spec.plan, x0, noise, **cond)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
     other = engine(x0, noise=torch.randn(6, rows, *shape, generator=gen), **cond).x
     assert (other - got).abs().max() > 1e-2  # the noise input is really used
@@ -70,33 +72,34 @@ def test_sde_compiles_fullgraph(runs):
 def test_zero_diffusion_engine_ignores_its_noise(runs, tmp_path):
     """eps = 0: the engine is the Euler ODE over the score interval plus the denoising jump (tests/test_sde.py
     checks that eagerly against the ODE sampler): its output does not depend on the noise input."""
-    export_engine(runs["mlp"], EngineSpec(task="sample", solver="euler", steps=5, batch=8, diffusion="0"),
+    export_engine(runs["mlp"], EngineRequest.of(task="sample", solver="euler", steps=5, batch=8, diffusion="0"),
                   tmp_path / "e", device="cpu")
     engine = load(tmp_path / "e")
     x0 = torch.randn(8, 2, generator=torch.Generator().manual_seed(2))
     a = engine(x0, noise=torch.randn(5, 8, 2)).x
     torch.testing.assert_close(a, engine(x0, noise=torch.zeros(5, 8, 2)).x, atol=1e-6, rtol=0)
-    torch.testing.assert_close(a, _eager(runs["mlp"], engine.spec, x0, torch.zeros(5, 8, 2)), atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(a, _eager(runs["mlp"], engine.spec.plan, x0, torch.zeros(5, 8, 2)), atol=2e-4, rtol=1e-4)
 
 
 def test_sde_requests_are_checked(runs):
-    meta = load_run(runs["mlp"]).meta
+    run = load_run(runs["mlp"])
     base = dict(task="sample", solver="euler", steps=4, batch=2)
     for spec, message in [
-        (dict(base, task="likelihood", diffusion="1"), "applies to sampling engines"),
+        (dict(base, task="likelihood", diffusion="1"), "applies to sampling"),
         (dict(base, solver="midpoint", diffusion="1"), "Euler-Maruyama"),
-        (dict(base, log_likelihood=True, diffusion="1"), "no log-likelihood"),
-        (dict(base, diffusion="cos:1"), "expected C or sin2:C"),
-        (dict(base, diffusion="-1"), "expected C or sin2:C"),
-        (dict(base, task="likelihood", denoise=True), "denoise is resolved"),
+        (dict(base, log_likelihood=True, diffusion="1"), "no --log-likelihood"),
     ]:
         with pytest.raises(ExportError, match=message):
-            validate(EngineSpec(**spec), meta)
+            resolve(EngineRequest.of(**spec), run.meta, run.path)
+    for diffusion in ("cos:1", "-1"):
+        with pytest.raises(ValueError, match="expected C or sin2:C"):
+            EngineRequest.of(**base, diffusion=diffusion)
+    gmm = replace(run.meta, source="gmm", path="linear", path_args={})
     with pytest.raises(ExportError, match="Gaussian base"):
-        validate(EngineSpec(**base, diffusion="1"), {**meta, "source": "gmm", "path": {"name": "linear", "args": {}}})
-    spec = validate(EngineSpec(**base, diffusion="sin2:2.50"), meta)
-    assert spec.diffusion == "sin2:2.5" and spec.nfe == 5
-    names = [(i.name, i.shape) for i in signature(spec, meta)[0]]
+        resolve(EngineRequest.of(**base, diffusion="1"), gmm, path_of(gmm))
+    spec = resolve(EngineRequest.of(**base, diffusion="sin2:2.50"), run.meta, run.path)
+    assert spec.plan.diffusion == "sin2:2.5" and spec.nfe == 5
+    names = [(i.name, i.shape) for i in spec.signature()[0]]
     assert names == [("x0", (2, 2)), ("noise", (4, 2, 2))]
 
 
@@ -118,7 +121,7 @@ def test_strided_row_slices_reach_the_runner_dense(runs, tmp_path):
     fix the rows past the first batch (and a strided input given directly) came out wrong."""
     from fastfm.likelihood import log_likelihood
 
-    export_engine(runs["mlp"], EngineSpec(task="likelihood", solver="midpoint", steps=3, batch=8,
+    export_engine(runs["mlp"], EngineRequest.of(task="likelihood", solver="midpoint", steps=3, batch=8,
                                           divergence="hutchinson", probes=3), tmp_path / "e", device="cpu")
     engine = load(tmp_path / "e")
     gen = torch.Generator().manual_seed(3)

@@ -1,14 +1,21 @@
-"""fastfm.seeding: every random stream of a run derived from its seed, stable and unrelated to each other."""
+"""fastfm.seeding: every random stream of a run derived from its seed, stable and unrelated to each other; one
+named stream per consumer."""
 
 from __future__ import annotations
 
 import itertools
+import re
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from fastfm import seeding
 from fastfm.data import FiniteDataset, get_dataset
+from fastfm.densities import Gaussian
+from fastfm.frechet import train_classifier
+from fastfm.metrics import sample_quality, sliced_wasserstein
+from fastfm.transport import transport_report, w2_squared
 
 
 def test_derive_is_a_stable_63_bit_value():
@@ -23,15 +30,34 @@ def test_derive_is_a_stable_63_bit_value():
             assert value == seeding.derive(seed, stream, 7)
 
 
+def test_training_and_sampler_streams_keep_their_values():
+    """Saved runs and resume depend on the training streams; the samplers' stream is the former ``eval``."""
+    pinned = {seeding.DATA_SPLIT: 8086871697927573926, seeding.SAMPLE: seeding.derive(0, "eval")}
+    for stream, value in pinned.items():
+        assert seeding.derive(0, stream) == value
+    assert seeding.EVAL == seeding.SAMPLE == "eval"
+    assert (seeding.DATA_TEST, seeding.DATA_TEST_NOISE, seeding.DATA_DIRECTIONS) == \
+        ("data/test", "data/test-noise", "data/directions")
+    assert (seeding.SOURCE, seeding.INIT, seeding.RANK, seeding.BATCH, seeding.COUPLING, seeding.NOISE) == \
+        ("source", "init", "rank", "batch", "coupling", "noise")
+
+
+def test_every_stream_is_a_distinct_name_of_a_purpose():
+    assert len(set(seeding.STREAMS)) == len(seeding.STREAMS)
+    for stream in seeding.STREAMS:
+        assert re.fullmatch(r"[a-z]+(/[a-z0-9_.-]+)*", stream), stream
+        assert not re.search(r"(^|/)[0-9]+($|/)", stream), f"{stream}: a purpose is a name, not a number"
+        assert f"``{stream}``" in seeding.__doc__ or f"    {stream} " in seeding.__doc__, f"{stream} undocumented"
+    constants = {name: value for name, value in vars(seeding).items() if name.isupper() and isinstance(value, str)}
+    assert set(constants.values()) == set(seeding.STREAMS)
+
+
 def test_streams_indices_and_seeds_are_unrelated():
-    streams = [*seeding.STREAMS, "data/split", "data/test", "data/test-noise", "data/5"]
-    keys = [(seed, stream, index) for seed in range(4) for stream in streams
+    keys = [(seed, stream, index) for seed in range(4) for stream in seeding.STREAMS
             for index in ((), (0,), (1,), (12,), (1, 2), (2, 1), (0, 0))]
     values = [seeding.derive(seed, stream, *index) for seed, stream, index in keys]
     assert len(set(values)) == len(keys)
     assert not {v for v in values} & set(range(4)), "a stream equal to the plain seed"
-    # the seed / index boundary is unambiguous: "data/5" at seed 3 is not "data" at seed 5, index 3
-    assert seeding.derive(3, "data/5") != seeding.derive(5, "data", 3)
 
 
 def test_generator_is_seeded_with_derive():
@@ -47,7 +73,9 @@ def test_generator_is_seeded_with_derive():
     assert not torch.equal(a, b)
 
 
-@pytest.mark.parametrize("stream", ["", "noize", "Data", "data/", "data//x", "data/x:1", "data/a b", "/data"])
+@pytest.mark.parametrize("stream", ["", "noize", "Data", "data", "data/", "data//x", "data/x:1", "data/a b", "/data",
+                                    "data/5", "eval/", "eval/transport/", "eval/judge", "sample", "transport",
+                                    "eval/metric", None, b"eval"])
 def test_unknown_stream_names_are_refused(stream):
     with pytest.raises(ValueError, match="unknown random stream"):
         seeding.derive(0, stream)
@@ -76,3 +104,39 @@ def test_trainer_streams_depend_on_seed_step_and_rank():
     assert len(set(noise)) == len(noise)
     coupling = {seeding.derive(0, seeding.COUPLING, s, r) for s, r in itertools.product(range(1, 20), range(4))}
     assert len(coupling) == 19 * 4
+
+
+def test_transport_prior_draws_are_not_the_samplers():
+    """The W2 prior of ``transport_report`` once replayed the sampler's first prior draws (both the stream
+    ``eval``): now it has its own stream, so its x0 is not the sampler's x0 for the same seed."""
+    prior, reference = Gaussian(), torch.randn(64, 2, generator=torch.Generator().manual_seed(1))
+    res = SimpleNamespace(kinetic=torch.ones(64), straightness=torch.zeros(64))
+    out = transport_report(res, SimpleNamespace(prior=prior), reference, w2_points=64, seed=5)
+    own, sampler = (prior.sample((64, 2), generator=seeding.generator(5, stream))
+                    for stream in (seeding.TRANSPORT, seeding.SAMPLE))
+    assert not torch.allclose(own, sampler)
+    assert out["w2_n"] == 64 and out["w2_sq_pot"] == w2_squared(own, reference) != w2_squared(sampler, reference)
+
+
+def test_metrics_projections_are_their_own_stream():
+    x, y = (torch.randn(200, 3, generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+    own, sampler = (float(sliced_wasserstein(x, y, generator=seeding.generator(3, stream)))
+                    for stream in (seeding.METRICS, seeding.SAMPLE))
+    assert sample_quality(x, y, seed=3)["sliced_wasserstein"] == own != sampler
+
+
+def test_frechet_classifier_is_a_function_of_its_seed_alone():
+    """The same seed gives the same features whatever the global RNG holds, and the global RNG is left as it was."""
+    gen = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(64, 1, 8, 8, generator=gen) * 2 - 1, torch.randint(0, 3, (64,), generator=gen)
+    probe = torch.rand(16, 1, 8, 8, generator=gen) * 2 - 1
+    features = []
+    for global_seed in (11, 12):
+        torch.manual_seed(global_seed)
+        state = torch.get_rng_state()
+        model = train_classifier(images, labels, 3, steps=3, batch=16, seed=7, progress=False)
+        assert torch.equal(torch.get_rng_state(), state), "train_classifier moved the global RNG"
+        features.append(model.features(probe))
+    assert torch.equal(*features)
+    other = train_classifier(images, labels, 3, steps=3, batch=16, seed=8, progress=False)
+    assert not torch.equal(features[0], other.features(probe))

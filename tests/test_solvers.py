@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fastfm.solvers import ADAPTIVE, check_grid, nfe_per_step, odeint_fixed, solve, time_grid
+from fastfm.solvers import ADAPTIVE_SOLVERS, check_grid, odeint_fixed, solve, solver_of, time_grid
 
 FIXED = {"euler": (1, 1), "midpoint": (2, 2), "heun": (2, 2), "rk4": (4, 4)}  # method: (order, stages)
 
@@ -68,7 +68,7 @@ def test_nfe(method):
         calls = 0
         res = solve(f, Y0, solver=method, steps=steps)
         assert res.nfe == steps * stages == calls
-        assert nfe_per_step(method) == stages
+        assert solver_of(method).stages == stages
 
 
 def test_tuple_state():
@@ -155,7 +155,7 @@ def test_dopri5(problem):
     torch.testing.assert_close(inter[1], exact(Y0, 0.0, float(grid[1])), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("solver", list(ADAPTIVE))
+@pytest.mark.parametrize("solver", list(ADAPTIVE_SOLVERS))
 @pytest.mark.parametrize("t0,t1", [(0.0, 0.999), (0.999, 0.0), (0.2, 0.7)])
 def test_adaptive_never_leaves_the_interval(solver, t0, t1):
     """torchdiffeq steps past the end and interpolates back unless told to stop on it; a field undefined
@@ -178,7 +178,7 @@ def test_unknown_solver_raises():
     with pytest.raises(ValueError, match="'dopri5'"):
         odeint_fixed(rot, Y0, time_grid(4), solver="dopri5")
     with pytest.raises(ValueError, match="'bogus'"):
-        nfe_per_step("bogus")
+        solver_of("bogus")
 
 
 @pytest.mark.parametrize("grid", [

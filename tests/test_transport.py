@@ -19,10 +19,11 @@ from test_endpoints import MU, S, Imperfect
 from torch import nn
 
 from fastfm import evaluate
-from fastfm.inference import EagerSampler, InferenceSettings
+from fastfm.run.meta import RunMeta
+from fastfm.solve import EagerSampler, InferenceSettings
 from fastfm.paths import get_path
 from fastfm.ode import sample
-from fastfm.solvers import TABLEAUS
+from fastfm.solvers import FIXED_SOLVERS
 from fastfm.transport import transport_report, straightness, transport_summary, w2_squared
 
 F64 = torch.float64
@@ -55,7 +56,7 @@ def marginal_exact(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return k, (J - (S - 1) ** 2) * sq
 
 
-@pytest.mark.parametrize("solver", list(TABLEAUS))
+@pytest.mark.parametrize("solver", list(FIXED_SOLVERS))
 def test_straight_ot_map_has_kinetic_energy_w2(solver):
     x0 = x0s()
     res = sample(StraightMap(), get_path("linear"), x0, solver=solver, steps=4, transport=True)
@@ -144,7 +145,7 @@ def test_generate_batches_and_the_report():
     path = get_path("linear")
     model = Imperfect(path, "velocity", 0.0).double()
     model.register_parameter("anchor", nn.Parameter(torch.zeros((), dtype=F64)))  # generate reads the device
-    sampler = EagerSampler(model, path, (D,), settings=InferenceSettings(solver="rk4", steps=16, batch_size=128))
+    sampler = EagerSampler(model, path, RunMeta.bare((D,)), settings=InferenceSettings(solver="rk4", steps=16, batch_size=128))
     res = sampler.sample(300, transport=True, progress=False)
     assert res.kinetic.shape == res.straightness.shape == (300,)
     ref = MU + S * torch.randn(2500, D, generator=torch.Generator().manual_seed(1))

@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from fastfm.runs import load_run  # noqa: E402
+from fastfm.run.load import load_run  # noqa: E402
 from fastfm.config import TrainConfig  # noqa: E402
 from fastfm.ode import draw_prior, sample  # noqa: E402
 from fastfm.trainer import train  # noqa: E402

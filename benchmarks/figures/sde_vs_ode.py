@@ -20,10 +20,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fastfm.commands.common import run_dataset  # noqa: E402
-from fastfm.inference import EagerSampler, InferenceSettings  # noqa: E402
 from fastfm.metrics import energy_distance  # noqa: E402
-from fastfm.runs import load_run  # noqa: E402
+from fastfm.run.load import dataset_of, load_run  # noqa: E402
+from fastfm.solve import EagerSampler, InferenceSettings  # noqa: E402
 
 DIFFUSIONS = ("0.2", "1", "sin2:3")
 
@@ -35,7 +34,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=2000)
     args = p.parse_args()
     run = load_run(args.checkpoint)
-    data = run_dataset(run.meta).test[: args.n]
+    data = dataset_of(run.meta).test[: args.n]
     panels = [("data (held out)", data, None, 0.0)]
     started = time.perf_counter()
     ode = EagerSampler.from_run(run, InferenceSettings(solver="midpoint", steps=32)).sample(len(data), progress=False)

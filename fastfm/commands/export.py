@@ -15,12 +15,11 @@ import sys
 
 from fastfm import helpformat
 from fastfm.checkpoint import load_inference
-from fastfm.commands.common import add_sde_options, diffusion_of, read_low_res
-from fastfm.divergence import DIVERGENCES
-from fastfm.export import DTYPES, ENGINE_BACKENDS, TASKS, EngineSpec, export_engine
+from fastfm.commands.common import add_sampling_options, add_solve_options, given_settings, read_low_res
+from fastfm.export import DTYPES, ENGINE_BACKENDS, TASKS, EngineRequest, export_engine
 from fastfm.export.choose import AUTO
-from fastfm.inference import DEFAULTS
-from fastfm.solvers import TABLEAUS
+from fastfm.run.meta import RunMeta
+from fastfm.solve import settings_with
 
 
 def parser() -> argparse.ArgumentParser:
@@ -31,10 +30,7 @@ def parser() -> argparse.ArgumentParser:
                       help="sample: noise -> data; likelihood: data -> latent and log p")
     what.add_argument("--out", required=True, help="engine directory to write")
     what.add_argument("--force", action="store_true", help="replace --out if it exists")
-    solver = p.add_argument_group("solver")
-    solver.add_argument("--solver", default=None, choices=tuple(TABLEAUS),
-                        help=f"fixed-step solver (default {DEFAULTS.solver}; euler, i.e. Euler-Maruyama, with --sde)")
-    solver.add_argument("--steps", type=int, default=DEFAULTS.steps, help="solver steps, unrolled into the engine")
+    add_solve_options(p)
     engine = p.add_argument_group("engine")
     engine.add_argument("--backend", default=AUTO, choices=(AUTO, *ENGINE_BACKENDS),
                         help=f"how the engine is compiled and run: {ENGINE_BACKENDS.help_text()}; auto: build "
@@ -47,23 +43,13 @@ def parser() -> argparse.ArgumentParser:
                              "it times faster")
     engine.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (the engine runs there)")
     engine.add_argument("--seed", type=int, default=0, help="seed of the parity probe batch")
-    cond = p.add_argument_group("conditioning")
-    cond.add_argument("--class-label", type=int, default=None,
-                      help="bake this class into the engine (default: labels y are an engine input)")
-    cond.add_argument("--guidance", type=float, default=DEFAULTS.guidance,
-                      help="classifier-free guidance scale, baked in (sampling)")
+    cond = p.add_argument_group("sampling")
+    add_sampling_options(cond, "sampling engine of the SDE dX = [v + eps/2 score] dt + sqrt(eps) dW (Gaussian-base "
+                               "paths; Euler-Maruyama over --steps, noise (steps, B, ...) as an engine input)")
+    cond.add_argument("--log-likelihood", action="store_true", help="sampling engine also returns log p of its samples")
     cond.add_argument("--low-res", default=None,
                       help="super-resolution models: .npy of low-res images for the parity probe batch "
                            "(default: downsampled prior draws); the engine takes low_res as an input")
-    add_sde_options(p.add_argument_group("SDE sampling"),
-                    "sampling engine of the SDE dX = [v + eps/2 score] dt + sqrt(eps) dW (Gaussian-base paths; "
-                    "Euler-Maruyama over --steps, noise (steps, B, ...) as an engine input)")
-    lik = p.add_argument_group("likelihood")
-    lik.add_argument("--log-likelihood", action="store_true",
-                     help="sampling engine also returns log p of its samples")
-    lik.add_argument("--divergence", default=DEFAULTS.divergence, choices=DIVERGENCES,
-                     help="exact (D JVPs) or hutchinson (probes as an engine input); auto: exact up to 16 dims")
-    lik.add_argument("--probes", type=int, default=DEFAULTS.probes, help="Hutchinson probes per evaluation")
     return p
 
 
@@ -73,22 +59,20 @@ def _progress(line: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
-    solver = args.solver or ("euler" if args.sde else DEFAULTS.solver)
     try:
-        spec = EngineSpec(task=args.task, solver=solver, steps=args.steps, batch=args.batch, backend=args.backend,
-                          dtype=args.dtype, log_likelihood=args.log_likelihood, divergence=args.divergence,
-                          probes=args.probes, guidance=args.guidance, class_label=args.class_label,
-                          diffusion=diffusion_of(args))
-        low_res = None if args.low_res is None else read_low_res(args.low_res, load_inference(args.checkpoint)[1])
-        info = export_engine(args.checkpoint, spec, args.out, device=args.device, seed=args.seed, low_res=low_res,
+        request = EngineRequest(args.task, settings_with(given_settings(args)), batch=args.batch, backend=args.backend,
+                                dtype=args.dtype, log_likelihood=args.log_likelihood)
+        low_res = None if args.low_res is None else read_low_res(
+            args.low_res, RunMeta.from_json(load_inference(args.checkpoint)[1], str(args.checkpoint)))
+        info = export_engine(args.checkpoint, request, args.out, device=args.device, seed=args.seed, low_res=low_res,
                              force=args.force, progress=_progress)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    print(json.dumps({"out": args.out, "engine": str(info.engine_file), "task": info.spec.task,
-                      "backend": info.spec.backend, "dtype": info.spec.dtype, "solver": info.spec.solver,
-                      "steps": info.spec.steps, "nfe": info.nfe, "batch": info.spec.batch,
-                      "diffusion": info.spec.diffusion,
-                      "divergence": info.spec.divergence, "inputs": [i.to_json() for i in info.inputs],
+    spec = info.spec.to_json()
+    print(json.dumps({"out": args.out, "engine": str(info.engine_file),
+                      **{k: spec[k] for k in ("task", "backend", "dtype", "solver", "steps")}, "nfe": info.nfe,
+                      **{k: spec[k] for k in ("batch", "diffusion", "divergence")},
+                      "inputs": [i.to_json() for i in info.inputs],
                       "selection": info.selection,
                       "parity": {k: {"max_abs": v["max_abs"], "cosine": v["cosine"]}
                                  for k, v in info.parity["outputs"].items()}}))

@@ -23,7 +23,7 @@ from fastfm.checkpoint import save_inference  # noqa: E402
 from fastfm.config import TrainConfig  # noqa: E402
 from fastfm.data.pixels import to_pixels  # noqa: E402
 from fastfm.experiments.verdicts import BOOTSTRAP, SETTLED  # noqa: E402
-from fastfm.inference import EagerSampler, settings_with  # noqa: E402
+from fastfm.solve import EagerSampler, settings_with  # noqa: E402
 from fastfm.ode import draw_prior, sample  # noqa: E402
 from fastfm.solvers import ADAPTIVE_TOL  # noqa: E402
 from fastfm.trainer import Trainer  # noqa: E402
@@ -86,8 +86,7 @@ class Trained:
     def sampler(self, **settings: Any) -> EagerSampler:
         """The EMA model behind the inference interface, with these ``InferenceSettings``."""
         tr = self.trainer
-        return EagerSampler(tr.ema, tr.path, tr.data.shape, target=tr.cfg.target, meta=tr.meta,
-                            settings=settings_with(settings))
+        return EagerSampler(tr.ema, tr.path, tr.meta, settings_with(settings))
 
 
 def train(ctx: Context, key: str, options: dict[str, Any], *,
@@ -112,7 +111,7 @@ def train(ctx: Context, key: str, options: dict[str, Any], *,
             started = time.perf_counter()
     sync()
     run.wall_s += time.perf_counter() - started
-    save_inference(out, tr.ema.state_dict(), tr.meta, step=cfg.steps)
+    save_inference(out, tr.ema.state_dict(), tr.meta.to_json(), step=cfg.steps)
     ctx.done()
     return run
 
@@ -164,18 +163,19 @@ NFE_BATCHES = 4
 
 def batched_sample(run: Trained, solve: dict[str, Any], n: int, seed: int,
                    progress: bool) -> tuple[Tensor, list[int]]:
-    """n samples by ``solve`` in NFE_BATCHES batches drawn from one generator (one call's samples) and each
-    batch's NFE."""
+    """n samples by ``solve`` in NFE_BATCHES batches drawn from one generator, the sampler's own stream
+    (``seeding.SAMPLE``: one call's samples), and each batch's NFE."""
     m = -(-n // NFE_BATCHES)
-    sampler, gen = run.sampler(**solve, batch_size=m), seeding.generator(seed, seeding.EVAL)
+    sampler, gen = run.sampler(**solve, batch_size=m), seeding.generator(seed, seeding.SAMPLE)
     parts = [sampler.sample(min(m, n - i), generator=gen, progress=progress) for i in range(0, n, m)]
     return torch.cat([p.x for p in parts]), [p.nfe for p in parts]
 
 
 def trajectory(run: Trained, steps: int, seed: int, n: int = 300) -> Tensor:
-    """RK4 trajectories (T, n, D) of n prior draws under the EMA model (flattened features)."""
+    """RK4 trajectories (T, n, D) of n prior draws (the stream ``seeding.TRAJECTORY``) under the EMA model
+    (flattened features)."""
     tr = run.trainer
-    x0 = draw_prior(tr.path, n, tr.data.shape, seeding.generator(seed, seeding.EVAL, 7))
+    x0 = draw_prior(tr.path, n, tr.data.shape, seeding.generator(seed, seeding.TRAJECTORY))
     with torch.no_grad():
         res = sample(tr.ema, tr.path, x0.to(tr.device), solver="rk4", steps=steps, target=tr.cfg.target,
                      return_intermediates=True)

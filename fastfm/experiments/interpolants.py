@@ -14,7 +14,7 @@ from fastfm.experiments.exact import CheckerboardVelocity
 from fastfm.experiments.judges import FLOOR_DRAWS, REFERENCE_POINTS, Judge
 from fastfm.experiments.report import Report
 from fastfm.experiments.verdicts import SETTLED, Verdict, close, converged_no_worse, no_worse, noise
-from fastfm.inference import EagerSampler, nll_report, settings_with
+from fastfm.solve import EagerSampler, nll_report, settings_with
 
 PAIRS = (("gmm", "moons"), ("moons", "checkerboard"))
 """Data-to-data transports (source, target)."""
@@ -218,8 +218,7 @@ def _sweep(ctx: Context, report: Report, run_: Trained, size: dict[str, Any], ju
             series[eps].append((judge(x), judge.spread(x)))
             _point(curves, f"SDE eps={eps}", k, series[eps][-1][0])
         for k, learned in zip(steps, series[eps]):
-            exact_sampler = EagerSampler(field, tr.path, tr.data.shape,
-                                         settings=settings_with({"diffusion": eps, "steps": k}))
+            exact_sampler = EagerSampler(field, tr.path, tr.meta, settings_with({"diffusion": eps, "steps": k}))
             x = exact_sampler.sample(n, seed=ctx.seed, progress=False).x
             finite = bool(torch.isfinite(x).all())
             q, spread = (judge(x), judge.spread(x)) if finite else (None, None)

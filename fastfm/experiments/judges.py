@@ -50,18 +50,19 @@ class Judge:
     def __init__(self, data: Any, seed: int) -> None:
         self.data, self.seed = data, seed
         generated = getattr(data, "train", None) is None
-        self.reference = data.sample(REFERENCE_POINTS, seeding.generator(seed, seeding.EVAL, 11))[0] \
+        self.reference = data.sample(REFERENCE_POINTS, seeding.generator(seed, seeding.JUDGE_REFERENCE))[0] \
             if generated else data.test
         self._measure: SlicedW2 | None = None
 
     def __call__(self, samples: Tensor) -> float:
         if self._measure is None:
-            self._measure = SlicedW2(self.reference.flatten(1).float(), seeding.generator(self.seed, seeding.EVAL))
+            gen = seeding.generator(self.seed, seeding.JUDGE_PROJECTIONS)
+            self._measure = SlicedW2(self.reference.flatten(1).float(), gen)
         return self._measure(samples.flatten(1).float())
 
     def floor(self, n: int, draws: int = FLOOR_DRAWS) -> tuple[float, float]:
         """Mean and standard deviation of the measure over ``draws`` fresh draws of n data points."""
-        q = torch.tensor([self(self.data.sample(n, seeding.generator(self.seed, seeding.EVAL, 12, i))[0])
+        q = torch.tensor([self(self.data.sample(n, seeding.generator(self.seed, seeding.JUDGE_FLOOR, i))[0])
                           for i in range(draws)], dtype=torch.float64)
         return float(q.mean()), float(q.std()) if draws > 1 else 0.0
 
@@ -77,7 +78,7 @@ class ImageJudge(Judge):
 
     def __init__(self, data: Any, seed: int, steps: int, progress: bool = True) -> None:
         super().__init__(data, seed)
-        images, labels = data.sample(len(data.train), seeding.generator(seed, seeding.DATA, 1))
+        images, labels = data.sample(len(data.train), seeding.generator(seed, seeding.JUDGE_TRAIN))
         self.model = train_classifier(images, labels, data.num_classes, steps=steps, seed=seed, progress=progress)
         self.test_accuracy = accuracy(self.model, data.test, data.test_labels)
         self._reference_stats = feature_stats(self.features(self.reference))

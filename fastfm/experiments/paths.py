@@ -18,7 +18,7 @@ from fastfm.experiments.judges import FLOOR_DRAWS, ImageJudge, Judge, judge_for
 from fastfm.experiments.report import Report
 from fastfm.experiments.verdicts import bootstrap_std, fewer_nfe, lower, noise
 from fastfm.likelihood import bits_per_dim, nll_summary
-from fastfm.solvers import nfe_per_step
+from fastfm.solvers import solver_of
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "CondOT": {"path": "condot"},
@@ -182,7 +182,7 @@ def _evaluate(run_: Trained, size: dict[str, Any], ctx: Context, judge: Judge,
     for solver in FIXED_SOLVERS:
         quality_at[solver] = {}
         for nfe in size["nfe"]:
-            steps = nfe // nfe_per_step(solver)
+            steps = nfe // solver_of(solver).stages
             if steps >= 1:
                 res = run_.sampler(solver=solver, steps=steps).sample(n, seed=seed, progress=False)
                 quality_at[solver][str(nfe)] = judge(res.x)

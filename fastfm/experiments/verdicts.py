@@ -17,7 +17,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from fastfm.solvers import TABLEAUS
+from fastfm import seeding
+from fastfm.solvers import FIXED_SOLVERS
 
 SETTLED = 2.0
 """A difference is settled when it exceeds this many noise units (standard errors or bootstrap spreads)."""
@@ -37,8 +38,9 @@ class Verdict:
 
 
 def bootstrap_std(measure: Callable[[Tensor], float], rows: Tensor, seed: int, draws: int = BOOTSTRAP) -> float:
-    """Standard deviation of measure(rows[i]) over ``draws`` resamples i of the rows with replacement."""
-    gen = torch.Generator().manual_seed(seed)
+    """Standard deviation of measure(rows[i]) over ``draws`` resamples i of the rows with replacement, drawn from
+    the stream ``seeding.BOOTSTRAP`` of ``seed`` (the same resamples for every measure of n rows)."""
+    gen = seeding.generator(seed, seeding.BOOTSTRAP)
     n = rows.shape[0]
     values = torch.tensor([measure(rows[torch.randint(0, n, (n,), generator=gen)]) for _ in range(draws)],
                           dtype=torch.float64)
@@ -92,7 +94,7 @@ def close(d: float | None, se: float, tol: float) -> Verdict:
 def fewer_nfe(a: Sequence[int] | None, b: Sequence[int] | None, solver: str) -> Verdict:
     """'a samples with fewer NFE than b' from the NFE of each batch's solve: not testable with a fixed-step
     solver; settled when the means differ by more than one adaptive step's NFE and SETTLED standard errors."""
-    if solver in TABLEAUS:
+    if solver in FIXED_SOLVERS:
         return Verdict(None, f"{solver} is a fixed-step solver: its NFE is set by the steps, not by the field")
     if not a or not b:
         return Verdict(None, "a solve failed")

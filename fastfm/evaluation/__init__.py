@@ -1,0 +1,1 @@
+"""Evaluation: test NLL, sample quality, transport diagnostics, Fréchet distances, budgets and curves."""

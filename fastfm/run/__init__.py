@@ -1,0 +1,1 @@
+"""A trained run: its typed metadata (model.json), its files (checkpoints, lock) and its loading."""
