@@ -2,7 +2,7 @@
 the models, the workloads, and one callable per implementation on the same model, solver and steps.
 
     flow_matching  Meta's ODESolver (torchdiffeq fixed-step midpoint; exact divergence by autograd)
-    eager          fastfm.ode.sample / fastfm.likelihood.log_likelihood
+    eager          fastfm.solve.ode.ode_sample / fastfm.solve.likelihood.ode_likelihood
     compile        torch.compile(fullgraph=True) of the engine's program
     aoti, onnx, tensorrt, cudagraph [, *_bf16]   an engine from fastfm.export (built with its parity check)
     auto           the engine ``python -m fastfm.export`` builds by default: backend and dtype 'auto', the fastest
@@ -25,10 +25,10 @@ from torch import Tensor, nn
 
 import fastfm
 from fastfm.run.load import load_run
-from fastfm.checkpoint import save_inference
-from fastfm.likelihood import log_likelihood
+from fastfm.run.checkpoint import save_inference
+from fastfm.solve.likelihood import ode_likelihood
 from fastfm.models import build_model
-from fastfm.ode import sample
+from fastfm.solve.ode import ode_sample
 
 SOLVER = "midpoint"
 VECTOR = {"name": "checkerboard", "shape": [2], "kind": "vector", "levels": None, "num_classes": None}
@@ -90,8 +90,9 @@ def runner(root: Path, models: dict[str, dict[str, Any]], model: str, task: str,
                                                     method=SOLVER, time_grid=grid, exact_divergence=True)[1]), 0.0
     if impl == "eager":
         if task == "sample":
-            return torch.no_grad()(lambda x: sample(run.model, run.path, x, solver=SOLVER, steps=steps).x), 0.0
-        return torch.no_grad()(lambda x: log_likelihood(run.model, run.path, x, solver=SOLVER, steps=steps).log_prob), 0.0
+            return torch.no_grad()(lambda x: ode_sample(run.model, run.path, x, solver=SOLVER, steps=steps).x), 0.0
+        return torch.no_grad()(
+            lambda x: ode_likelihood(run.model, run.path, x, solver=SOLVER, steps=steps).log_prob), 0.0
     backend, _, dtype = impl.partition("_")
     dtype = dtype or (AUTO if backend == AUTO else "fp32")
     spec = EngineRequest.of(task=task, solver=SOLVER, steps=steps, batch=batch, dtype=dtype,

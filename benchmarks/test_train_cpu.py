@@ -24,10 +24,10 @@ import pytest
 import torch
 
 from fastfm.training.assemble import model_for
-from fastfm.config import TrainConfig
+from fastfm.training.config import TrainConfig
 from fastfm.data import get_dataset
-from fastfm.distributed import DistEnv
-from fastfm.trainer import Trainer
+from fastfm.training.distributed import DistEnv
+from fastfm.training.trainer import Trainer
 
 CASES = {
     "mlp": dict(data="checkerboard", batch_size=4096, model_args={"hidden": 512, "depth": 4}),

@@ -14,6 +14,5 @@ from .manifest import ManifestError
 from .sampler import EngineSampler
 from .spec import DTYPES, TASKS, EngineRequest, EngineSpec, ExportError
 
-__all__ = ["DTYPES", "ENGINE_BACKENDS", "TASKS", "Engine", "EngineResult", "EngineRequest", "EngineSampler", "EngineSpec",
-           "ExportError",
-           "ManifestError", "export_engine", "load"]
+__all__ = ["DTYPES", "ENGINE_BACKENDS", "TASKS", "Engine", "EngineRequest", "EngineResult", "EngineSampler",
+           "EngineSpec", "ExportError", "ManifestError", "export_engine", "load"]

@@ -24,7 +24,7 @@ from torch import Tensor
 
 import fastfm
 from fastfm import hardware
-from fastfm.checkpoint import inference_file, new_mode
+from fastfm.run.checkpoint import inference_file, new_mode
 from fastfm.run.load import LoadedRun, load_run, resolve_device
 
 from . import manifest

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from fastfm.checkpoint import inference_file
+from fastfm.run.checkpoint import inference_file
 
 from . import manifest
 from .backends import Runner, backend

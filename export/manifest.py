@@ -34,10 +34,10 @@ from typing import Any
 
 import torch
 
-from fastfm.checkpoint import load_json, save_json, sha256
+from fastfm.run.checkpoint import load_json, save_json, sha256
 from fastfm.run.load import path_of
 from fastfm.run.meta import RunMeta
-from fastfm.solvers import FIXED_SOLVERS
+from fastfm.solve.solvers import FIXED_SOLVERS
 
 from .backends import ENGINE_BACKENDS
 from .spec import DTYPES, TASKS, EngineSpec, ExportError, TensorSlot

@@ -1,7 +1,8 @@
 """Parity of a built engine with the eager sampler / likelihood on a probe batch.
 
 The reference is the spec's own solve plan run eagerly on the fp32 model (``SolvePlan.run``, the code the
-engine traced), on the first rows of the probe batch (rows are independent). Per output, with e the engine and r the reference,
+engine traced), on the first rows of the probe batch (rows are independent). Per output, with e the engine
+and r the reference,
 
     max_abs = max |e - r|,   cosine = <e, r> / (|e| |r|),
     pass  iff  max_abs <= atol + rtol * max |r|  and  cosine >= min_cosine,
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fastfm import seeding
-from fastfm.ode import draw_prior
+from fastfm.solve.ode import draw_prior
 from fastfm.run.load import LoadedRun
 
 from .spec import EngineSpec, TensorSlot
@@ -41,7 +42,7 @@ def probe_inputs(run: LoadedRun, spec: EngineSpec, seed: int = 0, low_res: Tenso
     """A probe batch for every engine input: the plan's draws (prior draws for x0, or for x1 too, probes, noise),
     labels cycling through the classes, and low-res images (given, tiled to the batch, or the prior draws
     downsampled, ``RunMeta.conditioning``)."""
-    gen = seeding.generator(seed, seeding.EVAL)
+    gen = seeding.generator(seed, seeding.PARITY)
     plan, b = spec.plan, spec.batch
     out = plan.draw(run.path, b, gen, "cpu", draw_prior(run.path, b, run.shape, gen) if plan.task == "likelihood"
                     else None)

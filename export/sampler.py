@@ -17,10 +17,10 @@ import torch
 from torch import Tensor
 
 from fastfm import seeding
-from fastfm.guidance import check_conditioning
-from fastfm.likelihood import LikelihoodResult
-from fastfm.ode import SampleResult
-from fastfm.paths import AffinePath
+from fastfm.solve.guidance import check_conditioning
+from fastfm.solve.likelihood import LikelihoodResult
+from fastfm.solve.ode import SampleResult
+from fastfm.path.affine import AffinePath
 from fastfm.run.load import path_of
 from fastfm.run.meta import Cond
 from fastfm.solve.plan import SolvePlan
@@ -78,7 +78,7 @@ class EngineSampler:
         return path_of(self.meta)
 
     @property
-    def tasks(self) -> frozenset[str]:
+    def capabilities(self) -> frozenset[str]:
         return frozenset((self.spec.task,))
 
     def plan(self, task: str = "sample", *, log_likelihood: bool = False, transport: bool = False) -> SolvePlan:
@@ -104,7 +104,7 @@ class EngineSampler:
         if self.class_label is not None and plan.class_label is None:
             cond.setdefault("y", torch.full((n,), self.class_label))
         cond = with_labels(self.meta, plan, n, cond)
-        inputs = plan.draw(self.path, n, seeding.generator(seed, seeding.EVAL), "cpu", x)
+        inputs = plan.draw(self.path, n, seeding.generator(seed, seeding.SAMPLE), "cpu", x)
         label = None if plan.task == "sample" else plan.divergence_label
         with progress_bar(n, self.engine.calls(n), enabled=progress, unit="batch", likelihood=label) as bar:
             return self.engine(inputs.pop(plan.x_name), progress=bar.update, **inputs, **cond)

@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
-from fastfm.divergence import EXACT_MAX_DIM
-from fastfm.paths import AffinePath
+from fastfm.solve.divergence import EXACT_MAX_DIM
+from fastfm.path.affine import AffinePath
 from fastfm.run.meta import RunMeta
 from fastfm.solve.plan import TASKS, SolvePlan, plan_solve
 from fastfm.solve.settings import DEFAULTS, InferenceSettings
 from fastfm.solve.signature import TensorSlot
-from fastfm.solvers import FIXED_SOLVERS, solver_of
+from fastfm.solve.solvers import FIXED_SOLVERS, solver_of
 
 __all__ = ["DTYPES", "TASKS", "EngineRequest", "EngineSpec", "ExportError", "TensorSlot", "resolve"]
 
@@ -111,8 +111,8 @@ class EngineSpec:
 def resolve(request: EngineRequest, meta: RunMeta, path: AffinePath, *, warn: bool = True) -> EngineSpec:
     """Check the request against the run and resolve it into a spec (ExportError naming the problem).
 
-    The solve's own rules are the plan's (``plan_solve``); an engine adds: a known dtype, batch >= 1, a
-    fixed-step solver on a uniform grid, and a divergence only where it computes a likelihood. An exact
+    The solve's own rules are the plan's (``plan_solve``), checked first; an engine adds: a known dtype,
+    batch >= 1, a fixed-step solver on a uniform grid, and a divergence only where it computes a likelihood. An exact
     divergence costs D JVPs per field evaluation, all unrolled in the graph: above D = 16 (where ``auto``
     switches to Hutchinson) it is allowed but warned about (``warn``)."""
     s = request.settings
@@ -120,17 +120,16 @@ def resolve(request: EngineRequest, meta: RunMeta, path: AffinePath, *, warn: bo
         raise ExportError(f"unknown dtype {request.dtype!r}; choose one of {tuple(DTYPES)}")
     if request.batch < 1:
         raise ExportError(f"batch must be >= 1, got {request.batch}")
-    if s.solver is not None and not solver_of(s.solver).fixed:
-        raise ExportError(f"an engine unrolls a fixed-step solver: choose one of {FIXED_SOLVERS}, got {s.solver!r}")
-    if s.grid is not None:
-        raise ExportError("an engine unrolls a uniform grid of --steps: --grid does not apply to export")
-    wants_divergence = request.task == "likelihood" or request.log_likelihood
-    if not wants_divergence and s.divergence != "auto":
-        raise ExportError(f"divergence {s.divergence!r} needs a likelihood: use task 'likelihood' or log_likelihood")
     try:
         plan = plan_solve(s, meta, path, request.task, log_likelihood=request.log_likelihood)
     except ValueError as e:
         raise ExportError(str(e)) from None
+    if not plan.fixed:
+        raise ExportError(f"an engine unrolls a fixed-step solver: choose one of {FIXED_SOLVERS}, got {plan.solver!r}")
+    if plan.grid is not None:
+        raise ExportError("an engine unrolls a uniform grid of --steps: --grid does not apply to export")
+    if plan.divergence == "none" and s.divergence != "auto":
+        raise ExportError(f"divergence {s.divergence!r} needs a likelihood: use task 'likelihood' or log_likelihood")
     dim = meta.data.dim
     if warn and plan.divergence == "exact" and dim > EXACT_MAX_DIM:
         warnings.warn(f"exact divergence of a {dim}-dimensional field unrolls {dim} JVPs per evaluation "

@@ -29,8 +29,8 @@ Training (the values of saved runs: never change them):
 Evaluation (a measurement's own draws, apart from the samples it measures):
 
     eval                   ``SAMPLE``: a sampler's prior draws, Hutchinson probes and SDE noise (the eager,
-                           budgeted and exported samplers; ``experiments.common.batched_sample``); the name
-                           predates the others and is kept for its values
+                           budgeted and exported samplers: ``SolvePlan.draw``; ``experiments.common``); the
+                           name predates the others and is kept for its values
     eval/transport         the prior draws of the exact W2 in ``transport.transport_report``
     eval/metrics           the sliced-Wasserstein projections of ``metrics.sample_quality``
     eval/frechet/init      the Fréchet classifier's initial weights (``frechet.train_classifier``)
@@ -42,6 +42,7 @@ Evaluation (a measurement's own draws, apart from the samples it measures):
     eval/judge/projections a judge's sliced-W2 projections
     eval/bootstrap         the resamples of a bootstrap spread (``experiments.verdicts.bootstrap_std``)
     eval/trajectory        the prior draws of an experiment's trajectory figure (``experiments.common``)
+    eval/parity            an engine build's parity probe batch (``export.parity.probe_inputs``)
 """
 
 from __future__ import annotations
@@ -72,12 +73,11 @@ JUDGE_FLOOR = "eval/judge/floor"
 JUDGE_PROJECTIONS = "eval/judge/projections"
 BOOTSTRAP = "eval/bootstrap"
 TRAJECTORY = "eval/trajectory"
+PARITY = "eval/parity"
 STREAMS = (DATA_SPLIT, DATA_TEST, DATA_TEST_NOISE, DATA_DIRECTIONS, SOURCE, INIT, RANK, BATCH, COUPLING, NOISE,
            SAMPLE, TRANSPORT, METRICS, FRECHET_INIT, FRECHET_BATCH, JUDGE_TRAIN, JUDGE_REFERENCE, JUDGE_FLOOR,
-           JUDGE_PROJECTIONS, BOOTSTRAP, TRAJECTORY)
+           JUDGE_PROJECTIONS, BOOTSTRAP, TRAJECTORY, PARITY)
 """The stream names ``derive`` accepts, one per consumer (the module text says whose)."""
-EVAL = SAMPLE
-"""The former name of ``SAMPLE``, until its callers switch."""
 
 
 def _int(value: object, what: str) -> int:

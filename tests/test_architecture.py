@@ -1,8 +1,9 @@
-"""The layers, read off the imports: kernels <- core <- export <- entry points.
+"""The layers, read off the imports: kernels <- core <- export <- entry points, and inside the core its concepts:
+data, models <- path <- run <- solve <- evaluation <- training.
 
 Every ``import`` / ``from ... import`` statement of every module (at any depth, lazy ones included) is
-checked against the layer it may reach; ``fastfm.registry``, ``fastfm.compat`` and ``fastfm.hardware`` are leaf utilities
-(they import nothing from fastfm) that any layer may use.
+checked against the layer it may reach; ``fastfm.registry``, ``fastfm.compat``, ``fastfm.hardware`` and
+``fastfm.seeding`` are leaf utilities (they import nothing from fastfm) that any layer may use.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"fastfm": ROOT / "fastfm", "fastfm.kernels": ROOT / "kernels", "fastfm.export": ROOT / "export"}
-LEAVES = ("fastfm.registry", "fastfm.compat", "fastfm.hardware")
-LAUNCHERS = ("fastfm.train", "fastfm.sample", "fastfm.evaluate", "fastfm.export.__main__")
+LEAVES = ("fastfm.registry", "fastfm.compat", "fastfm.hardware", "fastfm.seeding")
+LAUNCHERS = ("fastfm.train", "fastfm.sample", "fastfm.evaluate", "fastfm.curves", "fastfm.export.__main__")
+CONCEPTS = {"data": 0, "models": 0, "path": 1, "run": 2, "solve": 3, "evaluation": 4, "training": 5}
+"""The core's subpackages, each importing only from those at its rank or below."""
 """``python -m`` targets: entry points by role, kept where ``python -m fastfm.X`` finds them."""
 
 
@@ -74,6 +77,25 @@ def test_imports_only_reach_down(name: str) -> None:
         assert not imported, f"{name} is a leaf utility but imports {sorted(imported)}"
     up = sorted(m for m in imported if layer(m) > mine)
     assert not up, f"{name} (layer {mine}) imports {up} from a layer above"
+
+
+def concept(module: str) -> str | None:
+    """The core subpackage (``CONCEPTS``) a module belongs to, if any."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 and parts[0] == "fastfm" and parts[1] in CONCEPTS else None
+
+
+def test_the_core_holds_no_loose_modules() -> None:
+    """Every core module lives in one of the concept subpackages; only the leaves and launchers sit beside them."""
+    loose = sorted(n for n in MODULES if layer(n) == 1 and n.count(".") == 1 and concept(n + ".x") is None)
+    assert not loose, f"core modules outside {sorted(CONCEPTS)}: {loose}"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if concept(n)))
+def test_concepts_import_only_their_own_rank_or_below(name: str) -> None:
+    mine = CONCEPTS[concept(name)]
+    up = sorted(m for m in _imports(name, MODULES[name]) if concept(m) and CONCEPTS[concept(m)] > mine)
+    assert not up, f"{name} ({concept(name)}) imports {up} from a concept above it"
 
 
 def test_the_core_never_names_export() -> None:

@@ -1,4 +1,4 @@
-"""Tests for fastfm.checkpoint (atomic writes, safe loading) and fastfm.runs.load_run."""
+"""Tests for fastfm.run.checkpoint (atomic writes, safe loading) and fastfm.runs.load_run."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import fastfm.checkpoint as ckpt_mod
+import fastfm.run.checkpoint as ckpt_mod
 from fastfm.run.load import load_run
-from fastfm.checkpoint import (
+from fastfm.run.checkpoint import (
     CHECKPOINT,
     COMMIT,
     EMA_WEIGHTS,

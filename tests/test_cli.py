@@ -19,7 +19,8 @@ import torch
 
 from fastfm import evaluate, hardware, sample, train
 from fastfm.commands import export as export_cli
-from fastfm.config import TrainConfig, parse_config
+from fastfm.commands.train import parse_config
+from fastfm.training.config import TrainConfig
 
 from conftest import TINY_UNET, Run, call, cli_error, is_png, last_json, run_training, train_argv
 

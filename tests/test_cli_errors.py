@@ -15,7 +15,7 @@ from fastfm import evaluate, sample, train
 from fastfm.commands import common
 from fastfm.commands import export as export_cli
 from fastfm.data import to_pixels
-from fastfm.plotting import save_samples_png, tile
+from fastfm.evaluation.plotting import save_samples_png, tile
 from fastfm.run.load import LoadedRun, load_run
 
 from conftest import call, cli_error, last_json, train_argv

@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from fastfm.couplings import (
+from fastfm.training.couplings import (
     ExactOTCoupling,
     IndependentCoupling,
     LabelAwareCoupling,

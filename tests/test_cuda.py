@@ -18,8 +18,8 @@ from test_export import TOL, _call, inputs, reference, runs  # noqa: F401 (runs:
 from fastfm.export import EngineRequest, export_engine, load
 from fastfm.kernels.rng import philox_state
 from fastfm.models import build_model
-from fastfm.paths import get_path
-from fastfm.trainer import LossStep
+from fastfm.path.affine import get_path
+from fastfm.training.trainer import LossStep
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fastfm import curves
-from fastfm.rundir import read_metrics
+from fastfm.commands import curves
+from fastfm.run.rundir import read_metrics
 
 from conftest import PNG_MAGIC, call, cli_error
 

@@ -21,15 +21,15 @@ import pytest
 import torch
 from test_export import RUNS, make_run
 
-from fastfm.checkpoint import load_inference, save_inference
+from fastfm.run.checkpoint import load_inference, save_inference
 from fastfm.run.load import load_run
 from fastfm.export import ExportError
 from fastfm.export.graph import build_program, example_inputs, off_device, trace
 from fastfm.export.spec import EngineRequest, resolve
 from fastfm.kernels.rng import philox_state
 from fastfm.models import build_model
-from fastfm.paths import get_path
-from fastfm.trainer import LossStep
+from fastfm.path.affine import get_path
+from fastfm.training.trainer import LossStep
 
 META = torch.device("meta")
 
@@ -104,7 +104,7 @@ def test_gmm_base_likelihood_engine_matches_eager(tmp_path: Path):
     """The same Gaussian-mixture-base likelihood engine built for real on the CPU: its folded density
     parameters give the eager log-likelihood (and the unread CPU originals are not in the engine)."""
     from fastfm.export import export_engine, load
-    from fastfm.likelihood import log_likelihood
+    from fastfm.solve.likelihood import ode_likelihood
 
     run_dir = _make(tmp_path, "mlp_gmm")
     export_engine(run_dir, EngineRequest.of(task="likelihood", solver="midpoint", steps=2, batch=8), tmp_path / "e",
@@ -113,7 +113,7 @@ def test_gmm_base_likelihood_engine_matches_eager(tmp_path: Path):
     got = load(tmp_path / "e")(x)
     run = load_run(run_dir)
     with torch.no_grad():
-        ref = log_likelihood(run.model, run.path, x, solver="midpoint", steps=2)
+        ref = ode_likelihood(run.model, run.path, x, solver="midpoint", steps=2)
     torch.testing.assert_close(got.log_prob, ref.log_prob, atol=2e-4, rtol=1e-4)
 
 
@@ -223,7 +223,7 @@ def test_kernel_variants_compile_for_sm90(tmp_path: Path):
 def test_sde_sampler_runs_on_the_inputs_device(name, target):
     """The SDE sampler (grid, diffusion, score, noise, denoising jump) on a meta model and prior: every
     tensor it makes follows its input, with the noise drawn from a CPU generator and moved."""
-    from fastfm.sde import parse_diffusion, sde_sample
+    from fastfm.solve.sde import parse_diffusion, sde_sample
 
     model = build_model({"name": "mlp", "dim": 2, "hidden": 16, "depth": 2}).to(META)
     x0 = torch.empty(4, 2, device=META)

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from fastfm.paths import PATHS, T_EPS, AffineScheduler, AffinePath, get_path
-from fastfm.ode import jumps, sample
-from fastfm.solvers import FIXED_SOLVERS, solver_of
+from fastfm.path.affine import PATHS, T_EPS, AffineScheduler, AffinePath, get_path
+from fastfm.solve.ode import jumps, ode_sample
+from fastfm.solve.solvers import FIXED_SOLVERS, solver_of
 
 F64 = torch.float64
 MU = torch.tensor([1.0, -2.0], dtype=F64)
@@ -74,8 +74,8 @@ def test_imperfect_model_gives_bounded_error(name, target, solver):
     (fixed-step, 32 steps): no end point amplifies the error (trig/x1 moved them by ~1e3 before)."""
     path = get_path(name)
     x0 = path.prior.sample((256, 2), generator=torch.Generator().manual_seed(0)).double()
-    exact = sample(Imperfect(path, target, 0.0), path, x0, solver=solver, steps=32, target=target).x
-    noisy = sample(Imperfect(path, target, 0.01), path, x0, solver=solver, steps=32, target=target).x
+    exact = ode_sample(Imperfect(path, target, 0.0), path, x0, solver=solver, steps=32, target=target).x
+    noisy = ode_sample(Imperfect(path, target, 0.01), path, x0, solver=solver, steps=32, target=target).x
     assert torch.isfinite(noisy).all()
     assert float((noisy - exact).abs().max()) < 0.5
     if name != "ve":  # VE's prior N(0, 50^2) is not the path's exact law at t = 0 (alpha_0 = 1)
@@ -116,7 +116,7 @@ def _lands(name: str, target: str, solver: str, steps: int) -> None:
     e = path.ends
     end = e.alpha_1 * MU + e.sigma_1 * (x0 - e.alpha_0 * MU) / e.sigma_0
     model = PointMass(path, target)
-    res = sample(model, path, x0, solver=solver, steps=steps, target=target)
+    res = ode_sample(model, path, x0, solver=solver, steps=steps, target=target)
     assert float((res.x - end).abs().max()) < 0.01
     assert res.nfe == model.calls
 

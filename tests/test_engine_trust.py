@@ -35,7 +35,7 @@ from fastfm.solve import DEFAULTS
 from test_export import RUNS, make_run
 
 from fastfm import hardware, sample
-from fastfm.checkpoint import CHECKPOINT, CheckpointError, load_training_state
+from fastfm.run.checkpoint import CHECKPOINT, CheckpointError, load_training_state
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,18 @@ import torch
 from conftest import call, help_text, last_json, run_training
 from torch import nn
 
-from fastfm import budget, evaluate, sample, trainer
-from fastfm.budget import (BudgetedSampler, chunk_points, nll_seconds_per_point, points_left, points_within,
+from fastfm import evaluate, sample
+
+from fastfm.evaluation import budget
+
+from fastfm.training import trainer
+from fastfm.evaluation.budget import (BudgetedSampler, chunk_points, nll_seconds_per_point, points_left, points_within,
                            sample_seconds_per_point)
 from fastfm.run.meta import RunMeta
 from fastfm.solve import EagerSampler, InferenceSettings, nll_report, plan_solve
 from fastfm.solve.sampler import Progress
 from fastfm.models import build_model
-from fastfm.paths import get_path
+from fastfm.path.affine import get_path
 
 UNET = {"name": "unet", "in_channels": 1, "image_size": 8, "model_channels": 8, "channel_mult": [1],
         "num_res_blocks": 1}
@@ -331,7 +335,7 @@ def test_stiff_field_under_an_adaptive_solver_is_one_clear_error(monkeypatch):
     """torchdiffeq asserts when its step size underflows (VP with x1 prediction near t = 1 did)."""
     import torchdiffeq
 
-    from fastfm.solvers import solve
+    from fastfm.solve.solvers import solve
 
     def underflow(*args, **kwargs):
         raise AssertionError("underflow in dt 0.0")

@@ -8,7 +8,7 @@ import torch
 
 from fastfm.data.toys import checkerboard
 from fastfm.experiments.exact import CheckerboardVelocity, posterior_x1
-from fastfm.paths import get_path
+from fastfm.path.affine import get_path
 
 F64 = torch.float64
 

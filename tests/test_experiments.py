@@ -12,7 +12,7 @@ from typing import Callable
 import pytest
 import torch
 
-from fastfm.config import TrainConfig
+from fastfm.training.config import TrainConfig
 from fastfm.data import get_dataset
 from fastfm.experiments import EXPERIMENTS, conditional, interpolants, paths, run_experiment
 from fastfm.experiments.__main__ import main

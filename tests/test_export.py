@@ -29,10 +29,10 @@ from fastfm.export.spec import resolve
 import fastfm
 from fastfm import evaluate, sample
 from fastfm.run.load import load_run
-from fastfm.checkpoint import save_inference
-from fastfm.likelihood import bits_per_dim, log_likelihood
+from fastfm.run.checkpoint import save_inference
+from fastfm.solve.likelihood import bits_per_dim, ode_likelihood
 from fastfm.models import build_model
-from fastfm.ode import sample as eager_sample
+from fastfm.solve.ode import ode_sample as eager_sample
 
 MLP = {"name": "mlp", "dim": 2, "hidden": 32, "depth": 2}
 UNET = {"name": "unet", "in_channels": 1, "image_size": 8, "model_channels": 8, "channel_mult": [1],
@@ -104,7 +104,7 @@ def inputs(engine: Engine, rows: int = ROWS, seed: int = 1) -> dict[str, torch.T
 
 
 def reference(run_dir: Path, engine: Engine, given: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The eager fp32 outputs for the same inputs, through fastfm.ode / fastfm.likelihood."""
+    """The eager fp32 outputs for the same inputs, through fastfm.solve.ode / fastfm.solve.likelihood."""
     run = load_run(run_dir)
     spec = engine.spec.plan
     cond = dict(given)
@@ -117,7 +117,7 @@ def reference(run_dir: Path, engine: Engine, given: dict[str, torch.Tensor]) -> 
             res = eager_sample(run.model, run.path, x, guidance=spec.guidance, log_likelihood=spec.log_likelihood,
                                **opts)
             return {"x": res.x, "log_prob": res.log_prob}
-        lik = log_likelihood(run.model, run.path, x, **opts)
+        lik = ode_likelihood(run.model, run.path, x, **opts)
         return {"x": lik.x0, "log_prob": lik.log_prob}
 
 

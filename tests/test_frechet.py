@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastfm.data import dequantise, get_dataset
-from fastfm.frechet import (accuracy, classifier_frechet_distance, feature_stats, frechet_distance,
+from fastfm.evaluation.frechet import (accuracy, classifier_frechet_distance, feature_stats, frechet_distance,
                             train_classifier)
 
 

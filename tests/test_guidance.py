@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from fastfm.guidance import drop_labels, guided_model
-from fastfm.paths import get_path
-from fastfm.ode import sample
+from fastfm.solve.guidance import drop_labels, guided_model
+from fastfm.path.affine import get_path
+from fastfm.solve.ode import ode_sample
 
 B, D, K = 5, 3, 4  # batch, dims, classes (null class = K)
 
@@ -102,7 +102,7 @@ def test_guided_sampling_makes_one_call_per_evaluation():
     x0, _, y = _inputs(6)
     model = CondModel()
     path = get_path("condot")
-    res = sample(model, path, x0, solver="heun", steps=3, y=y, guidance=2.0)
+    res = ode_sample(model, path, x0, solver="heun", steps=3, y=y, guidance=2.0)
     assert res.nfe == 6 and len(model.calls) == 6 and all(n == 2 * B for n, _ in model.calls)
 
     # the same solve by hand, with two separate model calls per evaluation

@@ -17,11 +17,11 @@ import torch
 from conftest import run_training
 
 from fastfm import hardware
-from fastfm.config import ConfigError, TrainConfig
-from fastfm.distributed import DistEnv
+from fastfm.training.config import ConfigError, TrainConfig
+from fastfm.training.distributed import DistEnv
 from fastfm.hardware import Capabilities, CudaInfo, PrecisionWarning, autocast_precision, cpu_info
 from fastfm.kernels import ops, select
-from fastfm.trainer import Trainer
+from fastfm.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 AVX2 = {"avx", "avx2", "sse4_1"}

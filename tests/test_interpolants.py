@@ -13,11 +13,11 @@ import torch
 from conftest import call, cli_error, run_training
 
 from fastfm import evaluate, train
-from fastfm.config import TrainConfig, from_dict, upgrade
+from fastfm.training.config import TrainConfig, from_dict, upgrade
 from fastfm.run.load import load_run
-from fastfm.checkpoint import CHECKPOINT, load_training_state
-from fastfm.interpolants import interpolant_objective
-from fastfm.paths import FourierInterpolant, LearnedScheduler, get_path
+from fastfm.run.checkpoint import CHECKPOINT, load_training_state
+from fastfm.path.interpolants import interpolant_objective
+from fastfm.path.affine import FourierInterpolant, LearnedScheduler, get_path
 
 F64 = torch.float64
 
@@ -68,9 +68,9 @@ def test_bad_parameters_are_refused():
 
 
 def test_learned_path_is_built_without_the_training_module():
-    """fastfm.paths owns the learned scheduler: building it imports no fastfm.interpolants (no import cycle)."""
-    code = ("import sys; from fastfm.paths import get_path; p = get_path('learned', modes=2, lr=0.01, every=3); "
-            "print(type(p.scheduler).__name__, p.scheduler.every, 'fastfm.interpolants' in sys.modules)")
+    """fastfm.path.affine owns the learned scheduler: building it imports no fastfm.path.interpolants (no import cycle)."""
+    code = ("import sys; from fastfm.path.affine import get_path; p = get_path('learned', modes=2, lr=0.01, every=3); "
+            "print(type(p.scheduler).__name__, p.scheduler.every, 'fastfm.path.interpolants' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["LearnedScheduler", "3", "False"]
 

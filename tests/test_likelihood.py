@@ -16,11 +16,11 @@ from scipy.integrate import solve_ivp
 from scipy.stats import multivariate_normal
 from torch import nn
 
-from fastfm.divergence import divergence_exact, divergence_hutchinson, make_probes
-from fastfm.likelihood import bits_per_dim, log_likelihood
-from fastfm.paths import T_EPS, get_path
-from fastfm.ode import draw_prior, sample
-from fastfm.solvers import time_grid
+from fastfm.solve.divergence import divergence_exact, divergence_hutchinson, make_probes
+from fastfm.solve.likelihood import bits_per_dim, ode_likelihood
+from fastfm.path.affine import T_EPS, get_path
+from fastfm.solve.ode import draw_prior, ode_sample
+from fastfm.solve.solvers import time_grid
 
 F64 = torch.float64
 
@@ -91,7 +91,7 @@ def test_log_likelihood_of_linear_flow_is_exact(time_dependent):
     liouville = multivariate_normal(mean=np.zeros(3)).logpdf(x0.numpy()) - float(torch.trace(A3) + torch.trace(b) / 2)
     np.testing.assert_allclose(exact, liouville, rtol=1e-9, atol=1e-9)
 
-    res = log_likelihood(LinearFlow(A3, b), get_path("condot"), x1, solver="rk4", steps=16)
+    res = ode_likelihood(LinearFlow(A3, b), get_path("condot"), x1, solver="rk4", steps=16)
     assert res.log_prob.shape == (5,)
     assert res.nfe == 16 * 4
     np.testing.assert_allclose(res.log_prob.double().numpy(), exact, rtol=0, atol=1e-4)
@@ -104,7 +104,7 @@ def test_log_likelihood_float32():
     x0 = _rand(2, 7, 3)
     x1 = (x0 @ torch.from_numpy(phi).T).float()
     exact = multivariate_normal(mean=np.zeros(3), cov=phi @ phi.T).logpdf(x1.double().numpy())
-    res = log_likelihood(model, get_path("linear"), x1, solver="rk4", steps=16)
+    res = ode_likelihood(model, get_path("linear"), x1, solver="rk4", steps=16)
     assert res.log_prob.dtype == torch.float32
     np.testing.assert_allclose(res.log_prob.double().numpy(), exact, rtol=0, atol=1e-3)
 
@@ -115,10 +115,10 @@ def test_ve_prior_in_log_likelihood():
     m = torch.linalg.matrix_exp(A3)
     x1 = (5.0 * _rand(3, 5, 3)) @ m.T
     exact = multivariate_normal(mean=np.zeros(3), cov=25.0 * (m @ m.T).numpy()).logpdf(x1.numpy())
-    res = log_likelihood(LinearFlow(A3), path, x1, solver="rk4", steps=16)
+    res = ode_likelihood(LinearFlow(A3), path, x1, solver="rk4", steps=16)
     np.testing.assert_allclose(res.log_prob.double().numpy(), exact, rtol=0, atol=1e-4)
     # with the condot prior N(0, I) the answer would differ by a lot
-    wrong = log_likelihood(LinearFlow(A3), get_path("condot"), x1, solver="rk4", steps=16)
+    wrong = ode_likelihood(LinearFlow(A3), get_path("condot"), x1, solver="rk4", steps=16)
     assert (wrong.log_prob - res.log_prob).abs().min() > 1.0
 
 
@@ -127,8 +127,8 @@ def test_grid_direction_does_not_matter():
     x1 = _rand(4, 5, 3) @ torch.from_numpy(phi).T
     model, path = LinearFlow(A3, B3), get_path("condot")
     grid = torch.linspace(0, 1, 33) ** 2
-    up = log_likelihood(model, path, x1, solver="rk4", grid=grid)
-    down = log_likelihood(model, path, x1, solver="rk4", grid=grid.flip(0))
+    up = ode_likelihood(model, path, x1, solver="rk4", grid=grid)
+    down = ode_likelihood(model, path, x1, solver="rk4", grid=grid.flip(0))
     torch.testing.assert_close(up.log_prob, down.log_prob)
     exact = multivariate_normal(mean=np.zeros(3), cov=phi @ phi.T).logpdf(x1.numpy())
     np.testing.assert_allclose(up.log_prob.double().numpy(), exact, rtol=0, atol=1e-3)
@@ -137,7 +137,7 @@ def test_grid_direction_does_not_matter():
 def test_dopri5_log_likelihood():
     phi = _flow_map(A3, B3)
     x1 = _rand(5, 5, 3) @ torch.from_numpy(phi).T
-    res = log_likelihood(LinearFlow(A3, B3), get_path("condot"), x1, solver="dopri5", rtol=1e-8, atol=1e-8)
+    res = ode_likelihood(LinearFlow(A3, B3), get_path("condot"), x1, solver="dopri5", rtol=1e-8, atol=1e-8)
     assert res.nfe > 0
     exact = multivariate_normal(mean=np.zeros(3), cov=phi @ phi.T).logpdf(x1.numpy())
     np.testing.assert_allclose(res.log_prob.double().numpy(), exact, rtol=0, atol=1e-4)
@@ -171,7 +171,7 @@ def test_marginal_flow_likelihood_is_data_density(name):
     path = get_path(name)
     x1 = MU + S * _rand(6, 5, 3)
     exact = multivariate_normal(mean=MU.numpy(), cov=S ** 2 * np.eye(3)).logpdf(x1.numpy())
-    res = log_likelihood(MarginalVelocity(path), path, x1, solver="rk4", steps=16)
+    res = ode_likelihood(MarginalVelocity(path), path, x1, solver="rk4", steps=16)
     np.testing.assert_allclose(res.log_prob.double().numpy(), exact, rtol=0, atol=1e-3)
     # its latent is (x1 - mu) / s: the flow between two Gaussians is affine
     torch.testing.assert_close(res.x0, (x1 - MU) / S, rtol=1e-4, atol=1e-4)
@@ -180,16 +180,16 @@ def test_marginal_flow_likelihood_is_data_density(name):
 def test_x1_prediction_samples_like_velocity_prediction():
     path = get_path("condot")
     x0 = draw_prior(path, 7, (3,), generator=torch.Generator().manual_seed(7)).double()
-    v = sample(MarginalVelocity(path), path, x0, solver="midpoint", steps=16)
+    v = ode_sample(MarginalVelocity(path), path, x0, solver="midpoint", steps=16)
     torch.testing.assert_close(v.x, MU + S * x0, rtol=1e-4, atol=1e-4)
     # x1-prediction divides by sigma_1 = 0, so it stops at t = 1 - T_EPS; compare on that interval
     assert path.time_interval("x1") == (0.0, 1.0 - T_EPS)
-    x1 = sample(MarginalVelocity(path, "x1"), path, x0, solver="midpoint", steps=16, target="x1")
+    x1 = ode_sample(MarginalVelocity(path, "x1"), path, x0, solver="midpoint", steps=16, target="x1")
     torch.testing.assert_close(x1.x, v.x, rtol=1e-4, atol=1e-4)  # the final jump lands on the flow's end
     assert x1.nfe == v.nfe + 1
-    unjumped = sample(MarginalVelocity(path, "x1"), path, x0, solver="midpoint", steps=16, target="x1",
+    unjumped = ode_sample(MarginalVelocity(path, "x1"), path, x0, solver="midpoint", steps=16, target="x1",
                       denoise=False)
-    v_eps = sample(MarginalVelocity(path), path, x0, solver="midpoint", grid=time_grid(16, 0.0, 1.0 - T_EPS))
+    v_eps = ode_sample(MarginalVelocity(path), path, x0, solver="midpoint", grid=time_grid(16, 0.0, 1.0 - T_EPS))
     torch.testing.assert_close(unjumped.x, v_eps.x, rtol=1e-4, atol=1e-4)
 
 
@@ -274,10 +274,10 @@ def test_hutchinson_log_likelihood_agrees_with_exact(kind):
     model = TanhMLP(seed=1)
     path = get_path("condot")
     x1 = _rand(14, 3, 4)
-    exact = log_likelihood(model, path, x1, solver="rk4", steps=8)
+    exact = ode_likelihood(model, path, x1, solver="rk4", steps=8)
     reps = 256
     probes = make_probes(1, (reps * 3, 4), kind, generator=torch.Generator().manual_seed(15)).double()
-    hutch = log_likelihood(model, path, x1.repeat(reps, 1), solver="rk4", steps=8, probes=probes)
+    hutch = ode_likelihood(model, path, x1.repeat(reps, 1), solver="rk4", steps=8, probes=probes)
     torch.testing.assert_close(hutch.x0, exact.x0.repeat(reps, 1))
     est = hutch.log_prob.double().reshape(reps, 3)
     mean, se = est.mean(0), est.std(0) / math.sqrt(reps)
@@ -294,14 +294,14 @@ def test_sample_log_prob_matches_log_likelihood(probe_kind):
     g = torch.Generator().manual_seed(16)
     x0 = draw_prior(path, 5, (4,), generator=g).double()
     probes = None if probe_kind is None else make_probes(2, (5, 4), probe_kind, generator=g).double()
-    fwd = sample(model, path, x0, solver="rk4", steps=16, log_likelihood=True, probes=probes,
+    fwd = ode_sample(model, path, x0, solver="rk4", steps=16, log_likelihood=True, probes=probes,
                  return_intermediates=True)
     assert fwd.log_prob.shape == (5,) and fwd.nfe == 16 * 4
     assert fwd.intermediates.shape == (17, 5, 4) and torch.equal(fwd.intermediates[0], x0)
-    plain = sample(model, path, x0, solver="rk4", steps=16)
+    plain = ode_sample(model, path, x0, solver="rk4", steps=16)
     assert plain.log_prob is None
     torch.testing.assert_close(fwd.x, plain.x)
-    back = log_likelihood(model, path, fwd.x, solver="rk4", steps=16, probes=probes)
+    back = ode_likelihood(model, path, fwd.x, solver="rk4", steps=16, probes=probes)
     torch.testing.assert_close(back.x0, x0, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(fwd.log_prob.double().numpy(), back.log_prob.double().numpy(), rtol=0, atol=1e-3)
 
@@ -309,7 +309,7 @@ def test_sample_log_prob_matches_log_likelihood(probe_kind):
 def test_sample_log_prob_of_linear_flow_is_exact():
     path = get_path("condot")
     x0 = draw_prior(path, 5, (3,), generator=torch.Generator().manual_seed(17)).double()
-    res = sample(LinearFlow(A3, B3), path, x0, solver="rk4", steps=16, log_likelihood=True)
+    res = ode_sample(LinearFlow(A3, B3), path, x0, solver="rk4", steps=16, log_likelihood=True)
     phi = _flow_map(A3, B3)
     exact = multivariate_normal(mean=np.zeros(3), cov=phi @ phi.T).logpdf(res.x.numpy())
     np.testing.assert_allclose(res.log_prob.double().numpy(), exact, rtol=0, atol=1e-4)
@@ -339,4 +339,4 @@ def test_non_finite_input_raises(bad):
     x = torch.zeros(3, 4)
     x[1, 2] = bad
     with pytest.raises(ValueError, match="NaN or Inf"):
-        log_likelihood(TanhMLP(), get_path("condot"), x.double())
+        ode_likelihood(TanhMLP(), get_path("condot"), x.double())

@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy.stats import norm, wasserstein_distance
 
-from fastfm.metrics import energy_distance, mmd_rbf, sliced_wasserstein
+from fastfm.evaluation.metrics import energy_distance, mmd_rbf, sliced_wasserstein
 
 
 def _gauss(n: int, d: int, seed: int, shift: float = 0.0) -> torch.Tensor:

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastfm import trainer as train_mod
-from fastfm.checkpoint import (CHECKPOINT, COMMIT, EMA_WEIGHTS, META, UNIT, CheckpointError, committed,
+from fastfm.training import trainer as train_mod
+from fastfm.run.checkpoint import (CHECKPOINT, COMMIT, EMA_WEIGHTS, META, UNIT, CheckpointError, committed,
                                load_inference, load_training_state, save_inference, sha256)
-from fastfm.config import TrainConfig
-from fastfm.distributed import DistEnv
+from fastfm.training.config import TrainConfig
+from fastfm.training.distributed import DistEnv
 from fastfm.run.load import load_run
 
 from conftest import TINY_UNET
@@ -89,10 +89,10 @@ def _rows(out: Path) -> list[dict]:
 KILLER = textwrap.dedent("""
     import json, os, sys
     from pathlib import Path
-    import fastfm.checkpoint as ckpt
-    from fastfm import trainer
-    from fastfm.config import TrainConfig
-    from fastfm.distributed import DistEnv
+    import fastfm.run.checkpoint as ckpt
+    from fastfm.training import trainer
+    from fastfm.training.config import TrainConfig
+    from fastfm.training.distributed import DistEnv
     kill_at, renames, real = int(sys.argv[1]), [], os.replace
     unit = set(ckpt.UNIT) | {ckpt.COMMIT}
     def replace(src, dst):
@@ -127,7 +127,7 @@ def test_kill_during_the_final_checkpoint_then_resume(uninterrupted: Path, tmp_p
     weights, meta = load_inference(out)
     assert load_training_state(out / CHECKPOINT)["step"] == record["step"]
     assert torch.equal(weights[next(iter(weights))], load_training_state(out / CHECKPOINT)["ema"][next(iter(weights))])
-    assert load_run(out).meta == meta
+    assert load_run(out).meta.to_json() == meta
     # --resume finishes: the same weights as the uninterrupted run, the final summary, no temporaries
     _train(out, steps=4, ckpt_every=2, resume=True)
     _same_weights(out, uninterrupted)
@@ -146,7 +146,7 @@ def test_checkpoint_pt_without_ema_weights_is_named_and_resume_rewrites_them(uni
     with pytest.raises(CheckpointError, match=f"{EMA_WEIGHTS} is missing.*--resume"):
         load_run(out)
     assert _train(out, steps=2, resume=True) == {}  # finished, with its summary: only the repair
-    assert load_run(out).meta == load_training_state(out / CHECKPOINT)["meta"]
+    assert load_run(out).meta.to_json() == load_training_state(out / CHECKPOINT)["meta"]
     _consistent(out)
 
 

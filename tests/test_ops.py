@@ -8,9 +8,9 @@ import torch
 from fastfm.kernels import cpu, ops, reference
 from fastfm.kernels.ops import KernelArgumentError
 from fastfm.kernels.rng import philox_state as _rng
-from fastfm.losses import cfm_loss
+from fastfm.training.losses import cfm_loss
 from fastfm.models import MLP
-from fastfm.paths import get_path
+from fastfm.path.affine import get_path
 
 KERNEL_BACKENDS = ["reference"] + (["cpp"] if cpu.available() else []) + (["triton"] if ops.triton_kernels else [])
 

@@ -13,9 +13,9 @@ from typing import Callable
 import pytest
 import torch
 
-from fastfm.densities import Gaussian
-from fastfm.paths import AffinePath, AffineScheduler, get_path
-from fastfm.timesteps import get_time_sampler
+from fastfm.path.densities import Gaussian
+from fastfm.path.affine import AffinePath, AffineScheduler, get_path
+from fastfm.training.timesteps import get_time_sampler
 
 F = Callable[[torch.Tensor], torch.Tensor]
 B, D = 7, 3

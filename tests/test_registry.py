@@ -11,20 +11,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastfm import config as config_mod
+from fastfm.training import config as config_mod
 from fastfm import train
-from fastfm.trainer import Trainer
-from fastfm.config import ConfigError, TrainConfig, build_parser, parse_config
-from fastfm.couplings import COUPLINGS, SinkhornCoupling
+from fastfm.training.trainer import Trainer
+from fastfm.commands.train import build_parser, parse_config
+from fastfm.training.config import ConfigError, TrainConfig
+from fastfm.training.couplings import COUPLINGS, SinkhornCoupling
 from fastfm.data import DATASETS, check_dataset
-from fastfm.distributed import DistEnv
-from fastfm.divergence import DIVERGENCES, EXACT, HUTCHINSON, estimator
+from fastfm.training.distributed import DistEnv
+from fastfm.solve.divergence import DIVERGENCES, EXACT, HUTCHINSON, estimator
 from fastfm.models import MODELS, config_for_data
-from fastfm.paths import PATHS, CondOTScheduler, Requires
+from fastfm.path.affine import PATHS, CondOTScheduler, Requires
 from fastfm.registry import Registry
 from fastfm.solve import PLAN_KINDS
-from fastfm.solvers import SOLVERS
-from fastfm.timesteps import TIME_SAMPLERS, LogitNormalTime
+from fastfm.solve.solvers import SOLVERS
+from fastfm.training.timesteps import TIME_SAMPLERS, LogitNormalTime
 
 from conftest import cli_error, train_argv
 

@@ -12,9 +12,9 @@ import time
 import pytest
 import torch
 
-from fastfm import trainer as train_mod
-from fastfm.checkpoint import load_training_state
-from fastfm.config import TrainConfig
+from fastfm.training import trainer as train_mod
+from fastfm.run.checkpoint import load_training_state
+from fastfm.training.config import TrainConfig
 
 ARGS = ["--data", "moons", "--batch-size", "64", "--model-args", "hidden=32", "depth=2", "--eval-n", "20",
         "--n-samples", "20", "--eval-steps", "2", "--device", "cpu", "--log-every", "50", "--lr-schedule", "cosine",

@@ -16,8 +16,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from fastfm import train, trainer
-from fastfm.config import TrainConfig, parse_config
+from fastfm import train
+
+from fastfm.training import trainer
+from fastfm.commands.train import parse_config
+from fastfm.training.config import TrainConfig
 from fastfm.data import DATASETS
 
 from conftest import call, cli_error, help_text, run_training, train_argv

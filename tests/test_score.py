@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from fastfm.densities import Gaussian
-from fastfm.paths import PATHS, T_EPS, AffinePath, AffineScheduler, get_path
-from fastfm.score import score_field, score_from_prediction, score_interval
+from fastfm.path.densities import Gaussian
+from fastfm.path.affine import PATHS, T_EPS, AffinePath, AffineScheduler, get_path
+from fastfm.solve.score import score_field, score_from_prediction, score_interval
 
 F64 = torch.float64
 MU = torch.tensor([[2.0, 0.0], [-1.0, 1.5], [0.5, -2.0]], dtype=F64)

@@ -18,12 +18,12 @@ from conftest import call, cli_error, last_json
 from test_score import MU, SK, W, MixturePredictor
 
 from fastfm import sample as sample_cli
-from fastfm import sde
-from fastfm.metrics import energy_distance
-from fastfm.paths import get_path
-from fastfm.ode import draw_prior, sample
-from fastfm.score import score_interval
-from fastfm.solvers import time_grid
+from fastfm.solve import sde
+from fastfm.evaluation.metrics import energy_distance
+from fastfm.path.affine import get_path
+from fastfm.solve.ode import draw_prior, ode_sample
+from fastfm.solve.score import score_interval
+from fastfm.solve.solvers import time_grid
 
 F64 = torch.float64
 
@@ -85,7 +85,7 @@ def test_zero_diffusion_is_the_euler_ode(name, target):
     x0 = draw_prior(path, 64, (2,), torch.Generator().manual_seed(3)).to(F64)
     model = MixturePredictor(path, target)
     got = sde.sde_sample(model, path, x0, diffusion=sde.parse_diffusion("0"), steps=20, target=target)
-    ode = sample(model, path, x0, solver="euler", grid=time_grid(20, *score_interval(path, target)), target=target)
+    ode = ode_sample(model, path, x0, solver="euler", grid=time_grid(20, *score_interval(path, target)), target=target)
     torch.testing.assert_close(got.x, ode.x, rtol=1e-12, atol=1e-12)
     assert got.nfe == ode.nfe == 21
 

@@ -16,7 +16,7 @@ from fastfm.run.load import load_run, path_of
 from fastfm.export import EngineRequest, ExportError, export_engine, load
 from fastfm.commands import export as export_cli
 from fastfm.export.spec import resolve
-from fastfm.sde import parse_diffusion, sde_sample
+from fastfm.solve.sde import parse_diffusion, sde_sample
 from fastfm.solve import SolvePlan
 
 
@@ -119,7 +119,7 @@ def test_strided_row_slices_reach_the_runner_dense(runs, tmp_path):
     """Inputs whose rows are dimension 1 (noise, Hutchinson probes with k > 1) are sliced into strided views
     when a call spans several engine batches, and the compiled runner reads dense buffers: before the
     fix the rows past the first batch (and a strided input given directly) came out wrong."""
-    from fastfm.likelihood import log_likelihood
+    from fastfm.solve.likelihood import ode_likelihood
 
     export_engine(runs["mlp"], EngineRequest.of(task="likelihood", solver="midpoint", steps=3, batch=8,
                                           divergence="hutchinson", probes=3), tmp_path / "e", device="cpu")
@@ -129,9 +129,9 @@ def test_strided_row_slices_reach_the_runner_dense(runs, tmp_path):
     probes = torch.randint(0, 2, (3, 11, 2), generator=gen).float() * 2 - 1
     run = load_run(runs["mlp"])
     with torch.no_grad():
-        want = log_likelihood(run.model, run.path, x1, solver="midpoint", steps=3, probes=probes).log_prob
+        want = ode_likelihood(run.model, run.path, x1, solver="midpoint", steps=3, probes=probes).log_prob
     torch.testing.assert_close(engine(x1, probes=probes).log_prob, want, atol=2e-4, rtol=1e-4)
     strided = torch.randn(3, 16, 2, generator=gen)[:, ::2]
     with torch.no_grad():
-        want = log_likelihood(run.model, run.path, x1[:8], solver="midpoint", steps=3, probes=strided).log_prob
+        want = ode_likelihood(run.model, run.path, x1[:8], solver="midpoint", steps=3, probes=strided).log_prob
     torch.testing.assert_close(engine(x1[:8], probes=strided).log_prob, want, atol=2e-4, rtol=1e-4)

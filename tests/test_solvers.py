@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fastfm.solvers import ADAPTIVE_SOLVERS, check_grid, odeint_fixed, solve, solver_of, time_grid
+from fastfm.solve.solvers import ADAPTIVE_SOLVERS, check_grid, odeint_fixed, solve, solver_of, time_grid
 
 FIXED = {"euler": (1, 1), "midpoint": (2, 2), "heun": (2, 2), "rk4": (4, 4)}  # method: (order, stages)
 

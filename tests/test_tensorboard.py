@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fastfm.tensorboard import TensorBoardLog, TensorBoardMissing
+from fastfm.run.tensorboard import TensorBoardLog, TensorBoardMissing
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
                                         reason="needs the tensorboard package (pip install 'fastfm[tensorboard]')")

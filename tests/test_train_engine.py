@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastfm import trainer as train_mod
-from fastfm.checkpoint import load_training_state
-from fastfm.config import ConfigError, TrainConfig
-from fastfm.distributed import DistEnv
+from fastfm.training import trainer as train_mod
+from fastfm.run.checkpoint import load_training_state
+from fastfm.training.config import ConfigError, TrainConfig
+from fastfm.training.distributed import DistEnv
 
 from conftest import TINY_UNET, gpu_bench_script
 

@@ -21,10 +21,10 @@ from torch import nn
 from fastfm import evaluate
 from fastfm.run.meta import RunMeta
 from fastfm.solve import EagerSampler, InferenceSettings
-from fastfm.paths import get_path
-from fastfm.ode import sample
-from fastfm.solvers import FIXED_SOLVERS
-from fastfm.transport import transport_report, straightness, transport_summary, w2_squared
+from fastfm.path.affine import get_path
+from fastfm.solve.ode import ode_sample
+from fastfm.solve.solvers import FIXED_SOLVERS
+from fastfm.solve.transport import transport_report, straightness, transport_summary, w2_squared
 
 F64 = torch.float64
 D = 2
@@ -59,7 +59,7 @@ def marginal_exact(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("solver", list(FIXED_SOLVERS))
 def test_straight_ot_map_has_kinetic_energy_w2(solver):
     x0 = x0s()
-    res = sample(StraightMap(), get_path("linear"), x0, solver=solver, steps=4, transport=True)
+    res = ode_sample(StraightMap(), get_path("linear"), x0, solver=solver, steps=4, transport=True)
     assert torch.allclose(res.x, MU + S * x0, atol=1e-12)
     assert torch.allclose(res.kinetic, (MU + (S - 1) * x0).pow(2).sum(1), atol=1e-10)
     assert float(res.straightness.abs().max()) < 1e-10
@@ -71,7 +71,7 @@ def test_straight_ot_map_has_kinetic_energy_w2(solver):
 def test_marginal_flow_kinetic_energy_and_straightness_closed_form():
     """rk4 with 64 steps reproduces the per-sample closed forms; the flow is curved (S > 0) and costs more than W2^2."""
     path, x0 = get_path("linear"), x0s()
-    res = sample(Imperfect(path, "velocity", 0.0), path, x0, solver="rk4", steps=64, transport=True)
+    res = ode_sample(Imperfect(path, "velocity", 0.0), path, x0, solver="rk4", steps=64, transport=True)
     k, s = marginal_exact(x0)
     assert torch.allclose(res.kinetic, k, rtol=1e-7, atol=1e-7)
     assert torch.allclose(res.straightness, s, rtol=1e-6, atol=1e-7)
@@ -87,7 +87,7 @@ def test_kinetic_quadrature_converges_at_the_solver_order(solver, order):
     k, _ = marginal_exact(x0)
     errs = []
     for steps in (16, 32, 64):
-        res = sample(Imperfect(path, "velocity", 0.0), path, x0, solver=solver, steps=steps, transport=True)
+        res = ode_sample(Imperfect(path, "velocity", 0.0), path, x0, solver=solver, steps=steps, transport=True)
         errs.append(float(((res.kinetic - k) / k).abs().max()))  # relative, worst trajectory
     assert errs[-1] < 0.03 / 16 ** (order - 1)
     for coarse, fine in zip(errs, errs[1:]):
@@ -98,11 +98,11 @@ def test_transport_rides_along_with_the_likelihood_solve():
     """Same samples and log-likelihoods with and without the kinetic integrand in the state."""
     path, x0 = get_path("linear"), x0s(64)
     model = Imperfect(path, "velocity", 0.01)
-    a = sample(model, path, x0, steps=8, log_likelihood=True)
-    b = sample(model, path, x0, steps=8, log_likelihood=True, transport=True)
+    a = ode_sample(model, path, x0, steps=8, log_likelihood=True)
+    b = ode_sample(model, path, x0, steps=8, log_likelihood=True, transport=True)
     assert torch.equal(a.x, b.x) and torch.equal(a.log_prob, b.log_prob)
     assert b.kinetic.shape == (64,) and a.kinetic is None
-    inter = sample(model, path, x0, steps=8, transport=True, return_intermediates=True).intermediates
+    inter = ode_sample(model, path, x0, steps=8, transport=True, return_intermediates=True).intermediates
     assert inter.shape == (9, 64, 2)
 
 

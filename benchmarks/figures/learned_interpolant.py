@@ -23,9 +23,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from fastfm.run.load import load_run  # noqa: E402
-from fastfm.config import TrainConfig  # noqa: E402
-from fastfm.ode import draw_prior, sample  # noqa: E402
-from fastfm.trainer import train  # noqa: E402
+from fastfm.training.config import TrainConfig  # noqa: E402
+from fastfm.solve.ode import draw_prior, ode_sample  # noqa: E402
+from fastfm.training.trainer import train  # noqa: E402
 
 
 def run(path: str, out: Path, steps: int) -> dict:
@@ -54,7 +54,7 @@ def main() -> None:
     for ax, name in zip(axes[:2], ("linear", "learned")):
         r = runs[name]
         x0 = draw_prior(r.path, 300, r.shape, torch.Generator().manual_seed(0))
-        traj = sample(r.model, r.path, x0, steps=32, return_intermediates=True).intermediates
+        traj = ode_sample(r.model, r.path, x0, steps=32, return_intermediates=True).intermediates
         for i in range(traj.shape[1]):
             ax.plot(traj[:, i, 0], traj[:, i, 1], lw=0.4, alpha=0.35, color="tab:gray")
         ax.scatter(traj[0, :, 0], traj[0, :, 1], s=3, color="tab:blue", label="prior (GMM)")

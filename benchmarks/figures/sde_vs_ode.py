@@ -5,7 +5,7 @@
 The checkpoint defaults to ``make train``'s run (checkerboard, CondOT). Every panel holds the same number of
 points from the same prior draws: the ODE (midpoint, 32 steps) and the SDE dX = [v + eps/2 score] dt +
 sqrt(eps) dW (Euler-Maruyama, 200 steps, then the denoising jump) for each eps, each titled with its energy
-distance to the held-out data (``fastfm.metrics``; 0 for equal laws). The numbers go beside the PNG as JSON.
+distance to the held-out data (``fastfm.evaluation.metrics``; 0 for equal laws). The numbers go beside the PNG as JSON.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fastfm.metrics import energy_distance  # noqa: E402
+from fastfm.evaluation.metrics import energy_distance  # noqa: E402
 from fastfm.run.load import dataset_of, load_run  # noqa: E402
 from fastfm.solve import EagerSampler, InferenceSettings  # noqa: E402
 

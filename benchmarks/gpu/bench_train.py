@@ -54,11 +54,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (Budget, DynamoWatch, Results, TimeLimitExceeded, add_common_args, environment, log,  # noqa: E402
                     missing, parse_args, strict_dynamo, time_limit, unsupported)
 
-from fastfm.config import TrainConfig  # noqa: E402
-from fastfm.distributed import env_from_torchrun  # noqa: E402
+from fastfm.training.config import TrainConfig  # noqa: E402
+from fastfm.training.distributed import env_from_torchrun  # noqa: E402
 from fastfm.hardware import capabilities  # noqa: E402
-from fastfm.telemetry import peak_flops, peak_memory_mb  # noqa: E402
-from fastfm.trainer import Trainer  # noqa: E402
+from fastfm.training.telemetry import peak_flops, peak_memory_mb  # noqa: E402
+from fastfm.training.trainer import Trainer  # noqa: E402
 
 MODES = ("eager", "compile", "compile-bf16")
 PEERS = {"fm-eager": "eager", "fm-compile-bf16": "compile-bf16"}  # peer -> the fastfm mode it is compared with

@@ -11,14 +11,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastfm import helpformat
+from fastfm.commands import helpformat
 from fastfm.data.arrays import read_arrays
-from fastfm.divergence import DIVERGENCES
+from fastfm.solve.divergence import DIVERGENCES
 from fastfm.run.load import load_run, resolve_device
 from fastfm.run.meta import RunMeta
 from fastfm.solve import DEFAULTS, EagerSampler, Sampler, settings_with
 from fastfm.solve.settings import DEFAULT_SOLVER_HELP, SETTINGS
-from fastfm.solvers import SOLVERS
+from fastfm.solve.solvers import SOLVERS
 
 
 def add_solve_options(p: argparse.ArgumentParser) -> None:

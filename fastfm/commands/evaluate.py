@@ -1,7 +1,7 @@
 """``python -m fastfm.evaluate``: test NLL (nats, bits/dim for images) with NFE, and for vector data
 a sample-quality distance (energy distance, sliced Wasserstein) to the held-out set and the transport
 diagnostics of the sampling solve (kinetic energy, straightness, exact W2^2 prior -> test data), of a
-trained run or an exported engine (each computes what it can: ``Sampler.tasks``)."""
+trained run or an exported engine (each computes what it can: ``Sampler.capabilities``)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.n < 1 or args.n_samples < 1:
             raise ValueError("--n and --n-samples must be >= 1")
         sampler = open_sampler(args)
-        meta, tasks = sampler.meta, sampler.tasks
+        meta, tasks = sampler.meta, sampler.capabilities
         data = dataset_of(meta)
         sampled = data.kind == "vector" and "sample" in tasks
         if not sampled and "likelihood" not in tasks:
@@ -50,8 +50,13 @@ def main(argv: list[str] | None = None) -> None:
             _capped(args.n, len(data.test), "--n")
         if sampled:
             _capped(args.n_samples, len(data.test), "--n-samples")
-        report, _ = evaluate(sampler, data, n_samples=args.n_samples if sampled else None, n_nll=args.n,
-                             seed=args.seed)
+        report, res = evaluate(sampler, data, n_samples=args.n_samples if sampled else None, n_nll=args.n,
+                               seed=args.seed)
+        if res is not None:  # what drew the samples, beside what was measured on them
+            solved = sampler.describe("sample")
+            report["quality"].update(n=len(res.x), n_asked=args.n_samples, nfe=res.nfe, **solved)
+            if "transport" in report:
+                report["transport"].update(solved)
         result = {"checkpoint": args.checkpoint, "engine": args.engine, "data": meta.data.name,
                   "path": {"name": meta.path, "args": meta.path_args}, **report}
     except ValueError as e:

@@ -13,8 +13,8 @@ import argparse
 import json
 import sys
 
-from fastfm import helpformat
-from fastfm.checkpoint import load_inference
+from fastfm.commands import helpformat
+from fastfm.run.checkpoint import load_inference
 from fastfm.commands.common import add_sampling_options, add_solve_options, given_settings, read_low_res
 from fastfm.export import DTYPES, ENGINE_BACKENDS, TASKS, EngineRequest, export_engine
 from fastfm.export.choose import AUTO

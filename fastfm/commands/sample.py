@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from fastfm.commands.common import add_sampling_options, inference_parser, open_sampler, read_low_res
-from fastfm.plotting import nonfinite_rows, save_samples_png
+from fastfm.evaluation.plotting import nonfinite_rows, save_samples_png
 from fastfm.run.load import dataset_of
 from fastfm.run.meta import RunMeta
 from fastfm.solve import SolvePlan
@@ -30,10 +30,11 @@ def main(argv: list[str] | None = None) -> None:
                          "(and log_prob.npy) to --out.")
     g = p.add_argument_group("sampling")
     g.add_argument("--n", type=int, default=None,
-                   help=f"number of samples (default {SAMPLE_COUNTS['vector']} vectors, {SAMPLE_COUNTS['image']} images)")
+                   help=f"number of samples (default {SAMPLE_COUNTS['vector']} vectors, "
+                        f"{SAMPLE_COUNTS['image']} images)")
     g.add_argument("--low-res", default=None, help="super-resolution inputs as .npy (default: the test set's)")
-    add_sampling_options(g, "sample with the SDE dX = [v + eps/2 score] dt + sqrt(eps) dW (Euler-Maruyama over --steps; "
-                       "Gaussian-base paths): same marginals as the ODE")
+    add_sampling_options(g, "sample with the SDE dX = [v + eps/2 score] dt + sqrt(eps) dW (Euler-Maruyama over "
+                            "--steps; Gaussian-base paths): same marginals as the ODE")
     g.add_argument("--log-likelihood", action="store_true", help="also integrate the samples' log-likelihood")
     g.add_argument("--out", default=None,
                    help="output directory (default: CHECKPOINT_DIR/samples, or ENGINE_DIR/samples with --engine)")

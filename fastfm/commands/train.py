@@ -1,16 +1,71 @@
-"""``python -m fastfm.train``: parse the options (``fastfm.config``), train (``fastfm.trainer``), print a summary
-line and the final summary as JSON."""
+"""``python -m fastfm.train``: parse the options (the flags of ``TrainConfig``'s fields, optionally a JSON
+config file under them), train (``fastfm.training.trainer``), print a summary line and the final summary as JSON.
+
+Precedence: dataclass defaults < --config FILE < explicit flags; bad input exits with one clear message."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import sys
+import typing
+from pathlib import Path
 from typing import Any
 
-from fastfm.config import TrainConfig, parse_config
-from fastfm.distributed import RankTimeout
-from fastfm.preemption import Interrupted
-from fastfm.trainer import train
+from fastfm.training.config import GROUPS, ConfigError, TrainConfig, flag, from_dict, parse_kv
+from fastfm.training.distributed import RankTimeout
+from fastfm.training.preemption import Interrupted
+from fastfm.training.trainer import train
+
+
+def _help(f: dataclasses.Field) -> str:
+    """A field's help text, allowed range and default in the style of the other commands' --help (no default
+    shown for an off flag or an empty dict): "optimizer steps; >= 1 (default: 5000)"."""
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    allowed = "" if f.metadata["range"] is None else f"; {f.metadata['range']}"
+    shown = "" if default is False or default == {} else f" (default: {default})"
+    return f"{f.metadata['help']}{allowed}{shown}".replace("%", "%%")
+
+
+def build_parser(cls: type = TrainConfig, description: str = "", prog: str | None = None) -> argparse.ArgumentParser:
+    """Flags from the dataclass fields, in their --help groups: bools become --x/--no-x, dicts repeated
+    KEY=VALUE lists."""
+    p = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", type=str, help="JSON file of options (flags override it)")
+    groups = {title: p.add_argument_group(title) for title in GROUPS}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        group, kind, help_ = groups[f.metadata["group"]], hints[f.name], _help(f)
+        if kind is bool:
+            group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, help=help_)
+        elif kind is dict:
+            group.add_argument(flag(f.name), nargs="*", metavar="KEY=VALUE", help=help_)
+        else:
+            group.add_argument(flag(f.name), type=kind, help=help_)
+    return p
+
+
+def parse_config(argv: list[str] | None = None, cls: type = TrainConfig, description: str = "",
+                 prog: str | None = None) -> Any:
+    """CLI flags (+ optional JSON file) -> validated config; bad input exits with one clear message."""
+    args = vars(build_parser(cls, description, prog).parse_args(sys.argv[1:] if argv is None else argv))
+    try:
+        values: dict[str, Any] = {}
+        if "config" in args:
+            path = Path(args.pop("config"))
+            try:
+                loaded = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ConfigError(f"cannot read config file {path}: {e}") from None
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"config file {path} must hold a JSON object, got {type(loaded).__name__}")
+            values.update(loaded)
+        for k, v in args.items():
+            values[k] = parse_kv(v) if isinstance(v, list) else v
+        return from_dict(values, cls).validate()
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def summary_line(summary: dict[str, Any]) -> str:

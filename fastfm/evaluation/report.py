@@ -1,13 +1,14 @@
 """The one evaluation of a run, for the trainer and ``python -m fastfm.evaluate`` alike.
 
     samples   n draws of the sampler (the held-out conditioning: test labels, low-res test images), for vector
-              data their quality against the held-out set (energy distance, sliced W2; ``fastfm.metrics``) and,
-              where the sampler reports trajectories, the transport of that solve (kinetic energy, straightness,
-              exact W2^2 prior -> held-out data on at most ``W2_EVAL_POINTS`` points; ``fastfm.transport``)
+              data their quality against the held-out set (energy distance, sliced W2;
+              ``fastfm.evaluation.metrics``) and, where the sampler reports trajectories, the transport of that
+              solve (kinetic energy, straightness, exact W2^2 prior -> held-out data on at most
+              ``W2_EVAL_POINTS`` points; ``fastfm.solve.transport``)
     test      the test NLL of the held-out points (nats; bits/dim for discrete data), with NFE and what ran
 
-Each part runs where the sampler can do it (``Sampler.tasks``). A ``Budget`` (the trainer's evaluations no one
-asked for) may cut the points to what a time budget pays for; without one every point asked for runs.
+Each part runs where the sampler can do it (``Sampler.capabilities``). A ``Budget`` (the trainer's evaluations
+no one asked for) may cut the points to what a time budget pays for; without one every point asked for runs.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from typing import Any, Protocol
 from torch import Tensor
 
 from fastfm.data import Dataset
-from fastfm.metrics import sample_quality
-from fastfm.ode import SampleResult
-from fastfm.paths import AffinePath
+from fastfm.evaluation.metrics import sample_quality
+from fastfm.solve.ode import SampleResult
+from fastfm.path.affine import AffinePath
 from fastfm.run.meta import Cond, RunMeta
 from fastfm.solve.sampler import Sampler, nll_report
-from fastfm.transport import transport_report
+from fastfm.solve.transport import transport_report
 
 W2_EVAL_POINTS = 5000
 """Exact OT (prior -> held-out data) on at most this many points per side: ~10 s on two cores."""
@@ -61,7 +62,7 @@ def evaluate(sampler: Sampler, data: Dataset, *, n_samples: int | None, n_nll: i
     "transport", "test"} where they ran) and the samples (None where none were drawn)."""
     report: dict[str, Any] = {}
     res = None
-    meta, tasks = sampler.meta, sampler.tasks
+    meta, tasks = sampler.meta, sampler.capabilities
     if n_samples is not None and "sample" in tasks:
         n = min(n_samples, len(data.test))
         _, cond = held_out(meta, data, n)
@@ -69,9 +70,7 @@ def evaluate(sampler: Sampler, data: Dataset, *, n_samples: int | None, n_nll: i
         if budget is not None:
             n, drawer = budget.samples(sampler, n, cond)
         res = drawer.sample(n, seed=seed, cond={k: v[:n] for k, v in cond.items()}, transport="transport" in tasks)
-        solved = {"n": len(res.x), "n_asked": n_samples, "nfe": res.nfe, **sampler.describe()}
-        for name, block in sample_report(res, data, sampler.path, seed).items():
-            report[name] = {**block, **solved}
+        report.update(sample_report(res, data, sampler.path, seed))
     if n_nll is not None and "likelihood" in tasks:
         x, cond = held_out(meta, data, min(n_nll, len(data.test)))
         scorer = sampler

@@ -19,14 +19,14 @@ from torch import Tensor  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from fastfm import seeding  # noqa: E402
-from fastfm.checkpoint import save_inference  # noqa: E402
-from fastfm.config import TrainConfig  # noqa: E402
+from fastfm.run.checkpoint import save_inference  # noqa: E402
+from fastfm.training.config import TrainConfig  # noqa: E402
 from fastfm.data.pixels import to_pixels  # noqa: E402
 from fastfm.experiments.verdicts import BOOTSTRAP, SETTLED  # noqa: E402
 from fastfm.solve import EagerSampler, settings_with  # noqa: E402
-from fastfm.ode import draw_prior, sample  # noqa: E402
-from fastfm.solvers import ADAPTIVE_TOL  # noqa: E402
-from fastfm.trainer import Trainer  # noqa: E402
+from fastfm.solve.ode import draw_prior, ode_sample  # noqa: E402
+from fastfm.solve.solvers import ADAPTIVE_TOL  # noqa: E402
+from fastfm.training.trainer import Trainer  # noqa: E402
 
 T = TypeVar("T")
 SCALES = ("tiny", "cpu", "gpu")
@@ -117,7 +117,7 @@ def train(ctx: Context, key: str, options: dict[str, Any], *,
 
 
 TOLERANCE = "rtol = atol = " + f"{ADAPTIVE_TOL:.0e}".replace("e-0", "e-")
-"""dopri5's tolerances (``fastfm.solvers.ADAPTIVE_TOL``); the tiny scale (tests) solves with RK4 x 4 instead."""
+"""dopri5's tolerances (``fastfm.solve.solvers.ADAPTIVE_TOL``); the tiny scale (tests) solves with RK4 x 4 instead."""
 
 
 def recorded(size: dict[str, Any]) -> dict[str, Any]:
@@ -177,7 +177,7 @@ def trajectory(run: Trained, steps: int, seed: int, n: int = 300) -> Tensor:
     tr = run.trainer
     x0 = draw_prior(tr.path, n, tr.data.shape, seeding.generator(seed, seeding.TRAJECTORY))
     with torch.no_grad():
-        res = sample(tr.ema, tr.path, x0.to(tr.device), solver="rk4", steps=steps, target=tr.cfg.target,
+        res = ode_sample(tr.ema, tr.path, x0.to(tr.device), solver="rk4", steps=steps, target=tr.cfg.target,
                      return_intermediates=True)
     return res.intermediates.flatten(2).cpu()
 
@@ -228,7 +228,7 @@ def trajectories_png(path: Path, panels: dict[str, Tensor], *, title: str = "", 
     plt.close(fig)
 
 
-def scatter_png(path: Path, panels: dict[str, Tensor], *, title: str = "") -> None:
+def clouds_png(path: Path, panels: dict[str, Tensor], *, title: str = "") -> None:
     """2D point clouds side by side, one per key."""
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
     for ax, (name, x) in zip(axes[0], panels.items()):

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from fastfm.paths import AffinePath
+from fastfm.path.affine import AffinePath
 
 SIDE = 2.0
 CORNERS = [(SIDE * i, SIDE * j) for i in range(-2, 2) for j in range(-2, 2) if (i + j) % 2 == 0]

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from fastfm.experiments.common import (VERDICTS, Context, Trained, attempt, lines_png, nll_stderr, nll_value,
-                                       recorded, scatter_png, solve_label, train, trajectories_png, trajectory)
+                                       recorded, clouds_png, solve_label, train, trajectories_png, trajectory)
 from fastfm.experiments.exact import CheckerboardVelocity
 from fastfm.experiments.judges import FLOOR_DRAWS, REFERENCE_POINTS, Judge
 from fastfm.experiments.report import Report
@@ -192,7 +192,7 @@ def _ode_vs_sde(ctx: Context, report: Report, run_: Trained, size: dict[str, Any
                   "and exact field) vs ODE Euler")
     last = size["sde_steps"][-1]
     ref_panel = {} if ref is None else {f"ODE ({solve_label(size['solve'])})": ref.x}
-    scatter_png(ctx.out / "sde_samples.png", {**ref_panel, **scatter}, title=f"samples at {last} steps")
+    clouds_png(ctx.out / "sde_samples.png", {**ref_panel, **scatter}, title=f"samples at {last} steps")
     report.figure("sde_samples.png", f"ODE and SDE samples ({last} steps)")
     ctx.done()
 

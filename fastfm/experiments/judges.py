@@ -11,7 +11,7 @@ from torch import Tensor
 
 from fastfm import seeding
 from fastfm.experiments.verdicts import bootstrap_std
-from fastfm.frechet import accuracy, feature_stats, frechet_distance, train_classifier
+from fastfm.evaluation.frechet import accuracy, feature_stats, frechet_distance, train_classifier
 
 REFERENCE_POINTS = 20_000
 """Reference draws of a generated (2D) data set for sliced W2: a 2,000-point test set alone leaves the distance
@@ -20,9 +20,10 @@ FLOOR_DRAWS = 5
 
 
 class SlicedW2:
-    """``fastfm.metrics.sliced_wasserstein`` (p = 2, 256 projections from ``generator``) to one fixed reference,
-    its projections drawn and sorted once: a judge measures many sample sets (and bootstrap resamples) against
-    the same reference, whose sort would otherwise cost each call ~0.3 s at 20,000 points on 2 CPU cores."""
+    """``fastfm.evaluation.metrics.sliced_wasserstein`` (p = 2, 256 projections from ``generator``) to one fixed
+    reference, its projections drawn and sorted once: a judge measures many sample sets (and bootstrap resamples)
+    against the same reference, whose sort would otherwise cost each call ~0.3 s at 20,000 points on 2 CPU
+    cores."""
 
     def __init__(self, reference: Tensor, generator: torch.Generator, projections: int = 256) -> None:
         theta = torch.randn(reference.shape[1], projections, generator=generator, dtype=reference.dtype)
@@ -84,7 +85,8 @@ class ImageJudge(Judge):
         self._reference_stats = feature_stats(self.features(self.reference))
 
     def __call__(self, samples: Tensor) -> float:
-        """``fastfm.frechet.classifier_frechet_distance`` to the test images, their feature statistics kept."""
+        """``fastfm.evaluation.frechet.classifier_frechet_distance`` to the test images, their feature statistics
+        kept."""
         return self._distance(self.features(samples))
 
     def spread(self, samples: Tensor) -> float:

@@ -17,8 +17,8 @@ from fastfm.experiments.common import (MEDIUM_UNET, SMALL_UNET, TINY_UNET, VERDI
 from fastfm.experiments.judges import FLOOR_DRAWS, ImageJudge, Judge, judge_for
 from fastfm.experiments.report import Report
 from fastfm.experiments.verdicts import bootstrap_std, fewer_nfe, lower, noise
-from fastfm.likelihood import bits_per_dim, nll_summary
-from fastfm.solvers import solver_of
+from fastfm.solve.likelihood import bits_per_dim, nll_summary
+from fastfm.solve.solvers import solver_of
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "CondOT": {"path": "condot"},

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from fastfm.checkpoint import atomic_write
+from fastfm.run.checkpoint import atomic_write
 from fastfm.experiments.verdicts import Verdict
 
 Cell = float | int | str | bool | None

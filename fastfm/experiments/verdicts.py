@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from fastfm import seeding
-from fastfm.solvers import FIXED_SOLVERS
+from fastfm.solve.solvers import FIXED_SOLVERS
 
 SETTLED = 2.0
 """A difference is settled when it exceeds this many noise units (standard errors or bootstrap spreads)."""

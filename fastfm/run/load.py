@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from fastfm import seeding
-from fastfm.checkpoint import CheckpointError, load_inference
+from fastfm.run.checkpoint import CheckpointError, load_inference
 from fastfm.data import Dataset, get_dataset
-from fastfm.densities import Density, SampleDensity
+from fastfm.path.densities import Density, SampleDensity
 from fastfm.models import build_model
-from fastfm.paths import AffinePath, get_path
+from fastfm.path.affine import AffinePath, get_path
 
 from .meta import MetaError, RunMeta
 

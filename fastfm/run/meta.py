@@ -128,7 +128,7 @@ class RunMeta:
         """Validated: every required field present with its type (MetaError naming ``where`` and the field)."""
         def need(d: Any, key: str, kind: type | tuple[type, ...], prefix: str = "") -> Any:
             if not isinstance(d, dict) or key not in d:
-                raise MetaError(f"{where}: model metadata lacks {prefix}{key!r}")
+                raise MetaError(f"{where}: model metadata lacks {prefix + key!r}")
             if not isinstance(d[key], kind) or isinstance(d[key], bool) and kind is int:
                 raise MetaError(f"{where}: {prefix}{key} must be {getattr(kind, '__name__', kind)}, got {d[key]!r}")
             return d[key]

@@ -3,13 +3,14 @@
     plan = plan_solve(settings, meta, path, task="sample", log_likelihood=False, transport=False)
     plan.run(model, path, x, probes=, noise=, y=, low_res=)   -> SampleResult | LikelihoodResult
 
-A plan kind is a registered subclass (``PLAN_KINDS``); the first kind whose ``applies(task, settings)`` holds
-resolves the request. Each kind knows its own rules (``resolve``: one ValueError for any contradiction), its
-interval and final jump, its NFE, its signature (``inputs`` / ``outputs``: what an engine takes and returns,
-in graph order), its random draws (``draw``) and its one pure, traceable ``run``:
+A plan kind is a registered subclass (``PLAN_KINDS``); of the kinds whose ``applies(task, settings)`` holds, the
+one registered last (the most specific: ``sde`` after ``ode``, a new kind after both) resolves the request.
+Each kind knows its own rules (``resolve``: one ValueError for any contradiction), its interval and final
+jump, its NFE, its signature (``inputs`` / ``outputs``: what an engine takes and returns, in graph order), its
+random draws (``draw``) and its one pure, traceable ``run``:
 
     ode         x0 [, y] [, low_res] [, probes]  -> x = x(1) [, log_prob]       ODE, prior -> data
-    sde         x0 [, y] [, low_res], noise      -> x = x(1)                     Euler-Maruyama (``fastfm.sde``)
+    sde         x0 [, y] [, low_res], noise      -> x = x(1)                     Euler-Maruyama (``fastfm.solve.sde``)
     likelihood  x1 [, y] [, low_res] [, probes]  -> x = x(0), log_prob [, bits_per_dim]   data -> prior
 
 ``y`` is an input of class-conditional models unless a class label is baked into the plan; ``probes`` (k, B, ...)
@@ -28,17 +29,17 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from fastfm.densities import Gaussian, require_log_prob
-from fastfm.divergence import HUTCHINSON, estimator
-from fastfm.guidance import check_conditioning
-from fastfm.likelihood import LikelihoodResult, bits_per_dim, integrate_log_likelihood
-from fastfm.ode import SampleResult, draw_prior, sample
-from fastfm.paths import AffinePath
+from fastfm.path.densities import Gaussian, require_log_prob
+from fastfm.solve.divergence import HUTCHINSON, estimator
+from fastfm.solve.guidance import check_conditioning
+from fastfm.solve.likelihood import LikelihoodResult, bits_per_dim, integrate_log_likelihood
+from fastfm.solve.ode import SampleResult, draw_prior, ode_sample
+from fastfm.path.affine import AffinePath
 from fastfm.registry import Registry
 from fastfm.run.meta import RunMeta
-from fastfm.score import score_interval
-from fastfm.sde import parse_diffusion, sde_sample
-from fastfm.solvers import DEFAULT_SOLVER, solver_of, time_grid
+from fastfm.solve.score import score_interval
+from fastfm.solve.sde import parse_diffusion, sde_sample
+from fastfm.solve.solvers import DEFAULT_SOLVER, solver_of, time_grid
 
 from .settings import InferenceSettings
 from .signature import TensorSlot
@@ -58,6 +59,13 @@ class SolvePlan:
 
     kind: ClassVar[str]
     task: ClassVar[str]
+
+    def __init_subclass__(cls, *, kind: str, task: str, **kwargs: Any) -> None:
+        """A plan kind names itself and its task: ``class OdeSample(SolvePlan, kind="ode", task="sample")``."""
+        super().__init_subclass__(**kwargs)
+        if task not in TASKS:
+            raise ValueError(f"plan kind {kind!r}: unknown task {task!r}; choose one of {TASKS}")
+        cls.kind, cls.task = kind, task
 
     target: str
     shape: tuple[int, ...]
@@ -81,8 +89,8 @@ class SolvePlan:
     # -- resolution -------------------------------------------------------------------------------------------
     @classmethod
     def applies(cls, task: str, settings: InferenceSettings) -> bool:
-        """Whether this kind solves ``task`` with ``settings``."""
-        raise NotImplementedError
+        """Whether this kind solves ``task`` with ``settings`` (by default: every request of its task)."""
+        return task == cls.task
 
     @classmethod
     def resolve(cls, settings: InferenceSettings, meta: RunMeta, path: AffinePath, *, log_likelihood: bool = False,
@@ -210,62 +218,12 @@ def _cond(low_res: Tensor | None) -> dict[str, Tensor]:
 
 
 PLAN_KINDS: Registry[type[SolvePlan]] = Registry("solve kind")
-"""The kinds of solve, tried in order by ``plan_solve``."""
-
-
-@PLAN_KINDS.register("sde", "sampling with the SDE dX = [v + eps/2 score] dt + sqrt(eps) dW (a diffusion is set)")
-@dataclass(frozen=True)
-class SdeSample(SolvePlan):
-    kind: ClassVar[str] = "sde"
-    task: ClassVar[str] = "sample"
-
-    @classmethod
-    def applies(cls, task: str, settings: InferenceSettings) -> bool:
-        return task == "sample" and settings.diffusion is not None
-
-    @classmethod
-    def resolve(cls, settings: InferenceSettings, meta: RunMeta, path: AffinePath, *, log_likelihood: bool = False,
-                transport: bool = False) -> SolvePlan:
-        """Euler-Maruyama over ``score_interval`` with a Gaussian base; no grid, likelihood or transport."""
-        if settings.solver not in (None, "euler"):
-            raise ValueError(f"the SDE sampler integrates with Euler-Maruyama: --solver {settings.solver} does not "
-                             "apply (leave --solver out, or give euler)")
-        if settings.grid is not None or log_likelihood or transport:
-            raise ValueError("the SDE sampler takes --steps (Euler-Maruyama); no --grid, no --log-likelihood and no "
-                             "transport diagnostics (they are properties of the ODE flow)")
-        if not isinstance(path.source, Gaussian):
-            raise ValueError(f"the SDE needs the score, which needs a Gaussian base; this run's source is "
-                             f"{meta.source!r}")
-        start, end = score_interval(path, meta.target)
-        return cls._base(settings, meta, start, end, solver="euler", diffusion=str(parse_diffusion(settings.diffusion)),
-                         denoise=end < 1.0)
-
-    def describe(self) -> dict[str, Any]:
-        return {"solver": "euler-maruyama", "steps": self.steps}
-
-    def outputs(self, batch: int) -> list[TensorSlot]:
-        return [TensorSlot("x", (batch, *self.shape), "float32")]
-
-    def run(self, model: nn.Module, path: AffinePath, x: Tensor, *, probes: Tensor | None = None,
-            noise: Tensor | None = None, y: Tensor | None = None, low_res: Tensor | None = None) -> SampleResult:
-        return sde_sample(model, path, x, diffusion=parse_diffusion(self.diffusion), steps=self.steps,
-                          target=self.target, noise=noise, denoise=self.denoise, y=self.labels(x, y),
-                          guidance=self.guidance, **_cond(low_res))
-
-    def output_values(self, res: SampleResult | LikelihoodResult, x: Tensor) -> tuple[Tensor, ...]:
-        return (res.x,)
+"""The kinds of solve; ``plan_solve`` takes the last registered one that applies."""
 
 
 @PLAN_KINDS.register("ode", "sampling with the ODE dx/dt = v(x, t), optionally with log p and transport alongside")
 @dataclass(frozen=True)
-class OdeSample(SolvePlan):
-    kind: ClassVar[str] = "ode"
-    task: ClassVar[str] = "sample"
-
-    @classmethod
-    def applies(cls, task: str, settings: InferenceSettings) -> bool:
-        return task == "sample"
-
+class OdeSample(SolvePlan, kind="ode", task="sample"):
     @classmethod
     def resolve(cls, settings: InferenceSettings, meta: RunMeta, path: AffinePath, *, log_likelihood: bool = False,
                 transport: bool = False) -> SolvePlan:
@@ -283,9 +241,10 @@ class OdeSample(SolvePlan):
 
     def run(self, model: nn.Module, path: AffinePath, x: Tensor, *, probes: Tensor | None = None,
             noise: Tensor | None = None, y: Tensor | None = None, low_res: Tensor | None = None) -> SampleResult:
-        return sample(model, path, x, solver=self.solver, steps=self.steps, grid=self.user_grid(x), target=self.target,
-                      y=self.labels(x, y), guidance=self.guidance, log_likelihood=self.log_likelihood, probes=probes,
-                      transport=self.transport, denoise=self.denoise, **_cond(low_res))
+        return ode_sample(model, path, x, solver=self.solver, steps=self.steps, grid=self.user_grid(x),
+                          target=self.target, y=self.labels(x, y), guidance=self.guidance,
+                          log_likelihood=self.log_likelihood, probes=probes, transport=self.transport,
+                          denoise=self.denoise, **_cond(low_res))
 
     def output_values(self, res: SampleResult | LikelihoodResult, x: Tensor) -> tuple[Tensor, ...]:
         return (res.x, res.log_prob) if self.log_likelihood else (res.x,)
@@ -293,14 +252,7 @@ class OdeSample(SolvePlan):
 
 @PLAN_KINDS.register("likelihood", "log p_1(x) by the instantaneous change of variables, data -> prior")
 @dataclass(frozen=True)
-class Likelihood(SolvePlan):
-    kind: ClassVar[str] = "likelihood"
-    task: ClassVar[str] = "likelihood"
-
-    @classmethod
-    def applies(cls, task: str, settings: InferenceSettings) -> bool:
-        return task == "likelihood"
-
+class Likelihood(SolvePlan, kind="likelihood", task="likelihood"):
     @classmethod
     def resolve(cls, settings: InferenceSettings, meta: RunMeta, path: AffinePath, *, log_likelihood: bool = False,
                 transport: bool = False) -> SolvePlan:
@@ -333,14 +285,54 @@ class Likelihood(SolvePlan):
         return out + (bits_per_dim(res.log_prob, x[0].numel(), self.levels),) if self.levels else out
 
 
+@PLAN_KINDS.register("sde", "sampling with the SDE dX = [v + eps/2 score] dt + sqrt(eps) dW (a diffusion is set)")
+@dataclass(frozen=True)
+class SdeSample(SolvePlan, kind="sde", task="sample"):
+    @classmethod
+    def applies(cls, task: str, settings: InferenceSettings) -> bool:
+        return task == "sample" and settings.diffusion is not None
+
+    @classmethod
+    def resolve(cls, settings: InferenceSettings, meta: RunMeta, path: AffinePath, *, log_likelihood: bool = False,
+                transport: bool = False) -> SolvePlan:
+        """Euler-Maruyama over ``score_interval`` with a Gaussian base; no grid, likelihood or transport."""
+        if settings.solver not in (None, "euler"):
+            raise ValueError(f"the SDE sampler integrates with Euler-Maruyama: --solver {settings.solver} does not "
+                             "apply (leave --solver out, or give euler)")
+        if settings.grid is not None or log_likelihood or transport:
+            raise ValueError("the SDE sampler takes --steps (Euler-Maruyama); no --grid, no --log-likelihood and no "
+                             "transport diagnostics (they are properties of the ODE flow)")
+        if not isinstance(path.source, Gaussian):
+            raise ValueError(f"the SDE needs the score, which needs a Gaussian base; this run's source is the data "
+                             f"set {meta.source!r}")
+        start, end = score_interval(path, meta.target)
+        return cls._base(settings, meta, start, end, solver="euler", diffusion=str(parse_diffusion(settings.diffusion)),
+                         denoise=end < 1.0)
+
+    def describe(self) -> dict[str, Any]:
+        return {"solver": "euler-maruyama", "steps": self.steps}
+
+    def outputs(self, batch: int) -> list[TensorSlot]:
+        return [TensorSlot("x", (batch, *self.shape), "float32")]
+
+    def run(self, model: nn.Module, path: AffinePath, x: Tensor, *, probes: Tensor | None = None,
+            noise: Tensor | None = None, y: Tensor | None = None, low_res: Tensor | None = None) -> SampleResult:
+        return sde_sample(model, path, x, diffusion=parse_diffusion(self.diffusion), steps=self.steps,
+                          target=self.target, noise=noise, denoise=self.denoise, y=self.labels(x, y),
+                          guidance=self.guidance, **_cond(low_res))
+
+    def output_values(self, res: SampleResult | LikelihoodResult, x: Tensor) -> tuple[Tensor, ...]:
+        return (res.x,)
+
+
 def plan_solve(settings: InferenceSettings, meta: RunMeta, path: AffinePath, task: str = "sample", *,
                log_likelihood: bool = False, transport: bool = False) -> SolvePlan:
-    """The plan of the first kind of ``PLAN_KINDS`` that solves ``task`` with ``settings`` (ValueError naming
-    any contradiction of the settings, the task and the run)."""
+    """The plan of the last registered kind of ``PLAN_KINDS`` that solves ``task`` with ``settings`` (ValueError
+    naming any contradiction of the settings, the task and the run)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
     if task == "likelihood" and log_likelihood:
         raise ValueError("log_likelihood is a sampling option; the likelihood task always returns log p")
-    kind = next(PLAN_KINDS.entry(k).factory for k in PLAN_KINDS if PLAN_KINDS.entry(k).factory.applies(task, settings))
+    kind = [PLAN_KINDS.entry(k).factory for k in PLAN_KINDS if PLAN_KINDS.entry(k).factory.applies(task, settings)][-1]
     return kind.resolve(settings, meta, path, log_likelihood=log_likelihood, transport=transport)
 

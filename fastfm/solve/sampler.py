@@ -22,29 +22,29 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from fastfm import seeding
-from fastfm.guidance import default_labels
-from fastfm.likelihood import LikelihoodResult, nll_summary
-from fastfm.ode import SampleResult
-from fastfm.paths import AffinePath
+from fastfm.solve.guidance import default_labels
+from fastfm.solve.likelihood import LikelihoodResult, nll_summary
+from fastfm.solve.ode import SampleResult
+from fastfm.path.affine import AffinePath
 from fastfm.run.load import LoadedRun
 from fastfm.run.meta import Cond, RunMeta
 
 from .plan import SolvePlan, plan_solve
 from .settings import DEFAULTS, InferenceSettings
 
-TASKS = ("sample", "likelihood", "transport")
+CAPABILITIES = ("sample", "likelihood", "transport")
 """What a sampler can do: draw samples, evaluate log-likelihoods, report the transport of its ODE solve."""
 
 
 class Sampler(Protocol):
-    """The inference interface (see the module doc). ``tasks`` says which of TASKS it can do; a call
+    """The inference interface (see the module doc). ``capabilities`` says which of CAPABILITIES it has; a call
     outside them raises ValueError naming why."""
 
     meta: RunMeta
     path: AffinePath
 
     @property
-    def tasks(self) -> frozenset[str]: ...
+    def capabilities(self) -> frozenset[str]: ...
 
     def plan(self, task: str = "sample", *, log_likelihood: bool = False, transport: bool = False) -> SolvePlan: ...
 
@@ -130,9 +130,9 @@ class EagerSampler:
         return self._plans[key]
 
     @property
-    def tasks(self) -> frozenset[str]:
+    def capabilities(self) -> frozenset[str]:
         """Every task, but the likelihood only where the path's prior has a log-density (not a data-set source)."""
-        return frozenset(t for t in TASKS if t != "likelihood" or self.path.prior.has_log_prob)
+        return frozenset(t for t in CAPABILITIES if t != "likelihood" or self.path.prior.has_log_prob)
 
     @property
     def device(self) -> torch.device:
@@ -164,12 +164,12 @@ class EagerSampler:
                generator: torch.Generator | None = None) -> SampleResult:
         """n samples from the prior pushed to t = 1 in batches; optionally their log-likelihood and
         (``transport``) per-sample kinetic energy and straightness in the same pass, or with the SDE sampler
-        of ``fastfm.sde`` where the settings give a diffusion. ``generator`` (default: the sampling stream of
+        of ``fastfm.solve.sde`` where the settings give a diffusion. ``generator`` (default: the sampling stream of
         ``seed``) draws the prior, probes and noise: one passed through calls of a batch each draws what
         one call on all of them does."""
         plan = self.plan("sample", log_likelihood=log_likelihood, transport=transport)
         cond = with_labels(self.meta, plan, n, cond)
-        gen = seeding.generator(seed, seeding.EVAL) if generator is None else generator
+        gen = seeding.generator(seed, seeding.SAMPLE) if generator is None else generator
         parts = self._solve(plan, n, cond, gen, progress)
         cat = lambda name: None if getattr(parts[0], name) is None else torch.cat(  # noqa: E731
             [getattr(p, name).cpu() for p in parts])
@@ -188,7 +188,7 @@ class EagerSampler:
         if not bool(torch.isfinite(x).all()):
             raise ValueError("log_likelihood: input contains NaN or Inf")
         cond = with_labels(self.meta, plan, x.shape[0], cond)
-        gen = seeding.generator(seed, seeding.EVAL) if generator is None else generator
+        gen = seeding.generator(seed, seeding.SAMPLE) if generator is None else generator
         parts = self._solve(plan, x.shape[0], cond, gen, progress, x)
         return LikelihoodResult(torch.cat([p.log_prob.cpu() for p in parts]), parts[-1].nfe,
                                 torch.cat([p.x0.cpu() for p in parts]))

@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from fastfm.divergence import DIVERGENCES
-from fastfm.sde import parse_diffusion
-from fastfm.solvers import DEFAULT_SOLVER, DEFAULT_STEPS, SOLVERS, check_grid
+from fastfm.solve.divergence import DIVERGENCES
+from fastfm.solve.sde import parse_diffusion
+from fastfm.solve.solvers import DEFAULT_SOLVER, DEFAULT_STEPS, SOLVERS, check_grid
 
 SAMPLE_COUNTS = {"vector": 2000, "image": 64}
 """Samples a command draws when no count is given, by data kind."""
@@ -19,8 +19,8 @@ SAMPLE_COUNTS = {"vector": 2000, "image": 64}
 class InferenceSettings:
     """How a trained field is integrated. ``solver`` None: the task's default (DEFAULT_SOLVER; euler,
     i.e. Euler-Maruyama, for the SDE); ``grid`` (times t_0..t_n in [0, 1]) overrides ``steps``;
-    ``divergence``/``probes`` are the likelihood's (``fastfm.divergence``); ``diffusion`` (eps(t), as
-    ``fastfm.sde.parse_diffusion`` reads it) switches sampling to the SDE; ``class_label`` fixes the labels
+    ``divergence``/``probes`` are the likelihood's (``fastfm.solve.divergence``); ``diffusion`` (eps(t), as
+    ``fastfm.solve.sde.parse_diffusion`` reads it) switches sampling to the SDE; ``class_label`` fixes the labels
     of unlabelled samples (default: cycle through the classes)."""
 
     solver: str | None = None

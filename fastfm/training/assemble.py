@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 import fastfm
-from fastfm.config import TrainConfig
+from fastfm.training.config import TrainConfig
 from fastfm.data import Dataset
 from fastfm.models import build_model, config_for_data
 from fastfm.run.meta import DataMeta, RunMeta

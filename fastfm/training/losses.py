@@ -1,4 +1,4 @@
-"""Conditional Flow Matching loss: E_{t, x0, x1} w(t) || v_theta(x_t, t) - target ||^2 (Theorem 2).
+"""Conditional Flow Matching loss: E_{t, x0, x1} || v_theta(x_t, t) - target ||^2 (Theorem 2).
 
 x_t comes from the fused path op and the loss from the fused CFM loss op (fastfm.kernels.ops):
 neither the target nor, with ``x0=None``, the noise x0 = std * N(0, I) is ever stored; the
@@ -9,27 +9,25 @@ the data's device, fastfm.kernels.rng).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import Tensor, nn
 
-from fastfm.densities import Gaussian
+from fastfm.path.densities import Gaussian
 from fastfm.kernels import ops
-from fastfm.paths import AffinePath
+from fastfm.path.affine import AffinePath
 
 
 @dataclass
 class LossOutput:
-    """Weighted mean loss (scalar, fp32) and the unweighted per-sample losses (B,)."""
+    """Mean loss (scalar, fp32) and the per-sample losses (B,)."""
 
     loss: Tensor
     per_sample: Tensor
 
 
 def cfm_loss(model: nn.Module, path: AffinePath, x0: Tensor | None, x1: Tensor, t: Tensor, target: str = "velocity",
-             weight: Callable[[Tensor], Tensor] | None = None, rng: Tensor | None = None,
-             **conditioning: Tensor) -> LossOutput:
-    """Regress the model on the path's target at x_t; ``weight(t)`` reweights samples per t.
+             rng: Tensor | None = None, **conditioning: Tensor) -> LossOutput:
+    """Regress the model on the path's target at x_t: the mean over samples of |model(x_t, t) - target|^2.
 
     x0 = None draws the source noise inside the kernels from the stream of ``rng`` (Gaussian sources
     only; a shard of a batch passes its rows' offset, see ``fastfm.kernels.ops.noise_state``).
@@ -41,5 +39,4 @@ def cfm_loss(model: nn.Module, path: AffinePath, x0: Tensor | None, x1: Tensor, 
     x_t, _ = ops.affine_path(x1, coef.a, coef.b, coef.c, coef.d, x0, rng, std, write_target=False)
     v = model(x_t, t, **conditioning)
     per_sample = ops.cfm_loss(v.to(x1.dtype), x1, coef.c, coef.d, x0, rng, std)
-    w = per_sample if weight is None else weight(t).float() * per_sample
-    return LossOutput(w.mean(), per_sample)
+    return LossOutput(per_sample.mean(), per_sample)

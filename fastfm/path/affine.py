@@ -9,7 +9,7 @@ conversions between prediction targets. Every scheduler, the learned one include
 (``Scheduler.requires``).
 
 The learned path (Albergo & Vanden-Eijnden 2022, Sec. 2.4) is a Fourier interpolant with the end
-conditions built in, whose coefficients training optimises to shorten transport (fastfm.interpolants):
+conditions built in, whose coefficients training optimises to shorten transport (fastfm.path.interpolants):
 
     sigma(t) = 1 - t + sum_k a_k sin(pi k t),     sigma'(t) = -1 + sum_k pi k a_k cos(pi k t)
     alpha(t) =     t + sum_k b_k sin(pi k t),     alpha'(t) =  1 + sum_k pi k b_k cos(pi k t)
@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastfm.densities import Density, Gaussian, scaled
+from fastfm.path.densities import Density, Gaussian, scaled
 from fastfm.registry import Registry
 
 TARGETS = ("velocity", "x1", "x0")
@@ -260,7 +260,7 @@ class FourierInterpolant(nn.Module):
 class LearnedScheduler(Scheduler):
     """A :class:`FourierInterpolant` as a path's scheduler: detached values (for the kernels and the solvers);
     the interpolant itself stays trainable (``interpolant``), by Adam at learning rate ``lr`` once every ``every``
-    velocity steps (fastfm.interpolants). End points are exact: sin(0) = sin(pi k) = 0."""
+    velocity steps (fastfm.path.interpolants). End points are exact: sin(0) = sin(pi k) = 0."""
 
     requires = Requires({"target": "velocity", "time_sampler": "uniform"},
                         "its max-min objective trains the velocity over t ~ U[0, 1]")
@@ -313,7 +313,7 @@ class AffinePath:
         the x1 conversion divides by sigma_1 = 0, the x0 conversion by alpha_0 = 0, an x0 prediction
         is undefined (sigma_1 = 0: x_1 = x1 says nothing of x0, and E[x0 | x_t] = (x - alpha_t x1) / sigma_t
         of sharp data is 0/0 there), or sigma'_t diverges at t = 1 (VP). Sampling and likelihood integrate
-        over this interval (sampling then jumps to E[x1 | x_t], ``fastfm.ode``). Pure Python (the schedule's
+        over this interval (sampling then jumps to E[x1 | x_t], ``fastfm.solve.ode``). Pure Python (the schedule's
         exact end points, computed once), so traced solves have no host syncs."""
         lo = T_EPS if target == "x0" and self.ends.alpha_0 == 0.0 else 0.0
         singular = self.scheduler.singular_at_one or (target != "velocity" and self.ends.sigma_1 == 0.0)
@@ -381,7 +381,7 @@ PATHS.register("trig", "trigonometric interpolant x_t = sin(pi t/2) x1 + cos(pi 
 
 
 @PATHS.register("learned", "Fourier-corrected interpolant (modes sine terms in sigma and in alpha) trained by the "
-                "max-min objective (fastfm.interpolants): an Adam step at lr per `every` velocity steps; linear "
+                "max-min objective (fastfm.path.interpolants): an Adam step at lr per `every` velocity steps; linear "
                 "when untrained")
 def _learned(modes: int = 4, lr: float = 2e-3, every: int = 1, sigma_coef: Sequence[float] | None = None,
              alpha_coef: Sequence[float] | None = None) -> Scheduler:

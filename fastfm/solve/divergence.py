@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fastfm.models.blocks import forward_mode_attention
 from fastfm.registry import Registry
-from fastfm.solvers import Field
+from fastfm.solve.solvers import Field
 
 PROBES = ("rademacher", "gaussian")
 EXACT_MAX_DIM = 16

@@ -3,11 +3,11 @@
     dX = [v(X, t) + eps(t)/2 * score(X, t)] dt + sqrt(eps(t)) dW
 
 has the same marginals p_t as the ODE dX = v dt (eps = 0). The score comes from the model in closed
-form (``fastfm.score``), so any Gaussian-base affine path and any prediction target works.
+form (``fastfm.solve.score``), so any Gaussian-base affine path and any prediction target works.
 
 Fixed-step Euler-Maruyama over ``score_interval`` (t = 1 moved in by T_EPS where sigma_1 = 0, the
 score diverging there), then, when the interval stops short of t = 1, one denoising jump to the
-model's E[x1 | x_t] (``fastfm.ode.jump_to_data``, the ODE sampler's jump). The noise is an input
+model's E[x1 | x_t] (``fastfm.solve.ode.jump_to_data``, the ODE sampler's jump). The noise is an input
 (``noise``: steps x the state's shape, standard normal) or drawn from a generator; no host syncs, so
 the solve traces like the ODE sampler.
 
@@ -24,11 +24,11 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from fastfm.guidance import guided_model
-from fastfm.paths import AffinePath
-from fastfm.ode import SampleResult, jump_to_data
-from fastfm.score import score_from_prediction, score_interval
-from fastfm.solvers import time_grid
+from fastfm.solve.guidance import guided_model
+from fastfm.path.affine import AffinePath
+from fastfm.solve.ode import SampleResult, jump_to_data
+from fastfm.solve.score import score_from_prediction, score_interval
+from fastfm.solve.solvers import time_grid
 
 Diffusion = Callable[[Tensor], Tensor]
 

@@ -20,9 +20,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from fastfm.checkpoint import (CHECKPOINT, COMMIT, EMA_WEIGHTS, META, RunFileError, atomic_write, drop_temporaries,
+from fastfm.run.checkpoint import (CHECKPOINT, COMMIT, EMA_WEIGHTS, META, RunFileError, atomic_write, drop_temporaries,
                                save_json, write_error)
-from fastfm.tensorboard import LOGDIR, TensorBoardLog
+from fastfm.run.tensorboard import LOGDIR, TensorBoardLog
 
 LOCK, METRICS, CONFIG = ".lock", "metrics.jsonl", "config.json"
 RUN_FILES = (COMMIT, CHECKPOINT, EMA_WEIGHTS)

@@ -19,21 +19,21 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from fastfm.divergence import VectorField, augmented_field
-from fastfm.guidance import guided_model
-from fastfm.paths import AffinePath, expand_like
-from fastfm.score import posterior_x0
-from fastfm.solvers import ADAPTIVE_TOL, DEFAULT_SOLVER, DEFAULT_STEPS, solve
-from fastfm.transport import kinetic_start, straightness, with_kinetic
+from fastfm.solve.divergence import VectorField, augmented_field
+from fastfm.solve.guidance import guided_model
+from fastfm.path.affine import AffinePath, expand_like
+from fastfm.solve.score import posterior_x0
+from fastfm.solve.solvers import ADAPTIVE_TOL, DEFAULT_SOLVER, DEFAULT_STEPS, solve
+from fastfm.solve.transport import kinetic_start, straightness, with_kinetic
 
 Prediction = Callable[[Tensor, Tensor], Tensor]
-"""A model's prediction of its target at (x, t), t of shape (B,) (``fastfm.guidance.guided_model``)."""
+"""A model's prediction of its target at (x, t), t of shape (B,) (``fastfm.solve.guidance.guided_model``)."""
 
 
 @dataclass
 class SampleResult:
     """Samples x(1), field evaluations, optional log p_1 of the samples and states on the grid, and (with
-    ``transport``) per-sample kinetic energy int |v|^2 dt and straightness (``fastfm.transport``)."""
+    ``transport``) per-sample kinetic energy int |v|^2 dt and straightness (``fastfm.solve.transport``)."""
 
     x: Tensor
     nfe: int
@@ -59,7 +59,7 @@ def _as_velocity(predict: Prediction, path: AffinePath, target: str) -> VectorFi
 
 def posterior_x1(path: AffinePath, pred: Tensor, x: Tensor, t: Tensor, target: str) -> Tensor:
     """E[x1 | x_t = x] from a prediction of ``target`` at times t (B,): the prediction itself for x1,
-    else (x - sigma_t E[x0 | x_t]) / alpha_t (``fastfm.score.posterior_x0``)."""
+    else (x - sigma_t E[x0 | x_t]) / alpha_t (``fastfm.solve.score.posterior_x0``)."""
     if target == "x1":
         return pred
     s = path.scheduler(t.to(x.dtype))
@@ -73,11 +73,11 @@ def jump_to_data(predict: Prediction, path: AffinePath, x: Tensor, t: Tensor, ta
 
 
 def jumps(path: AffinePath, target: str = "velocity") -> bool:
-    """Whether :func:`sample` ends with the jump (one more NFE): its interval stops short of t = 1."""
+    """Whether :func:`ode_sample` ends with the jump (one more NFE): its interval stops short of t = 1."""
     return path.time_interval(target)[1] < 1.0
 
 
-def sample(model: nn.Module, path: AffinePath, x0: Tensor, *, solver: str = DEFAULT_SOLVER,
+def ode_sample(model: nn.Module, path: AffinePath, x0: Tensor, *, solver: str = DEFAULT_SOLVER,
            steps: int = DEFAULT_STEPS, grid: Tensor | None = None, target: str = "velocity", y: Tensor | None = None,
            guidance: float = 1.0, return_intermediates: bool = False, log_likelihood: bool = False,
            probes: Tensor | None = None, rtol: float = ADAPTIVE_TOL, atol: float = ADAPTIVE_TOL,
@@ -89,9 +89,9 @@ def sample(model: nn.Module, path: AffinePath, x0: Tensor, *, solver: str = DEFA
     With ``log_likelihood`` the divergence is integrated alongside, d/dt log p = -div v, starting
     from log p_0(x0): the samples' log-likelihood in the same pass (exact, or Hutchinson with ``probes``).
     With ``transport`` |v|^2 is integrated alongside too (same solve, the solver's quadrature): per-sample
-    kinetic energy and straightness over the solved interval (``fastfm.transport``). Both describe the solve
+    kinetic energy and straightness over the solved interval (``fastfm.solve.transport``). Both describe the solve
     up to its last time: ``log_prob`` is log p_t of the state before the jump, the time at which
-    ``fastfm.likelihood`` places data too.
+    ``fastfm.solve.likelihood`` places data too.
     """
     g = guided_model(model, y, guidance, **conditioning)
     v = _as_velocity(g, path, target)

@@ -1,7 +1,7 @@
 """Learned interpolants (Albergo & Vanden-Eijnden 2022, Sec. 2.4): the path itself is optimised to shorten transport.
 
-The learned path is registered in fastfm.paths like every path (``--path learned --path-args modes=4 lr=2e-3
-every=1``): a :class:`~fastfm.paths.FourierInterpolant` x_t = sigma(t) x0 + alpha(t) x1 whose sine coefficients
+The learned path is registered in fastfm.path.affine like every path (``--path learned --path-args modes=4 lr=2e-3
+every=1``): a :class:`~fastfm.path.affine.FourierInterpolant` x_t = sigma(t) x0 + alpha(t) x1 whose sine coefficients
 this module's objective trains. (The paper's optional gamma(t) z term is left out: it is not an affine path of
 (x0, x1), and with a Gaussian source it adds nothing an affine path lacks.)
 
@@ -17,14 +17,14 @@ flowing through x_t and d_t I_t (:func:`interpolant_objective`).
 
 The fused path and loss kernels are not differentiable in their coefficients, so the objective is computed here
 in plain PyTorch; the velocity's own steps keep using the kernels with the (detached) coefficients of
-:class:`~fastfm.paths.LearnedScheduler`.
+:class:`~fastfm.path.affine.LearnedScheduler`.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fastfm.paths import FourierInterpolant, expand_like
+from fastfm.path.affine import FourierInterpolant, expand_like
 
 
 def interpolant_objective(model: nn.Module, interpolant: FourierInterpolant, x0: Tensor, x1: Tensor, t: Tensor,

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastfm.divergence import augmented_field
-from fastfm.paths import AffinePath
-from fastfm.ode import velocity_field
-from fastfm.solvers import ADAPTIVE_TOL, DEFAULT_SOLVER, DEFAULT_STEPS, solve
+from fastfm.solve.divergence import augmented_field
+from fastfm.path.affine import AffinePath
+from fastfm.solve.ode import velocity_field
+from fastfm.solve.solvers import ADAPTIVE_TOL, DEFAULT_SOLVER, DEFAULT_STEPS, solve
 
 
 @dataclass
@@ -32,7 +32,7 @@ class LikelihoodResult:
     x0: Tensor
 
 
-def log_likelihood(model: nn.Module, path: AffinePath, x1: Tensor, *, solver: str = DEFAULT_SOLVER,
+def ode_likelihood(model: nn.Module, path: AffinePath, x1: Tensor, *, solver: str = DEFAULT_SOLVER,
                    steps: int = DEFAULT_STEPS, grid: Tensor | None = None, target: str = "velocity",
                    probes: Tensor | None = None, y: Tensor | None = None, rtol: float = ADAPTIVE_TOL,
                    atol: float = ADAPTIVE_TOL,
@@ -53,7 +53,7 @@ def integrate_log_likelihood(model: nn.Module, path: AffinePath, x1: Tensor, *, 
                              steps: int = DEFAULT_STEPS, grid: Tensor | None = None, target: str = "velocity",
                              probes: Tensor | None = None, y: Tensor | None = None, rtol: float = ADAPTIVE_TOL,
                              atol: float = ADAPTIVE_TOL, **conditioning: Tensor) -> LikelihoodResult:
-    """The solve behind :func:`log_likelihood`, unchecked: ``grid`` (if given) must run from data to noise.
+    """The solve behind :func:`ode_likelihood`, unchecked: ``grid`` (if given) must run from data to noise.
 
     No host syncs or data-dependent branches with a fixed-step solver, so torch.export traces it.
     """

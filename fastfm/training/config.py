@@ -1,4 +1,4 @@
-"""Typed run configuration: one dataclass, exposed as CLI flags and as an optional JSON config file.
+"""Typed run configuration: one dataclass (``python -m fastfm.train`` makes its fields flags: fastfm.commands.train).
 
 Precedence: dataclass defaults < --config FILE < explicit flags. Unknown keys and
 contradictory options are one clear ``ConfigError``.
@@ -6,23 +6,26 @@ contradictory options are one clear ``ConfigError``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
-import sys
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from fastfm.couplings import COUPLINGS
+from fastfm.training.couplings import COUPLINGS
 from fastfm.data import DATASETS, check_dataset
-from fastfm.divergence import DIVERGENCES
+from fastfm.solve.divergence import DIVERGENCES
 from fastfm.models import MODELS
-from fastfm.paths import PATHS, TARGETS
-from fastfm.solvers import DEFAULT_SOLVER, DEFAULT_STEPS, SOLVERS
-from fastfm.timesteps import TIME_SAMPLERS
+from fastfm.path.affine import PATHS, TARGETS
+from fastfm.solve.settings import SAMPLE_COUNTS
+from fastfm.solve.solvers import DEFAULT_SOLVER, DEFAULT_STEPS, SOLVERS
+from fastfm.training.timesteps import TIME_SAMPLERS
+
+
+def flag(name: str) -> str:
+    """The command-line flag of an option: ``eval_steps`` -> ``--eval-steps``."""
+    return "--" + name.replace("_", "-")
 
 
 class ConfigError(ValueError):
@@ -124,7 +127,8 @@ class TrainConfig:
                                 "points and samples when they do not fit): -1 a quarter of the training time so "
                                 "far, at least 10 s; 0 no limit", Range(-1))
     eval_divergence: str = option("auto", "evaluation", f"divergence of the evaluation NLL: {DIVERGENCES.help_text()}")
-    n_samples: int = option(2000, "evaluation", "samples in the final plot (64 for images)", Range(1))
+    n_samples: int = option(SAMPLE_COUNTS["vector"], "evaluation",
+                            f"samples in the final plot (at most {SAMPLE_COUNTS['image']} for images)", Range(1))
     out: str = option("runs/default", "output and checkpoints", "output directory (run directory)")
     resume: bool = option(False, "output and checkpoints", "continue the run in OUT from its checkpoint.pt")
     force: bool = option(False, "output and checkpoints", "replace the run already in OUT (without --resume)")
@@ -186,40 +190,9 @@ class TrainConfig:
         unmet = requires.unmet(self.__dict__)
         if unmet is not None:
             option, needed = unmet
-            raise ConfigError(f"path {self.path!r} needs {_flag(option)} {needed}, not {getattr(self, option)!r}: "
+            raise ConfigError(f"path {self.path!r} needs {flag(option)} {needed}, not {getattr(self, option)!r}: "
                               f"{requires.why}")
         return self
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _help(f: dataclasses.Field) -> str:
-    """A field's help text, allowed range and default in the style of the other commands' --help (no default
-    shown for an off flag or an empty dict): "optimizer steps; >= 1 (default: 5000)"."""
-    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-    allowed = "" if f.metadata["range"] is None else f"; {f.metadata['range']}"
-    shown = "" if default is False or default == {} else f" (default: {default})"
-    return f"{f.metadata['help']}{allowed}{shown}".replace("%", "%%")
-
-
-def build_parser(cls: type = TrainConfig, description: str = "", prog: str | None = None) -> argparse.ArgumentParser:
-    """Flags from the dataclass fields, in their --help groups: bools become --x/--no-x, dicts repeated
-    KEY=VALUE lists."""
-    p = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
-    p.add_argument("--config", type=str, help="JSON file of options (flags override it)")
-    groups = {title: p.add_argument_group(title) for title in GROUPS}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        group, kind, help_ = groups[f.metadata["group"]], hints[f.name], _help(f)
-        if kind is bool:
-            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=help_)
-        elif kind is dict:
-            group.add_argument(_flag(f.name), nargs="*", metavar="KEY=VALUE", help=help_)
-        else:
-            group.add_argument(_flag(f.name), type=kind, help=help_)
-    return p
 
 
 RETIRED = {"interp_modes": "modes", "interp_lr": "lr", "interp_every": "every"}
@@ -255,25 +228,3 @@ def from_dict(d: dict, cls: type = TrainConfig) -> Any:
             raise ConfigError(f"option {k!r} must be {kind.__name__}, got {v!r}")
         values[k] = v
     return cls(**values)
-
-
-def parse_config(argv: list[str] | None = None, cls: type = TrainConfig, description: str = "",
-                 prog: str | None = None) -> Any:
-    """CLI flags (+ optional JSON file) -> validated config; bad input exits with one clear message."""
-    args = vars(build_parser(cls, description, prog).parse_args(sys.argv[1:] if argv is None else argv))
-    try:
-        values: dict[str, Any] = {}
-        if "config" in args:
-            path = Path(args.pop("config"))
-            try:
-                loaded = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ConfigError(f"cannot read config file {path}: {e}") from None
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"config file {path} must hold a JSON object, got {type(loaded).__name__}")
-            values.update(loaded)
-        for k, v in args.items():
-            values[k] = parse_kv(v) if isinstance(v, list) else v
-        return from_dict(values, cls).validate()
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None

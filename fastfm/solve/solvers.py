@@ -159,7 +159,8 @@ def odeint_adaptive(f: Field, y0: State, grid: Tensor, solver: str = "dopri5", r
         return f(t, y)
 
     try:
-        ys = odeint(counted, y0, grid, rtol=rtol, atol=atol, method=solver_of(solver).method, options={"step_t": grid[-1:]})
+        ys = odeint(counted, y0, grid, rtol=rtol, atol=atol, method=solver_of(solver).method,
+                    options={"step_t": grid[-1:]})
     except AssertionError as e:  # torchdiffeq asserts on a step size that underflows
         raise ValueError(f"{solver} could not integrate this field ({e}; {nfe} evaluations): it is too stiff near "
                          "an end of the time interval; use a fixed-step solver (e.g. rk4) or looser rtol/atol") from None

@@ -8,7 +8,7 @@ One optimizer step:
   ``LossStep`` (path op, model, CFM loss), DDP all-reducing on the last one only (no_sync)
   -> NaN/Inf guard -> clipping -> AdamW -> LR schedule -> EMA.
 Writes metrics.jsonl, periodic and final checkpoints (atomic), EMA weights (safetensors) +
-model.json, periodic and final evaluations (test NLL, sample PNG). Layout: fastfm.distributed.
+model.json, periodic and final evaluations (test NLL, sample PNG). Layout: fastfm.training.distributed.
 """
 
 from __future__ import annotations
@@ -28,23 +28,25 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import fastfm
-from fastfm import compat, distributed, hardware, seeding
-from fastfm.budget import EvalBudget, clock
-from fastfm.checkpoint import CHECKPOINT, EMA_WEIGHTS, META, CheckpointError, load_training_state, read_committed, save_inference, settle
-from fastfm.config import ConfigError, TrainConfig, upgrade
-from fastfm.couplings import get_coupling
+from fastfm import compat, hardware, seeding
+from fastfm.training import distributed
+from fastfm.evaluation.budget import EvalBudget, clock
+from fastfm.run.checkpoint import (CHECKPOINT, EMA_WEIGHTS, META, CheckpointError, load_training_state, read_committed,
+                                   save_inference, settle)
+from fastfm.training.config import ConfigError, TrainConfig, upgrade
+from fastfm.training.couplings import get_coupling
 from fastfm.data import get_dataset
-from fastfm.densities import Gaussian
-from fastfm.distributed import DistEnv
-from fastfm.guidance import drop_labels
-from fastfm.interpolants import interpolant_objective
+from fastfm.path.densities import Gaussian
+from fastfm.training.distributed import DistEnv
+from fastfm.solve.guidance import drop_labels
+from fastfm.path.interpolants import interpolant_objective
 from fastfm.kernels import ops, select
 from fastfm.kernels.rng import philox_state
-from fastfm.losses import cfm_loss
-from fastfm.paths import AffinePath, FourierInterpolant, LearnedScheduler, get_path
-from fastfm.plotting import save_samples_png
-from fastfm.preemption import Interrupted, StopSignal
-from fastfm.rundir import (MetricsLog, RunLock, check_out_dir, check_space, command_line, prepare_out_dir,
+from fastfm.training.losses import cfm_loss
+from fastfm.path.affine import AffinePath, FourierInterpolant, LearnedScheduler, get_path
+from fastfm.evaluation.plotting import save_samples_png
+from fastfm.training.preemption import Interrupted, StopSignal
+from fastfm.run.rundir import (MetricsLog, RunLock, check_out_dir, check_space, command_line, prepare_out_dir,
                            read_metrics, resume_command)
 from fastfm.evaluation.report import evaluate
 from fastfm.run.load import build_source, resolve_device
@@ -52,8 +54,8 @@ from fastfm.run.meta import downsample
 from fastfm.solve import EagerSampler, settings_with
 from fastfm.solve.settings import SAMPLE_COUNTS
 from fastfm.training.assemble import model_for, run_meta
-from fastfm.telemetry import flops_per_sample, peak_flops, peak_memory_mb
-from fastfm.timesteps import get_time_sampler
+from fastfm.training.telemetry import flops_per_sample, peak_flops, peak_memory_mb
+from fastfm.training.timesteps import get_time_sampler
 
 EVAL_BUDGET_FRACTION = 0.25  # the automatic evaluation budget: this fraction of the training time
 EVAL_BUDGET_MIN_S = 10.0  # and never below this
@@ -142,7 +144,7 @@ class Trainer:
         if self.env.active:  # same initial weights everywhere (DDP also broadcasts), per-rank dropout streams
             torch.manual_seed(seeding.derive(cfg.seed, seeding.RANK, self.env.rank))
         self.meta = run_meta(cfg, self.data, self.model)
-        # --path learned: the interpolant's parameters, raised on the max-min objective (fastfm.interpolants)
+        # --path learned: the interpolant's parameters, raised on the max-min objective (fastfm.path.interpolants)
         self.interp: FourierInterpolant | None = None
         if isinstance(self.path.scheduler, LearnedScheduler):
             self.interp = self.path.scheduler.interpolant.to(self.device)
@@ -228,7 +230,7 @@ class Trainer:
 
     def _interpolant_step(self, x0: Tensor, x1: Tensor, t: Tensor, y: Tensor | None) -> None:
         """One ascent step of the interpolant's parameters on G (``interpolant_objective``) at the current velocity,
-        on this step's rows (gradients averaged over ranks; eager PyTorch, see fastfm.interpolants). The velocity
+        on this step's rows (gradients averaged over ranks; eager PyTorch, see fastfm.path.interpolants). The velocity
         gets no gradient here; a non-finite G or gradient skips the step."""
         cfg, interp = self.cfg, self.interp
         cond = self.meta.conditioning(x1, y)

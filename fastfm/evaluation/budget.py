@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from fastfm import seeding
-from fastfm.likelihood import LikelihoodResult
-from fastfm.ode import SampleResult
+from fastfm.solve.likelihood import LikelihoodResult
+from fastfm.solve.ode import SampleResult
 from fastfm.run.meta import Cond
 from fastfm.solve.sampler import EagerSampler, with_labels
 
@@ -157,7 +157,7 @@ class BudgetedSampler(EagerSampler):
                generator: torch.Generator | None = None) -> SampleResult:
         """The first of n samples the budget pays for (``EagerSampler.sample`` chunk by chunk)."""
         cond = with_labels(self.meta, self.plan("sample", log_likelihood=log_likelihood, transport=transport), n, cond)
-        gen = seeding.generator(seed, seeding.EVAL) if generator is None else generator
+        gen = seeding.generator(seed, seeding.SAMPLE) if generator is None else generator
         parts = self._in_chunks(n, lambda batched, i, m: batched.sample(
             m, cond=_rows(cond, i, m), log_likelihood=log_likelihood, transport=transport, progress=progress,
             generator=gen))
@@ -169,7 +169,7 @@ class BudgetedSampler(EagerSampler):
         """log p_1 of the first points of x the budget pays for (``EagerSampler.log_likelihood`` chunk by
         chunk)."""
         cond = with_labels(self.meta, self.plan("likelihood"), x.shape[0], cond)
-        gen = seeding.generator(seed, seeding.EVAL) if generator is None else generator
+        gen = seeding.generator(seed, seeding.SAMPLE) if generator is None else generator
         parts = self._in_chunks(x.shape[0], lambda batched, i, m: batched.log_likelihood(
             x[i:i + m], cond=_rows(cond, i, m), progress=progress, generator=gen))
         return LikelihoodResult(_joined(parts, "log_prob"), parts[-1].nfe, _joined(parts, "x0"))

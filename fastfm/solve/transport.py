@@ -24,10 +24,10 @@ import torch
 from torch import Tensor
 
 from fastfm import seeding
-from fastfm.solvers import Field
+from fastfm.solve.solvers import Field
 
 if TYPE_CHECKING:
-    from fastfm.paths import AffinePath
+    from fastfm.path.affine import AffinePath
 
 W2_MAX_POINTS = 10_000
 """Largest sample set per side ``w2_squared`` takes unless told otherwise: the exact network-simplex LP is

@@ -21,9 +21,9 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from fastfm.densities import Gaussian
-from fastfm.guidance import guided_model
-from fastfm.paths import T_EPS, TARGETS, AffinePath, expand_like
+from fastfm.path.densities import Gaussian
+from fastfm.solve.guidance import guided_model
+from fastfm.path.affine import T_EPS, TARGETS, AffinePath, expand_like
 
 ScoreField = Callable[[Tensor, Tensor], Tensor]
 
