@@ -29,7 +29,7 @@ from fastfm.run.meta import RunMeta
 from fastfm.solve.plan import TASKS, SolvePlan, plan_solve
 from fastfm.solve.settings import DEFAULTS, InferenceSettings
 from fastfm.solve.signature import TensorSlot
-from fastfm.solve.solvers import FIXED_SOLVERS, solver_of
+from fastfm.solve.solvers import FIXED_SOLVERS
 
 __all__ = ["DTYPES", "TASKS", "EngineRequest", "EngineSpec", "ExportError", "TensorSlot", "resolve"]
 

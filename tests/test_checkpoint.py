@@ -1,4 +1,4 @@
-"""Tests for fastfm.run.checkpoint (atomic writes, safe loading) and fastfm.runs.load_run."""
+"""Tests for fastfm.run.checkpoint (atomic writes, safe loading) and fastfm.run.load.load_run."""
 
 from __future__ import annotations
 

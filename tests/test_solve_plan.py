@@ -202,3 +202,14 @@ def test_run_meta_round_trips_and_names_what_is_wrong(runs: dict[str, Path]) -> 
         change(bad)
         with pytest.raises(MetaError, match=re.escape(needle)):
             RunMeta.from_json(bad)
+
+
+def test_the_readme_python_api_runs(toy_run, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's Python API block, on a trained run: every import it names exists and the calls run."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"## Python API\n\n```python\n(.*?)```", text, re.S)
+    assert code is not None
+    scope: dict[str, Any] = {}
+    exec(compile(code.group(1).replace('"runs/default"', repr(str(toy_run.dir))), "README.md", "exec"), scope)
+    assert scope["x"].shape == (100, 2) and bool(torch.isfinite(scope["logp"]).all())
+    assert scope["report"]["nfe"] == 32 and scope["report"]["solver"] == "rk4"

@@ -16,7 +16,7 @@ from torch import Tensor
 from fastfm.registry import Registry
 
 DEFAULT_SOLVER, DEFAULT_STEPS = "midpoint", 32
-"""The one default of every solve, eager or exported (``fastfm.inference.DEFAULTS`` takes them)."""
+"""The one default of every solve, eager or exported (``fastfm.solve.settings.DEFAULTS`` takes them)."""
 ADAPTIVE_TOL = 1e-5
 """rtol = atol of the adaptive (torchdiffeq) solvers."""
 

@@ -232,7 +232,7 @@ class Trainer:
         """One ascent step of the interpolant's parameters on G (``interpolant_objective``) at the current velocity,
         on this step's rows (gradients averaged over ranks; eager PyTorch, see fastfm.path.interpolants). The velocity
         gets no gradient here; a non-finite G or gradient skips the step."""
-        cfg, interp = self.cfg, self.interp
+        interp = self.interp
         cond = self.meta.conditioning(x1, y)
         params = list(interp.parameters())
         g = interpolant_objective(self.model, interp, x0, x1, t, **cond)
@@ -323,7 +323,7 @@ class Trainer:
     def _flops_per_sample(self) -> float:
         """FLOPs of one sample's step, counted on random inputs drawn with the RNG state set aside (a resumed
         run's dropout draws stay those of the uninterrupted run)."""
-        cfg, dev, shape = self.cfg, self.device, self.data.shape
+        dev, shape = self.device, self.data.shape
 
         def inputs(n: int) -> tuple[tuple, dict]:
             x = torch.randn(n, *shape, device=dev)
@@ -406,7 +406,7 @@ class Trainer:
         return 5 * sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
 
     def _fit(self, out: Path) -> dict[str, Any]:
-        cfg, env, dev = self.cfg, self.env, self.device
+        cfg, env = self.cfg, self.env
         state = load_training_state(out / CHECKPOINT) if cfg.resume else None
         start = 0 if state is None else self.restore(state)
         log = MetricsLog(out, cfg.tensorboard) if env.main else None
