@@ -18,7 +18,7 @@ run and refuses one that does not follow from it.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -68,6 +68,10 @@ class EngineSpec:
     batch: int
     backend: str
     dtype: str
+    _signature: tuple[list[TensorSlot], list[TensorSlot]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_signature", (self.plan.inputs(self.batch), self.plan.outputs(self.batch)))
 
     @property
     def task(self) -> str:
@@ -79,8 +83,8 @@ class EngineSpec:
         return self.plan.nfe
 
     def signature(self) -> tuple[list[TensorSlot], list[TensorSlot]]:
-        """(inputs, outputs) of one engine call, in graph order."""
-        return self.plan.inputs(self.batch), self.plan.outputs(self.batch)
+        """(inputs, outputs) of one engine call, in graph order (computed once, with the spec)."""
+        return self._signature
 
     def to_json(self) -> dict[str, Any]:
         p = self.plan

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -146,8 +146,9 @@ def test_a_new_kind_of_solve_is_one_registered_class(runs: dict[str, Path], monk
     """A toy 'flow map' kind (one Euler jump over the whole interval, asked for by its own solver name): the
     eager sampler runs it, its NFE and describe come from it, without touching any other module."""
 
-    @dataclass(frozen=True)
-    class OneJump(SolvePlan, kind="onejump", task="sample"):
+    monkeypatch.setattr(PLAN_KINDS, "_entries", dict(PLAN_KINDS._entries))  # the registration ends with the test
+
+    class OneJump(SolvePlan, kind="onejump", task="sample", help="one Euler jump over the interval"):
         @classmethod
         def applies(cls, task: str, settings: InferenceSettings) -> bool:
             return task == "sample" and settings.solver == "euler" and settings.steps == 1
@@ -167,8 +168,6 @@ def test_a_new_kind_of_solve_is_one_registered_class(runs: dict[str, Path], monk
         def output_values(self, res, x):
             return (res.x,)
 
-    monkeypatch.setattr(PLAN_KINDS, "_entries", dict(PLAN_KINDS._entries))  # the registration ends with the test
-    PLAN_KINDS.register("onejump", "one Euler jump over the interval", OneJump)
     run = load_run(runs["mlp"])
     sampler = EagerSampler.from_run(run, InferenceSettings(solver="euler", steps=1))
     assert sampler.plan().kind == "onejump" and sampler.plan().nfe == 1

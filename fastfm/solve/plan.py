@@ -50,6 +50,10 @@ GRID_TOL = 1e-6
 """How far a user grid's ends may fall inside the solve's interval (float32 times)."""
 
 
+PLAN_KINDS: Registry[type["SolvePlan"]] = Registry("solve kind")
+"""The kinds of solve; ``plan_solve`` takes the last registered one that applies."""
+
+
 @dataclass(frozen=True)
 class SolvePlan:
     """One solve, resolved (see the module doc). ``start`` -> ``end`` is the interval in the solve's direction
@@ -60,12 +64,15 @@ class SolvePlan:
     kind: ClassVar[str]
     task: ClassVar[str]
 
-    def __init_subclass__(cls, *, kind: str, task: str, **kwargs: Any) -> None:
-        """A plan kind names itself and its task: ``class OdeSample(SolvePlan, kind="ode", task="sample")``."""
+    def __init_subclass__(cls, *, kind: str, task: str, help: str, **kwargs: Any) -> None:
+        """A plan kind names itself, its task and its help, and is registered in ``PLAN_KINDS`` (a subclass adds no
+        fields: it is a dataclass through this one): ``class OdeSample(SolvePlan, kind="ode", task="sample",
+        help="...")``."""
         super().__init_subclass__(**kwargs)
         if task not in TASKS:
             raise ValueError(f"plan kind {kind!r}: unknown task {task!r}; choose one of {TASKS}")
         cls.kind, cls.task = kind, task
+        PLAN_KINDS.register(kind, help, cls)
 
     target: str
     shape: tuple[int, ...]
@@ -217,13 +224,8 @@ def _cond(low_res: Tensor | None) -> dict[str, Tensor]:
     return {} if low_res is None else {"low_res": low_res}
 
 
-PLAN_KINDS: Registry[type[SolvePlan]] = Registry("solve kind")
-"""The kinds of solve; ``plan_solve`` takes the last registered one that applies."""
-
-
-@PLAN_KINDS.register("ode", "sampling with the ODE dx/dt = v(x, t), optionally with log p and transport alongside")
-@dataclass(frozen=True)
-class OdeSample(SolvePlan, kind="ode", task="sample"):
+class OdeSample(SolvePlan, kind="ode", task="sample",
+                help="sampling with the ODE dx/dt = v(x, t), optionally with log p and transport alongside"):
     @classmethod
     def resolve(cls, settings: InferenceSettings, meta: RunMeta, path: AffinePath, *, log_likelihood: bool = False,
                 transport: bool = False) -> SolvePlan:
@@ -250,9 +252,8 @@ class OdeSample(SolvePlan, kind="ode", task="sample"):
         return (res.x, res.log_prob) if self.log_likelihood else (res.x,)
 
 
-@PLAN_KINDS.register("likelihood", "log p_1(x) by the instantaneous change of variables, data -> prior")
-@dataclass(frozen=True)
-class Likelihood(SolvePlan, kind="likelihood", task="likelihood"):
+class Likelihood(SolvePlan, kind="likelihood", task="likelihood",
+                 help="log p_1(x) by the instantaneous change of variables, data -> prior"):
     @classmethod
     def resolve(cls, settings: InferenceSettings, meta: RunMeta, path: AffinePath, *, log_likelihood: bool = False,
                 transport: bool = False) -> SolvePlan:
@@ -285,9 +286,8 @@ class Likelihood(SolvePlan, kind="likelihood", task="likelihood"):
         return out + (bits_per_dim(res.log_prob, x[0].numel(), self.levels),) if self.levels else out
 
 
-@PLAN_KINDS.register("sde", "sampling with the SDE dX = [v + eps/2 score] dt + sqrt(eps) dW (a diffusion is set)")
-@dataclass(frozen=True)
-class SdeSample(SolvePlan, kind="sde", task="sample"):
+class SdeSample(SolvePlan, kind="sde", task="sample",
+                help="sampling with the SDE dX = [v + eps/2 score] dt + sqrt(eps) dW (a diffusion is set)"):
     @classmethod
     def applies(cls, task: str, settings: InferenceSettings) -> bool:
         return task == "sample" and settings.diffusion is not None
