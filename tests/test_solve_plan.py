@@ -140,6 +140,12 @@ def test_the_plan_runs_what_the_functions_run(runs: dict[str, Path]) -> None:
     assert list(inputs) == ["x0"]
     with torch.no_grad():
         assert torch.equal(res.x, plan.run(run.model, run.path, inputs["x0"]).x)
+    sampler = EagerSampler.from_run(run)
+    with pytest.raises(ValueError, match="n must be >= 1, got 0"):
+        sampler.sample(0)
+    for bad in (torch.zeros(0, 2), torch.zeros(3, 3)):
+        with pytest.raises(ValueError, match=r"x must have shape \(N, 2\) with N >= 1"):
+            sampler.log_likelihood(bad)
 
 
 def test_a_new_kind_of_solve_is_one_registered_class(runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:

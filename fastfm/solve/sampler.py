@@ -167,6 +167,8 @@ class EagerSampler:
         of ``fastfm.solve.sde`` where the settings give a diffusion. ``generator`` (default: the sampling stream of
         ``seed``) draws the prior, probes and noise: one passed through calls of a batch each draws what
         one call on all of them does."""
+        if n < 1:
+            raise ValueError(f"sample: n must be >= 1, got {n}")
         plan = self.plan("sample", log_likelihood=log_likelihood, transport=transport)
         cond = with_labels(self.meta, plan, n, cond)
         gen = seeding.generator(seed, seeding.SAMPLE) if generator is None else generator
@@ -182,9 +184,9 @@ class EagerSampler:
         evaluations over all batches (with an ETA). ``generator`` (default: the sampling stream of ``seed``) draws
         the Hutchinson probes: one passed through calls on consecutive batches of x draws what one call does."""
         plan = self.plan("likelihood")
-        if x.dim() != len(self.shape) + 1 or tuple(x.shape[1:]) != self.shape:
-            raise ValueError(f"log_likelihood: x must have shape (N, {', '.join(map(str, self.shape))}), got "
-                             f"{tuple(x.shape)}")
+        if x.dim() != len(self.shape) + 1 or tuple(x.shape[1:]) != self.shape or x.shape[0] == 0:
+            raise ValueError(f"log_likelihood: x must have shape (N, {', '.join(map(str, self.shape))}) with N >= 1, "
+                             f"got {tuple(x.shape)}")
         if not bool(torch.isfinite(x).all()):
             raise ValueError("log_likelihood: input contains NaN or Inf")
         cond = with_labels(self.meta, plan, x.shape[0], cond)
