@@ -16,7 +16,7 @@ from torch import Tensor
 from fastfm import seeding
 from fastfm.solve.likelihood import LikelihoodResult
 from fastfm.solve.ode import SampleResult
-from fastfm.run.meta import Cond
+from fastfm.run.meta import Cond, rows
 from fastfm.solve.sampler import EagerSampler, with_labels
 
 TIMED_POINTS = 32  # the first timed batch
@@ -51,11 +51,6 @@ def chunk_points(n: int, n_min: int, batch_size: int) -> int:
     """Points per chunk of a budgeted evaluation of n points: ceil(n / REPLAN_CHUNKS), at least the floor n_min
     (evaluated in any case), at most a batch (a chunk is one batch of the solve)."""
     return min(batch_size, max(n_min, -(-n // REPLAN_CHUNKS)))
-
-
-def _rows(cond: Cond, i: int, m: int) -> Cond:
-    """Rows i..i+m of per-point conditioning."""
-    return {k: v[i:i + m] for k, v in cond.items()}
 
 
 def _with(sampler: EagerSampler, **settings: Any) -> EagerSampler:
@@ -97,7 +92,7 @@ def nll_seconds_per_point(sampler: EagerSampler, x: Tensor, cond: Cond | None = 
     step = _one_step(sampler, "NLL")
 
     def run(m: int) -> None:
-        step.log_likelihood(x[:m], cond=_rows(cond or {}, 0, m), progress=False)
+        step.log_likelihood(x[:m], cond=rows(cond or {}, 0, m), progress=False)
 
     return _seconds_per_point(run, min(len(x), sampler.settings.batch_size)) * sampler.settings.steps
 
@@ -110,7 +105,7 @@ def sample_seconds_per_point(sampler: EagerSampler, n: int, cond: Cond | None = 
 
     def run(m: int) -> None:
         with torch.no_grad():
-            step.sample(m, cond=_rows(cond or {}, 0, m), progress=False)
+            step.sample(m, cond=rows(cond or {}, 0, m), progress=False)
 
     return _seconds_per_point(run, k_max) * sampler.settings.steps
 
@@ -159,7 +154,7 @@ class BudgetedSampler(EagerSampler):
         cond = with_labels(self.meta, self.plan("sample", log_likelihood=log_likelihood, transport=transport), n, cond)
         gen = seeding.generator(seed, seeding.SAMPLE) if generator is None else generator
         parts = self._in_chunks(n, lambda batched, i, m: batched.sample(
-            m, cond=_rows(cond, i, m), log_likelihood=log_likelihood, transport=transport, progress=progress,
+            m, cond=rows(cond, i, m), log_likelihood=log_likelihood, transport=transport, progress=progress,
             generator=gen))
         return SampleResult(_joined(parts, "x"), parts[-1].nfe, _joined(parts, "log_prob"),
                             kinetic=_joined(parts, "kinetic"), straightness=_joined(parts, "straightness"))
@@ -171,7 +166,7 @@ class BudgetedSampler(EagerSampler):
         cond = with_labels(self.meta, self.plan("likelihood"), x.shape[0], cond)
         gen = seeding.generator(seed, seeding.SAMPLE) if generator is None else generator
         parts = self._in_chunks(x.shape[0], lambda batched, i, m: batched.log_likelihood(
-            x[i:i + m], cond=_rows(cond, i, m), progress=progress, generator=gen))
+            x[i:i + m], cond=rows(cond, i, m), progress=progress, generator=gen))
         return LikelihoodResult(_joined(parts, "log_prob"), parts[-1].nfe, _joined(parts, "x0"))
 
 

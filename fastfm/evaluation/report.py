@@ -21,12 +21,13 @@ from fastfm.data import Dataset
 from fastfm.evaluation.metrics import sample_quality
 from fastfm.solve.ode import SampleResult
 from fastfm.path.affine import AffinePath
-from fastfm.run.meta import Cond, RunMeta
+from fastfm.run.meta import Cond, RunMeta, rows
 from fastfm.solve.sampler import Sampler, nll_report
 from fastfm.solve.transport import transport_report
 
 W2_EVAL_POINTS = 5000
-"""Exact OT (prior -> held-out data) on at most this many points per side: ~10 s on two cores."""
+"""Exact OT (prior -> held-out data) on at most this many points per side: 8.9 s for 5,000 x 5,000 2D points on
+the 2-core cpu-avx2 machine (POT's network simplex, measured 2026-12-07)."""
 
 
 class Budget(Protocol):
@@ -69,13 +70,13 @@ def evaluate(sampler: Sampler, data: Dataset, *, n_samples: int | None, n_nll: i
         drawer = sampler
         if budget is not None:
             n, drawer = budget.samples(sampler, n, cond)
-        res = drawer.sample(n, seed=seed, cond={k: v[:n] for k, v in cond.items()}, transport="transport" in tasks)
+        res = drawer.sample(n, seed=seed, cond=rows(cond, 0, n), transport="transport" in tasks)
         report.update(sample_report(res, data, sampler.path, seed))
     if n_nll is not None and "likelihood" in tasks:
         x, cond = held_out(meta, data, min(n_nll, len(data.test)))
         scorer = sampler
         if budget is not None:
             n, scorer = budget.nll(sampler, x, cond)
-            x, cond = x[:n], {k: v[:n] for k, v in cond.items()}
+            x, cond = x[:n], rows(cond, 0, n)
         report["test"] = {**nll_report(scorer, x, levels=data.levels, seed=seed, cond=cond), "n_asked": n_nll}
     return report, res

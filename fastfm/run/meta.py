@@ -29,6 +29,11 @@ class MetaError(ValueError):
     """A model.json that does not describe a run; the message names the field."""
 
 
+def rows(cond: Cond, i: int, m: int, device: torch.device | str | None = None) -> Cond:
+    """Rows i..i+m of per-sample conditioning (on ``device`` if given)."""
+    return {k: v[i:i + m].to(device) if device is not None else v[i:i + m] for k, v in cond.items()}
+
+
 def downsample(images: Tensor, factor: int) -> Tensor:
     """The low-resolution input of super-resolution: ``images`` average-pooled over factor x factor blocks."""
     return F.avg_pool2d(images, factor)

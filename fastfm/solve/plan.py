@@ -146,8 +146,8 @@ class SolvePlan:
         JVPs or k probe JVPs; the jump is one call."""
         if self.nfe is None:
             return None
-        per_eval = 1 if self.divergence == "none" else estimator(self.divergence, math.prod(self.shape)).jvps(
-            math.prod(self.shape), self.probes)
+        dim = math.prod(self.shape)
+        per_eval = 1 if self.divergence == "none" else estimator(self.divergence, dim).jvps(dim, self.probes)
         return (self.nfe - self.denoise) * per_eval + self.denoise
 
     def describe(self) -> dict[str, Any]:

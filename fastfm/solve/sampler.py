@@ -27,7 +27,7 @@ from fastfm.solve.likelihood import LikelihoodResult, nll_summary
 from fastfm.solve.ode import SampleResult
 from fastfm.path.affine import AffinePath
 from fastfm.run.load import LoadedRun
-from fastfm.run.meta import Cond, RunMeta
+from fastfm.run.meta import Cond, RunMeta, rows
 
 from .plan import SolvePlan, plan_solve
 from .settings import DEFAULTS, InferenceSettings
@@ -99,10 +99,6 @@ class Progress(nn.Module):
         return out
 
 
-def _rows(cond: Cond, i: int, m: int, device: torch.device) -> Cond:
-    return {k: v[i:i + m].to(device) for k, v in cond.items()}
-
-
 class EagerSampler:
     """The model integrated in PyTorch: fixed-step or adaptive ODE solvers, the SDE, any batch size."""
 
@@ -156,7 +152,7 @@ class EagerSampler:
                 inputs = plan.draw(self.path, m, gen, device, None if x is None else x[i:i + m])
                 with torch.no_grad():  # forward-mode JVPs only: no autograd graph to keep
                     out.append(plan.run(counted, self.path, inputs.pop(plan.x_name), **inputs,
-                                        **_rows(cond, i, m, device)))
+                                        **rows(cond, i, m, device)))
         return out
 
     def sample(self, n: int, *, seed: int = 0, cond: Cond | None = None, log_likelihood: bool = False,
