@@ -31,7 +31,7 @@ from fastfm.commands import export as export_cli
 from fastfm.export.backends import STAMP, backend
 from fastfm.export.quiet import quiet
 from fastfm.export.spec import TensorSlot
-from fastfm.solve import DEFAULTS
+from fastfm.solve.settings import DEFAULT_SOLVER_HELP, DEFAULT_STEPS_HELP
 from test_export import RUNS, make_run
 
 from fastfm import hardware, sample
@@ -368,8 +368,8 @@ def test_cli_help_is_grouped_with_defaults() -> None:
         a.option_strings[-1] for a in export_cli.parser()._actions)
     for action in export_cli.parser()._actions:
         assert action.help, f"{action.option_strings} has no help"
-    assert "(default: midpoint; euler with --sde)" in " ".join(text.split())
-    for option, default in [("--diffusion", "1"), ("--steps", str(DEFAULTS.steps)), ("--batch", "1"), ("--backend", "auto"),
+    assert f"(default: {DEFAULT_SOLVER_HELP})" in " ".join(text.split())
+    for option, default in [("--diffusion", "1"), ("--steps", DEFAULT_STEPS_HELP), ("--batch", "1"), ("--backend", "auto"),
                             ("--dtype", "auto"), ("--device", "auto"), ("--divergence", "auto"), ("--probes", "1"),
                             ("--guidance", "1"), ("--seed", "0")]:
         entry = re.search(rf"^  {option} .*?(?=^  -|\Z)", text, re.M | re.S)

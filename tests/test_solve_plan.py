@@ -156,7 +156,7 @@ def test_a_new_kind_of_solve_is_one_registered_class(runs: dict[str, Path], monk
 
     class OneJump(SolvePlan, kind="onejump", task="sample", help="one Euler jump over the interval"):
         @classmethod
-        def applies(cls, task: str, settings: InferenceSettings) -> bool:
+        def applies(cls, task: str, settings: InferenceSettings, meta: RunMeta) -> bool:
             return task == "sample" and settings.solver == "euler" and settings.steps == 1
 
         @classmethod

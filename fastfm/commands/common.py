@@ -17,7 +17,7 @@ from fastfm.solve.divergence import DIVERGENCES
 from fastfm.run.load import load_run, resolve_device
 from fastfm.run.meta import RunMeta
 from fastfm.solve import DEFAULTS, EagerSampler, Sampler, settings_with
-from fastfm.solve.settings import DEFAULT_SOLVER_HELP, SETTINGS
+from fastfm.solve.settings import DEFAULT_SOLVER_HELP, DEFAULT_STEPS_HELP, SETTINGS
 from fastfm.solve.solvers import SOLVERS
 
 
@@ -26,8 +26,8 @@ def add_solve_options(p: argparse.ArgumentParser) -> None:
     default to None, "not given": ``fastfm.solve.DEFAULTS``, or an engine's values."""
     solver = p.add_argument_group("solver")
     solver.add_argument("--solver", default=None, choices=SOLVERS,
-                        help=f"ODE solver: {SOLVERS.help_text()} (default: {DEFAULT_SOLVER_HELP})")
-    solver.add_argument("--steps", type=int, default=None, help=f"solver steps (default: {DEFAULTS.steps})")
+                        help=f"solver: {SOLVERS.help_text()} (default: {DEFAULT_SOLVER_HELP})")
+    solver.add_argument("--steps", type=int, default=None, help=f"solver steps (default: {DEFAULT_STEPS_HELP})")
     solver.add_argument("--grid", default=None,
                         help="user time grid t_0,...,t_n in [0, 1] spanning the solve (comma-separated; overrides "
                              "--steps)")

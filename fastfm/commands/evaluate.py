@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> None:
                              f"is measured on vector data only ({data.name!r} is {data.kind} data): evaluate with a "
                              "likelihood engine")
         if "likelihood" not in tasks:
-            print(f"evaluate: no test NLL: this sampler can {', '.join(sorted(tasks))} (an interpolant from a data "
-                  "set has no prior log-density; an engine, the task it was built for)", file=sys.stderr)
+            print(f"evaluate: no test NLL: this sampler can {', '.join(sorted(tasks))} (a flow map has no "
+                  "density without the ODE; an interpolant from a data set has no prior log-density; an engine, the "
+                  "task it was built for)", file=sys.stderr)
         else:
             _capped(args.n, len(data.test), "--n")
         if sampled:

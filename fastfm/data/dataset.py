@@ -44,6 +44,16 @@ class Dataset(ABC):
         """n training samples in model space (float32) and their labels (int64) or None."""
 
     @property
+    @property
+    def paired(self) -> bool:
+        """Whether training rows come with their own source points (``sample_pairs``: a reflow data set)."""
+        return False
+
+    def sample_pairs(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor,
+                                                                        torch.Tensor | None]:
+        """(x0, x1, labels) of n training rows whose source points x0 are part of the data (``paired``)."""
+        raise DataError(f"data set {self.name!r} holds no source points: it is not a paired (reflow) data set")
+
     def has_log_prob(self) -> bool:
         return False
 

@@ -94,7 +94,7 @@ def nll_seconds_per_point(sampler: EagerSampler, x: Tensor, cond: Cond | None = 
     def run(m: int) -> None:
         step.log_likelihood(x[:m], cond=rows(cond or {}, 0, m), progress=False)
 
-    return _seconds_per_point(run, min(len(x), sampler.settings.batch_size)) * sampler.settings.steps
+    return _seconds_per_point(run, min(len(x), sampler.settings.batch_size)) * sampler.plan("likelihood").steps
 
 
 def sample_seconds_per_point(sampler: EagerSampler, n: int, cond: Cond | None = None) -> float:
@@ -107,7 +107,7 @@ def sample_seconds_per_point(sampler: EagerSampler, n: int, cond: Cond | None = 
         with torch.no_grad():
             step.sample(m, cond=rows(cond or {}, 0, m), progress=False)
 
-    return _seconds_per_point(run, k_max) * sampler.settings.steps
+    return _seconds_per_point(run, k_max) * sampler.plan().steps
 
 
 def _joined(parts: list[Any], name: str) -> Tensor | None:

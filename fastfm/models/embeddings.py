@@ -50,31 +50,39 @@ class SinusoidalEmbedding(nn.Module):
         return emb
 
 
-class ConditionEmbedding(nn.Module):
-    """Embedding of the conditioning ``(t, y)`` into one vector of size ``emb_dim``.
+def _time_mlp(freq_dim: int, emb_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(freq_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
-    ``e = Linear(SiLU(Linear(sinusoidal(t)))) + E[y]``, where ``E`` is an
-    ``nn.Embedding(num_classes + 1, emb_dim)`` whose last row (index ``num_classes``) is the
-    NULL class used for classifier-free guidance; ``y=None`` means the NULL class.
+
+class ConditionEmbedding(nn.Module):
+    """Embedding of the conditioning ``(t, y)`` (a flow map's ``(t, h, y)``) into one vector of size ``emb_dim``.
+
+    ``e = T(sinusoidal(t)) [+ H(sinusoidal(h))] + E[y]`` with ``T``, ``H`` two-layer SiLU MLPs and ``E`` an
+    ``nn.Embedding(num_classes + 1, emb_dim)`` whose last row (index ``num_classes``) is the NULL class used for
+    classifier-free guidance; ``y=None`` means the NULL class. With ``flow_map`` the model also takes the step
+    ``h`` >= 0 from its time t (the average velocity u(x, t, t + h) of MeanFlow, the step d of a shortcut model);
+    ``h=None`` means h = 0, the instantaneous velocity.
     """
 
-    def __init__(self, freq_dim: int, emb_dim: int, num_classes: int | None = None) -> None:
+    def __init__(self, freq_dim: int, emb_dim: int, num_classes: int | None = None, flow_map: bool = False) -> None:
         super().__init__()
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes must be a positive int or None, got {num_classes}")
         self.num_classes = num_classes
         self.sinusoidal = SinusoidalEmbedding(freq_dim)
-        self.time = nn.Sequential(
-            nn.Linear(freq_dim, emb_dim),
-            nn.SiLU(),
-            nn.Linear(emb_dim, emb_dim),
-        )
+        self.time = _time_mlp(freq_dim, emb_dim)
+        self.step = _time_mlp(freq_dim, emb_dim) if flow_map else None
         self.label = None if num_classes is None else nn.Embedding(num_classes + 1, emb_dim)
 
-    def forward(self, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """Return the (B, emb_dim) conditioning vector for times (B,) and labels (B,) or None."""
-        freqs = self.sinusoidal(t)
-        emb = self.time(freqs.to(self.time[0].weight.dtype))  # no-op unless weights are cast
+    def forward(self, t: Tensor, y: Tensor | None = None, h: Tensor | None = None) -> Tensor:
+        """Return the (B, emb_dim) conditioning vector for times (B,), labels (B,) or None, steps (B,) or None."""
+        dtype = self.time[0].weight.dtype  # casts are no-ops unless the weights are cast
+        emb = self.time(self.sinusoidal(t).to(dtype))
+        if self.step is not None:
+            emb = emb + self.step(self.sinusoidal(torch.zeros_like(t) if h is None else h).to(dtype))
+        elif h is not None:
+            raise ValueError("a step h was given to a model of one time: build it with flow_map=true (--model-args "
+                             "flow_map=true) to condition on two times")
         if self.label is None:
             if y is not None:
                 raise ValueError("class labels y were given to a model built with num_classes=None")

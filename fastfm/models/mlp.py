@@ -25,7 +25,8 @@ class MLP(nn.Module):
     """``v(x, t, y) = MLP([x, e(t, y)])`` with ``e`` from :class:`ConditionEmbedding`.
 
     ``depth`` hidden layers of width ``hidden``; the conditioning vector (size ``time_dim``)
-    is concatenated to the input. With ``num_classes`` set, label ``num_classes`` (or
+    is concatenated to the input. ``flow_map``: also conditioned on a step h, u(x, t, h) (see
+    :class:`ConditionEmbedding`). With ``num_classes`` set, label ``num_classes`` (or
     ``y=None``) is the NULL class for classifier-free guidance.
     """
 
@@ -38,17 +39,19 @@ class MLP(nn.Module):
         time_dim: int = 64,
         num_classes: int | None = None,
         activation: str = "silu",
+        flow_map: bool = False,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
         self.config = dict(
             name="mlp", dim=dim, hidden=hidden, depth=depth, time_dim=time_dim,
-            num_classes=num_classes, activation=activation,
+            num_classes=num_classes, activation=activation, flow_map=flow_map,
         )
         self.dim = dim
         self.num_classes = num_classes
-        self.cond = ConditionEmbedding(time_dim, time_dim, num_classes)
+        self.flow_map = flow_map
+        self.cond = ConditionEmbedding(time_dim, time_dim, num_classes, flow_map)
         act = ACTIVATIONS[activation]
         layers: list[nn.Module] = [nn.Linear(dim + time_dim, hidden), act()]
         for _ in range(depth - 1):
@@ -65,7 +68,8 @@ class MLP(nn.Module):
                              f"{tuple(shape)}")
         return {"name": "mlp", "dim": math.prod(shape), "num_classes": num_classes}
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """Velocity of shape (B, dim) at points x (B, dim), times t (B,), labels y (B,)."""
-        emb = self.cond(t, y)
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, h: Tensor | None = None) -> Tensor:
+        """Velocity of shape (B, dim) at points x (B, dim), times t (B,), labels y (B,); with ``flow_map`` the
+        average velocity over the steps h (B,) from t."""
+        emb = self.cond(t, y, h)
         return self.net(torch.cat([x, emb], dim=-1))

@@ -12,8 +12,8 @@ from fastfm.models.unet import UNet
 from fastfm.registry import Registry
 
 MODELS: Registry[nn.Module] = Registry("model")
-MODELS.register("mlp", "time-conditioned MLP, for vector data", MLP)
-MODELS.register("unet", "ADM-style UNet, for image data", UNet)
+MODELS.register("mlp", "time-conditioned MLP, for vector data (flow_map=true: two times, u(x, t, h))", MLP)
+MODELS.register("unet", "ADM-style UNet, for image data (flow_map=true: two times, u(x, t, h))", UNet)
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:

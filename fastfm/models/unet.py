@@ -43,6 +43,7 @@ class UNet(nn.Module):
     * ``num_classes``: label embedding with NULL class ``num_classes`` (= ``y=None``) for CFG.
     * ``low_res_channels``: super-resolution; ``low_res`` (B, low_res_channels, h, w) is
       bilinearly resized to (H, W) and concatenated to x before the first conv.
+    * ``flow_map``: also conditioned on a step h, u(x, t, h) (``ConditionEmbedding``).
     * The output conv is zero-initialised, so the velocity is exactly 0 at init.
 
     Other input sizes also run (every Down/Upsample pair is size-matched); ``image_size`` only
@@ -67,6 +68,7 @@ class UNet(nn.Module):
         num_classes: int | None = None,
         low_res_channels: int | None = None,
         image_size: int = 32,
+        flow_map: bool = False,
     ) -> None:
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
@@ -83,18 +85,20 @@ class UNet(nn.Module):
             num_res_blocks=num_res_blocks, attention_resolutions=list(attention_resolutions),
             num_heads=num_heads, num_head_channels=num_head_channels, dropout=dropout,
             num_classes=num_classes, low_res_channels=low_res_channels, image_size=image_size,
+            flow_map=flow_map,
         )
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.image_size = image_size
         self.num_classes = num_classes
         self.low_res_channels = low_res_channels
+        self.flow_map = flow_map
 
         def attention(ch: int) -> AttentionBlock:
             return AttentionBlock(ch, ch // num_head_channels if num_head_channels else num_heads)
 
         emb_dim = 4 * model_channels
-        self.cond = ConditionEmbedding(model_channels, emb_dim, num_classes)
+        self.cond = ConditionEmbedding(model_channels, emb_dim, num_classes, flow_map)
         ch = model_channels
         self.input_blocks = nn.ModuleList(
             [EmbedSequential(nn.Conv2d(in_channels + (low_res_channels or 0), ch, 3, padding=1))]
@@ -147,25 +151,26 @@ class UNet(nn.Module):
                 "model_channels": 32, "channel_mult": [1, 2, 2] if h >= 16 else [1, 2]}
 
     def forward(
-        self, x: Tensor, t: Tensor, y: Tensor | None = None, low_res: Tensor | None = None
+        self, x: Tensor, t: Tensor, y: Tensor | None = None, low_res: Tensor | None = None, h: Tensor | None = None
     ) -> Tensor:
-        """Velocity for images x (B, C, H, W), times t (B,), labels y (B,), low_res (B, C', h, w)."""
+        """Velocity for images x (B, C, H, W), times t (B,), labels y (B,), low_res (B, C', h, w); with
+        ``flow_map`` the average velocity over the steps h (B,) from t."""
         if (low_res is None) != (self.low_res_channels is None):
             raise ValueError(
                 "low_res must be given exactly when the model is built with low_res_channels "
                 f"(low_res_channels={self.low_res_channels})"
             )
-        emb = self.cond(t, y)
-        h = x
+        emb = self.cond(t, y, h)
+        feat = x
         if low_res is not None:
             up = F.interpolate(low_res, size=x.shape[-2:], mode="bilinear", align_corners=False)
-            h = torch.cat([x, up.to(x.dtype)], dim=1)
+            feat = torch.cat([x, up.to(x.dtype)], dim=1)
         skips: list[Tensor] = []
         for block in self.input_blocks:
-            h = block(h, emb)
-            skips.append(h)
-        h = self.middle_block(h, emb)
+            feat = block(feat, emb)
+            skips.append(feat)
+        feat = self.middle_block(feat, emb)
         for block in self.output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)
-            h = block(h, emb, skips[-1].shape[-2:] if skips else None)
-        return self.out(h)
+            feat = torch.cat([feat, skips.pop()], dim=1)
+            feat = block(feat, emb, skips[-1].shape[-2:] if skips else None)
+        return self.out(feat)

@@ -71,10 +71,11 @@ class RunMeta:
 
     @staticmethod
     def bare(shape: tuple[int, ...], *, target: str = "velocity", kind: str = "vector",
-             num_classes: int | None = None) -> RunMeta:
+             num_classes: int | None = None, flow_map: bool = False) -> RunMeta:
         """The metadata of a model that no fastfm run trained (a field of one's own behind ``EagerSampler``):
-        data of ``shape`` and ``kind``, a Gaussian source, ``num_classes`` classes (None: unconditional)."""
-        return RunMeta(model={"num_classes": num_classes}, path="custom", source="gaussian", target=target,
+        data of ``shape`` and ``kind``, a Gaussian source, ``num_classes`` classes (None: unconditional), a flow map
+        ``model(x, t, h=)`` or a velocity ``model(x, t)``."""
+        return RunMeta(model={"num_classes": num_classes, "flow_map": flow_map}, path="custom", source="gaussian", target=target,
                        data=DataMeta(name="custom", shape=tuple(shape), kind=kind, num_classes=num_classes))
 
     @property
@@ -84,6 +85,11 @@ class RunMeta:
     @property
     def num_classes(self) -> int | None:
         return self.model.get("num_classes")
+
+    @property
+    def flow_map(self) -> bool:
+        """Whether the model takes two times (a flow map u(x, t, h): MeanFlow, shortcut models)."""
+        return bool(self.model.get("flow_map", False))
 
     @property
     def low_res_shape(self) -> tuple[int, ...] | None:

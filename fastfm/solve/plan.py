@@ -3,8 +3,8 @@
     plan = plan_solve(settings, meta, path, task="sample", log_likelihood=False, transport=False)
     plan.run(model, path, x, probes=, noise=, y=, low_res=)   -> SampleResult | LikelihoodResult
 
-A plan kind is a registered subclass (``PLAN_KINDS``); of the kinds whose ``applies(task, settings)`` holds, the
-one registered last (the most specific: ``sde`` after ``ode``, a new kind after both) resolves the request.
+A plan kind is a registered subclass (``PLAN_KINDS``); of the kinds whose ``applies(task, settings, meta)`` holds,
+the one registered last (the most specific: ``sde`` after ``ode``, ``flowmap`` after both) resolves the request.
 Each kind knows its own rules (``resolve``: one ValueError for any contradiction), its interval and final
 jump, its NFE, its signature (``inputs`` / ``outputs``: what an engine takes and returns, in graph order), its
 random draws (``draw``) and its one pure, traceable ``run``:
@@ -12,6 +12,7 @@ random draws (``draw``) and its one pure, traceable ``run``:
     ode         x0 [, y] [, low_res] [, probes]  -> x = x(1) [, log_prob]       ODE, prior -> data
     sde         x0 [, y] [, low_res], noise      -> x = x(1)                     Euler-Maruyama (``fastfm.solve.sde``)
     likelihood  x1 [, y] [, low_res] [, probes]  -> x = x(0), log_prob [, bits_per_dim]   data -> prior
+    flowmap     x0 [, y] [, low_res]             -> x = x(1)                     a flow map's steps (``fastfm.solve.flowmap``)
 
 ``y`` is an input of class-conditional models unless a class label is baked into the plan; ``probes`` (k, B, ...)
 of Hutchinson divergences; ``noise`` (steps, B, ...) standard normal, one draw per step and element. The
@@ -39,7 +40,8 @@ from fastfm.registry import Registry
 from fastfm.run.meta import RunMeta
 from fastfm.solve.score import score_interval
 from fastfm.solve.sde import parse_diffusion, sde_sample
-from fastfm.solve.solvers import DEFAULT_SOLVER, solver_of, time_grid
+from fastfm.solve.flowmap import flow_map_sample
+from fastfm.solve.solvers import DEFAULT_SOLVER, FLOW_MAP, solver_of, time_grid
 
 from .settings import InferenceSettings
 from .signature import TensorSlot
@@ -95,8 +97,9 @@ class SolvePlan:
 
     # -- resolution -------------------------------------------------------------------------------------------
     @classmethod
-    def applies(cls, task: str, settings: InferenceSettings) -> bool:
-        """Whether this kind solves ``task`` with ``settings`` (by default: every request of its task)."""
+    def applies(cls, task: str, settings: InferenceSettings, meta: RunMeta) -> bool:
+        """Whether this kind solves ``task`` with ``settings`` for the run of ``meta`` (by default: every request
+        of its task)."""
         return task == cls.task
 
     @classmethod
@@ -107,9 +110,15 @@ class SolvePlan:
 
     @classmethod
     def _base(cls, settings: InferenceSettings, meta: RunMeta, start: float, end: float, **fields: Any) -> SolvePlan:
-        """Checks every kind shares (labels and guidance against the model; a user grid spans start..end, run in
-        the solve's direction) and the fields every kind takes from the run."""
+        """Checks every kind shares (labels and guidance against the model; the flow map's steps only for a model
+        of two times; a user grid spans start..end, run in the solve's direction) and the fields every kind takes
+        from the run; steps not given are the solver's default."""
         check_conditioning(meta.num_classes, settings.guidance, settings.class_label)
+        fields.setdefault("solver", settings.solver or DEFAULT_SOLVER)
+        if solver_of(fields["solver"]).flow_map and not meta.flow_map:
+            raise ValueError(f"--solver {FLOW_MAP} steps a flow map, a model of two times (train one with --objective "
+                             "meanflow or shortcut); this model has one time: sample it with an ODE solver "
+                             "(euler, midpoint, rk4, ...)")
         grid = None
         if settings.grid is not None:
             g = torch.tensor(settings.grid, dtype=torch.float32)
@@ -119,8 +128,8 @@ class SolvePlan:
                                  f"{float(g.min()):g} .. {float(g.max()):g}: a shorter grid stops between noise and "
                                  "data")
             grid = tuple(float(t) for t in (g if bool(g[0] < g[-1]) == (start < end) else g.flip(0)))
-        fields.setdefault("solver", settings.solver or DEFAULT_SOLVER)
-        return cls(target=meta.target, shape=meta.shape, steps=settings.steps if grid is None else len(grid) - 1,
+        steps = settings.steps or solver_of(fields["solver"]).steps
+        return cls(target=meta.target, shape=meta.shape, steps=steps if grid is None else len(grid) - 1,
                    start=start, end=end, grid=grid, guidance=settings.guidance, class_label=settings.class_label,
                    num_classes=meta.num_classes, low_res=meta.low_res_shape, **fields)
 
@@ -258,7 +267,11 @@ class Likelihood(SolvePlan, kind="likelihood", task="likelihood",
     def resolve(cls, settings: InferenceSettings, meta: RunMeta, path: AffinePath, *, log_likelihood: bool = False,
                 transport: bool = False) -> SolvePlan:
         """Over ``path.time_interval`` backwards, of the conditional model (labels are inputs): no guidance, baked
-        class label, diffusion or transport; a prior with a log-density."""
+        class label, diffusion or transport; a prior with a log-density; a model of one time."""
+        if meta.flow_map:
+            raise ValueError("a flow map has no likelihood: its density needs the ODE of the instantaneous velocity, "
+                             "which the map only approximates at zero step; evaluate its samples (sample quality), "
+                             "or the likelihood of a velocity model (the teacher, a reflowed model)")
         for given, what in ((settings.guidance != 1.0, f"guidance {settings.guidance:g}"),
                             (settings.class_label is not None, f"class label {settings.class_label}"),
                             (settings.diffusion is not None, f"an SDE diffusion {settings.diffusion}"),
@@ -289,7 +302,7 @@ class Likelihood(SolvePlan, kind="likelihood", task="likelihood",
 class SdeSample(SolvePlan, kind="sde", task="sample",
                 help="sampling with the SDE dX = [v + eps/2 score] dt + sqrt(eps) dW (a diffusion is set)"):
     @classmethod
-    def applies(cls, task: str, settings: InferenceSettings) -> bool:
+    def applies(cls, task: str, settings: InferenceSettings, meta: RunMeta) -> bool:
         return task == "sample" and settings.diffusion is not None
 
     @classmethod
@@ -325,6 +338,40 @@ class SdeSample(SolvePlan, kind="sde", task="sample",
         return (res.x,)
 
 
+class FlowMapSample(SolvePlan, kind="flowmap", task="sample",
+                    help="sampling with a flow map's steps x_t = x_s + (t - s) u(x_s, s, t) (a model of two times)"):
+    @classmethod
+    def applies(cls, task: str, settings: InferenceSettings, meta: RunMeta) -> bool:
+        return task == "sample" and meta.flow_map
+
+    @classmethod
+    def resolve(cls, settings: InferenceSettings, meta: RunMeta, path: AffinePath, *, log_likelihood: bool = False,
+                transport: bool = False) -> SolvePlan:
+        """The map's steps over t = 0 -> 1 (its average velocity spans the whole interval: no final jump), a uniform
+        grid of --steps or a user grid; no ODE solver, SDE, likelihood or transport."""
+        if settings.solver not in (None, FLOW_MAP):
+            raise ValueError(f"a flow-map model samples with its map (--solver {FLOW_MAP}, one call per step; "
+                             f"--steps 1, 2, 4, ...): --solver {settings.solver} integrates an ODE, which a model of "
+                             "two times does not define")
+        for given, what in ((settings.diffusion is not None, "an SDE diffusion"),
+                            (log_likelihood, "a log-likelihood"), (transport, "transport diagnostics")):
+            if given:
+                raise ValueError(f"{what} needs the ODE of the instantaneous velocity; a flow map's samples come "
+                                 "from its steps alone (sample without it, or use a velocity model)")
+        return cls._base(settings, meta, 0.0, 1.0, solver=FLOW_MAP)
+
+    def outputs(self, batch: int) -> list[TensorSlot]:
+        return [TensorSlot("x", (batch, *self.shape), "float32")]
+
+    def run(self, model: nn.Module, path: AffinePath, x: Tensor, *, probes: Tensor | None = None,
+            noise: Tensor | None = None, y: Tensor | None = None, low_res: Tensor | None = None) -> SampleResult:
+        return flow_map_sample(model, x, self.times(x.device), y=self.labels(x, y), guidance=self.guidance,
+                               **_cond(low_res))
+
+    def output_values(self, res: SampleResult | LikelihoodResult, x: Tensor) -> tuple[Tensor, ...]:
+        return (res.x,)
+
+
 def plan_solve(settings: InferenceSettings, meta: RunMeta, path: AffinePath, task: str = "sample", *,
                log_likelihood: bool = False, transport: bool = False) -> SolvePlan:
     """The plan of the last registered kind of ``PLAN_KINDS`` that solves ``task`` with ``settings`` (ValueError
@@ -333,6 +380,7 @@ def plan_solve(settings: InferenceSettings, meta: RunMeta, path: AffinePath, tas
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
     if task == "likelihood" and log_likelihood:
         raise ValueError("log_likelihood is a sampling option; the likelihood task always returns log p")
-    kind = [PLAN_KINDS.entry(k).factory for k in PLAN_KINDS if PLAN_KINDS.entry(k).factory.applies(task, settings)][-1]
+    kinds = [PLAN_KINDS.entry(k).factory for k in PLAN_KINDS]
+    kind = [k for k in kinds if k.applies(task, settings, meta)][-1]
     return kind.resolve(settings, meta, path, log_likelihood=log_likelihood, transport=transport)
 

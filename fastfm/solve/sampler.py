@@ -127,7 +127,10 @@ class EagerSampler:
 
     @property
     def capabilities(self) -> frozenset[str]:
-        """Every task, but the likelihood only where the path's prior has a log-density (not a data-set source)."""
+        """Every task, but the likelihood only where the path's prior has a log-density (not a data-set source); a
+        flow map only samples (``FlowMapSample``)."""
+        if self.meta.flow_map:
+            return frozenset({"sample"})
         return frozenset(t for t in CAPABILITIES if t != "likelihood" or self.path.prior.has_log_prob)
 
     @property

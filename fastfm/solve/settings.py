@@ -9,7 +9,7 @@ from typing import Any
 
 from fastfm.solve.divergence import DIVERGENCES
 from fastfm.solve.sde import parse_diffusion
-from fastfm.solve.solvers import DEFAULT_SOLVER, DEFAULT_STEPS, SOLVERS, check_grid
+from fastfm.solve.solvers import DEFAULT_SOLVER, DEFAULT_STEPS, FLOW_MAP, FLOW_MAP_STEPS, SOLVERS, check_grid
 
 SAMPLE_COUNTS = {"vector": 2000, "image": 64}
 """Samples a command draws when no count is given, by data kind."""
@@ -18,13 +18,14 @@ SAMPLE_COUNTS = {"vector": 2000, "image": 64}
 @dataclass(frozen=True)
 class InferenceSettings:
     """How a trained field is integrated. ``solver`` None: the task's default (DEFAULT_SOLVER; euler,
-    i.e. Euler-Maruyama, for the SDE); ``grid`` (times t_0..t_n in [0, 1]) overrides ``steps``;
+    i.e. Euler-Maruyama, for the SDE; flowmap for a model of two times); ``steps`` None: the solver's default
+    (DEFAULT_STEPS; FLOW_MAP_STEPS for a flow map); ``grid`` (times t_0..t_n in [0, 1]) overrides ``steps``;
     ``divergence``/``probes`` are the likelihood's (``fastfm.solve.divergence``); ``diffusion`` (eps(t), as
     ``fastfm.solve.sde.parse_diffusion`` reads it) switches sampling to the SDE; ``class_label`` fixes the labels
     of unlabelled samples (default: cycle through the classes)."""
 
     solver: str | None = None
-    steps: int = DEFAULT_STEPS
+    steps: int | None = None
     grid: tuple[float, ...] | None = None
     divergence: str = "auto"
     probes: int = 1
@@ -35,7 +36,7 @@ class InferenceSettings:
 
     def __post_init__(self) -> None:
         for name in ("steps", "probes", "batch_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.solver is not None:
             SOLVERS.check(self.solver)
@@ -51,7 +52,8 @@ class InferenceSettings:
 
 DEFAULTS = InferenceSettings()
 SETTINGS = tuple(f.name for f in fields(InferenceSettings))
-DEFAULT_SOLVER_HELP = f"{DEFAULT_SOLVER}; euler with --sde"
+DEFAULT_SOLVER_HELP = f"{DEFAULT_SOLVER}; euler with --sde; {FLOW_MAP} for a flow-map model"
+DEFAULT_STEPS_HELP = f"{DEFAULT_STEPS}; {FLOW_MAP_STEPS} for a flow-map model"
 
 
 def settings_with(given: dict[str, Any], base: InferenceSettings = DEFAULTS) -> InferenceSettings:

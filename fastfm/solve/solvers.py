@@ -17,6 +17,8 @@ from fastfm.registry import Registry
 
 DEFAULT_SOLVER, DEFAULT_STEPS = "midpoint", 32
 """The one default of every solve, eager or exported (``fastfm.solve.settings.DEFAULTS`` takes them)."""
+FLOW_MAP, FLOW_MAP_STEPS = "flowmap", 1
+"""The solver of flow-map models (x_t = x_s + (t - s) u(x_s, s, t): one call per step) and its default steps."""
 ADAPTIVE_TOL = 1e-5
 """rtol = atol of the adaptive (torchdiffeq) solvers."""
 
@@ -34,23 +36,26 @@ class Tableau(NamedTuple):
 
 @dataclass(frozen=True)
 class Solver:
-    """A registered solver: fixed-step (its ``tableau``: steps x stages field evaluations, traceable, exportable) or
-    adaptive (``method``, torchdiffeq's name: steps set by rtol/atol, for reference solves)."""
+    """A registered solver: fixed-step (its ``tableau``: steps x stages field evaluations, traceable, exportable),
+    adaptive (``method``, torchdiffeq's name: steps set by rtol/atol, for reference solves) or the steps of a
+    flow map (``flow_map``: one call per step, fixed, of a model of two times). ``steps``: its default steps."""
 
     name: str
     tableau: Tableau | None = None
     method: str | None = None
+    flow_map: bool = False
+    steps: int = DEFAULT_STEPS
 
     @property
     def fixed(self) -> bool:
-        return self.tableau is not None
+        return self.method is None
 
     @property
     def stages(self) -> int:
-        """Field evaluations per step of a fixed-step solver (stages with a used output)."""
-        if self.tableau is None:
+        """Field evaluations per step of a fixed-step solver (stages with a used output; 1 for a flow map)."""
+        if self.method is not None:
             raise ValueError(f"{self.name} is adaptive: its evaluations per step are not fixed")
-        return len(self.tableau.c)
+        return 1 if self.tableau is None else len(self.tableau.c)
 
 
 SOLVERS: Registry[Solver] = Registry("solver")
@@ -76,6 +81,9 @@ for _name, _help in (
     ("adaptive_heun", "adaptive Heun-Euler 2(1) (torchdiffeq)"),
 ):
     SOLVERS.register(_name, _help, _made(Solver(_name, method=_name)))
+SOLVERS.register(FLOW_MAP, "the steps of a flow map, x_t = x_s + (t - s) u(x_s, s, t): 1 call per step, for models "
+                 f"of two times (flow_map=true; default {FLOW_MAP_STEPS} step)",
+                 _made(Solver(FLOW_MAP, flow_map=True, steps=FLOW_MAP_STEPS)))
 
 
 def solver_of(name: str) -> Solver:
@@ -84,6 +92,8 @@ def solver_of(name: str) -> Solver:
 
 
 FIXED_SOLVERS = tuple(n for n in SOLVERS if solver_of(n).fixed)
+"""Solvers with a fixed number of steps (an engine unrolls them): the Runge-Kutta tableaus and the flow map."""
+ODE_SOLVERS = tuple(n for n in SOLVERS if not solver_of(n).flow_map)
 ADAPTIVE_SOLVERS = tuple(n for n in SOLVERS if not solver_of(n).fixed)
 
 
@@ -127,7 +137,8 @@ def odeint_fixed(f: Field, y0: State, grid: Tensor, solver: str = DEFAULT_SOLVER
     """Integrate dy/dt = f(t, y) over ``grid`` (fp32, monotone) with an explicit RK tableau."""
     tab = solver_of(solver).tableau
     if tab is None:
-        raise ValueError(f"{solver!r} is adaptive: odeint_fixed takes a fixed-step solver ({', '.join(FIXED_SOLVERS)})")
+        raise ValueError(f"{solver!r} is not a Runge-Kutta tableau: odeint_fixed takes one of "
+                         f"{', '.join(n for n in FIXED_SOLVERS if n in ODE_SOLVERS)}")
     c, a, b = tab
     y, states = y0, [y0]
     for i in range(grid.shape[0] - 1):

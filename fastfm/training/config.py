@@ -19,7 +19,10 @@ from fastfm.solve.divergence import DIVERGENCES
 from fastfm.models import MODELS
 from fastfm.path.affine import PATHS, TARGETS
 from fastfm.solve.settings import SAMPLE_COUNTS
-from fastfm.solve.solvers import DEFAULT_SOLVER, DEFAULT_STEPS, SOLVERS
+from fastfm.solve.settings import DEFAULT_SOLVER_HELP, DEFAULT_STEPS_HELP
+from fastfm.solve.solvers import SOLVERS
+from fastfm.training.losses import LOSSES
+from fastfm.training.objectives import OBJECTIVES, get_objective
 from fastfm.training.timesteps import TIME_SAMPLERS
 
 
@@ -104,6 +107,14 @@ class TrainConfig:
                                f"t distribution, with its --time-sampler-args: {TIME_SAMPLERS.help_text()}")
     time_sampler_args: dict = option({}, "path and target", "time sampler parameters KEY=VALUE (mean, std: see "
                                      "--time-sampler)")
+    objective: str = option("cfm", "training", f"training objective, with its --objective-args: "
+                            f"{OBJECTIVES.help_text()}")
+    objective_args: dict = option({}, "training", "objective parameters KEY=VALUE (equal, power, share, ...: see "
+                                  "--objective)")
+    loss: str = option("squared", "training", f"per-sample loss: {', '.join(LOSSES)} (pseudo-Huber with c = "
+                       "0.00054 sqrt(D), 2-rectified flow++)")
+    init: str = option("", "training", "initialise the model (and its EMA) from this run's EMA weights (a "
+                       "teacher for reflow or distillation; a flow map's step embedding starts fresh)")
     steps: int = option(5000, "training", "optimizer steps", Range(1))
     batch_size: int = option(1024, "training", "global batch size (all ranks and micro-batches)", Range(1))
     grad_accum: int = option(1, "training", "micro-batches per optimizer step (DDP syncs on the last)", Range(1))
@@ -119,8 +130,10 @@ class TrainConfig:
                                "EMA half-life at most this fraction of samples seen (0: off)", Range(0))
     eval_every: int = option(0, "evaluation", "steps between evaluations (test NLL, sample PNG; 0: final only)",
                              Range(0))
-    eval_solver: str = option(DEFAULT_SOLVER, "evaluation", f"solver for final NLL and samples: {SOLVERS.help_text()}")
-    eval_steps: int = option(DEFAULT_STEPS, "evaluation", "solver steps for final NLL and samples", Range(1))
+    eval_solver: str = option("auto", "evaluation", f"solver for final NLL and samples (auto: {DEFAULT_SOLVER_HELP}): "
+                              f"{SOLVERS.help_text()}")
+    eval_steps: int = option(0, "evaluation", f"solver steps for final NLL and samples (0: {DEFAULT_STEPS_HELP})",
+                             Range(0))
     eval_n: int = option(2000, "evaluation", "test points for the final NLL (at most: see --eval-budget)", Range(1))
     eval_budget: float = option(-1.0, "evaluation",
                                 "seconds an evaluation may take (measured per point before it starts; fewer test "
@@ -172,6 +185,7 @@ class TrainConfig:
              f"coupling {self.coupling!r} needs class labels: add --class-cond"),
             ("seed" not in self.data_args, "--data-args cannot set seed: the data set's seed is --seed"),
             (self.bf16 or not self.force_bf16, "--force-bf16 forces what --bf16 asks for: add --bf16"),
+            (self.loss in LOSSES, f"unknown loss {self.loss!r}; choose one of {LOSSES}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -181,12 +195,24 @@ class TrainConfig:
             COUPLINGS.check(self.coupling, **self.coupling_args)
             TIME_SAMPLERS.check(self.time_sampler, **self.time_sampler_args)
             check_dataset(self.data, **self.data_args)
-            SOLVERS.check(self.eval_solver)
+            if self.eval_solver != "auto":
+                SOLVERS.check(self.eval_solver)
             DIVERGENCES.entry(self.eval_divergence)
+            objective = get_objective(self.objective, **self.objective_args)
+            objective.check(loss=self.loss, class_cond=self.class_cond)
             if self.model != "auto":
                 MODELS.entry(self.model)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if objective.flow_map:
+            for bad, why in ((self.target != "velocity", f"--target {self.target}: it regresses average velocities "
+                              "(--target velocity)"),
+                             (self.path == "learned", "--path learned: the interpolant's own step needs a velocity "
+                              "model; choose a fixed path"),
+                             (self.model_args.get("flow_map", True) is not True, "--model-args flow_map=false: it "
+                              "trains a model of two times")):
+                if bad:
+                    raise ConfigError(f"objective {self.objective!r} learns a flow map, not {why}")
         unmet = requires.unmet(self.__dict__)
         if unmet is not None:
             option, needed = unmet

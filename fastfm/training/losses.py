@@ -8,13 +8,28 @@ the data's device, fastfm.kernels.rng).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from fastfm.path.densities import Gaussian
 from fastfm.kernels import ops
 from fastfm.path.affine import AffinePath
+
+
+LOSSES = ("squared", "pseudo-huber")
+"""The per-sample loss of a regression: the squared error (1/D) |delta|^2, or pseudo-Huber (``robust``)."""
+HUBER_C = 0.00054
+"""2-rectified flow++'s pseudo-Huber scale per sqrt(dimension): c = 0.00054 sqrt(D) (Lee et al. 2024)."""
+
+
+def robust(sum_sq: Tensor, dim: int) -> Tensor:
+    """Pseudo-Huber loss sqrt(|delta|^2 + c^2) - c, c = HUBER_C sqrt(D), of per-sample |delta|^2 (B,): quadratic
+    below c, linear above (2-rectified flow++: fewer large gradients from outliers than the squared error)."""
+    c = HUBER_C * math.sqrt(dim)
+    return torch.sqrt(sum_sq + c * c) - c
 
 
 @dataclass

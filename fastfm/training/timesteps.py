@@ -44,6 +44,24 @@ class LogitNormalTime:
         return torch.sigmoid(self.mean + self.std * z)
 
 
+@TIME_SAMPLERS.register("u-shaped", "p(t) ~ cosh(a (t - 1/2)): more weight at both ends (2-rectified flow++, "
+                        "Lee et al. 2024; a = 4)")
+class UShapedTime:
+    """p(t) proportional to cosh(a (t - 1/2)) on [0, 1], by its inverse CDF: t = 1/2 + asinh((2u - 1) sinh(a/2)) / a,
+    u ~ U[0, 1)."""
+
+    def __init__(self, a: float = 4.0) -> None:
+        if not a > 0:
+            raise ValueError(f"u-shaped a must be positive, got {a}")
+        self.a = a
+
+    def __call__(self, n: int, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> Tensor:
+        u = torch.rand(n, generator=generator, device=device, dtype=torch.float32)
+        half = torch.sinh(torch.tensor(self.a / 2, dtype=torch.float32, device=u.device))
+        return (0.5 + torch.asinh((2 * u - 1) * half) / self.a).clamp(0.0, 1.0)
+
+
 def get_time_sampler(name: str = "uniform", **params: Any) -> TimeSampler:
     """The time sampler ``name`` of ``TIME_SAMPLERS`` with ``params``; ValueError for an unknown name or parameter."""
     return TIME_SAMPLERS.build(name, **params)

@@ -42,7 +42,7 @@ from fastfm.solve.guidance import drop_labels
 from fastfm.path.interpolants import interpolant_objective
 from fastfm.kernels import ops, select
 from fastfm.kernels.rng import philox_state
-from fastfm.training.losses import cfm_loss
+from fastfm.training.objectives import Objective, get_objective
 from fastfm.path.affine import AffinePath, FourierInterpolant, LearnedScheduler, get_path
 from fastfm.evaluation.plotting import save_samples_png
 from fastfm.training.preemption import Interrupted, StopSignal
@@ -53,7 +53,7 @@ from fastfm.run.load import build_source, resolve_device
 from fastfm.run.meta import downsample
 from fastfm.solve import EagerSampler, settings_with
 from fastfm.solve.settings import SAMPLE_COUNTS
-from fastfm.training.assemble import model_for, run_meta
+from fastfm.training.assemble import init_from, model_for, run_meta
 from fastfm.training.telemetry import flops_per_sample, peak_flops, peak_memory_mb
 from fastfm.training.timesteps import get_time_sampler
 
@@ -95,24 +95,29 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 class LossStep(nn.Module):
-    """CFM loss of ``model`` on one micro-batch: the unit torch.compile traces and DDP wraps.
+    """The objective's loss of ``model`` on one micro-batch (``fastfm.training.objectives``): the unit
+    torch.compile traces and DDP wraps.
 
-    bf16 autocast covers the model; t, the time embedding and the loss reduction stay fp32.
+    bf16 autocast covers the model; t, h, the time embedding and the loss reduction stay fp32.
     """
 
-    def __init__(self, model: nn.Module, path: AffinePath, target: str, superres: int, bf16: bool):
+    def __init__(self, model: nn.Module, path: AffinePath, objective: Objective, target: str, loss: str,
+                 superres: int, bf16: bool):
         super().__init__()
-        self.model, self.path, self.target, self.superres, self.bf16 = model, path, target, superres, bf16
+        self.model, self.path, self.objective, self.target, self.loss = model, path, objective, target, loss
+        self.superres, self.bf16 = superres, bf16
 
-    def forward(self, x0: Tensor | None, x1: Tensor, t: Tensor, y: Tensor | None, rng: Tensor | None) -> Tensor:
+    def forward(self, x0: Tensor | None, x1: Tensor, t: Tensor, h: Tensor | None, y: Tensor | None,
+                rng: Tensor | None) -> Tensor:
         """x0 None: the kernels draw it from the noise state ``rng`` (int64 [seed, offset] on x1's device),
-        an input like the data, so a new seed never recompiles the step."""
+        an input like the data, so a new seed never recompiles the step. h: the steps of a flow map's rows."""
         cond = {} if y is None else {"y": y}
         if self.superres:
             cond["low_res"] = downsample(x1, self.superres)
         bf16 = torch.autocast(x1.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
         with bf16:
-            return cfm_loss(self.model, self.path, x0, x1, t, self.target, rng=rng, **cond).loss
+            return self.objective.per_sample(self.model, self.path, x0, x1, t, h, rng, self.target, self.loss,
+                                             cond).mean()
 
 
 def channels_last(cfg: TrainConfig, device: torch.device, image: bool) -> bool:
@@ -140,7 +145,10 @@ class Trainer:
                               f"at least {EVAL_MIN_TEST}: give more data or a larger test split (--data-args "
                               "test_fraction=... or n_test=...)")
         self.path = get_path(cfg.path, build_source(cfg.source, cfg.seed, self.data.shape), **cfg.path_args)
+        self.objective = get_objective(cfg.objective, **cfg.objective_args)
         self.model = model_for(cfg, self.data).to(self.device)
+        if cfg.init and not cfg.resume:  # a resumed run's weights are its checkpoint's
+            init_from(self.model, cfg.init)
         if self.env.active:  # same initial weights everywhere (DDP also broadcasts), per-rank dropout streams
             torch.manual_seed(seeding.derive(cfg.seed, seeding.RANK, self.env.rank))
         self.meta = run_meta(cfg, self.data, self.model)
@@ -162,7 +170,10 @@ class Trainer:
         # Independent coupling from a Gaussian source: the kernels draw x0 from a per-step seed (a learned
         # interpolant's step needs x0 itself).
         self.in_kernel_noise = (cfg.coupling == "independent" and isinstance(self.path.source, Gaussian)
-                                and self.interp is None)
+                                and self.interp is None and not self.data.paired)
+        if self.data.paired and (cfg.coupling != "independent" or cfg.source != "gaussian"):
+            raise ConfigError(f"data set {cfg.data!r} pairs each point with its source point (reflow): it takes "
+                              "--coupling independent and --source gaussian")
         self.hardware = hardware.capabilities(self.device)
         self.precision = hardware.autocast_precision(cfg.bf16, self.hardware, cfg.force_bf16)
         # auto's kernel backend: timed on rank 0 for this job's rows, the same on every rank
@@ -170,7 +181,8 @@ class Trainer:
         probe = select.choose(rows, torch.float32, self.device, self.in_kernel_noise) if self.env.main else None
         self.kernels = distributed.from_rank0(probe, self.env)
         ops.set_auto_backend(self.device.type, self.kernels["backend"])
-        step = LossStep(self.model, self.path, cfg.target, cfg.superres, self.precision.bf16)
+        step = LossStep(self.model, self.path, self.objective, cfg.target, cfg.loss, cfg.superres,
+                        self.precision.bf16)
         step = torch.compile(step, fullgraph=True) if cfg.compile else step  # compile before the DDP wrap
         ids = [self.device.index] if self.device.type == "cuda" else None
         self.step_fn = DistributedDataParallel(step, device_ids=ids) if self.env.active else step
@@ -192,19 +204,23 @@ class Trainer:
     def train_step(self, step: int) -> tuple[Tensor, Tensor, Tensor]:
         """One optimizer step; returns (mean loss of this rank's rows, gradient norm, step skipped) as tensors."""
         cfg, env, dev = self.cfg, self.env, self.device
-        x1, y = self.data.sample(cfg.batch_size, self.gen)
+        if self.data.paired:  # reflow: the pairs are the coupling
+            x0, x1, y = self.data.sample_pairs(cfg.batch_size, self.gen)
+        else:
+            x1, y = self.data.sample(cfg.batch_size, self.gen)
+            x0 = None if self.in_kernel_noise else self.path.source.sample(tuple(x1.shape), generator=self.gen)
         y = y if cfg.class_cond else None
         seed = seeding.derive(cfg.seed, seeding.NOISE, step)  # a function of the step: resumes exactly
-        x0 = None if self.in_kernel_noise else self.path.source.sample(tuple(x1.shape), generator=self.gen)
-        t = self.times(cfg.batch_size, self.gen)
+        m = cfg.batch_size // (env.world * cfg.grad_accum)
+        t, h = self.objective.draw(cfg.batch_size, self.times, self.gen, m)
         if y is not None:
             y = drop_labels(y, cfg.label_dropout, self.model.num_classes, self.gen)
         rows = env.rows(cfg.batch_size)
         x1, t = x1[rows].to(dev, non_blocking=True), t[rows].to(dev, non_blocking=True)
+        h = None if h is None else h[rows].to(dev, non_blocking=True)
         y = None if y is None else y[rows].to(dev, non_blocking=True)
         if x0 is not None:
             x0, x1, y = self._couple(x0[rows].to(dev, non_blocking=True), x1, y, step)
-        m = x1.shape[0] // cfg.grad_accum
         total = torch.zeros((), device=dev)
         self.opt.zero_grad(set_to_none=True)
         for i in range(cfg.grad_accum):
@@ -215,7 +231,8 @@ class Trainer:
             last = i == cfg.grad_accum - 1
             sync = self.step_fn.no_sync() if env.active and not last else contextlib.nullcontext()
             with sync:
-                loss = self.step_fn(None if x0 is None else x0[mb], x1[mb], t[mb], None if y is None else y[mb], rng)
+                loss = self.step_fn(None if x0 is None else x0[mb], x1[mb], t[mb], None if h is None else h[mb],
+                                    None if y is None else y[mb], rng)
                 (loss / cfg.grad_accum).backward()
             total += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
@@ -357,23 +374,25 @@ class Trainer:
         of it for the samples, the rest for the NLL (``EvalBudget``; ``eval_plan`` in the summary)."""
         cfg, data = self.cfg, self.data
         started, budget_s = clock(), self.eval_budget(trained_s)
-        settings = settings_with({"solver": cfg.eval_solver, "steps": cfg.eval_steps,
+        settings = settings_with({"solver": None if cfg.eval_solver == "auto" else cfg.eval_solver,
+                                  "steps": cfg.eval_steps or None,
                                   "divergence": cfg.eval_divergence})
         sampler = EagerSampler(self.ema, self.path, self.meta, settings)
         timed = budget_s is not None and sampler.plan("sample").fixed  # adaptive solvers run as asked
         budget = EvalBudget(budget_s, started, EVAL_MIN_POINTS) if timed else None
         n = min(cfg.n_samples, SAMPLE_COUNTS["image"]) if data.kind == "image" else cfg.n_samples
         report, res = evaluate(sampler, data, n_samples=n, n_nll=cfg.eval_n, seed=cfg.seed, budget=budget)
+        solved = sampler.describe()
         assert res is not None  # an eager sampler draws samples
         png.parent.mkdir(parents=True, exist_ok=True)
         save_samples_png(res.x, png, data.kind, data.levels, data.test,
-                         title=f"{cfg.data}, {cfg.path}, {cfg.eval_solver} x {cfg.eval_steps}, NFE {res.nfe}")
+                         title=f"{cfg.data}, {cfg.path}, {solved['solver']} x {solved['steps']}, NFE {res.nfe}")
         plan = {"budget_s": budget_s if timed else None, **(budget.record if budget else {}), "samples": len(res.x),
                 "seconds": clock() - started}
         if "test" in report:
             plan["nll_points"] = report["test"]["n"]
         return {"test": report.get("test"), "samples_png": str(png), "sample_nfe": res.nfe,
-                "transport": report["transport"], "eval_plan": plan, **({"quality": report["quality"]}
+                "transport": report.get("transport"), "eval_plan": plan, **({"quality": report["quality"]}
                                                                        if "quality" in report else {})}
 
     def fit(self) -> dict[str, Any]:
