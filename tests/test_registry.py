@@ -26,6 +26,7 @@ from fastfm.registry import Registry
 from fastfm.solve import PLAN_KINDS
 from fastfm.solve.solvers import SOLVERS
 from fastfm.training.timesteps import TIME_SAMPLERS, LogitNormalTime
+from fastfm.training.objectives import OBJECTIVES
 
 from conftest import cli_error, train_argv
 
@@ -107,9 +108,9 @@ def test_train_help_lists_every_registered_name() -> None:
     helps = {a.dest: a.help for a in build_parser()._actions}
     for dest, registry in (("path", PATHS), ("coupling", COUPLINGS), ("time_sampler", TIME_SAMPLERS),
                            ("model", MODELS), ("data", DATASETS), ("eval_solver", SOLVERS),
-                           ("eval_divergence", DIVERGENCES)):
+                           ("eval_divergence", DIVERGENCES), ("objective", OBJECTIVES)):
         assert registry.help_text().replace("%", "%%") in helps[dest], dest
-    for dest in ("coupling_args", "time_sampler_args", "data_args", "path_args", "model_args"):
+    for dest in ("coupling_args", "time_sampler_args", "data_args", "path_args", "model_args", "objective_args"):
         assert "KEY=VALUE" in helps[dest], dest
 
 

@@ -111,7 +111,7 @@ BAD_VALUES = [
     ("weight_decay", "-0.01", ">= 0"),
     ("warmup", "-1", ">= 0"),
     ("steps", "0", ">= 1"), ("batch_size", "0", ">= 1"), ("grad_accum", "0", ">= 1"),
-    ("eval_steps", "0", ">= 1"), ("eval_n", "0", ">= 1"), ("n_samples", "0", ">= 1"),
+    ("eval_steps", "-1", ">= 0"), ("eval_n", "0", ">= 1"), ("n_samples", "0", ">= 1"),
     ("ema_halflife_kimg", "-1", "positive"), ("ema_rampup", "-0.1", ">= 0"),
     ("label_dropout", "1", "in [0, 1)"), ("label_dropout", "-0.1", "in [0, 1)"),
     ("superres", "-2", ">= 0"), ("max_bad_steps", "0", ">= 1"),

@@ -44,7 +44,6 @@ class Dataset(ABC):
         """n training samples in model space (float32) and their labels (int64) or None."""
 
     @property
-    @property
     def paired(self) -> bool:
         """Whether training rows come with their own source points (``sample_pairs``: a reflow data set)."""
         return False
@@ -54,6 +53,7 @@ class Dataset(ABC):
         """(x0, x1, labels) of n training rows whose source points x0 are part of the data (``paired``)."""
         raise DataError(f"data set {self.name!r} holds no source points: it is not a paired (reflow) data set")
 
+    @property
     def has_log_prob(self) -> bool:
         return False
 
