@@ -13,22 +13,32 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_training
-from test_export import TOL, _call, inputs, reference, runs  # noqa: F401 (runs: the module's run fixture)
+from test_export import DIGITS, MLP, TOL, UNET, VECTOR, _call, inputs, make_run, reference, runs  # noqa: F401
 
 from fastfm.export import EngineRequest, export_engine, load
 from fastfm.kernels.rng import philox_state
 from fastfm.models import build_model
 from fastfm.path.affine import get_path
+from fastfm.training.objectives import get_objective
+from fastfm.training.timesteps import UniformTime
 from fastfm.training.trainer import LossStep
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-STEPS = {  # model config, data shape, class-conditional, superres
-    "mlp": ({"name": "mlp", "dim": 2, "hidden": 64, "depth": 3}, (2,), False, 0),
+STEPS = {  # model config, data shape, class-conditional, superres, objective
+    "mlp": ({"name": "mlp", "dim": 2, "hidden": 64, "depth": 3}, (2,), False, 0, "cfm"),
     "unet_cond": ({"name": "unet", "in_channels": 1, "image_size": 8, "model_channels": 16, "channel_mult": [1, 2],
-                   "num_res_blocks": 1, "num_classes": 10}, (1, 8, 8), True, 0),
+                   "num_res_blocks": 1, "num_classes": 10}, (1, 8, 8), True, 0, "cfm"),
     "unet_sr": ({"name": "unet", "in_channels": 1, "image_size": 8, "model_channels": 16, "channel_mult": [1],
-                 "num_res_blocks": 1, "low_res_channels": 1}, (1, 8, 8), False, 2),
+                 "num_res_blocks": 1, "low_res_channels": 1}, (1, 8, 8), False, 2, "cfm"),
+    # flow maps: MeanFlow's JVP through the compiled model (the UNet's attention included), shortcut's extra calls
+    "mlp_meanflow": ({"name": "mlp", "dim": 2, "hidden": 64, "depth": 3, "flow_map": True}, (2,), False, 0,
+                     "meanflow"),
+    "unet_meanflow": ({"name": "unet", "in_channels": 1, "image_size": 8, "model_channels": 16,
+                       "channel_mult": [1, 2], "num_res_blocks": 1, "num_classes": 10, "flow_map": True}, (1, 8, 8),
+                      True, 0, "meanflow"),
+    "mlp_shortcut": ({"name": "mlp", "dim": 2, "hidden": 64, "depth": 3, "flow_map": True}, (2,), False, 0,
+                     "shortcut"),
 }
 
 
@@ -40,24 +50,26 @@ def test_compiled_training_step_matches_eager(name: str, bf16: bool):
     from fastfm.compat import dynamo_counters
     counters = dynamo_counters()
 
-    config, shape, cond, superres = STEPS[name]
+    config, shape, cond, superres, name_of_objective = STEPS[name]
+    objective = get_objective(name_of_objective)
     torch.manual_seed(0)
     model = build_model(config).cuda()
     twin = copy.deepcopy(model)
     path = get_path("condot")
-    compiled = torch.compile(LossStep(model, path, "velocity", superres, bf16), fullgraph=True)
-    eager = LossStep(twin, path, "velocity", superres, bf16)
+    compiled = torch.compile(LossStep(model, path, objective, "velocity", "squared", superres, bf16), fullgraph=True)
+    eager = LossStep(twin, path, objective, "velocity", "squared", superres, bf16)
     opts = [torch.optim.SGD(m.parameters(), lr=1e-2) for m in (model, twin)]
     torch.compiler.reset()
     counters.clear()
     tol = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-4, atol=1e-5)
     g = torch.Generator(device="cuda").manual_seed(1)
+    host = torch.Generator().manual_seed(1)
     for i in range(3):
         x1 = torch.randn(16, *shape, device="cuda", generator=g)
-        t = torch.rand(16, device="cuda", generator=g)
+        t, h = (v if v is None else v.cuda() for v in objective.draw(16, UniformTime(), host, 16))
         y = torch.randint(0, 10, (16,), device="cuda", generator=g) if cond else None
         rng = philox_state(2**40 + 7 * i, 16 * i, "cuda")
-        losses = [step(None, x1, t, y, rng) for step in (compiled, eager)]
+        losses = [step(None, x1, t, h, y, rng) for step in (compiled, eager)]
         for loss, opt in zip(losses, opts):
             assert torch.isfinite(loss)
             loss.backward()
@@ -77,6 +89,10 @@ TRAIN_RUNS = {
                   "num_res_blocks=1"],
     "unet_sr": ["--data", "digits", "--superres", "2", "--model-args", "model_channels=8", "channel_mult=[1]",
                 "num_res_blocks=1"],
+    "meanflow_guided": ["--data", "digits", "--class-cond", "--objective", "meanflow", "--objective-args",
+                        "guidance=2", "kappa=0.5", "--model-args", "model_channels=8", "channel_mult=[1]",
+                        "num_res_blocks=1"],
+    "shortcut": ["--data", "checkerboard", "--objective", "shortcut"],
 }
 
 
@@ -87,7 +103,10 @@ def test_train_compile_bf16_on_cuda(tmp_path: Path, variant: str):
                        *TRAIN_RUNS[variant], steps=6)
     assert run.summary["skipped_steps"] == 0
     assert torch.isfinite(torch.tensor(run.summary["last"]["loss"]))
-    assert torch.isfinite(torch.tensor(run.summary["test"]["nll_nats"]))
+    if run.summary["test"] is not None:  # a flow map has no likelihood: its summary has sample quality instead
+        assert torch.isfinite(torch.tensor(run.summary["test"]["nll_nats"]))
+    else:
+        assert TRAIN_RUNS[variant][TRAIN_RUNS[variant].index("--objective") + 1] in ("meanflow", "shortcut")
 
 
 def _has(module: str) -> bool:
@@ -116,12 +135,24 @@ ENGINES = {  # run, spec: sampling and likelihood, MLP and UNet, every dtype, gu
     "unet-guided-fp16": ("unet_cond", dict(task="sample", solver="midpoint", steps=2, batch=4, guidance=1.5,
                                            dtype="fp16")),
     "unet-superres": ("unet_sr", dict(task="sample", solver="euler", steps=2, batch=4)),
+    "mlp-flowmap-1": ("mlp_flowmap", dict(task="sample", steps=1, batch=8)),
+    "unet-flowmap-2-label": ("unet_flowmap", dict(task="sample", steps=2, batch=4, class_label=3)),
 }
+
+
+@pytest.fixture(scope="module")
+def engine_runs(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:  # noqa: F811
+    """test_export's runs and two flow maps (models of two times)."""
+    root = tmp_path_factory.mktemp("flow_map_runs")
+    maps = {"mlp_flowmap": ({**MLP, "flow_map": True}, VECTOR, 0),
+            "unet_flowmap": ({**UNET, "num_classes": 10, "flow_map": True}, DIGITS, 0)}
+    return {**runs, **{name: make_run(root / name, *args) for name, args in maps.items()}}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(ENGINES))
-def test_cuda_engine_matches_eager(runs, tmp_path: Path, case: str, backend: str):  # noqa: F811 (fixture)
+def test_cuda_engine_matches_eager(engine_runs: dict[str, Path], tmp_path: Path, case: str, backend: str):
+    runs = engine_runs
     run, spec = ENGINES[case]
     out = tmp_path / f"{case}-{backend}"
     export_engine(runs[run], EngineRequest.of(backend=backend, **spec), out, device="cuda")

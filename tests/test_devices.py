@@ -29,6 +29,7 @@ from fastfm.export.spec import EngineRequest, resolve
 from fastfm.kernels.rng import philox_state
 from fastfm.models import build_model
 from fastfm.path.affine import get_path
+from fastfm.training.objectives import get_objective
 from fastfm.training.trainer import LossStep
 
 META = torch.device("meta")
@@ -131,36 +132,46 @@ def test_off_device_audit_names_stray_tensors():
     assert off_device(ep, torch.device("cpu")) == []
 
 
-TRAIN_STEPS = {  # (model config, data shape, path, target, class-conditional, superres)
-    "mlp": ({"name": "mlp", "dim": 2, "hidden": 32, "depth": 2}, (2,), "condot", "velocity", False, 0),
-    "mlp_vp_x1": ({"name": "mlp", "dim": 2, "hidden": 32, "depth": 2}, (2,), "vp", "x1", False, 0),
+TRAIN_STEPS = {  # (model config, data shape, path, target, class-conditional, superres, objective)
+    "mlp": ({"name": "mlp", "dim": 2, "hidden": 32, "depth": 2}, (2,), "condot", "velocity", False, 0, "cfm"),
+    "mlp_vp_x1": ({"name": "mlp", "dim": 2, "hidden": 32, "depth": 2}, (2,), "vp", "x1", False, 0, "cfm"),
     "unet_cond": ({"name": "unet", "in_channels": 1, "image_size": 8, "model_channels": 8, "channel_mult": [1],
-                   "num_res_blocks": 1, "num_classes": 10}, (1, 8, 8), "condot", "velocity", True, 0),
+                   "num_res_blocks": 1, "num_classes": 10}, (1, 8, 8), "condot", "velocity", True, 0, "cfm"),
     "unet_sr": ({"name": "unet", "in_channels": 1, "image_size": 8, "model_channels": 8, "channel_mult": [1],
-                 "num_res_blocks": 1, "low_res_channels": 1}, (1, 8, 8), "trig", "x0", False, 2),
+                 "num_res_blocks": 1, "low_res_channels": 1}, (1, 8, 8), "trig", "x0", False, 2, "cfm"),
+    "mlp_meanflow": ({"name": "mlp", "dim": 2, "hidden": 32, "depth": 2, "flow_map": True}, (2,), "condot",
+                     "velocity", False, 0, "meanflow"),
+    "unet_meanflow_cond": ({"name": "unet", "in_channels": 1, "image_size": 8, "model_channels": 8,
+                            "channel_mult": [1], "num_res_blocks": 1, "num_classes": 10, "flow_map": True},
+                           (1, 8, 8), "condot", "velocity", True, 0, "meanflow"),
+    "mlp_shortcut": ({"name": "mlp", "dim": 2, "hidden": 32, "depth": 2, "flow_map": True}, (2,), "vp",
+                     "velocity", False, 0, "shortcut"),
 }
 
 
 @pytest.mark.parametrize("name", list(TRAIN_STEPS))
 def test_compiled_training_step_runs_on_the_inputs_device(name):
-    """The compiled loss step (path op, model, CFM loss, fused backward) on meta tensors, fullgraph: no
-    CPU tensor meets the device's, and a new noise state per step (seed and offset, a device tensor)
-    never recompiles. (bf16 autocast does not exist on meta; tests/test_cuda.py runs it on a GPU.)"""
+    """The compiled loss step (path op, model, the objective's loss: CFM's fused backward, MeanFlow's JVP,
+    shortcut's extra calls) on meta tensors, fullgraph: no CPU tensor meets the device's, and a new noise state
+    per step (seed and offset, a device tensor) never recompiles. (bf16 autocast does not exist on meta;
+    tests/test_cuda.py runs it on a GPU.)"""
     from fastfm.compat import dynamo_counters
     counters = dynamo_counters()
 
-    config, shape, path, target, cond, superres = TRAIN_STEPS[name]
+    config, shape, path, target, cond, superres, objective = TRAIN_STEPS[name]
     torch.manual_seed(0)
     model = build_model(config).to(META)
-    step = torch.compile(LossStep(model, get_path(path), target, superres, bf16=False), fullgraph=True,
-                         backend="aot_eager")
+    step = torch.compile(LossStep(model, get_path(path), get_objective(objective), target, "squared", superres,
+                                  bf16=False), fullgraph=True, backend="aot_eager")
     torch.compiler.reset()
     counters.clear()
     b = 4
+    flow_map = config.get("flow_map", False)
     for i in range(3):
         x1, t = torch.empty(b, *shape, device=META), torch.empty(b, device=META)
+        h = torch.empty(b, device=META) if flow_map else None
         y = torch.zeros(b, dtype=torch.int64, device=META) if cond else None
-        loss = step(None, x1, t, y, philox_state(1000 + i, i * b, META))
+        loss = step(None, x1, t, h, y, philox_state(1000 + i, i * b, META))
         loss.backward()
         assert loss.device == META and loss.shape == ()
         assert all(p.grad is not None and p.grad.device == META for p in model.parameters())

@@ -31,6 +31,7 @@ from fastfm import evaluate, sample
 from fastfm.run.load import load_run
 from fastfm.run.checkpoint import save_inference
 from fastfm.solve.likelihood import bits_per_dim, ode_likelihood
+from fastfm.solve.flowmap import flow_map_sample
 from fastfm.models import build_model
 from fastfm.solve.ode import ode_sample as eager_sample
 
@@ -113,6 +114,9 @@ def reference(run_dir: Path, engine: Engine, given: dict[str, torch.Tensor]) -> 
         cond["y"] = torch.full((x.shape[0],), spec.class_label)
     opts = dict(solver=spec.solver, steps=spec.steps, target=run.meta.target, **cond)
     with torch.no_grad():
+        if spec.kind == "flowmap":
+            return {"x": flow_map_sample(run.model, x, spec.times(), guidance=spec.guidance, **cond).x,
+                    "log_prob": None}
         if spec.task == "sample":
             res = eager_sample(run.model, run.path, x, guidance=spec.guidance, log_likelihood=spec.log_likelihood,
                                **opts)
