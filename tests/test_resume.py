@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fastfm.training import trainer as train_mod
+from fastfm.training import objectives as objectives_mod
 from fastfm.run.checkpoint import load_training_state
 from fastfm.training.config import TrainConfig
 
@@ -58,14 +59,14 @@ def test_resume_with_changed_options_is_an_error(tmp_path):
 
 
 def _nan_on(steps_bad):
-    real = train_mod.cfm_loss
+    real = objectives_mod.cfm_loss
     calls = {"n": 0}
 
     def loss(*args, **kwargs):
         out = real(*args, **kwargs)
         calls["n"] += 1
         if calls["n"] in steps_bad:
-            out.loss = out.loss * float("nan")
+            out.per_sample = out.per_sample * float("nan")
         return out
     return loss
 
@@ -77,7 +78,7 @@ def _tiny(tmp_path, steps, max_bad=3):
 
 
 def test_nan_guard_skips_bad_steps(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_mod, "cfm_loss", _nan_on({3, 4}))
+    monkeypatch.setattr(objectives_mod, "cfm_loss", _nan_on({3, 4}))
     train_mod.train(_tiny(tmp_path, 6))
     state = load_training_state(tmp_path / "checkpoint.pt")
     assert all(torch.isfinite(v).all() for v in state["model"].values())
@@ -90,6 +91,6 @@ def test_nan_guard_skips_bad_steps(tmp_path, monkeypatch):
 
 
 def test_nan_guard_stops_after_too_many_in_a_row(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_mod, "cfm_loss", _nan_on(set(range(2, 100))))
+    monkeypatch.setattr(objectives_mod, "cfm_loss", _nan_on(set(range(2, 100))))
     with pytest.raises(train_mod.TrainingDiverged, match="3 non-finite steps in a row"):
         train_mod.train(_tiny(tmp_path, 20))

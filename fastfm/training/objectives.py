@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from fastfm.kernels import ops
+from fastfm.models.blocks import forward_mode_attention
 from fastfm.path.affine import AffinePath, expand_like
 from fastfm.path.densities import Gaussian
 from fastfm.registry import Registry
@@ -139,7 +140,8 @@ class MeanFlow(Objective):
             return model(x, s, h=step, **cond)
 
         ones = torch.ones_like(t)
-        u, du = torch.func.jvp(u_of, (x, t, h), (v.to(x.dtype), ones, -ones))
+        with forward_mode_attention():  # matmul + softmax attention: the fused kernels have no forward-mode rule
+            u, du = torch.func.jvp(u_of, (x, t, h), (v.to(x.dtype), ones, -ones))
         u_tgt = (v.float() + expand_like(h, v) * du.float()).detach()
         err = sum_squares(u.float() - u_tgt)
         weight = (err.detach() + self.eps).pow(-self.power)
