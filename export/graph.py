@@ -29,7 +29,8 @@ from .spec import DTYPES, EngineSpec, ExportError, TensorSlot
 
 
 class ModelInDtype(nn.Module):
-    """v(x, t, **cond) = model(x.to(dtype), t, **cond).float(): parameters in ``dtype``, t in fp32.
+    """v(x, t, **cond) = model(x.to(dtype), t, **cond).float(): parameters in ``dtype``, t (and a flow map's step h)
+    in fp32.
 
     The models embed t in fp32 (sinusoidal features, autocast off) and cast the features to
     their weights' dtype; buffers (the embedding frequencies) are left in fp32.
@@ -44,7 +45,7 @@ class ModelInDtype(nn.Module):
         self.num_classes = getattr(model, "num_classes", None)
 
     def forward(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
-        cond = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in cond.items()}
+        cond = {k: v.to(self.dtype) if v.is_floating_point() and k != "h" else v for k, v in cond.items()}
         return self.model(x.to(self.dtype), t, **cond).float()
 
 

@@ -23,12 +23,12 @@ from fastfm.solve.ode import SampleResult
 from fastfm.path.affine import AffinePath
 from fastfm.run.load import path_of
 from fastfm.run.meta import Cond
-from fastfm.solve.plan import SolvePlan
+from fastfm.solve.plan import SolvePlan, plan_solve
 from fastfm.solve.sampler import progress_bar, with_labels
 from fastfm.solve.settings import settings_with
 
 from .engine import Engine, EngineResult, load
-from .spec import ExportError
+from .spec import EngineSpec, ExportError
 
 
 class EngineSampler:
@@ -86,6 +86,8 @@ class EngineSampler:
         if task != self.spec.task:
             raise ExportError(f"engine {self.engine.directory} is a {self.spec.task} engine; it cannot {task}")
         if log_likelihood and not self.spec.plan.log_likelihood:
+            settings = EngineSpec.request_of(self.spec.to_json()).settings
+            plan_solve(settings, self.meta, self.path, task, log_likelihood=True)  # the run's own reason, if any
             raise ValueError(f"--engine {self.engine.directory} computes no log-likelihood; export it with "
                              "--log-likelihood")
         if transport:

@@ -26,6 +26,11 @@ Training (the values of saved runs: never change them):
     noise            the seed of the in-kernel Philox noise of one optimizer step, index (step,); a function
                      of the step alone, so a resumed run draws the same noise without saving it
 
+Generated data (the values of saved data sets: never change them):
+
+    reflow           the sampler seed of chunk j of shard k of a reflow data set, index (k, j)
+                     (``fastfm.training.reflow``): a shard is a function of its index alone
+
 Evaluation (a measurement's own draws, apart from the samples it measures):
 
     eval                   ``SAMPLE``: a sampler's prior draws, Hutchinson probes and SDE noise (the eager,
@@ -62,6 +67,7 @@ RANK = "rank"
 BATCH = "batch"
 COUPLING = "coupling"
 NOISE = "noise"
+REFLOW = "reflow"
 SAMPLE = "eval"
 TRANSPORT = "eval/transport"
 METRICS = "eval/metrics"
@@ -75,7 +81,7 @@ BOOTSTRAP = "eval/bootstrap"
 TRAJECTORY = "eval/trajectory"
 PARITY = "eval/parity"
 STREAMS = (DATA_SPLIT, DATA_TEST, DATA_TEST_NOISE, DATA_DIRECTIONS, SOURCE, INIT, RANK, BATCH, COUPLING, NOISE,
-           SAMPLE, TRANSPORT, METRICS, FRECHET_INIT, FRECHET_BATCH, JUDGE_TRAIN, JUDGE_REFERENCE, JUDGE_FLOOR,
+           REFLOW, SAMPLE, TRANSPORT, METRICS, FRECHET_INIT, FRECHET_BATCH, JUDGE_TRAIN, JUDGE_REFERENCE, JUDGE_FLOOR,
            JUDGE_PROJECTIONS, BOOTSTRAP, TRAJECTORY, PARITY)
 """The stream names ``derive`` accepts, one per consumer (the module text says whose)."""
 

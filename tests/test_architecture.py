@@ -18,7 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"fastfm": ROOT / "fastfm", "fastfm.kernels": ROOT / "kernels", "fastfm.export": ROOT / "export"}
 LEAVES = ("fastfm.registry", "fastfm.compat", "fastfm.hardware", "fastfm.seeding")
-LAUNCHERS = ("fastfm.train", "fastfm.sample", "fastfm.evaluate", "fastfm.curves", "fastfm.export.__main__")
+LAUNCHERS = ("fastfm.train", "fastfm.sample", "fastfm.evaluate", "fastfm.curves", "fastfm.reflow",
+             "fastfm.export.__main__")
 CONCEPTS = {"data": 0, "models": 0, "path": 1, "run": 2, "solve": 3, "evaluation": 4, "training": 5}
 """The core's subpackages, each importing only from those at its rank or below."""
 """``python -m`` targets: entry points by role, kept where ``python -m fastfm.X`` finds them."""
@@ -105,7 +106,7 @@ def test_the_core_never_names_export() -> None:
     assert not offenders
 
 
-@pytest.mark.parametrize("command", ["sample", "evaluate", "train", "experiments"])
+@pytest.mark.parametrize("command", ["sample", "evaluate", "train", "reflow", "experiments"])
 def test_an_eager_command_loads_no_export(command: str) -> None:
     """``python -m fastfm.sample`` without --engine imports none of the export layer."""
     code = (f"import sys, fastfm.{command}; bad = sorted(m for m in sys.modules if m.startswith('fastfm.export')); "

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_export import RUNS, make_run
+from test_flowmap_engines import FLOW_MAP_RUNS
 
 from fastfm.run.checkpoint import load_inference, save_inference
 from fastfm.run.load import load_run
@@ -53,6 +54,11 @@ ENGINES = [  # (run, spec): every task, solver, dtype, conditioning and divergen
     ("mlp_vp_x1", dict(task="sample", solver="euler", steps=2, batch=4, diffusion="1")),  # SDE ending with it
     ("mlp", dict(task="sample", solver="euler", steps=3, batch=4, diffusion="sin2:2")),  # SDE: noise input
     ("unet_cond", dict(task="sample", solver="euler", steps=2, batch=2, diffusion="1", guidance=2.0)),
+    ("mlp_fm", dict(task="sample", steps=1, batch=4)),  # flow maps: the step h made on the input's device
+    ("mlp_fm", dict(task="sample", steps=2, batch=4, dtype="bf16")),
+    ("mlp_cond_fm", dict(task="sample", steps=2, batch=4)),
+    ("mlp_cond_fm", dict(task="sample", steps=1, batch=4, class_label=1, guidance=2.0)),
+    ("unet_cond_fm", dict(task="sample", steps=2, batch=2, guidance=1.5)),
 ]
 
 
@@ -66,9 +72,10 @@ t = 1 and end with the jump to E[x1 | x_t]."""
 
 
 def _make(root: Path, name: str) -> Path:
-    """A run of test_export's RUNS, or an MLP_VARIANTS one (re-committed with its edited model.json)."""
+    """A run of test_export's RUNS or test_flowmap_engines' FLOW_MAP_RUNS, or an MLP_VARIANTS one (re-committed with
+    its edited model.json)."""
     if name not in MLP_VARIANTS:
-        return make_run(root / name, *RUNS[name])
+        return make_run(root / name, *{**RUNS, **FLOW_MAP_RUNS}[name])
     out = make_run(root / name, *RUNS["mlp"])
     weights, meta = load_inference(out)
     save_inference(out, weights, {**meta, **MLP_VARIANTS[name]})

@@ -71,7 +71,7 @@ def parse_config(argv: list[str] | None = None, cls: type = TrainConfig, descrip
 def summary_line(summary: dict[str, Any]) -> str:
     """One line: steps, wall time, throughput, last loss and test NLL."""
     last, test = summary["last"], summary["test"]
-    nll = "n/a (no source density)" if test is None else (
+    nll = f"n/a ({summary['no_test']})" if test is None else (
         f"{test['nll_nats']:.4f} nats (+- {test['nll_nats_stderr']:.4f}, NFE {test['nfe']})"
         + (f", {test['bits_per_dim']:.4f} bits/dim" if "bits_per_dim" in test else ""))
     return (f"done: {summary['steps']} steps on {summary['world']} process(es) in {summary['wall_s']:.1f} s, "

@@ -10,12 +10,13 @@ from fastfm.data.arrays import file_dataset
 from fastfm.data.dataset import Dataset, GeneratedDataset
 from fastfm.data.images import digits_dataset, folder_dataset, mnist5k_dataset, torchvision_dataset
 from fastfm.data.mixtures import sphere_mixture
+from fastfm.data.pairs import pair_dataset
 from fastfm.data.toys import TOYS
 from fastfm.registry import Registry
 
 DATASETS: Registry[Dataset] = Registry("dataset", supplied=("seed",))
-"""Every factory takes ``seed`` (fixing test sets, splits and random mixture means); "array" and "folder" need
-``path`` (or the "npy:PATH" / "npz:PATH" / "folder:PATH" name forms)."""
+"""Every factory takes ``seed`` (fixing test sets, splits and random mixture means); "array", "folder" and "reflow"
+need ``path`` (or the "npy:PATH" / "npz:PATH" / "folder:PATH" / "reflow:PATH" name forms)."""
 
 
 def _toy(name: str, *, seed: int = 0, n_test: int = 2000) -> Dataset:
@@ -49,7 +50,15 @@ DATASETS.register("mnist", "torchvision MNIST, downloaded into path (default ~/.
 DATASETS.register("cifar10", "torchvision CIFAR-10, downloaded into path (default ~/.cache/fastfm)",
                   functools.partial(_torchvision, "cifar10"))
 
-_PREFIXES = {"npy": "array", "npz": "array", "folder": "folder"}
+
+@DATASETS.register("reflow", "pairs (x0, x1) of a trained flow from python -m fastfm.reflow, tested on the teacher's "
+                             "test split: reflow:DIR")
+def _reflow(path: str, *, seed: int = 0) -> Dataset:
+    """``seed`` (the student's) is not used: the pairs, and the teacher's data set and split, are the manifest's."""
+    return pair_dataset(path, get_dataset)
+
+
+_PREFIXES = {"npy": "array", "npz": "array", "folder": "folder", "reflow": "reflow"}
 
 
 def _resolve(name: str, path: str | None) -> tuple[str, dict[str, Any]]:

@@ -61,7 +61,7 @@ class ConditionEmbedding(nn.Module):
     ``nn.Embedding(num_classes + 1, emb_dim)`` whose last row (index ``num_classes``) is the NULL class used for
     classifier-free guidance; ``y=None`` means the NULL class. With ``flow_map`` the model also takes the step
     ``h`` >= 0 from its time t (the average velocity u(x, t, t + h) of MeanFlow, the step d of a shortcut model);
-    ``h=None`` means h = 0, the instantaneous velocity.
+    ``h=None`` means h = 0, the instantaneous velocity. ``H``'s last layer starts at zero.
     """
 
     def __init__(self, freq_dim: int, emb_dim: int, num_classes: int | None = None, flow_map: bool = False) -> None:
@@ -72,6 +72,9 @@ class ConditionEmbedding(nn.Module):
         self.sinusoidal = SinusoidalEmbedding(freq_dim)
         self.time = _time_mlp(freq_dim, emb_dim)
         self.step = _time_mlp(freq_dim, emb_dim) if flow_map else None
+        if self.step is not None:  # a fresh step embedding adds nothing: a flow map initialised from a velocity
+            nn.init.zeros_(self.step[2].weight)  # model (--init) starts as that model at every step h
+            nn.init.zeros_(self.step[2].bias)
         self.label = None if num_classes is None else nn.Embedding(num_classes + 1, emb_dim)
 
     def forward(self, t: Tensor, y: Tensor | None = None, h: Tensor | None = None) -> Tensor:

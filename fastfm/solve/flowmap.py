@@ -3,7 +3,7 @@ learned by a model of two times (``flow_map=true``: ``model(x, s, h=t - s)``), s
 
     x_{t_{i+1}} = x_{t_i} + (t_{i+1} - t_i) u(x_{t_i}, t_i, t_{i+1})        (k steps: k model calls)
 
-A MeanFlow model (``fastfm.training.flowmap``) is exact in one step where it has learned u exactly; a shortcut
+A MeanFlow model (``fastfm.training.objectives``) is exact in one step where it has learned u exactly; a shortcut
 model reads h as its step size d. A flow map has no density without the ODE (its likelihood is refused by the
 plan, ``fastfm.solve.plan``).
 """

@@ -15,6 +15,7 @@ shows its progress per model evaluation, with an ETA.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Protocol
 
 import torch
@@ -135,7 +136,9 @@ class EagerSampler:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the model's tensors are (the CPU for a closed-form field without any)."""
+        first = next(itertools.chain(self.model.parameters(), self.model.buffers()), None)
+        return torch.device("cpu") if first is None else first.device
 
     def describe(self, task: str = "sample") -> dict[str, Any]:
         return self.plan(task).describe()

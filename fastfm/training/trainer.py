@@ -391,7 +391,9 @@ class Trainer:
                 "seconds": clock() - started}
         if "test" in report:
             plan["nll_points"] = report["test"]["n"]
-        return {"test": report.get("test"), "samples_png": str(png), "sample_nfe": res.nfe,
+        no_test = None if "test" in report else (
+            "a flow map has no density without the ODE" if self.meta.flow_map else "no source density")
+        return {"test": report.get("test"), "no_test": no_test, "samples_png": str(png), "sample_nfe": res.nfe,
                 "transport": report.get("transport"), "eval_plan": plan, **({"quality": report["quality"]}
                                                                        if "quality" in report else {})}
 
