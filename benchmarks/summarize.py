@@ -84,17 +84,18 @@ def machine(raw: dict) -> dict[str, Any]:
 
 
 def write_summary(summarize_fn: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
-    """Summarize the pytest-benchmark JSON named by argv[1] into the file argv[2]; returns the summary."""
+    """Summarize the pytest-benchmark JSON named by argv[1] into the file argv[2] and print its machine class; returns
+    the summary."""
     src, dst = Path(sys.argv[1]), Path(sys.argv[2])
     out = summarize_fn(json.loads(src.read_text()))
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_text(json.dumps(out, indent=2))
+    print(f"machine class: {(out['hardware'] or {}).get('machine_class')}")
     return out
 
 
 if __name__ == "__main__":
     out = write_summary(summarize)
-    print(f"machine class: {(out['hardware'] or {}).get('machine_class')}")
     for r in out["results"]:
         if "baseline" in r:
             sp = "  ".join(f"x{r[f'speedup_vs_{loop}'] or 0:5.2f} vs {loop}" for loop in PLAIN_LOOPS)

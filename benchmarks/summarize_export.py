@@ -41,7 +41,6 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
 
 if __name__ == "__main__":
     out = write_summary(summarize)
-    print(f"machine class: {(out['hardware'] or {}).get('machine_class')}")
     for r in out["results"]:
         fm, eager = r["speedup_vs_flow_matching"], r["speedup_vs_eager"]
         print(f"{r['model']:5s} {r['task']:10s} b{r['batch']:<5d} {r['impl']:14s} {1e3 * r['median_s']:10.3f} ms "

@@ -42,7 +42,6 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
 
 if __name__ == "__main__":
     out = write_summary(summarize)
-    print(f"machine class: {(out['hardware'] or {}).get('machine_class')}")
     for r in out["results"]:
         sp, w2 = r["speedup_vs_flow_matching"], r["sliced_w2"]
         print(f"{r['impl']:20s} b{r['batch']:<5d} {1e3 * r['median_s']:10.3f} ms  x{sp or 0:7.1f} vs flow_matching"

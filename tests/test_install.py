@@ -29,7 +29,7 @@ PACKAGE_DIRS: dict[str, str] = tomllib.loads((ROOT / "pyproject.toml").read_text
 """Import name -> source folder (fastfm.kernels -> kernels)."""
 MAIN_GUARD = re.compile(r"^if __name__ == ['\"]__main__['\"]:", re.MULTILINE)
 NAMED_ENTRY_POINTS = {"fastfm.train", "fastfm.sample", "fastfm.evaluate", "fastfm.export", "fastfm.experiments",
-                      "fastfm.hardware", "fastfm.curves"}
+                      "fastfm.hardware", "fastfm.curves", "fastfm.reflow"}
 """The commands the README names (a subset of what is discovered)."""
 
 

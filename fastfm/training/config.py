@@ -210,7 +210,10 @@ class TrainConfig:
                              (self.path == "learned", "--path learned: the interpolant's own step needs a velocity "
                               "model; choose a fixed path"),
                              (self.model_args.get("flow_map", True) is not True, "--model-args flow_map=false: it "
-                              "trains a model of two times")):
+                              "trains a model of two times"),
+                             (objective.forward_mode and self.memory_format == "channels_last", "--memory-format "
+                              "channels_last: its loss takes forward-mode JVPs, which group norm has no rule for in "
+                              "that layout (leave --memory-format auto)")):
                 if bad:
                     raise ConfigError(f"objective {self.objective!r} learns a flow map, not {why}")
         unmet = requires.unmet(self.__dict__)

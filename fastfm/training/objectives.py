@@ -17,7 +17,7 @@ host generator, before the compiled step) and returns per-sample fp32 losses (``
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -49,11 +49,12 @@ def sum_squares(err: Tensor) -> Tensor:
 
 
 class Objective:
-    """One objective (see the module doc): ``flow_map`` if its model takes two times; ``draw`` the times of n rows
-    (micro-batches of ``chunk`` rows); ``per_sample`` losses (B,) of one micro-batch."""
+    """One objective (see the module doc): ``flow_map`` if its model takes two times, ``forward_mode`` if its loss
+    takes a forward-mode JVP of the model (which then stays contiguous: no channels_last); ``draw`` the times of n
+    rows (micro-batches of ``chunk`` rows); ``per_sample`` losses (B,) of one micro-batch."""
 
     flow_map: ClassVar[bool] = False
-    needs_velocity: ClassVar[bool] = False
+    forward_mode: ClassVar[bool] = False
 
     def draw(self, n: int, times: TimeSampler, generator: torch.Generator, chunk: int) -> tuple[Tensor, Tensor | None]:
         """(t, h): times (n,) fp32 and, for a model of two times, steps h (n,) fp32."""
@@ -89,16 +90,15 @@ class MeanFlow(Objective):
     guided flow (the paper's CFG; guidance = 1, kappa = 0: none)."""
 
     flow_map = True
-    needs_velocity = True
+    forward_mode = True
 
     def __init__(self, equal: float = 0.75, power: float = 1.0, eps: float = 1e-3, guidance: float = 1.0,
                  kappa: float = 0.0) -> None:
-        for name, value, ok in (("equal", equal, 0 <= equal <= 1), ("power", power, power >= 0),
-                                ("eps", eps, eps > 0), ("guidance", guidance, math.isfinite(guidance)),
-                                ("kappa", kappa, math.isfinite(kappa))):
-            if not ok:
-                raise ValueError(f"meanflow objective: bad {name}={value!r}")
-        self.equal, self.power, self.eps, self.guidance, self.kappa = equal, power, eps, guidance, kappa
+        self.equal = number("meanflow", "equal", equal, lambda v: 0 <= v <= 1, "a share in [0, 1]")
+        self.power = number("meanflow", "power", power, lambda v: v >= 0, "a number >= 0")
+        self.eps = number("meanflow", "eps", eps, lambda v: v > 0, "a number > 0")
+        self.guidance = number("meanflow", "guidance", guidance, lambda v: True, "a number")
+        self.kappa = number("meanflow", "kappa", kappa, lambda v: True, "a number")
 
     @property
     def guided(self) -> bool:
@@ -158,14 +158,11 @@ class Shortcut(Objective):
     d < 1 / max_steps: the flow-matching velocity), without grad."""
 
     flow_map = True
-    needs_velocity = True
 
     def __init__(self, share: float = 0.25, max_steps: int = 128) -> None:
-        if not 0 < share < 1:
-            raise ValueError(f"shortcut objective: share must lie in (0, 1), got {share!r}")
-        if not (isinstance(max_steps, int) and max_steps >= 1 and max_steps & (max_steps - 1) == 0):
-            raise ValueError(f"shortcut objective: max_steps must be a power of 2, got {max_steps!r}")
-        self.share, self.max_steps = share, max_steps
+        self.share = number("shortcut", "share", share, lambda v: 0 < v < 1, "a share in (0, 1)")
+        self.max_steps = int(number("shortcut", "max_steps", max_steps,
+                                    lambda v: isinstance(v, int) and v >= 1 and v & (v - 1) == 0, "a power of 2"))
 
     def consistency_rows(self, m: int) -> int:
         """How many of m rows are self-consistency rows (the last ones)."""
@@ -198,6 +195,13 @@ class Shortcut(Objective):
         per = sum_squares(pred.float() - target_v.float())
         dim = x1[0].numel()
         return per / dim if loss == "squared" else robust(per, dim)
+
+
+def number(objective: str, name: str, value: Any, ok: Callable[[float], bool], what: str) -> float:
+    """``value`` as a finite number (not a bool) for which ``ok`` holds; ValueError naming the argument otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{objective} objective: bad {name}={value!r}: expected {what}")
+    return value
 
 
 def get_objective(name: str, **params: Any) -> Objective:

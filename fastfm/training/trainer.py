@@ -120,9 +120,11 @@ class LossStep(nn.Module):
                                              cond).mean()
 
 
-def channels_last(cfg: TrainConfig, device: torch.device, image: bool) -> bool:
-    """NHWC for image models: on request, or (auto) on CUDA, where tensor-core convolutions want it."""
-    return image and (cfg.memory_format == "channels_last" or (cfg.memory_format == "auto" and device.type == "cuda"))
+def channels_last(cfg: TrainConfig, device: torch.device, image: bool, objective: Objective) -> bool:
+    """NHWC for image models: on request, or (auto) on CUDA, where tensor-core convolutions want it; never for an
+    objective that takes forward-mode JVPs (group norm's has no rule for that layout)."""
+    return image and not objective.forward_mode and (
+        cfg.memory_format == "channels_last" or (cfg.memory_format == "auto" and device.type == "cuda"))
 
 
 class Trainer:
@@ -159,7 +161,7 @@ class Trainer:
             self.interp_opt = torch.optim.Adam(self.interp.parameters(), lr=self.path.scheduler.lr, maximize=True)
             self.interp_objective = torch.full((), float("nan"), device=self.device)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)  # contiguous: evaluation takes JVPs
-        if channels_last(cfg, self.device, self.data.kind == "image"):
+        if channels_last(cfg, self.device, self.data.kind == "image", self.objective):
             self.model.to(memory_format=torch.channels_last)
         self.coupling = get_coupling(cfg.coupling, **cfg.coupling_args)
         self.times = get_time_sampler(cfg.time_sampler, **cfg.time_sampler_args)
