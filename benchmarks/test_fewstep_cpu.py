@@ -9,8 +9,9 @@
 
 at batch 1 and 1024. Every implementation's samples are checked against its eager solve before it is timed, and
 its quality is measured on 2,000 samples against 2,000 held-out points (sliced W2, seed 0) beside the teacher's
-dopri5 samples. Runs are trained once per session into a temporary folder (about two minutes on 2 cores), or
-read from FASTFM_FEWSTEP_RUNS (a folder holding teacher/ and meanflow/ run directories).
+dopri5 samples. The runs are the checkerboard's teacher and MeanFlow runs of the fewstep experiment
+(``python -m fastfm.experiments fewstep``: runs/experiments/fewstep/runs, or the folder FASTFM_FEWSTEP_RUNS names);
+where they are missing, two runs of the same kind are trained first into a temporary folder.
 Run: make bench-fewstep (this file, then benchmarks/summarize_fewstep.py).
 """
 
@@ -50,11 +51,16 @@ IMPLS: dict[str, dict[str, Any]] = {  # implementation -> (run, settings, engine
 CASES = [(impl, batch) for batch in (1, 1024) for impl in IMPLS]
 
 
+EXPERIMENT_RUNS = {"teacher": "checkerboard-teacher", "meanflow": "checkerboard-meanflow"}
+"""The fewstep experiment's run directories of the two runs."""
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    given = os.environ.get("FASTFM_FEWSTEP_RUNS")
-    if given:
-        return {name: Path(given) / name for name in TRAINING}
+    folder = Path(os.environ.get("FASTFM_FEWSTEP_RUNS", "runs/experiments/fewstep/runs"))
+    found = {name: folder / key for name, key in EXPERIMENT_RUNS.items()}
+    if all((run / "model.json").exists() for run in found.values()):
+        return found
     root = tmp_path_factory.mktemp("fewstep_runs")
     for name, options in TRAINING.items():
         train(TrainConfig(data="checkerboard", model_args=MLP, steps=STEPS, batch_size=BATCH, out=str(root / name),
