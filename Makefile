@@ -47,10 +47,12 @@ bench-train: $(STAMP)
 bench-export: $(STAMP)
 	$(PY) benchmarks/run_levels.py cpu_export $(RESULTS) benchmarks/summarize_export.py benchmarks/test_export_cpu.py
 
-# Few-step engines (MeanFlow 1/2/4 steps) against the teacher's ODE engine and flow_matching's 16-step midpoint
-# ODESolver, each with the quality it reaches: $(RESULTS)/cpu_fewstep-CLASS.json (trains its two runs first).
+# Few-step engines (MeanFlow 1/2/4 steps, the reflowed model's Euler) against the teacher's ODE engine and
+# flow_matching's 16-step midpoint ODESolver, each with the quality it reaches: $(RESULTS)/cpu_fewstep-CLASS.json.
+# It times the fewstep experiment's checkerboard runs, running the experiment first where they are missing.
 .PHONY: bench-fewstep
 bench-fewstep: $(STAMP)
+	test -f runs/experiments/fewstep/runs/checkerboard-meanflow/model.json || $(PY) -m fastfm.experiments fewstep
 	$(PY) benchmarks/run_levels.py cpu_fewstep $(RESULTS) benchmarks/summarize_fewstep.py benchmarks/test_fewstep_cpu.py
 
 # The papers' experiments (paths, interpolants, conditional) at the default CPU scale: reports, figures and JSON

@@ -1,17 +1,23 @@
 """CPU latency of few-step engines against the ODE, each at the quality it reaches, in the same run.
 
-    teacher   a 2D MLP trained with CFM on the checkerboard (fastfm's default job, at the size below)
-    meanflow  the same MLP with two times, trained with --objective meanflow (logit-normal times)
+The runs are the checkerboard runs of the fewstep experiment (``python -m fastfm.experiments fewstep``:
+runs/experiments/fewstep/runs, or the folder FASTFM_FEWSTEP_RUNS names; ``make bench-fewstep`` runs the
+experiment first where its runs are missing): the same MLP trained as
 
-    meanflow-K        a K-step flow-map engine (K = 1, 2, 4: NFE K), AOTInductor and ONNX
-    teacher-ode       the teacher's engine with fastfm's default solve (midpoint x 32 steps, NFE 64)
+    teacher   CFM (the ODE teacher)
+    reflow    2-rectified flow++ on the teacher's pairs, from the teacher's weights
+    meanflow  MeanFlow, a model of two times
+
+and timed as
+
+    meanflow-K-B      a K-step flow-map engine (K = 1, 2, 4: NFE K) on backend B (aoti, onnx)
+    reflow-K-aoti     the reflowed model's Euler engine at K = 1, 2 steps (NFE K)
+    teacher-ode-aoti  the teacher's engine with fastfm's default solve (midpoint x 32 steps, NFE 64)
     flow_matching     Meta's ODESolver on the teacher: midpoint x 16 steps (NFE 32), eager
 
 at batch 1 and 1024. Every implementation's samples are checked against its eager solve before it is timed, and
 its quality is measured on 2,000 samples against 2,000 held-out points (sliced W2, seed 0) beside the teacher's
-dopri5 samples. The runs are the checkerboard's teacher and MeanFlow runs of the fewstep experiment
-(``python -m fastfm.experiments fewstep``: runs/experiments/fewstep/runs, or the folder FASTFM_FEWSTEP_RUNS names);
-where they are missing, two runs of the same kind are trained first into a temporary folder.
+dopri5 samples.
 Run: make bench-fewstep (this file, then benchmarks/summarize_fewstep.py).
 """
 
@@ -30,20 +36,16 @@ from fastfm.evaluation.metrics import sample_quality
 from fastfm.export import EngineRequest, export_engine, load
 from fastfm.run.load import dataset_of, load_run
 from fastfm.solve import EagerSampler, settings_with
-from fastfm.training.config import TrainConfig
-from fastfm.training.trainer import train
 
-MLP = {"hidden": 256, "depth": 4}
-TRAINING: dict[str, dict[str, Any]] = {  # the two runs: the same MLP, the same data and budget
-    "teacher": {},
-    "meanflow": {"objective": "meanflow", "time_sampler": "logit-normal"},
-}
-STEPS, BATCH = 4000, 512
+RUNS = {"teacher": "checkerboard-teacher", "reflow": "checkerboard-reflow", "meanflow": "checkerboard-meanflow"}
+"""The fewstep experiment's run directories this benchmark reads."""
 QUALITY_N = 2000
 FLOW_MATCHING_STEPS = 16
-IMPLS: dict[str, dict[str, Any]] = {  # implementation -> (run, settings, engine backend or None)
+IMPLS: dict[str, dict[str, Any]] = {  # implementation -> run, settings, engine backend (None: flow_matching)
     **{f"meanflow-{k}-{b}": {"run": "meanflow", "settings": {"steps": k}, "backend": b}
        for k in (1, 2, 4) for b in ("aoti", "onnx")},
+    **{f"reflow-{k}-aoti": {"run": "reflow", "settings": {"solver": "euler", "steps": k}, "backend": "aoti"}
+       for k in (1, 2)},
     "teacher-ode-aoti": {"run": "teacher", "settings": {"solver": "midpoint", "steps": 32}, "backend": "aoti"},
     "flow_matching": {"run": "teacher", "settings": {"solver": "midpoint", "steps": FLOW_MATCHING_STEPS},
                       "backend": None},
@@ -51,21 +53,15 @@ IMPLS: dict[str, dict[str, Any]] = {  # implementation -> (run, settings, engine
 CASES = [(impl, batch) for batch in (1, 1024) for impl in IMPLS]
 
 
-EXPERIMENT_RUNS = {"teacher": "checkerboard-teacher", "meanflow": "checkerboard-meanflow"}
-"""The fewstep experiment's run directories of the two runs."""
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def runs() -> dict[str, Path]:
     folder = Path(os.environ.get("FASTFM_FEWSTEP_RUNS", "runs/experiments/fewstep/runs"))
-    found = {name: folder / key for name, key in EXPERIMENT_RUNS.items()}
-    if all((run / "model.json").exists() for run in found.values()):
-        return found
-    root = tmp_path_factory.mktemp("fewstep_runs")
-    for name, options in TRAINING.items():
-        train(TrainConfig(data="checkerboard", model_args=MLP, steps=STEPS, batch_size=BATCH, out=str(root / name),
-                          device="cpu", log_every=STEPS, eval_n=2, n_samples=8, **options).validate())
-    return {name: root / name for name in TRAINING}
+    found = {name: folder / key for name, key in RUNS.items()}
+    missing = [str(run) for run in found.values() if not (run / "model.json").exists()]
+    if missing:
+        pytest.fail(f"no fewstep experiment runs {missing}: run python -m fastfm.experiments fewstep first "
+                    "(make bench-fewstep does)")
+    return found
 
 
 def eager(run_dir: Path, settings: dict[str, Any]) -> Callable[[Tensor], Tensor]:
@@ -107,7 +103,7 @@ def test_fewstep(benchmark, runs: dict[str, Path], tmp_path: Path, impl: str, ba
     err = check(fn(x), ref(x), impl)
     benchmark.group = f"sample batch {batch}"
     benchmark.pedantic(fn, args=(x,), rounds=200 if batch == 1 else 5, warmup_rounds=2)
-    nfe = case["settings"]["steps"] * (2 if case["run"] == "teacher" else 1)
+    nfe = case["settings"]["steps"] * (2 if case["settings"].get("solver") == "midpoint" else 1)
     info = {"impl": impl, "batch": batch, "run": case["run"], "nfe": nfe, "max_abs_vs_eager": err,
             "rows_per_s": batch / benchmark.stats.stats.median}
     if batch == 1024:  # the quality each reaches (the same function at the larger batch)
