@@ -55,8 +55,8 @@ bench-fewstep: $(STAMP)
 	test -f runs/experiments/fewstep/runs/checkerboard-meanflow/model.json || $(PY) -m fastfm.experiments fewstep
 	$(PY) benchmarks/run_levels.py cpu_fewstep $(RESULTS) benchmarks/summarize_fewstep.py benchmarks/test_fewstep_cpu.py
 
-# The papers' experiments (paths, interpolants, conditional) at the default CPU scale: reports, figures and JSON
-# under runs/experiments/ (35-40 minutes on 2 cores, an estimate; --scale gpu for one GPU).
+# The papers' experiments (paths, interpolants, conditional, fewstep) at the default CPU scale: reports, figures and
+# JSON under runs/experiments/ (about 41 minutes on 2 cores: the four measured one at a time; --scale gpu for one GPU).
 experiments: $(STAMP)
 	$(PY) -m fastfm.experiments all
 
