@@ -37,7 +37,7 @@ import torch
 from fastfm.run.checkpoint import load_json, save_json, sha256
 from fastfm.run.load import path_of
 from fastfm.run.meta import RunMeta
-from fastfm.solve.solvers import FIXED_SOLVERS
+from fastfm.solve.solvers import STEPPED_SOLVERS
 
 from .backends import ENGINE_BACKENDS
 from .spec import DTYPES, TASKS, EngineSpec, ExportError, TensorSlot
@@ -168,7 +168,7 @@ def _spec(d: dict[str, Any], meta: RunMeta, path: Path) -> EngineSpec:
             raise ManifestError(f"{path}: spec.{name} must be {_names(kind)}, got {d[name]!r}")
     if d["backend"] not in ENGINE_BACKENDS:
         raise ManifestError(f"{path} names unknown backend {d['backend']!r}; known: {ENGINE_BACKENDS.names}")
-    for field, allowed in (("task", TASKS), ("solver", FIXED_SOLVERS), ("dtype", tuple(DTYPES))):
+    for field, allowed in (("task", TASKS), ("solver", STEPPED_SOLVERS), ("dtype", tuple(DTYPES))):
         if d[field] not in allowed:
             raise ManifestError(f"{path} names unknown {field} {d[field]!r}; known: {allowed}")
     if any(d[k] < 0 for k in ("steps", "batch", "probes")):

@@ -29,7 +29,7 @@ from fastfm.run.meta import RunMeta
 from fastfm.solve.plan import TASKS, SolvePlan, plan_solve
 from fastfm.solve.settings import DEFAULTS, InferenceSettings
 from fastfm.solve.signature import TensorSlot
-from fastfm.solve.solvers import FIXED_SOLVERS
+from fastfm.solve.solvers import STEPPED_SOLVERS
 
 __all__ = ["DTYPES", "TASKS", "EngineRequest", "EngineSpec", "ExportError", "TensorSlot", "resolve"]
 
@@ -129,7 +129,7 @@ def resolve(request: EngineRequest, meta: RunMeta, path: AffinePath, *, warn: bo
     except ValueError as e:
         raise ExportError(str(e)) from None
     if not plan.fixed:
-        raise ExportError(f"an engine unrolls a fixed-step solver: choose one of {FIXED_SOLVERS}, got {plan.solver!r}")
+        raise ExportError(f"an engine unrolls a fixed-step solver: choose one of {STEPPED_SOLVERS}, got {plan.solver!r}")
     if plan.grid is not None:
         raise ExportError("an engine unrolls a uniform grid of --steps: --grid does not apply to export")
     if plan.divergence == "none" and s.divergence != "auto":

@@ -91,9 +91,10 @@ def solver_of(name: str) -> Solver:
     return SOLVERS.build(name)
 
 
-FIXED_SOLVERS = tuple(n for n in SOLVERS if solver_of(n).fixed)
-"""Solvers with a fixed number of steps (an engine unrolls them): the Runge-Kutta tableaus and the flow map."""
-ODE_SOLVERS = tuple(n for n in SOLVERS if not solver_of(n).flow_map)
+FIXED_SOLVERS = tuple(n for n in SOLVERS if solver_of(n).tableau is not None)
+"""The fixed-step ODE solvers (Runge-Kutta tableaus)."""
+STEPPED_SOLVERS = tuple(n for n in SOLVERS if solver_of(n).fixed)
+"""Every solver with a fixed number of steps, which an engine unrolls: the tableaus and the flow map's steps."""
 ADAPTIVE_SOLVERS = tuple(n for n in SOLVERS if not solver_of(n).fixed)
 
 
@@ -138,7 +139,7 @@ def odeint_fixed(f: Field, y0: State, grid: Tensor, solver: str = DEFAULT_SOLVER
     tab = solver_of(solver).tableau
     if tab is None:
         raise ValueError(f"{solver!r} is not a Runge-Kutta tableau: odeint_fixed takes one of "
-                         f"{', '.join(n for n in FIXED_SOLVERS if n in ODE_SOLVERS)}")
+                         f"{', '.join(FIXED_SOLVERS)}")
     c, a, b = tab
     y, states = y0, [y0]
     for i in range(grid.shape[0] - 1):
