@@ -129,7 +129,8 @@ def resolve(request: EngineRequest, meta: RunMeta, path: AffinePath, *, warn: bo
     except ValueError as e:
         raise ExportError(str(e)) from None
     if not plan.fixed:
-        raise ExportError(f"an engine unrolls a fixed-step solver: choose one of {STEPPED_SOLVERS}, got {plan.solver!r}")
+        raise ExportError(f"an engine unrolls a fixed-step solver: choose one of {STEPPED_SOLVERS}, got "
+                          f"{plan.solver!r}")
     if plan.grid is not None:
         raise ExportError("an engine unrolls a uniform grid of --steps: --grid does not apply to export")
     if plan.divergence == "none" and s.divergence != "auto":

@@ -369,8 +369,8 @@ def test_cli_help_is_grouped_with_defaults() -> None:
     for action in export_cli.parser()._actions:
         assert action.help, f"{action.option_strings} has no help"
     assert f"(default: {DEFAULT_SOLVER_HELP})" in " ".join(text.split())
-    for option, default in [("--diffusion", "1"), ("--steps", DEFAULT_STEPS_HELP), ("--batch", "1"), ("--backend", "auto"),
-                            ("--dtype", "auto"), ("--device", "auto"), ("--divergence", "auto"), ("--probes", "1"),
+    for option, default in [("--diffusion", "1"), ("--steps", DEFAULT_STEPS_HELP), ("--batch", "1"),
+                            ("--backend", "auto"), ("--dtype", "auto"), ("--device", "auto"), ("--divergence", "auto"), ("--probes", "1"),
                             ("--guidance", "1"), ("--seed", "0")]:
         entry = re.search(rf"^  {option} .*?(?=^  -|\Z)", text, re.M | re.S)
         assert entry and f"(default: {default})" in " ".join(entry[0].split()), option

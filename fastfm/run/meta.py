@@ -75,7 +75,8 @@ class RunMeta:
         """The metadata of a model that no fastfm run trained (a field of one's own behind ``EagerSampler``):
         data of ``shape`` and ``kind``, a Gaussian source, ``num_classes`` classes (None: unconditional), a flow map
         ``model(x, t, h=)`` or a velocity ``model(x, t)``."""
-        return RunMeta(model={"num_classes": num_classes, "flow_map": flow_map}, path="custom", source="gaussian", target=target,
+        return RunMeta(model={"num_classes": num_classes, "flow_map": flow_map}, path="custom", source="gaussian",
+                       target=target,
                        data=DataMeta(name="custom", shape=tuple(shape), kind=kind, num_classes=num_classes))
 
     @property

@@ -22,7 +22,8 @@ def flow_map_sample(model: nn.Module, x0: Tensor, grid: Tensor, *, y: Tensor | N
     doc); NFE = k. Times and steps reach the model in fp32, broadcast to (B,)."""
     u = guided_model(model, y, guidance, **conditioning)
     x = x0
+    n = x.shape[0]
     for i in range(grid.shape[0] - 1):
-        t, h = grid[i].float().expand(x.shape[0]), (grid[i + 1] - grid[i]).float().expand(x.shape[0])
-        x = x + (grid[i + 1] - grid[i]).to(x.dtype) * u(x, t, h=h).to(x.dtype)
+        step = (grid[i + 1] - grid[i]).float()
+        x = x + step.to(x.dtype) * u(x, grid[i].float().expand(n), h=step.expand(n)).to(x.dtype)
     return SampleResult(x, grid.shape[0] - 1)

@@ -12,7 +12,7 @@ random draws (``draw``) and its one pure, traceable ``run``:
     ode         x0 [, y] [, low_res] [, probes]  -> x = x(1) [, log_prob]       ODE, prior -> data
     sde         x0 [, y] [, low_res], noise      -> x = x(1)                     Euler-Maruyama (``fastfm.solve.sde``)
     likelihood  x1 [, y] [, low_res] [, probes]  -> x = x(0), log_prob [, bits_per_dim]   data -> prior
-    flowmap     x0 [, y] [, low_res]             -> x = x(1)                     a flow map's steps (``fastfm.solve.flowmap``)
+    flowmap     x0 [, y] [, low_res]             -> x = x(1)                     a flow map's steps (``solve.flowmap``)
 
 ``y`` is an input of class-conditional models unless a class label is baked into the plan; ``probes`` (k, B, ...)
 of Hutchinson divergences; ``noise`` (steps, B, ...) standard normal, one draw per step and element. The

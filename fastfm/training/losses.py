@@ -32,6 +32,16 @@ def robust(sum_sq: Tensor, dim: int) -> Tensor:
     return torch.sqrt(sum_sq + c * c) - c
 
 
+def noise_std(path: AffinePath, x0: Tensor | None) -> float:
+    """The std of the Gaussian source the kernels draw x0 from when ``x0`` is None (1.0 where x0 is given from
+    another source); ValueError for in-kernel noise from a source that is not Gaussian."""
+    if isinstance(path.source, Gaussian):
+        return path.source.std
+    if x0 is None:
+        raise ValueError(f"in-kernel noise needs a Gaussian source; this path's source is {path.source!r}: pass x0")
+    return 1.0
+
+
 @dataclass
 class LossOutput:
     """Mean loss (scalar, fp32) and the per-sample losses (B,)."""
@@ -47,9 +57,7 @@ def cfm_loss(model: nn.Module, path: AffinePath, x0: Tensor | None, x1: Tensor, 
     x0 = None draws the source noise inside the kernels from the stream of ``rng`` (Gaussian sources
     only; a shard of a batch passes its rows' offset, see ``fastfm.kernels.ops.noise_state``).
     """
-    if x0 is None and not isinstance(path.source, Gaussian):
-        raise ValueError(f"in-kernel noise needs a Gaussian source; this path's source is {path.source!r}: pass x0")
-    std = path.source.std if isinstance(path.source, Gaussian) else 1.0
+    std = noise_std(path, x0)
     coef = path.coefficients(t, target)
     x_t, _ = ops.affine_path(x1, coef.a, coef.b, coef.c, coef.d, x0, rng, std, write_target=False)
     v = model(x_t, t, **conditioning)

@@ -25,20 +25,16 @@ from torch import Tensor, nn
 from fastfm.kernels import ops
 from fastfm.models.blocks import forward_mode_attention
 from fastfm.path.affine import AffinePath, expand_like
-from fastfm.path.densities import Gaussian
 from fastfm.registry import Registry
-from fastfm.training.losses import LOSSES, cfm_loss, robust
+from fastfm.training.losses import LOSSES, cfm_loss, noise_std, robust
 from fastfm.training.timesteps import TimeSampler
-
-
-def _noise_std(path: AffinePath) -> float:
-    return path.source.std if isinstance(path.source, Gaussian) else 1.0
 
 
 def path_point(path: AffinePath, x0: Tensor | None, x1: Tensor, t: Tensor, rng: Tensor | None) -> tuple[Tensor, Tensor]:
     """(x_t, v_t): the path's point and conditional velocity at t (B,), from the fused path op."""
     coef = path.coefficients(t, "velocity")
-    x_t, v = ops.affine_path(x1, coef.a, coef.b, coef.c, coef.d, x0, rng, _noise_std(path), write_target=True)
+    x_t, v = ops.affine_path(x1, coef.a, coef.b, coef.c, coef.d, x0, rng, noise_std(path, x0),
+                             write_target=True)
     assert v is not None
     return x_t, v
 
