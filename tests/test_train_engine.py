@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastfm import seeding
 from fastfm.training import trainer as train_mod
 from fastfm.run.checkpoint import load_training_state
 from fastfm.training.config import ConfigError, TrainConfig
@@ -103,13 +104,19 @@ def test_global_ot_coupling_gathers_solves_scatters(tmp_path):
     assert _max_diff(tmp_path / "one", tmp_path / "rank") > 1e-4
 
 
-def test_resume_with_another_world_size_is_an_error(single, tmp_path):
+def test_resume_with_another_world_size_reseeds_the_rank_streams(single, tmp_path, capsys):
+    """The global batches do not depend on the world size; each rank's own stream (dropout) is derived anew."""
     state = load_training_state(single / "checkpoint.pt")
     assert state["world"] == 1
     trainer = train_mod.Trainer(TrainConfig(**{**BASE, "out": str(single), "resume": True}).validate(), DistEnv())
-    trainer.env = DistEnv(rank=0, world=2)  # as if launched on 2 ranks (no process group needed to restore)
-    with pytest.raises(ValueError, match="written by 1 rank"):
-        trainer.restore(state)
+    trainer.env = DistEnv(rank=1, world=2)  # as if launched on 2 ranks (no process group needed to restore)
+    assert trainer.restore(state) == BASE["steps"]
+    assert "per-rank random streams (dropout) are drawn anew" not in capsys.readouterr().out  # said by rank 0 only
+    fresh = torch.Generator().manual_seed(seeding.derive(0, seeding.RANK, 1, BASE["steps"])).get_state()
+    assert torch.equal(torch.get_rng_state(), fresh)
+    trainer.env = DistEnv(rank=0, world=1)
+    trainer.restore(state)  # the same world: the saved state
+    assert torch.equal(torch.get_rng_state(), state["torch_rng"][0])
 
 
 def test_compile_bf16_never_recompiles(tmp_path):

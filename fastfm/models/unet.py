@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastfm.models.blocks import (
@@ -16,6 +15,7 @@ from fastfm.models.blocks import (
     ResBlock,
     Upsample,
     group_norm,
+    with_low_res,
     zero_init,
 )
 from fastfm.models.embeddings import ConditionEmbedding
@@ -135,6 +135,12 @@ class UNet(nn.Module):
             group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, out_channels, 3, padding=1))
         )
 
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The resolution blocks in order (down, middle, up): the units FSDP shards, activation checkpointing
+        recomputes and regional compilation compiles."""
+        return [*self.input_blocks, self.middle_block, *self.output_blocks]
+
     @staticmethod
     def config_for_data(*, data: str, kind: str, shape: tuple[int, ...], num_classes: int | None,
                         superres: int = 0) -> dict[str, Any]:
@@ -155,16 +161,8 @@ class UNet(nn.Module):
     ) -> Tensor:
         """Velocity for images x (B, C, H, W), times t (B,), labels y (B,), low_res (B, C', h, w); with
         ``flow_map`` the average velocity over the steps h (B,) from t."""
-        if (low_res is None) != (self.low_res_channels is None):
-            raise ValueError(
-                "low_res must be given exactly when the model is built with low_res_channels "
-                f"(low_res_channels={self.low_res_channels})"
-            )
+        feat = with_low_res(x, low_res, self.low_res_channels)
         emb = self.cond(t, y, h)
-        feat = x
-        if low_res is not None:
-            up = F.interpolate(low_res, size=x.shape[-2:], mode="bilinear", align_corners=False)
-            feat = torch.cat([x, up.to(x.dtype)], dim=1)
         skips: list[Tensor] = []
         for block in self.input_blocks:
             feat = block(feat, emb)

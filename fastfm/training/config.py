@@ -162,6 +162,20 @@ class TrainConfig:
     force_bf16: bool = option(False, "device and performance",
                               "with --bf16: bf16 autocast even where the hardware emulates it (make train: 24x slower "
                               "than fp32 on a 2-core AVX2 CPU)")
+    fsdp: bool = option(False, "device and performance",
+                        "shard parameters, gradients, Adam moments and the EMA over the ranks (FSDP2 fully_shard on "
+                        "each block and the root; models with blocks: sit, unet); checkpoints are sharded "
+                        "(torch.distributed.checkpoint) and resume on any number of ranks")
+    reshard_after_forward: bool = option(True, "device and performance",
+                                         "with --fsdp: free each block's gathered parameters after its forward and "
+                                         "gather them again for its backward (less memory, one more all-gather)")
+    activation_checkpointing: bool = option(False, "device and performance",
+                                            "keep only each block's input for the backward, which recomputes the "
+                                            "block's forward (sit, unet): less activation memory, about 1/3 more "
+                                            "compute")
+    regional_compile: bool = option(False, "device and performance",
+                                    "with --compile: compile the repeated block once instead of the whole step "
+                                    "(shorter compile; always so with --fsdp)")
     memory_format: str = option("auto", "device and performance",
                                 "image models: channels_last, contiguous, or auto (channels_last on CUDA)")
 
@@ -186,6 +200,8 @@ class TrainConfig:
             ("seed" not in self.data_args, "--data-args cannot set seed: the data set's seed is --seed"),
             (self.bf16 or not self.force_bf16, "--force-bf16 forces what --bf16 asks for: add --bf16"),
             (self.loss in LOSSES, f"unknown loss {self.loss!r}; choose one of {LOSSES}"),
+            (self.fsdp or self.reshard_after_forward, "--no-reshard-after-forward applies to --fsdp: add --fsdp"),
+            (self.compile or not self.regional_compile, "--regional-compile is a kind of --compile: add --compile"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -216,6 +232,15 @@ class TrainConfig:
                               "that layout (leave --memory-format auto)")):
                 if bad:
                     raise ConfigError(f"objective {self.objective!r} learns a flow map, not {why}")
+        if objective.forward_mode:
+            for bad, why in ((self.activation_checkpointing, "--activation-checkpointing: a recomputed block saves "
+                              "other tensors under forward-mode AD than in its first forward"),
+                             (self.compile and (self.regional_compile or self.fsdp), "compiled blocks (--compile with "
+                              "--regional-compile or --fsdp): torch.func.jvp cannot run a compiled function from "
+                              "eager code (PyTorch #128711); --fsdp trains it eagerly, without --compile")):
+                if bad:
+                    raise ConfigError(f"objective {self.objective!r} takes forward-mode JVPs through the model, "
+                                      f"which rules out {why}")
         unmet = requires.unmet(self.__dict__)
         if unmet is not None:
             option, needed = unmet

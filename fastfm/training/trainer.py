@@ -24,12 +24,15 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import fastfm
 from fastfm import compat, hardware, seeding
-from fastfm.training import distributed
+from fastfm.run import shards
+from fastfm.training import distributed, sharding
 from fastfm.evaluation.budget import EvalBudget, clock
 from fastfm.run.checkpoint import (CHECKPOINT, EMA_WEIGHTS, META, CheckpointError, load_training_state, read_committed,
                                    save_inference, settle)
@@ -86,10 +89,10 @@ def ema_decay(cfg: TrainConfig, step: int) -> float:
 
 
 def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, for every parameter and buffer."""
+    """ema <- decay * ema + (1 - decay) * model, for every parameter and buffer (of this rank's shards: the EMA is
+    sharded like the weights)."""
     with torch.no_grad():
-        e = list(ema.state_dict().values())
-        m = list(model.state_dict().values())
+        e, m = sharding.local_state(ema), sharding.local_state(model)
         floats = [(a, b) for a, b in zip(e, m) if a.is_floating_point()]
         compat.foreach_lerp_([a for a, _ in floats], [b for _, b in floats], 1.0 - decay)
 
@@ -163,6 +166,19 @@ class Trainer:
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)  # contiguous: evaluation takes JVPs
         if channels_last(cfg, self.device, self.data.kind == "image", self.objective):
             self.model.to(memory_format=torch.channels_last)
+        self.hardware = hardware.capabilities(self.device)
+        self.precision = hardware.autocast_precision(cfg.bf16, self.hardware, cfg.force_bf16)
+        if cfg.activation_checkpointing:
+            sharding.checkpoint_activations(self.model)
+        if cfg.fsdp:
+            if not self.env.active:
+                raise ConfigError("--fsdp shards over the ranks of a torchrun job: launch it with torchrun "
+                                  "--nproc_per_node N -m fastfm.train ... (a single process trains without --fsdp)")
+            sharding.shard(self.model, bf16=self.precision.bf16, reshard_after_forward=cfg.reshard_after_forward)
+            sharding.shard(self.ema)
+        regional = cfg.compile and (cfg.regional_compile or cfg.fsdp)
+        if regional:
+            sharding.compile_blocks(self.model)
         self.coupling = get_coupling(cfg.coupling, **cfg.coupling_args)
         self.times = get_time_sampler(cfg.time_sampler, **cfg.time_sampler_args)
         # fused AdamW skips a step without a host sync when found_inf is 1 (the NaN/Inf guard)
@@ -176,8 +192,6 @@ class Trainer:
         if self.data.paired and (cfg.coupling != "independent" or cfg.source != "gaussian"):
             raise ConfigError(f"data set {cfg.data!r} pairs each point with its source point (reflow): it takes "
                               "--coupling independent and --source gaussian")
-        self.hardware = hardware.capabilities(self.device)
-        self.precision = hardware.autocast_precision(cfg.bf16, self.hardware, cfg.force_bf16)
         # auto's kernel backend: timed on rank 0 for this job's rows, the same on every rank
         rows = (cfg.batch_size // (world * accum), *self.data.shape)
         probe = select.choose(rows, torch.float32, self.device, self.in_kernel_noise) if self.env.main else None
@@ -185,9 +199,9 @@ class Trainer:
         ops.set_auto_backend(self.device.type, self.kernels["backend"])
         step = LossStep(self.model, self.path, self.objective, cfg.target, cfg.loss, cfg.superres,
                         self.precision.bf16)
-        step = torch.compile(step, fullgraph=True) if cfg.compile else step  # compile before the DDP wrap
+        step = torch.compile(step, fullgraph=True) if cfg.compile and not regional else step  # before the DDP wrap
         ids = [self.device.index] if self.device.type == "cuda" else None
-        self.step_fn = DistributedDataParallel(step, device_ids=ids) if self.env.active else step
+        self.step_fn = DistributedDataParallel(step, device_ids=ids) if self.env.active and not cfg.fsdp else step
 
     # ------------------------------------------------------------------ one step
 
@@ -230,14 +244,13 @@ class Trainer:
             # this micro-batch's rows of the global batch's noise stream, as a device tensor
             rng = None if x0 is not None else philox_state(seed, rows.start + i * m, rows=m).to(
                 dev, non_blocking=True)
-            last = i == cfg.grad_accum - 1
-            sync = self.step_fn.no_sync() if env.active and not last else contextlib.nullcontext()
-            with sync:
+            with self._reducing(i == cfg.grad_accum - 1):
                 loss = self.step_fn(None if x0 is None else x0[mb], x1[mb], t[mb], None if h is None else h[mb],
                                     None if y is None else y[mb], rng)
                 (loss / cfg.grad_accum).backward()
             total += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
+        # the norm of the whole gradient: over every rank's shards under --fsdp
+        grad_norm = sharding.full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf")))
         bad = distributed.any_rank(~(torch.isfinite(grad_norm) & torch.isfinite(total)), env)
         compat.set_found_inf(self.opt, bad)
         self.opt.step()
@@ -246,6 +259,14 @@ class Trainer:
         if self.interp is not None and step % self.path.scheduler.every == 0:
             self._interpolant_step(x0, x1, t, y)
         return total / cfg.grad_accum, grad_norm, bad
+
+    def _reducing(self, last: bool) -> contextlib.AbstractContextManager:
+        """Gradient accumulation: the ranks reduce gradients on the last micro-batch of a step only (DDP's
+        ``no_sync`` before it; FSDP keeps unsharded gradients until then)."""
+        if self.cfg.fsdp:
+            self.model.set_requires_gradient_sync(last)  # type: ignore[operator]
+            return contextlib.nullcontext()
+        return self.step_fn.no_sync() if self.env.active and not last else contextlib.nullcontext()
 
     def _interpolant_step(self, x0: Tensor, x1: Tensor, t: Tensor, y: Tensor | None) -> None:
         """One ascent step of the interpolant's parameters on G (``interpolant_objective``) at the current velocity,
@@ -267,9 +288,10 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def weights_finite(self) -> bool:
-        """Whether every weight of the model and its EMA is finite (the same on every rank)."""
-        tensors = [t for m in (self.model, self.ema) for t in m.state_dict().values() if t.is_floating_point()]
-        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+        """Whether every weight of the model and its EMA is finite, on every rank (their shards under --fsdp)."""
+        tensors = [t for m in (self.model, self.ema) for t in sharding.local_state(m) if t.is_floating_point()]
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+        return not bool(distributed.any_rank(~finite, self.env))
 
     def last_good(self) -> str:
         """Where the last checkpoint this run wrote (or resumed from) is, for error messages."""
@@ -279,25 +301,64 @@ class Trainer:
 
     def save(self, step: int) -> None:
         """Commit the checkpoint (rank 0 writes; every rank's RNG states gathered into it) with its EMA weights
-        and model.json; non-finite weights are never written (``TrainingDiverged``)."""
+        and model.json; non-finite weights are never written (``TrainingDiverged``). Under --fsdp every rank first
+        writes its shards of model, EMA and optimizer (``fastfm.run.shards``), which checkpoint.pt names, and
+        ema.safetensors holds the EMA gathered whole."""
         if not self.weights_finite():
             raise TrainingDiverged(f"the weights are not finite (inf/NaN) at step {step}: not checkpointed; "
                                    f"{self.last_good()}")
-        torch_rng = distributed.gather_states(torch.get_rng_state(), self.env)
-        cuda_rng = (distributed.gather_states(torch.cuda.get_rng_state(self.device), self.env)
+        cfg, env = self.cfg, self.env
+        torch_rng = distributed.gather_states(torch.get_rng_state(), env)
+        cuda_rng = (distributed.gather_states(torch.cuda.get_rng_state(self.device), env)
                     if self.device.type == "cuda" else None)
-        if self.env.main:
-            cfg = self.cfg
-            state = {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                     "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+        partial = shards.save(cfg.out, step, self._sharded_state(), env.rank) if cfg.fsdp else None
+        ema = sharding.full_state(self.ema)
+        if env.main:
+            state = {"scheduler": self.sched.state_dict(),
                      "step": step, "config": dict(cfg.__dict__), "meta": self.meta.to_json(),
-                     "world": self.env.world, "rng": self.gen.get_state(), "torch_rng": torch_rng,
+                     "world": env.world, "rng": self.gen.get_state(), "torch_rng": torch_rng,
                      "cuda_rng": cuda_rng, "data": self.data.state_dict(), "kernels": self.kernels["backend"]}
+            if partial is not None:
+                state["shards"] = shards.publish(cfg.out, step, partial)
+            else:
+                state.update(model=self.model.state_dict(), ema=ema, optimizer=self.opt.state_dict())
             if self.interp is not None:  # and model.json's path args rebuild the interpolant as trained so far
                 self.meta.path_args = self.path.scheduler.args()
                 state.update(interpolant=self.interp.state_dict(), interp_optimizer=self.interp_opt.state_dict())
-            save_inference(cfg.out, self.ema.state_dict(), self.meta.to_json(), step=step, state=state)
+            save_inference(cfg.out, ema, self.meta.to_json(), step=step, state=state)
+            shards.drop_stale(cfg.out, state.get("shards", {}).get("dir"))
         self.saved_at = step
+
+    def _sharded_state(self) -> dict[str, Any]:
+        """Model, EMA and optimizer state as ``torch.distributed.checkpoint`` saves and loads it: keyed by parameter
+        name, each rank's shards under --fsdp, whole tensors otherwise."""
+        return {"model": get_model_state_dict(self.model), "ema": get_model_state_dict(self.ema),
+                "optimizer": get_optimizer_state_dict(self.model, self.opt)}
+
+    def _load_weights(self, state: dict) -> None:
+        """The model, EMA and optimizer of a checkpoint: from its shards (saved by any number of ranks), or from its
+        whole tensors (into a sharded model: each rank keeps its shards)."""
+        if "shards" in state:
+            out = Path(self.cfg.out)
+            problem = distributed.from_rank0(shards.verify(out, state["shards"]) if self.env.main else None,
+                                             self.env)
+            if problem is not None:
+                raise CheckpointError(problem)
+            loaded = self._sharded_state()
+            shards.load(out, state["shards"], loaded)
+            set_model_state_dict(self.model, loaded["model"])
+            set_model_state_dict(self.ema, loaded["ema"])
+            set_optimizer_state_dict(self.model, self.opt, loaded["optimizer"])
+        elif self.cfg.fsdp:
+            whole = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, state["model"], options=whole)
+            set_model_state_dict(self.ema, state["ema"], options=whole)
+            set_optimizer_state_dict(self.model, self.opt, sharding.named_optimizer_state(self.model, state["optimizer"]),
+                                     options=whole)
+        else:
+            self.model.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+            self.opt.load_state_dict(state["optimizer"])
 
     def restore(self, state: dict) -> int:
         """Load a checkpoint's full state for ``--resume``; returns the step it was taken at."""
@@ -307,19 +368,22 @@ class Trainer:
         diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         if diff:
             raise ValueError(f"--resume with options that differ from the checkpoint's: {diff}")
-        if state["world"] != env.world:
-            raise ValueError(f"--resume: the checkpoint was written by {state['world']} rank(s), this run has "
-                             f"{env.world}; resume with the same number of processes")
         try:
-            self.model.load_state_dict(state["model"])
-            self.ema.load_state_dict(state["ema"])
-            self.opt.load_state_dict(state["optimizer"])
+            self._load_weights(state)
             self.sched.load_state_dict(state["scheduler"])
             self.gen.set_state(state["rng"])
-            # a row of the (W, N) stack is a view into it: set_rng_state needs a tensor of its own
-            torch.set_rng_state(state["torch_rng"][env.rank].clone())
-            if self.device.type == "cuda" and state["cuda_rng"] is not None:
-                torch.cuda.set_rng_state(state["cuda_rng"][env.rank].clone(), self.device)
+            if state["world"] == env.world:
+                # a row of the (W, N) stack is a view into it: set_rng_state needs a tensor of its own
+                torch.set_rng_state(state["torch_rng"][env.rank].clone())
+                if self.device.type == "cuda" and state["cuda_rng"] is not None:
+                    torch.cuda.set_rng_state(state["cuda_rng"][env.rank].clone(), self.device)
+            else:  # resharded: the batch stream goes on; each rank's own streams (dropout) start anew
+                torch.manual_seed(seeding.derive(cfg.seed, seeding.RANK, env.rank, int(state["step"])))
+                if env.main:
+                    print(f"resuming on {env.world} rank(s) a checkpoint written by {state['world']}: the global "
+                          "batches go on unchanged; per-rank random streams (dropout) are drawn anew")
+        except CheckpointError:
+            raise
         except (RuntimeError, ValueError, KeyError, IndexError) as e:
             lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
             first = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # "Error(s) in ...:" + the first
@@ -334,22 +398,24 @@ class Trainer:
             self.interp.load_state_dict(state["interpolant"])
             self.interp_opt.load_state_dict(state["interp_optimizer"])
             self.meta.path_args = self.path.scheduler.args()
+        if env.main:  # shard directories of saves a kill left uncommitted
+            shards.drop_stale(cfg.out, state.get("shards", {}).get("dir"))
         self.saved_at = int(state["step"])
         return self.saved_at
 
     # ------------------------------------------------------------------ the run
 
     def _flops_per_sample(self) -> float:
-        """FLOPs of one sample's step, counted on random inputs drawn with the RNG state set aside (a resumed
-        run's dropout draws stay those of the uninterrupted run)."""
-        dev, shape = self.device, self.data.shape
+        """FLOPs of one sample's step, counted on a copy of the model on the meta device (no memory, no random
+        draws: a resumed run's dropout draws stay those of the uninterrupted run)."""
+        meta = torch.device("meta")
 
         def inputs(n: int) -> tuple[tuple, dict]:
-            x = torch.randn(n, *shape, device=dev)
-            cond = self.meta.conditioning(x, torch.zeros(n, dtype=torch.long, device=dev))
-            return (x, torch.rand(n, device=dev)), cond
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            return flops_per_sample(self.model, inputs)
+            x = torch.empty(n, *self.data.shape, device=meta)
+            cond = self.meta.conditioning(x, torch.zeros(n, dtype=torch.long, device=meta))
+            return (x, torch.empty(n, device=meta)), cond
+        with meta:
+            return flops_per_sample(model_for(self.cfg, self.data), inputs)
 
     def header(self, resumed_at: int | None) -> dict[str, Any]:
         """metrics.jsonl's first line of each (re)start: the machine, the precision and kernel backend chosen for
@@ -370,7 +436,19 @@ class Trainer:
         # the other ranks wait for a periodic evaluation in their next collective: well within its timeout
         return min(auto, self.cfg.dist_timeout / 2) if self.env.active else auto
 
-    def evaluate(self, png: Path, trained_s: float) -> dict[str, Any]:
+    def inference_model(self) -> nn.Module | None:
+        """The EMA model evaluations sample, on rank 0 (None elsewhere): under --fsdp a whole copy gathered from
+        the shards, by a collective every rank calls."""
+        if not sharding.is_sharded(self.ema):
+            return self.ema if self.env.main else None
+        weights = sharding.full_state(self.ema)
+        if not self.env.main:
+            return None
+        whole = model_for(self.cfg, self.data)
+        whole.load_state_dict(weights)
+        return whole.to(self.device).eval().requires_grad_(False)
+
+    def evaluate(self, ema: nn.Module, png: Path, trained_s: float) -> dict[str, Any]:
         """A sample PNG, (vectors) sample quality and transport, and the test NLL of the EMA model
         (``fastfm.evaluation.report.evaluate``), sized to the evaluation budget (fixed-step solvers): up to half
         of it for the samples, the rest for the NLL (``EvalBudget``; ``eval_plan`` in the summary)."""
@@ -379,7 +457,7 @@ class Trainer:
         settings = settings_with({"solver": None if cfg.eval_solver == "auto" else cfg.eval_solver,
                                   "steps": cfg.eval_steps or None,
                                   "divergence": cfg.eval_divergence})
-        sampler = EagerSampler(self.ema, self.path, self.meta, settings)
+        sampler = EagerSampler(ema, self.path, self.meta, settings)
         timed = budget_s is not None and sampler.plan("sample").fixed  # adaptive solvers run as asked
         budget = EvalBudget(budget_s, started, EVAL_MIN_POINTS) if timed else None
         n = min(cfg.n_samples, SAMPLE_COUNTS["image"]) if data.kind == "image" else cfg.n_samples
@@ -454,8 +532,10 @@ class Trainer:
             raise distributed.RankTimeout(f"{who}: a collective timed out after --dist-timeout {cfg.dist_timeout:g} "
                                           f"s; the job stops; {self.last_good()}") from None
         summary: dict[str, Any] = {}
+        ema = self.inference_model()
         if log is not None:
-            summary = self.evaluate(out / "samples.png", time.perf_counter() - t_start)
+            assert ema is not None
+            summary = self.evaluate(ema, out / "samples.png", time.perf_counter() - t_start)
             summary.update(steps=cfg.steps, world=env.world, wall_s=time.perf_counter() - t_start,
                            last=rec, skipped_steps=skipped)
             log.write({"final": summary})
@@ -533,9 +613,13 @@ class Trainer:
                                          lr=f"{rec['lr']:.2e}")
                 elif warm_up:  # and out of the next logged rate (unless it is all that interval holds)
                     t_last, n_since = time.perf_counter(), 0
-                if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps and log is not None:
-                    snap = self.evaluate(out / "samples" / f"step_{step:07d}.png", time.perf_counter() - t_start)
-                    log.write({"step": step, "eval": snap})
+                if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+                    ema = self.inference_model()
+                    if log is not None:
+                        assert ema is not None
+                        snap = self.evaluate(ema, out / "samples" / f"step_{step:07d}.png",
+                                             time.perf_counter() - t_start)
+                        log.write({"step": step, "eval": snap})
                 if step % cfg.ckpt_every == 0 or step == cfg.steps:
                     self.save(step)
                 signum = distributed.max_over_ranks(stop.signum, env, dev) if step % poll == 0 else 0
@@ -555,7 +639,8 @@ STOP_POLL_CUDA = 10
 
 
 RESUMABLE = {"resume", "force", "steps", "log_every", "ckpt_every", "out", "device", "eval_n", "n_samples",
-             "eval_every", "eval_budget", "eval_divergence", "force_bf16", "dist_timeout", "tensorboard"}
+             "eval_every", "eval_budget", "eval_divergence", "force_bf16", "dist_timeout", "tensorboard", "fsdp",
+             "reshard_after_forward", "activation_checkpointing", "regional_compile"}
 
 
 def train(cfg: TrainConfig, env: DistEnv | None = None) -> dict[str, Any]:
