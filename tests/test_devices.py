@@ -21,6 +21,7 @@ import pytest
 import torch
 from test_export import RUNS, make_run
 from test_flowmap_engines import FLOW_MAP_RUNS
+from test_sit import SIT_RUNS, TINY as TINY_SIT
 
 from fastfm.run.checkpoint import load_inference, save_inference
 from fastfm.run.load import load_run
@@ -59,6 +60,10 @@ ENGINES = [  # (run, spec): every task, solver, dtype, conditioning and divergen
     ("mlp_cond_fm", dict(task="sample", steps=2, batch=4)),
     ("mlp_cond_fm", dict(task="sample", steps=1, batch=4, class_label=1, guidance=2.0)),
     ("unet_cond_fm", dict(task="sample", steps=2, batch=2, guidance=1.5)),
+    ("sit_cond", dict(task="sample", solver="euler", steps=2, batch=2, diffusion="1", guidance=2.0)),
+    ("sit_options_sr", dict(task="likelihood", solver="euler", steps=1, batch=2)),  # JVPs through RoPE, qk-norm
+    ("sit_options_sr", dict(task="sample", solver="midpoint", steps=1, batch=2, dtype="bf16")),
+    ("sit_cond_fm", dict(task="sample", steps=2, batch=2, class_label=3)),
 ]
 
 
@@ -75,7 +80,7 @@ def _make(root: Path, name: str) -> Path:
     """A run of test_export's RUNS or test_flowmap_engines' FLOW_MAP_RUNS, or an MLP_VARIANTS one (re-committed with
     its edited model.json)."""
     if name not in MLP_VARIANTS:
-        return make_run(root / name, *{**RUNS, **FLOW_MAP_RUNS}[name])
+        return make_run(root / name, *{**RUNS, **FLOW_MAP_RUNS, **SIT_RUNS}[name])
     out = make_run(root / name, *RUNS["mlp"])
     weights, meta = load_inference(out)
     save_inference(out, weights, {**meta, **MLP_VARIANTS[name]})
@@ -153,6 +158,11 @@ TRAIN_STEPS = {  # (model config, data shape, path, target, class-conditional, s
                            (1, 8, 8), "condot", "velocity", True, 0, "meanflow"),
     "mlp_shortcut": ({"name": "mlp", "dim": 2, "hidden": 32, "depth": 2, "flow_map": True}, (2,), "vp",
                      "velocity", False, 0, "shortcut"),
+    "sit_cond": ({**TINY_SIT, "num_classes": 10}, (1, 8, 8), "condot", "velocity", True, 0, "cfm"),
+    "sit_sr_options": ({**TINY_SIT, "low_res_channels": 1, "norm": "rms", "mlp": "swiglu", "rope": True,
+                        "qk_norm": True}, (1, 8, 8), "trig", "x0", False, 2, "cfm"),
+    "sit_meanflow_options": ({**TINY_SIT, "num_classes": 10, "flow_map": True, "rope": True, "qk_norm": True},
+                             (1, 8, 8), "condot", "velocity", True, 0, "meanflow"),
 }
 
 

@@ -1,4 +1,5 @@
-"""Building blocks of the ADM-style UNet (Dhariwal & Nichol, 2021)."""
+"""Building blocks of the ADM-style UNet (Dhariwal & Nichol, 2021), and the attention and low-res input that the
+UNet and the SiT share."""
 
 from __future__ import annotations
 
@@ -81,12 +82,35 @@ def forward_mode_attention() -> Iterator[None]:
         _FORWARD_MODE_DEPTH -= 1
 
 
+def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """``softmax(q k^T / sqrt(d)) v`` for q, k, v of shape (..., N, d): ``F.scaled_dot_product_attention`` (flash
+    attention in training on GPUs), and matmul + softmax under :func:`forward_mode_attention`, with the scale
+    d^(-1/4) applied to q and k separately (bf16 headroom)."""
+    if _FORWARD_MODE_DEPTH:
+        scale = q.shape[-1] ** -0.25
+        return torch.softmax((q * scale) @ (k * scale).transpose(-1, -2), dim=-1) @ v
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def with_low_res(x: Tensor, low_res: Tensor | None, low_res_channels: int | None) -> Tensor:
+    """x (B, C, H, W) with a super-resolution model's ``low_res`` (B, low_res_channels, h, w) bilinearly resized to
+    (H, W) and concatenated along the channels; ValueError unless ``low_res`` is given exactly when the model takes
+    it (``low_res_channels`` not None)."""
+    if (low_res is None) != (low_res_channels is None):
+        raise ValueError(
+            "low_res must be given exactly when the model is built with low_res_channels "
+            f"(low_res_channels={low_res_channels})"
+        )
+    if low_res is None:
+        return x
+    up = F.interpolate(low_res, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return torch.cat([x, up.to(x.dtype)], dim=1)
+
+
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over the H*W positions, as a zero-initialised residual.
 
-    ``out = x + proj(softmax(q^T k / sqrt(d)) v)`` with ``q, k, v = qkv(GN(x))`` per head: through
-    ``F.scaled_dot_product_attention`` (flash attention in training on GPUs), and as matmul + softmax
-    under :func:`forward_mode_attention`.
+    ``out = x + proj(softmax(q^T k / sqrt(d)) v)`` with ``q, k, v = qkv(GN(x))`` per head, through :func:`attend`.
     """
 
     def __init__(self, channels: int, num_heads: int) -> None:
@@ -103,12 +127,7 @@ class AttentionBlock(nn.Module):
         head_dim = c // self.num_heads
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, head_dim, h * w)
         q, k, v = qkv.transpose(-1, -2).unbind(1)  # (B, heads, N, d) each
-        if _FORWARD_MODE_DEPTH:
-            scale = head_dim**-0.25  # applied to q and k separately for bf16 headroom
-            out = torch.softmax((q * scale) @ (k * scale).transpose(-1, -2), dim=-1) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
-        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+        return x + self.proj(attend(q, k, v).transpose(-1, -2).reshape(b, c, h, w))
 
 
 class Downsample(nn.Module):

@@ -8,12 +8,15 @@ from typing import Any
 from torch import nn
 
 from fastfm.models.mlp import MLP
+from fastfm.models.sit import SiT
 from fastfm.models.unet import UNet
 from fastfm.registry import Registry
 
 MODELS: Registry[nn.Module] = Registry("model")
 MODELS.register("mlp", "time-conditioned MLP, for vector data (flow_map=true: two times, u(x, t, h))", MLP)
 MODELS.register("unet", "ADM-style UNet, for image data (flow_map=true: two times, u(x, t, h))", UNet)
+MODELS.register("sit", "SiT/DiT transformer, for image data (size=S|B|L|XL patch=2|4|8, LightningDiT's norm=rms, "
+                "mlp=swiglu, rope=true, qk_norm=true; flow_map=true: two times, u(x, t, h))", SiT)
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:

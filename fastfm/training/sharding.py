@@ -14,9 +14,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed._composable import checkpoint
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -60,17 +62,18 @@ def policy(bf16: bool) -> MixedPrecisionPolicy:
                                 cast_forward_inputs=False)
 
 
-def shard(model: nn.Module, *, bf16: bool = False, reshard_after_forward: bool = True) -> None:
-    """``fully_shard`` the conditioning embedding (fp32), each block and the root of ``model``, in place, over the
-    default process group."""
+def shard(model: nn.Module, device: torch.device, *, bf16: bool = False, reshard_after_forward: bool = True) -> None:
+    """``fully_shard`` the conditioning embedding (fp32), each block and the root of ``model`` (on ``device``), in
+    place, over every rank of the default process group."""
     blocks = units(model, "--fsdp")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))  # the model's device, not the machine's default
     fp32 = policy(False)
     for sub in model.modules():
         if isinstance(sub, ConditionEmbedding):
-            fully_shard(sub, mp_policy=fp32, reshard_after_forward=reshard_after_forward)
+            fully_shard(sub, mesh=mesh, mp_policy=fp32, reshard_after_forward=reshard_after_forward)
     for unit in blocks:
-        fully_shard(unit, mp_policy=policy(bf16), reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mp_policy=policy(bf16), reshard_after_forward=reshard_after_forward)
+        fully_shard(unit, mesh=mesh, mp_policy=policy(bf16), reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy(bf16), reshard_after_forward=reshard_after_forward)
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -174,8 +174,9 @@ class Trainer:
             if not self.env.active:
                 raise ConfigError("--fsdp shards over the ranks of a torchrun job: launch it with torchrun "
                                   "--nproc_per_node N -m fastfm.train ... (a single process trains without --fsdp)")
-            sharding.shard(self.model, bf16=self.precision.bf16, reshard_after_forward=cfg.reshard_after_forward)
-            sharding.shard(self.ema)
+            sharding.shard(self.model, self.device, bf16=self.precision.bf16,
+                           reshard_after_forward=cfg.reshard_after_forward)
+            sharding.shard(self.ema, self.device)
         regional = cfg.compile and (cfg.regional_compile or cfg.fsdp)
         if regional:
             sharding.compile_blocks(self.model)
