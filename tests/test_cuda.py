@@ -14,6 +14,8 @@ import pytest
 import torch
 from conftest import run_training
 from test_export import DIGITS, MLP, TOL, UNET, VECTOR, _call, inputs, make_run, reference, runs  # noqa: F401
+from test_models import perturb_
+from test_sit import OPTIONS, SIT_RUNS
 
 from fastfm.export import EngineRequest, export_engine, load
 from fastfm.kernels.rng import philox_state
@@ -39,6 +41,12 @@ STEPS = {  # model config, data shape, class-conditional, superres, objective
                       True, 0, "meanflow"),
     "mlp_shortcut": ({"name": "mlp", "dim": 2, "hidden": 64, "depth": 3, "flow_map": True}, (2,), False, 0,
                      "shortcut"),
+    # SiT: flash attention in the compiled bf16 step; MeanFlow's JVP through RoPE and qk-norm
+    "sit_cond": ({"name": "sit", "in_channels": 1, "image_size": 8, "depth": 2, "hidden_size": 64, "num_heads": 2,
+                  "num_classes": 10}, (1, 8, 8), True, 0, "cfm"),
+    "sit_meanflow_options": ({"name": "sit", "in_channels": 1, "image_size": 8, "depth": 2, "hidden_size": 64,
+                              "num_heads": 2, "num_classes": 10, "flow_map": True, **OPTIONS}, (1, 8, 8), True, 0,
+                             "meanflow"),
 }
 
 
@@ -93,6 +101,8 @@ TRAIN_RUNS = {
                         "guidance=2", "kappa=0.5", "--model-args", "model_channels=8", "channel_mult=[1]",
                         "num_res_blocks=1"],
     "shortcut": ["--data", "checkerboard", "--objective", "shortcut"],
+    "sit_cond": ["--data", "digits", "--class-cond", "--model", "sit", "--model-args", "depth=2", "hidden_size=64",
+                 "num_heads=2", "rope=true", "qk_norm=true"],
 }
 
 
@@ -137,15 +147,17 @@ ENGINES = {  # run, spec: sampling and likelihood, MLP and UNet, every dtype, gu
     "unet-superres": ("unet_sr", dict(task="sample", solver="euler", steps=2, batch=4)),
     "mlp-flowmap-1": ("mlp_flowmap", dict(task="sample", steps=1, batch=8)),
     "unet-flowmap-2-label": ("unet_flowmap", dict(task="sample", steps=2, batch=4, class_label=3)),
+    "sit-guided": ("sit_cond", dict(task="sample", solver="midpoint", steps=2, batch=4, guidance=1.5)),
+    "sit-options-likelihood": ("sit_options_sr", dict(task="likelihood", solver="euler", steps=1, batch=4)),
 }
 
 
 @pytest.fixture(scope="module")
 def engine_runs(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:  # noqa: F811
-    """test_export's runs and two flow maps (models of two times)."""
+    """test_export's runs, two flow maps (models of two times) and test_sit's SiTs."""
     root = tmp_path_factory.mktemp("flow_map_runs")
     maps = {"mlp_flowmap": ({**MLP, "flow_map": True}, VECTOR, 0),
-            "unet_flowmap": ({**UNET, "num_classes": 10, "flow_map": True}, DIGITS, 0)}
+            "unet_flowmap": ({**UNET, "num_classes": 10, "flow_map": True}, DIGITS, 0), **SIT_RUNS}
     return {**runs, **{name: make_run(root / name, *args) for name, args in maps.items()}}
 
 
@@ -191,3 +203,28 @@ def test_cuda_auto_engine(runs, tmp_path: Path):  # noqa: F811 (fixture)
     assert {"cudagraph/fp32", "aoti/fp32"} <= tried
     assert ("cudagraph/bf16" in tried) == hardware.capabilities("cuda").bf16_native
     assert info.hardware["machine_class"].startswith("cuda-sm") and load(tmp_path / "auto").device.type == "cuda"
+
+
+@pytest.mark.parametrize("options", [{}, OPTIONS], ids=["dit", "lightningdit-options"])
+def test_sit_flash_attention_matches_the_math_backend(options: dict):
+    """A SiT (head size 64) under bf16 autocast with SDPA's flash kernel forced: the same output as the math kernel
+    (to bf16 rounding) and a finite backward pass, so RoPE and qk-norm hand flash one dtype."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    config = {"name": "sit", "in_channels": 4, "image_size": 16, "depth": 2, "hidden_size": 128, "num_heads": 2,
+              "num_classes": 10, **options}
+    model = perturb_(build_model(config), std=0.05).cuda()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x, t = torch.randn(8, 4, 16, 16, device="cuda", generator=g), torch.rand(8, device="cuda", generator=g)
+    y = torch.arange(8, device="cuda") % 11
+    out = {}
+    for kernel in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
+        with sdpa_kernel(kernel), torch.autocast("cuda", dtype=torch.bfloat16):
+            out[kernel] = model(x, t, y=y)
+    assert out[SDPBackend.FLASH_ATTENTION].dtype == torch.bfloat16
+    torch.testing.assert_close(out[SDPBackend.FLASH_ATTENTION].float(), out[SDPBackend.MATH].float(), rtol=2e-2,
+                               atol=2e-2)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast("cuda", dtype=torch.bfloat16):
+        model(x, t, y=y).float().square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -21,7 +21,7 @@ import pytest
 import torch
 from test_export import RUNS, make_run
 from test_flowmap_engines import FLOW_MAP_RUNS
-from test_sit import SIT_RUNS, TINY as TINY_SIT
+from test_sit import ONE_BLOCK, SIT_RUNS
 
 from fastfm.run.checkpoint import load_inference, save_inference
 from fastfm.run.load import load_run
@@ -158,10 +158,10 @@ TRAIN_STEPS = {  # (model config, data shape, path, target, class-conditional, s
                            (1, 8, 8), "condot", "velocity", True, 0, "meanflow"),
     "mlp_shortcut": ({"name": "mlp", "dim": 2, "hidden": 32, "depth": 2, "flow_map": True}, (2,), "vp",
                      "velocity", False, 0, "shortcut"),
-    "sit_cond": ({**TINY_SIT, "num_classes": 10}, (1, 8, 8), "condot", "velocity", True, 0, "cfm"),
-    "sit_sr_options": ({**TINY_SIT, "low_res_channels": 1, "norm": "rms", "mlp": "swiglu", "rope": True,
+    "sit_cond": ({**ONE_BLOCK, "num_classes": 10}, (1, 8, 8), "condot", "velocity", True, 0, "cfm"),
+    "sit_sr_options": ({**ONE_BLOCK, "low_res_channels": 1, "norm": "rms", "mlp": "swiglu", "rope": True,
                         "qk_norm": True}, (1, 8, 8), "trig", "x0", False, 2, "cfm"),
-    "sit_meanflow_options": ({**TINY_SIT, "num_classes": 10, "flow_map": True, "rope": True, "qk_norm": True},
+    "sit_meanflow_options": ({**ONE_BLOCK, "num_classes": 10, "flow_map": True, "rope": True, "qk_norm": True},
                              (1, 8, 8), "condot", "velocity", True, 0, "meanflow"),
 }
 
