@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -228,3 +232,26 @@ def test_sit_flash_attention_matches_the_math_backend(options: dict):
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast("cuda", dtype=torch.bfloat16):
         model(x, t, y=y).float().square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("model", ["sit", "unet"])
+def test_fsdp_compile_bf16_on_cuda_resumes_in_one_process(tmp_path: Path, model: str):
+    """torchrun (NCCL, one GPU) --fsdp --compile --bf16: the regionally compiled blocks under the bf16 parameter
+    policy train, and the sharded checkpoint resumes in one process without --fsdp."""
+    args = {"sit": ["--model", "sit", "--model-args", "depth=2", "hidden_size=64", "num_heads=2"],
+            "unet": ["--model-args", "model_channels=8", "channel_mult=[1]", "num_res_blocks=1"]}[model]
+    common = ["-m", "fastfm.train", "--data", "digits", "--class-cond", "--batch-size", "32", "--device", "cuda",
+              "--bf16", "--log-every", "1", "--ckpt-every", "2", "--eval-n", "8", "--n-samples", "8",
+              "--out", str(tmp_path / "run"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    sharded = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                              *common, "--steps", "4", "--fsdp", "--compile"], capture_output=True, text=True,
+                             env=env, timeout=600)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert (tmp_path / "run" / "shards").is_dir()
+    single = subprocess.run([sys.executable, *common, "--steps", "6", "--resume"], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(v)) for v in losses)
