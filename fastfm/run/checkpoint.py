@@ -293,6 +293,8 @@ def load_inference(source: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     source = inference_file(source)
     if source.suffix == ".pt":
         state = load_training_state(source)
+        if isinstance(state, dict) and "shards" in state:  # a sharded run's EMA is committed whole beside it
+            return load_inference(source.parent)
         if not isinstance(state, dict) or "ema" not in state or "meta" not in state:
             raise CheckpointError(f"{source} is not a fastfm training checkpoint (no 'ema'/'meta' entries)")
         return state["ema"], state["meta"]

@@ -22,6 +22,7 @@ from typing import Any
 
 from fastfm.run.checkpoint import (CHECKPOINT, COMMIT, EMA_WEIGHTS, META, RunFileError, atomic_write, drop_temporaries,
                                save_json, write_error)
+from fastfm.run.shards import SHARDS
 from fastfm.run.tensorboard import LOGDIR, TensorBoardLog
 
 LOCK, METRICS, CONFIG = ".lock", "metrics.jsonl", "config.json"
@@ -163,6 +164,7 @@ def prepare_out_dir(out: Path, config: dict[str, Any], resumed_at: int | None) -
         for name in (COMMIT, CHECKPOINT, EMA_WEIGHTS, META):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / LOGDIR, ignore_errors=True)  # a replaced run's curves are not this run's
+        shutil.rmtree(out / SHARDS, ignore_errors=True)  # nor its sharded checkpoints
         atomic_write(metrics, lambda tmp: Path(tmp).write_text(""))
     elif metrics.exists():
         rows = [line for line in metrics.read_text().splitlines() if not _logged_after(line, resumed_at)]

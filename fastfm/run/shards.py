@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from fastfm.run.checkpoint import CheckpointError, sha256
@@ -101,10 +102,10 @@ def load(run_dir: str | Path, record: dict[str, Any], state: dict[str, Any]) -> 
     reads); a state that does not fit the saved one is a ``CheckpointError``."""
     where = Path(run_dir) / record["dir"]
     try:
-        dcp.load(state, storage_reader=SafeReader(where))
+        dcp.load(state, storage_reader=SafeReader(where), no_dist=not dist.is_initialized())
     except CheckpointError:
         raise
-    except Exception as e:  # noqa: BLE001 - DCP wraps a rank's failure in its own exception types
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's is a BaseException wrapping a rank's
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise CheckpointError(f"the shards in {where} do not fit this run's model or optimizer: "
                               f"{lines[-1] if lines else type(e).__name__}") from None

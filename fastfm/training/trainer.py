@@ -512,7 +512,7 @@ class Trainer:
         state = load_training_state(out / CHECKPOINT) if cfg.resume else None
         start = 0 if state is None else self.restore(state)
         log = MetricsLog(out, cfg.tensorboard) if env.main else None
-        if state is not None and env.main:
+        if state is not None:
             self._repair(out, state)
         if start >= cfg.steps:
             done = env.main and any("final" in r for r in read_metrics(out))
@@ -544,14 +544,21 @@ class Trainer:
         return summary
 
     def _repair(self, out: Path, state: dict) -> None:
-        """On resume: EMA weights and model.json as committed with the checkpoint, rewritten from it if they
-        were removed or edited."""
-        try:
-            for name in (EMA_WEIGHTS, META):
-                read_committed(out / name)
-        except CheckpointError as e:
-            print(f"{e}: rewriting them from {out / CHECKPOINT}")
-            save_inference(out, state["ema"], state["meta"], step=int(state["step"]), state=state)
+        """On resume: EMA weights and model.json as committed with the checkpoint, rewritten from the restored
+        EMA (gathered from its shards under --fsdp: every rank calls this) if they were removed or edited."""
+        problem = None
+        if self.env.main:
+            try:
+                for name in (EMA_WEIGHTS, META):
+                    read_committed(out / name)
+            except CheckpointError as e:
+                problem = str(e)
+        if distributed.from_rank0(problem, self.env) is None:
+            return
+        ema = sharding.full_state(self.ema)
+        if self.env.main:
+            print(f"{problem}: rewriting them from {out / CHECKPOINT}")
+            save_inference(out, ema, state["meta"], step=int(state["step"]), state=state)
 
     def _logged(self, out: Path) -> tuple[dict[str, Any], int, float]:
         """A run that ended without its final summary: the last metrics row, its skipped steps, and a start
