@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from fastfm.experiments import conditional, fewstep, interpolants, paths
+from fastfm.experiments import backbones, conditional, fewstep, interpolants, paths
 from fastfm.experiments.common import SCALES, Context
 from fastfm.experiments.report import Report
 from fastfm.registry import Registry
@@ -20,6 +20,7 @@ EXPERIMENTS.register("paths", paths.DESCRIPTION, paths.run)
 EXPERIMENTS.register("interpolants", interpolants.DESCRIPTION, interpolants.run)
 EXPERIMENTS.register("conditional", conditional.DESCRIPTION, conditional.run)
 EXPERIMENTS.register("fewstep", fewstep.DESCRIPTION, fewstep.run)
+EXPERIMENTS.register("backbones", backbones.DESCRIPTION, backbones.run)
 
 
 def run_experiment(name: str, *, scale: str = "cpu", out: str | Path = "runs/experiments", device: str = "auto",

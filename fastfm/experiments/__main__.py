@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("names", nargs="+", metavar="NAME",
                         help=f"'all', or experiments: {EXPERIMENTS.help_text()}")
     parser.add_argument("--scale", default="cpu", choices=SCALES,
-                        help="tiny (seconds, for tests), cpu (default: the whole set in about 41 minutes on 2 CPU "
+                        help="tiny (seconds, for tests), cpu (default: the whole set in about 45 minutes on 2 CPU "
                              "cores), gpu (one GPU, under 10 minutes)")
     parser.add_argument("--out", default="runs/experiments", help="folder of the reports (one subfolder each)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")

@@ -30,7 +30,7 @@ from fastfm.training.trainer import Trainer  # noqa: E402
 
 T = TypeVar("T")
 SCALES = ("tiny", "cpu", "gpu")
-"""tiny: seconds, for the test suite; cpu: the default, about 41 minutes on 2 CPU cores for the whole set;
+"""tiny: seconds, for the test suite; cpu: the default, about 45 minutes on 2 CPU cores for the whole set;
 gpu: one GPU, sized (not measured: no GPU was lent) for under 10 minutes."""
 
 TINY_UNET = {"model_channels": 8, "channel_mult": [1], "num_res_blocks": 1, "attention_resolutions": []}

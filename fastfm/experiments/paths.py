@@ -149,14 +149,14 @@ def _curve_nll(size: dict[str, Any], ctx: Context, notes: list[str]) -> Callable
     points at every step and for every path, so that paths compare pairwise)."""
     def evaluate(run_: Trained, step: int) -> dict[str, Any]:
         n = size["curve_n"] if run_.data.kind == "vector" else size["curve_n_image"]
-        nll, points = _test_nll(run_, size, ctx, notes, n, f"{run_.key} test NLL at step {step}", progress=False)
+        nll, points = held_out_nll(run_, size, ctx, notes, n, f"{run_.key} test NLL at step {step}", progress=False)
         return {"nll": None if nll is None else nll_value(nll), "nfe": None if nll is None else nll["nfe"],
                 "points": points}
     return evaluate
 
 
-def _test_nll(run_: Trained, size: dict[str, Any], ctx: Context, notes: list[str], n: int, what: str,
-              progress: bool) -> tuple[dict[str, Any] | None, Tensor | None]:
+def held_out_nll(run_: Trained, size: dict[str, Any], ctx: Context, notes: list[str], n: int, what: str,
+                 progress: bool) -> tuple[dict[str, Any] | None, Tensor | None]:
     """The NLL summary (``nll_summary``) and per-point NLLs of the first n test points under the reference
     solve, or (None, None) with a note where the solve fails."""
     data = run_.data
@@ -175,7 +175,7 @@ def _evaluate(run_: Trained, size: dict[str, Any], ctx: Context, judge: Judge,
     n_nll = size["nll_n_image"] if image else size["nll_n"]
     n = size["samples_image"] if image else size["samples"]
     low = size["nfe"][0]
-    nll, points = _test_nll(run_, size, ctx, notes, n_nll, f"{run_.key} test NLL", ctx.progress)
+    nll, points = held_out_nll(run_, size, ctx, notes, n_nll, f"{run_.key} test NLL", ctx.progress)
     adaptive = attempt(notes, f"{run_.key} sampling", lambda: batched_sample(run_, size["solve"], n, seed,
                                                                              ctx.progress))
     quality_at: dict[str, dict[str, float]] = {}
@@ -222,9 +222,9 @@ def _claims(report: Report, results: dict[str, dict[str, Any]], size: dict[str, 
     for data, r in results.items():
         ot, vp, eps = r["CondOT"], r["VP"], r["VP-eps"]
         unit = ot["nll_unit"]
-        _nll_claim(report, f"{data}: FM-OT reaches a lower test NLL than FM-diffusion (VP, velocity)",
+        nll_claim(report, f"{data}: FM-OT reaches a lower test NLL than FM-diffusion (VP, velocity)",
                    ("CondOT", ot), ("VP", vp), unit)
-        _nll_claim(report, f"{data}: FM-diffusion (VP, velocity) reaches a lower test NLL than noise prediction "
+        nll_claim(report, f"{data}: FM-diffusion (VP, velocity) reaches a lower test NLL than noise prediction "
                    "on the same path (DDPM / score-matching objective)", ("VP", vp), ("VP-eps", eps), unit)
         for claim, (na, a), (nb, b) in ((f"{data}: FM-OT samples with fewer {ref} NFE than FM-diffusion",
                                          ("CondOT", ot), ("VP", vp)),
@@ -237,7 +237,7 @@ def _claims(report: Report, results: dict[str, dict[str, Any]], size: dict[str, 
         mid = len(ot["curve"]) // 2 - 1
         if mid >= 0:
             a, b = ot["curve"][mid], vp["curve"][mid]
-            _nll_claim(report, f"{data}: FM-OT trains faster (lower test NLL half-way through training, at step "
+            nll_claim(report, f"{data}: FM-OT trains faster (lower test NLL half-way through training, at step "
                        f"{a['step']})", ("CondOT", a), ("VP", b), unit)
         _lower_claim(report, f"{data}: with few fixed steps OT degrades less (Euler, NFE {low})", "quality",
                      ot["quality_at"]["euler"][low], vp["quality_at"]["euler"][low],
@@ -257,7 +257,7 @@ def per_point_nll(log_prob: Tensor, data: Any) -> Tensor:
     return -log_prob if data.levels is None else bits_per_dim(log_prob, math.prod(data.shape), data.levels)
 
 
-def _nll_claim(report: Report, claim: str, first: tuple[str, dict[str, Any]], second: tuple[str, dict[str, Any]],
+def nll_claim(report: Report, claim: str, first: tuple[str, dict[str, Any]], second: tuple[str, dict[str, Any]],
                unit: str) -> None:
     """"first has the lower NLL", judged on the paired per-point differences ("points") of the same test points:
     settled (True or False) when the mean difference is more than SETTLED standard errors from 0, else None."""
