@@ -41,6 +41,22 @@ bench-train: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]" && $(PY) -m pip install -q --no-deps torchcfm
 	$(PY) benchmarks/run_levels.py cpu_train $(RESULTS) benchmarks/summarize.py benchmarks/test_train_cpu.py
 
+# SiT-S/2 training steps (batch 64, 32x32x4 latents, 1000 classes) beside diffusers' DiTTransformer2DModel of the
+# same size, each eager and compiled (bf16 too where native): $(RESULTS)/cpu_sit-CLASS.json.
+.PHONY: bench-sit
+bench-sit: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) benchmarks/run_levels.py cpu_sit $(RESULTS) benchmarks/summarize_sit.py benchmarks/test_sit_cpu.py
+
+# The peers the GPU check compares with (diffusers, flow_matching) as wheels for its machine, which has no network
+# (Python 3.12; both are pure Python), pinned to the versions installed here: carry .whl with
+# benchmarks/gpu/check.sh, which installs them (CHECK_WHEELS).
+.PHONY: gpu-wheels
+gpu-wheels: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl $$($(PY) -c \
+		'from importlib.metadata import version; print(*(f"{p}=={version(p)}" for p in ("diffusers", "flow_matching")))')
+
 # Exported-engine benchmarks on CPU (pytest-benchmark) against eager, torch.compile and flow_matching's
 # ODESolver: $(RESULTS)/cpu_export-CLASS.json (about 40 minutes per class on 2 cores).
 .PHONY: bench-export
@@ -55,8 +71,9 @@ bench-fewstep: $(STAMP)
 	test -f runs/experiments/fewstep/runs/checkerboard-meanflow/model.json || $(PY) -m fastfm.experiments fewstep
 	$(PY) benchmarks/run_levels.py cpu_fewstep $(RESULTS) benchmarks/summarize_fewstep.py benchmarks/test_fewstep_cpu.py
 
-# The papers' experiments (paths, interpolants, conditional, fewstep) at the default CPU scale: reports, figures and
-# JSON under runs/experiments/ (about 41 minutes on 2 cores: the four measured one at a time; --scale gpu for one GPU).
+# The papers' experiments (paths, interpolants, conditional, fewstep, backbones) at the default CPU scale: reports,
+# figures and JSON under runs/experiments/ (about 45 minutes on 2 cores: the five measured one at a time; --scale gpu
+# for one GPU).
 experiments: $(STAMP)
 	$(PY) -m fastfm.experiments all
 

@@ -8,6 +8,7 @@ these tests cover what those do not.)"""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import stat
@@ -22,12 +23,15 @@ import torch
 from conftest import gpu_bench_script
 
 from fastfm.hardware import Capabilities, CpuInfo, CudaInfo
+from fastfm.models.sit import SiT
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK_SH = ROOT / "benchmarks" / "gpu" / "check.sh"
 ENV_KEYS = {"device", "device_type", "dry", "python", "torch", "cuda", "triton", "flow_matching", "started",
             "hardware", "unsupported", "complete"}
-STAGES = ["install", "train", "engines", "tests", "bench_kernels", "bench_train", "bench_export"]
+STAGES = ["install", "wheels", "train", "engines", "tests", "bench_kernels", "bench_train", "bench_export",
+          "bench_sit"]
+BENCHES = ("kernels", "train", "export", "sit")
 NO_BF16 = "bf16 is not native on this CPU (cpu-avx2, oneDNN ISA AVX2)"
 
 
@@ -335,6 +339,79 @@ def test_bench_train_goals() -> None:
     assert g["compile_bf16_vs_fm_compile_bf16"]["met"] is False and g["mfu_compile_bf16_large_batch"]["met"] is None
 
 
+def test_bench_train_sit_rows_on_cpu(tmp_path: Path, monkeypatch) -> None:
+    """--model sit on tiny SiTs: fastfm and its diffusers peer eager and compiled by blocks (dynamo with the eager
+    backend, so no inductor build), then fastfm under one-rank FSDP (torchrun, gloo) in the last mode asked for,
+    which trains the same steps as the eager row."""
+    bench = gpu_bench_script("bench_train")
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    out = tmp_path / "s.json"
+    res = bench.main([str(out), "--device", "cpu", "--quick", "--model", "sit", "--sit-sizes", "S",
+                      "--modes", "compile,eager"])
+    assert json.loads(out.read_text()) == res and res["complete"] and ENV_KEYS <= res.keys()
+    assert res["missing"] == [] and res["peers"] == ["diffusers"] and res["diffusers"]
+    rows = res["results"]
+    assert [(r["model"], r["loop"], r["mode"]) for r in rows] == [
+        ("sit-S/2", "fastfm", "eager"), ("sit-S/2", "diffusers", "eager"), ("sit-S/2", "fastfm", "compile"),
+        ("sit-S/2", "diffusers", "compile"), ("sit-S/2", "fastfm", "fsdp-1rank-eager")], rows
+    eager, peer, compiled, peer_compiled, fsdp = rows
+    for r in rows:
+        assert r["img_per_s"] > 0 and r["flops_per_img"] > 0 and r["mfu"] is None and r["loss"] == r["loss"], r
+    for r in (compiled, peer_compiled):
+        assert r["compiled_ok"] and r["dynamo"]["graphs"] >= 1, r  # the blocks' graph
+    assert peer["params_counted_once"] == eager["params"] < peer["params"]  # diffusers repeats the embedder
+    assert eager["speedup_vs_diffusers"] == pytest.approx(eager["img_per_s"] / peer["img_per_s"])
+    assert fsdp["loss"] == pytest.approx(eager["loss"], rel=1e-5)  # FSDP on one rank trains the same steps
+    assert res["goals"]["compile_bf16_vs_diffusers"] == {"model": "sit-XL/2", "ratio": None, "goal": 1.3, "met": None}
+
+
+def test_bench_train_sit_missing_peer_budget_and_bf16(tmp_path: Path, monkeypatch) -> None:
+    """Without diffusers its rows say so; without native bf16 the compile-bf16 rows are skipped with the reason and
+    FSDP runs the last mode the device runs; past the budget the rest are skipped, in the documented order."""
+    bench = gpu_bench_script("bench_train")
+    monkeypatch.setattr(bench, "missing", lambda packages: list(packages))
+    use_caps(monkeypatch, bench, Capabilities("cpu", cpu()))
+    res = bench.main([str(tmp_path / "s.json"), "--device", "cpu", "--quick", "--model", "sit",
+                      "--modes", "eager,compile-bf16", "--budget", "0"])
+    assert res["missing"] == ["diffusers"] and res["complete"]
+    got = [(r["model"], r["loop"], r["mode"], r.get("skipped", r.get("missing", ""))[:11]) for r in res["results"]]
+    assert got == [(f"sit-{size}/2", loop, mode, why) for size in ("B", "XL") for mode, loop, why in [
+        ("compile-bf16", "fastfm", NO_BF16[:11]), ("compile-bf16", "diffusers", "diffusers i"),
+        ("eager", "fastfm", "time budget"), ("eager", "diffusers", "diffusers i")]] + [
+        (f"sit-{size}/2", "fastfm", "fsdp-1rank-eager", "time budget") for size in ("B", "XL")]
+    assert all(g["met"] is None for g in res["goals"].values())
+    for bad in (["--peers", "fm-eager"], ["--sit-sizes", "B,M"]):
+        with pytest.raises(SystemExit):
+            bench.main([str(tmp_path / "s.json"), "--device", "cpu", "--quick", "--model", "sit", *bad])
+
+
+def test_sit_goals_and_peer_size() -> None:
+    """The SiT goals at XL; diffusers' DiT of each SiT size counts SiT's parameters once its per-block copies of the
+    conditioning embedder are set aside (the DiT table: 33M, 130M, 458M, 675M at 32x32x4, 1000 classes)."""
+    bench = gpu_bench_script("bench_train")
+
+    def rows(ratio: float, mfu: float) -> list[dict]:
+        xl = {"model": "sit-XL/2", "mode": "compile-bf16"}
+        return [{**xl, "loop": "fastfm", "img_per_s": 100.0 * ratio, "mfu": mfu},
+                {**xl, "loop": "diffusers", "img_per_s": 100.0},
+                {"model": "sit-B/2", "loop": "fastfm", "mode": "compile-bf16", "img_per_s": 1e6, "mfu": 0.9}]
+
+    g = bench.sit_goals(rows(1.4, 0.45), "sit-XL/2")
+    assert g["compile_bf16_vs_diffusers"]["ratio"] == pytest.approx(1.4) and g["compile_bf16_vs_diffusers"]["met"]
+    assert g["mfu_compile_bf16"] == {"model": "sit-XL/2", "mfu": 0.45, "goal": 0.4, "met": True}
+    g = bench.sit_goals(rows(1.2, 0.35), "sit-XL/2")
+    assert g["compile_bf16_vs_diffusers"]["met"] is False and g["mfu_compile_bf16"]["met"] is False
+    assert bench.sit_goals(rows(1.4, 0.45)[2:], "sit-XL/2")["mfu_compile_bf16"]["met"] is None
+    for size, millions in {"S": 33, "B": 130, "L": 458, "XL": 675}.items():
+        with torch.device("meta"):
+            sit = SiT(4, size=size, num_classes=1000)
+            dit = bench.dit_like(sit.config)
+        assert bench.params_counted_once(dit) == bench.params(sit) and round(bench.params(sit) / 1e6) == millions
+        assert bench.params(dit) > bench.params(sit)
+    with pytest.raises(ValueError, match="no counterpart"):
+        bench.dit_like({**sit.config, "mlp": "swiglu"})
+
+
 # ----------------------------------------------------------------------------- bench_export
 
 
@@ -400,34 +477,43 @@ def test_bench_export_budget_skips(tmp_path: Path) -> None:
 
 
 def test_check_sh_plumbing_without_gpu(tmp_path: Path) -> None:
-    """check.sh end to end on a CPU machine, pip and pytest stubbed: every CUDA stage fails fast, each bench stage
-    gets a limit from the deadline and a --budget, and check.json still lists stages, versions and goals."""
+    """check.sh end to end on a CPU machine, pip and pytest stubbed: the carried wheels are installed, every CUDA
+    stage fails fast, each bench stage gets a limit from the deadline (bench_sit the reserve CHECK_SIT_SECONDS at
+    its end) and a --budget, and check.json still lists stages, versions and goals."""
     wrapper = tmp_path / "py"
     wrapper.write_text(f'#!/bin/sh\ncase "$1 $2" in "-m pip"|"-m pytest") echo "stub $*"; exit 0;; esac\n'
                        f'exec {sys.executable} "$@"\n')
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "peer-1.0-py3-none-any.whl").write_bytes(b"")
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": str(wrapper), "CHECK_SECONDS": "300"}
+    env = {**os.environ, "PYTHON": str(wrapper), "CHECK_SECONDS": "300", "CHECK_SIT_SECONDS": "100",
+           "CHECK_WHEELS": str(wheels)}
     proc = subprocess.run(["bash", str(CHECK_SH), str(out)], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "check.json").read_text())
     assert list(report["stages"]) == STAGES and report["dry"] is False
-    assert report["stages"]["install"]["status"] == "ok" and report["stages"]["tests"]["status"] == "ok"
-    assert "hardware" in report or report["hardware_error"].startswith("cuda: ")  # no CUDA device to describe
-    for name in ("bench_kernels", "bench_train", "bench_export"):
-        assert report["stages"][name]["status"] == "failed (1)"  # --device cuda without CUDA: a clean error
+    assert {report["stages"][k]["status"] for k in ("install", "wheels", "tests")} == {"ok"}
     log = (out / "check.log").read_text()
+    assert "--no-index --no-deps --no-compile --no-cache-dir --target" in log and f"{wheels}/peer-1.0" in log
+    assert "hardware" in report or report["hardware_error"].startswith("cuda: ")  # no CUDA device to describe
+    for name in ("bench_kernels", "bench_train", "bench_export", "bench_sit"):
+        assert report["stages"][name]["status"] == "failed (1)"  # --device cuda without CUDA: a clean error
     limits = {}
     for line in log.splitlines():
         if line.startswith("=== bench_") and "(limit" in line:
             name, limit = line.split()[1], int(line.split("(limit ")[1].split("s)")[0])
             assert f"--budget {limit - 15}" in line
             limits[name] = limit
-    assert set(limits) == {"bench_kernels", "bench_train", "bench_export"}
-    # each limit is a share of the time left to the deadline (300 s here) when its stage starts
-    assert limits["bench_kernels"] <= 300 * 3 // 10 and limits["bench_train"] <= 300 * 4 // 7
-    assert limits["bench_export"] <= 300 and limits["bench_train"] > limits["bench_kernels"]
-    assert set(report["goals"]) == {"kernels", "train", "export"}
+    assert set(limits) == {"bench_kernels", "bench_train", "bench_export", "bench_sit"}
+    # each limit is a share of the time left when its stage starts: to 100 s before the deadline (300 s here), and
+    # bench_sit's to the deadline
+    assert limits["bench_kernels"] <= 200 * 3 // 10 and limits["bench_train"] <= 200 * 4 // 7
+    assert limits["bench_export"] <= 200 and limits["bench_train"] > limits["bench_kernels"]
+    assert 100 <= limits["bench_sit"] <= 300
+    assert "--model sit --modes compile-bf16 --budget" in log
+    assert set(report["goals"]) == set(BENCHES)
 
 
 def test_check_sh_dry_run(tmp_path: Path) -> None:
@@ -435,7 +521,7 @@ def test_check_sh_dry_run(tmp_path: Path) -> None:
     skipped, with the reason); each benchmark JSON is complete, marked dry and holds the device's capabilities;
     what this CPU cannot do is skipped with the reason, in the JSONs and in the stages' messages."""
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": sys.executable, "CHECK_DRY": "1"}
+    env = {**os.environ, "PYTHON": sys.executable, "CHECK_DRY": "1", "CHECK_WHEELS": str(tmp_path / "no-wheels")}
     started = time.monotonic()
     proc = subprocess.run(["bash", str(CHECK_SH), str(out)], env=env, capture_output=True, text=True, timeout=600)
     seconds = time.monotonic() - started
@@ -444,21 +530,23 @@ def test_check_sh_dry_run(tmp_path: Path) -> None:
     stages = report["stages"]
     assert list(stages) == STAGES and report["dry"] is True, (out / "check.log").read_text()[-5000:]
     assert stages["install"]["status"].startswith("skipped (dry): ")
-    assert {k: v["status"] for k, v in stages.items() if k != "install"} == {k: "ok" for k in STAGES[1:]}, \
-        (out / "check.log").read_text()[-5000:]
+    assert stages["wheels"]["status"] == f"skipped: no wheels in {tmp_path / 'no-wheels'} (make gpu-wheels " \
+                                         "downloads the peers' wheels there)"
+    assert {k: v["status"] for k, v in stages.items() if k not in ("install", "wheels")} == {
+        k: "ok" for k in STAGES[2:]}, (out / "check.log").read_text()[-5000:]
     caps = report["hardware"]
     assert caps["device"] == "cpu" and caps["machine_class"].startswith("cpu-") and caps["cuda"] is None
     assert report["unsupported"]["flash_attention"].startswith("flash attention needs a CUDA GPU")
     assert report["train"]["precision"]["requested"] == "bf16" and report["train"]["test"]["nll_nats"] > 0
     assert report["tests"]["failures"] == report["tests"]["errors"] == 0 and stages["tests"]["message"]
     assert report["engine_eval"]["test"]["backend"] == "aoti"
-    for name in ("kernels", "train", "export"):
+    for name in BENCHES:
         bench = json.loads((out / f"gpu_{name}.json").read_text())
         assert bench["dry"] is True and bench["complete"] and bench["device_type"] == "cpu", name
         assert bench["hardware"] == caps and report["goals"][name]["dry"] is True
         assert not [r for v in bench.values() if isinstance(v, list) for r in v if isinstance(r, dict) and "error" in r]
     if not caps["bf16_native"]:  # the bf16 rows and the trainer's bf16 say why they did not run
         assert report["train"]["precision"]["compute"] == "fp32"
-        for name in ("bench_kernels", "bench_train", "bench_export"):
+        for name in ("bench_kernels", "bench_train", "bench_export", "bench_sit"):
             assert report["unsupported"]["bf16"] in stages[name]["message"], name
     print(f"dry run: {seconds:.0f} s", {k: v["seconds"] for k, v in stages.items()})

@@ -5,28 +5,38 @@
 #     bash benchmarks/gpu/check.sh OUTDIR
 #
 # Stages, most important first, each under its own time limit (seconds), so the whole check ends inside
-# 8 minutes whatever hangs: everything is fitted to a deadline CHECK_SECONDS (default 450) after the start,
+# 9.6 minutes whatever hangs: everything is fitted to a deadline CHECK_SECONDS (default 525) after the start,
 # plus at most 5 s per stage to kill what hangs and a few seconds for the summary:
 #   install        40  pip install --no-deps --no-build-isolation -e . (builds fastfm._C; nothing downloaded)
+#   wheels         30  the peers' wheels carried in CHECK_WHEELS (default .whl; `make gpu-wheels` downloads
+#                      diffusers' and flow_matching's) installed with pip --no-index --no-deps into a temporary
+#                      folder put on PYTHONPATH for the later stages; skipped, with the reason, where there are none
 #   train          75  python -m fastfm.train --compile --bf16 --device cuda (the default job) -> its test NLL
 #   engines        45  export a sampling engine (cudagraph) and a likelihood engine (aoti) of that run, then
 #                      python -m fastfm.sample --engine / python -m fastfm.evaluate --engine with them
 #   tests          50  tests/test_cuda.py (compiled step, train CLI variants, every engine kind), then the
 #                      compiled Triton kernels against the reference (tests/test_kernels_triton.py)
-#   benchmarks    the time left to the deadline (>= 240 s when the stages above use their limits), split
-#                 3 : 4 : 3, each share taken when its stage starts, so time an earlier stage leaves goes
-#                 to the later ones; each script gets --budget (its limit - 15 s for start-up and the final
-#                 JSON), runs its most important rows first, records the rows it has no time for as
-#                 skipped, and rewrites its JSON after every row, so even a killed script leaves results:
+#   benchmarks    the time left to CHECK_SIT_SECONDS (default 150) before the deadline (>= 135 s when the
+#                 stages above use their limits), split 3 : 4 : 3, each share taken when its stage starts, so
+#                 time an earlier stage leaves goes to the later ones; then bench_sit, until the deadline; each
+#                 script gets --budget (its limit - 15 s for start-up and the final JSON), runs its most
+#                 important rows first, records the rows it has no time for as skipped, and rewrites its JSON
+#                 after every row, so even a killed script leaves results:
 #     bench_kernels   benchmarks/gpu/bench_kernels.py -> OUTDIR/gpu_kernels.json
 #     bench_train     benchmarks/gpu/bench_train.py   -> OUTDIR/gpu_train.json (eager and compile-bf16,
 #                     their flow_matching peers, batch 512 MFU, one-rank DDP)
 #     bench_export    benchmarks/gpu/bench_export.py  -> OUTDIR/gpu_export.json
+#     bench_sit       benchmarks/gpu/bench_train.py --model sit -> OUTDIR/gpu_sit.json (SiT-B/2, then XL/2, at
+#                     batch 256, compile-bf16 with regional compilation, beside diffusers' DiT of the same size;
+#                     then one-rank FSDP); 150 s is meant for the B/2 rows (GPU compile times not measured);
+#                     XL/2 needs more (CHECK_SIT_SECONDS=400 with CHECK_SECONDS raised alike, or bench_train.py
+#                     --model sit run on its own), and its activations at batch 256 may not fit an 80 GB GPU
+#                     (the row then records the out-of-memory error)
 # Everything printed goes to OUTDIR/check.log; OUTDIR/check.json holds the device, versions, the device's
 # capabilities (fastfm.hardware) and what it cannot do, each stage's status (ok, failed with its exit code,
 # timed out, or skipped with the reason), seconds and message (the main job's precision, the tests'
 # counts and skip reasons, the benchmark rows skipped and why), the main job's test NLL, and the goal
-# checks of the three benchmark JSONs. Peers that are not installed (flow_matching) are listed as
+# checks of the four benchmark JSONs. Peers that are not installed (flow_matching, diffusers) are listed as
 # missing, not failures. What the device cannot do is skipped with the reason, not failed: the trainer
 # runs fp32 where --bf16 is not native, and the scripts record their bf16 rows (bench_kernels' bf16
 # dtype, bench_train's compile-bf16 mode and its peer, bench_export's *_bf16 engines) as skipped below
@@ -40,13 +50,15 @@
 # under 3x its limit above; check.json and every benchmark JSON say "dry": true:
 #   install        skipped, recorded as "skipped (dry): ..." (it would rebuild fastfm._C into the environment
 #                  in use)
+#   wheels         as above (a temporary folder: the environment in use is left as it is)
 #   train          the same command with --device cpu, a tiny MLP, 20 steps and a small evaluation
 #   engines        both engines with aoti on the CPU (2 steps, batch 16), the CLIs on 64 points
 #   tests          tests/test_cuda.py (it skips without CUDA: check.json records the skips; the Triton kernels'
 #                  tests run in the suite, in the Triton interpreter)
 #   benchmarks     each script with --dry (the CPU, its --quick sizes): bench_kernels in the Triton
 #                  interpreter with aot_eager compile rows, bench_train without the batch 512 and DDP rows,
-#                  bench_export on the flow_matching, eager and aoti_bf16 rows
+#                  bench_export on the flow_matching, eager and aoti_bf16 rows, bench_sit on tiny SiTs'
+#                  eager and compile-bf16 rows and their diffusers peers, without FSDP
 set -uo pipefail
 
 OUT=${1:?usage: bash benchmarks/gpu/check.sh OUTDIR}
@@ -60,7 +72,9 @@ RUN="$OUT/run"
 : >"$LOG"
 : >"$STAGES"
 rm -f "$OUT/tests.xml"  # the tests stage's JUnit report: none unless this run's tests stage writes one
-DEADLINE=$(( $(date +%s) + ${CHECK_SECONDS:-450} ))
+DEADLINE=$(( $(date +%s) + ${CHECK_SECONDS:-525} ))
+SIT_SECONDS=${CHECK_SIT_SECONDS:-150}
+WHEELS=${CHECK_WHEELS:-.whl}
 DRY=${CHECK_DRY:-0}
 if [[ $DRY == 1 ]]; then  # the CPU at tiny sizes, under 3x the GPU's stage limits
     DEVICE=cpu SCALE=3 TRITON_INTERPRET=1
@@ -71,6 +85,7 @@ if [[ $DRY == 1 ]]; then  # the CPU at tiny sizes, under 3x the GPU's stage limi
     KERNELS_ARGS=(--dry --compile-backend aot_eager --seeded-compile-limit 10 --target-ms 0.5)
     TRAIN_BENCH_ARGS=(--dry --large-batch 0 --no-ddp)
     EXPORT_ARGS=(--dry --rounds 2 --impls flow_matching,eager,aoti_bf16)
+    SIT_BENCH_ARGS=(--dry --modes eager,compile-bf16 --no-ddp)
 else
     DEVICE=cuda SCALE=1 TRITON_INTERPRET=0
     TRAIN_ARGS=()
@@ -79,6 +94,7 @@ else
     KERNELS_ARGS=()
     TRAIN_BENCH_ARGS=()
     EXPORT_ARGS=(--rounds 20)
+    SIT_BENCH_ARGS=(--modes compile-bf16)
 fi
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET
 
@@ -115,12 +131,12 @@ ENGINES='"$PY" -m fastfm.export --checkpoint "$RUN" --task sample --solver midpo
     "$PY" -m fastfm.evaluate --engine "$OUT/engines/nll" --checkpoint "$RUN" --n "$EVAL_N" \
         --out "$OUT/engine_eval.json"'
 
-# bench NAME NUM DEN CMD...: a benchmark stage whose limit is NUM/DEN of the time left to the deadline
+# bench NAME NUM DEN CMD...: a benchmark stage whose limit is NUM/DEN of the time left to BENCH_END
 # (at least 30 s); the script gets --budget 15 s under that limit.
 bench() {
     local name=$1 num=$2 den=$3 limit
     shift 3
-    limit=$(( (DEADLINE - $(date +%s)) * num / den ))
+    limit=$(( (BENCH_END - $(date +%s)) * num / den ))
     (( limit < 30 )) && limit=30
     stage "$name" "$limit" "$@" --budget $(( limit - 15 ))
 }
@@ -130,14 +146,26 @@ if [[ $DRY == 1 ]]; then
 else
     stage install 40 "$PY" -m pip install -q --no-deps --no-build-isolation -e .
 fi
+SITE=$(mktemp -d)
+trap 'rm -rf "$SITE"' EXIT
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    stage wheels 30 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
+        "$WHEELS"/*.whl
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+else
+    record wheels "skipped: no wheels in $WHEELS (make gpu-wheels downloads the peers' wheels there)" 0
+fi
 stage train $((75 * SCALE)) "$PY" -m fastfm.train --compile --bf16 --device "$DEVICE" --out "$RUN" --force \
     "${TRAIN_ARGS[@]}"
 stage engines $((45 * SCALE)) bash -c "$ENGINES"
 stage tests $((50 * SCALE)) "$PY" -m pytest -q -rA -x "${TESTS[@]}" -p no:cacheprovider --junitxml="$OUT/tests.xml"
+BENCH_END=$((DEADLINE - SIT_SECONDS))
 bench bench_kernels 3 10 "$PY" benchmarks/gpu/bench_kernels.py "$OUT/gpu_kernels.json" "${KERNELS_ARGS[@]}"
 bench bench_train 4 7 "$PY" benchmarks/gpu/bench_train.py "$OUT/gpu_train.json" --modes eager,compile-bf16 \
     "${TRAIN_BENCH_ARGS[@]}"
 bench bench_export 1 1 "$PY" benchmarks/gpu/bench_export.py "$OUT/gpu_export.json" "${EXPORT_ARGS[@]}"
+BENCH_END=$DEADLINE
+bench bench_sit 1 1 "$PY" benchmarks/gpu/bench_train.py "$OUT/gpu_sit.json" --model sit "${SIT_BENCH_ARGS[@]}"
 
 "$PY" - "$OUT" "$STAGES" "$RUN" "$DEVICE" "$DRY" <<'EOF'
 import collections, importlib.util, json, sys
@@ -146,7 +174,8 @@ from pathlib import Path
 
 out, stages, run, device = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
 report = {"dry": sys.argv[5] == "1", "stages": {},
-          "missing": [p for p in ("flow_matching", "torch_tensorrt") if importlib.util.find_spec(p) is None]}
+          "missing": [p for p in ("flow_matching", "diffusers", "torch_tensorrt")
+                      if importlib.util.find_spec(p) is None]}
 for line in stages.read_text().splitlines():
     name, status, seconds = line.split("\t")
     report["stages"][name] = {"status": status, "seconds": float(seconds)}
@@ -191,7 +220,7 @@ if junit.exists():
     report["tests"] = {**counts, "skip_reasons": reasons}
     message("tests", "{tests} tests: {failures} failed, {errors} errors, {skipped} skipped".format(**counts)
             + "".join(f"; skipped: {r}" for r in reasons))
-for name in ("kernels", "train", "export"):  # goal checks of the benchmarks (partial files included)
+for name in ("kernels", "train", "export", "sit"):  # goal checks of the benchmarks (partial files included)
     path = out / f"gpu_{name}.json"
     try:
         bench = json.loads(path.read_text())
