@@ -89,9 +89,12 @@ def _launch(world: int, jobs: list[Job], results: Path) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module", autouse=True)
 def _forkserver_and_kernels():
-    """Ranks fork from a server that has imported torch, fastfm and this module; the kernels are fixed here too."""
+    """Ranks fork from a server that has imported torch, fastfm and this module; the kernels are fixed here too.
+    The server takes sys.path as it is when it starts: tests/ first, so that this module's ``conftest`` is
+    tests/conftest.py even where an earlier test put another folder with a conftest.py (benchmarks/) before it."""
     multiprocessing.set_forkserver_preload(["torch", "sklearn.datasets", "fastfm.training.trainer", __name__])
     with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(Path(__file__).resolve().parent))
         for k, v in KERNELS.items():
             mp.setenv(k, v)
         yield
