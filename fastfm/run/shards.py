@@ -1,9 +1,10 @@
 """Sharded checkpoints (``--fsdp``): ``torch.distributed.checkpoint`` (DCP) directories inside a run directory.
 
 Every rank writes its own shards of the model, its EMA and the optimizer into ``shards/.step_NNNNNNN.partial``;
-rank 0 renames the finished directory to a name of its own, ``shards/step_NNNNNNN-XXXXXXXX``, and names it, with the sha256 of each of its files,
-in the checkpoint.pt that ``commit`` (fastfm.run.checkpoint) then commits. A kill before that commit leaves the
-previous unit and its directory, which is removed only once a later unit is committed (``drop_stale``).
+rank 0 renames the finished directory to a name of its own, ``shards/step_NNNNNNN-XXXXXXXX``, and names it, with
+the sha256 of each of its files, in the checkpoint.pt that ``commit`` (fastfm.run.checkpoint) then commits. A kill
+before that commit leaves the previous unit and its directory, which is removed only once a later unit is committed
+(``drop_stale``).
 
 Loading resolves the saved shards onto the model as it is now: FSDP over any number of ranks, or one process
 (``dcp.load`` reshards). The DCP metadata file is a pickle: it is read by an unpickler that admits only DCP's own

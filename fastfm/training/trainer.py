@@ -251,7 +251,8 @@ class Trainer:
                 (loss / cfg.grad_accum).backward()
             total += loss.detach()
         # the norm of the whole gradient: over every rank's shards under --fsdp
-        grad_norm = sharding.full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf")))
+        clip = cfg.grad_clip or float("inf")
+        grad_norm = sharding.full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         bad = distributed.any_rank(~(torch.isfinite(grad_norm) & torch.isfinite(total)), env)
         compat.set_found_inf(self.opt, bad)
         self.opt.step()
@@ -354,8 +355,8 @@ class Trainer:
             whole = StateDictOptions(full_state_dict=True)
             set_model_state_dict(self.model, state["model"], options=whole)
             set_model_state_dict(self.ema, state["ema"], options=whole)
-            set_optimizer_state_dict(self.model, self.opt, sharding.named_optimizer_state(self.model, state["optimizer"]),
-                                     options=whole)
+            named = sharding.named_optimizer_state(self.model, state["optimizer"])
+            set_optimizer_state_dict(self.model, self.opt, named, options=whole)
         else:
             self.model.load_state_dict(state["model"])
             self.ema.load_state_dict(state["ema"])
