@@ -179,7 +179,7 @@ class Trainer:
             sharding.shard(self.ema, self.device)
         regional = cfg.compile and (cfg.regional_compile or cfg.fsdp)
         if regional:
-            sharding.compile_blocks(self.model)
+            sharding.compile_blocks(self.model, self.device)
         self.coupling = get_coupling(cfg.coupling, **cfg.coupling_args)
         self.times = get_time_sampler(cfg.time_sampler, **cfg.time_sampler_args)
         # fused AdamW skips a step without a host sync when found_inf is 1 (the NaN/Inf guard)
